@@ -1,0 +1,120 @@
+//! The application: shared state, the router with its layers, and the server loop.
+//!
+//! Request path, outermost first:
+//! 1. `CatchPanicLayer`: a bug becomes a 500 in OpenAI's error shape, never a dropped
+//!    connection (no input is expected to panic; this is the last line of defence).
+//! 2. The route's handler (`routes/`), which authenticates ([`crate::auth`]), reads the body
+//!    within `server.max_body_bytes`, validates it ([`crate::api`]), picks a deployment
+//!    ([`crate::routing`]), calls the provider ([`crate::providers`]) and relays the answer
+//!    ([`crate::relay`], [`crate::translate`]); every request ends in one completion record
+//!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
+//! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+
+use crate::api::WireFormat;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::events::EventSink;
+use crate::metrics::Metrics;
+use crate::routes;
+use crate::routing::ModelRouter;
+use crate::store::MetaStore;
+
+/// Everything a handler needs.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn MetaStore>,
+    pub auth: Authenticator,
+    pub router: ModelRouter,
+    pub metrics: Arc<Metrics>,
+    pub sink: Arc<dyn EventSink>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn MetaStore>,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Self, GatewayError> {
+        let router = ModelRouter::from_config(&config)?;
+        let metrics = Metrics::new().map_err(|e| GatewayError::Internal(e.to_string()))?;
+        Ok(AppState {
+            auth: Authenticator::new(
+                store.clone(),
+                Duration::from_millis(config.server.key_cache_ttl_ms),
+            ),
+            config,
+            store,
+            router,
+            metrics: Arc::new(metrics),
+            sink,
+        })
+    }
+}
+
+/// The HTTP application.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/messages", post(routes::chat::messages))
+        .route("/v1/embeddings", post(routes::embeddings::embeddings))
+        .route("/embeddings", post(routes::embeddings::embeddings))
+        .route("/v1/models", get(routes::models::list))
+        .route("/models", get(routes::models::list))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> Response {
+    GatewayError::NotFound(uri.path().to_string()).into_response_for(WireFormat::OpenAi)
+}
+
+async fn method_not_allowed() -> Response {
+    let body =
+        GatewayError::bad_request("Method not allowed for this URL.").body(WireFormat::OpenAi);
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    GatewayError::Internal("unexpected internal error".to_string())
+        .into_response_for(WireFormat::OpenAi)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; accepted sockets get `TCP_NODELAY`
+/// (without it every streamed chunk can wait ~40 ms on Nagle and delayed ACKs).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY: {e}");
+        }
+    });
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

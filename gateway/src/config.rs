@@ -1,0 +1,384 @@
+//! Configuration: defaults, then the TOML file, then `TOLLGATE__`-prefixed environment
+//! variables (`TOLLGATE__SERVER__MAX_BODY_BYTES=1048576` sets `server.max_body_bytes`).
+//!
+//! Every table denies unknown keys, so a typo is an error that names the key. Secrets never
+//! live in the file: a deployment names the environment variable that holds its credential.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Provider deployments: one upstream endpoint + credential + upstream model each.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentConfig>,
+    /// Model aliases: the names clients use, each served by one or more deployments.
+    #[serde(default)]
+    pub models: Vec<ModelAliasConfig>,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address; the `--listen` flag wins over it.
+    pub listen: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Largest non-streaming upstream response body read.
+    pub max_upstream_body_bytes: usize,
+    /// Production mode: no default tenant or key is ever created automatically.
+    pub production: bool,
+    /// How long an authenticated key stays in the in-memory cache before it is re-read.
+    pub key_cache_ttl_ms: u64,
+    /// Add the simulated `mock/...` models (on by default).
+    pub mock_models: bool,
+    /// Add `openai/*` and `anthropic/*` routes when `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` are set.
+    pub env_providers: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".to_string(),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_upstream_body_bytes: 64 * 1024 * 1024,
+            production: false,
+            key_cache_ttl_ms: 5_000,
+            mock_models: true,
+            env_providers: true,
+        }
+    }
+}
+
+/// One deployment, tagged by provider `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeploymentConfig {
+    /// OpenAI's API.
+    Openai(HttpDeploymentConfig),
+    /// Any OpenAI-compatible server (TGI, Ollama, LM Studio, llama.cpp...).
+    OpenaiCompatible(HttpDeploymentConfig),
+    /// vLLM's OpenAI-compatible server (its extra sampling parameters pass through).
+    Vllm(HttpDeploymentConfig),
+    /// Anthropic's Messages API.
+    Anthropic(HttpDeploymentConfig),
+    /// The built-in simulated provider.
+    Mock(MockDeploymentConfig),
+}
+
+impl DeploymentConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            DeploymentConfig::Openai(c)
+            | DeploymentConfig::OpenaiCompatible(c)
+            | DeploymentConfig::Vllm(c)
+            | DeploymentConfig::Anthropic(c) => &c.name,
+            DeploymentConfig::Mock(c) => &c.name,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            DeploymentConfig::Openai(c)
+            | DeploymentConfig::OpenaiCompatible(c)
+            | DeploymentConfig::Vllm(c)
+            | DeploymentConfig::Anthropic(c) => c.weight,
+            DeploymentConfig::Mock(c) => c.weight,
+        }
+    }
+}
+
+/// An HTTP upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpDeploymentConfig {
+    /// Unique name, referenced by model aliases.
+    pub name: String,
+    /// The model name sent upstream; `*` forwards the part of the client's model name that a
+    /// wildcard alias (`openai/*`) matched.
+    pub model: String,
+    /// Base URL. OpenAI style includes the version (`https://api.openai.com/v1`); Anthropic
+    /// style does not (`https://api.anthropic.com`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Environment variable holding the credential.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Relative weight for weighted-random routing.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Connect timeout.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed until the response headers arrive.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Whether this deployment serves `/v1/embeddings`.
+    #[serde(default)]
+    pub embeddings: bool,
+    /// `anthropic-version` header for Anthropic deployments when the client sends none.
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
+}
+
+/// The simulated provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockDeploymentConfig {
+    pub name: String,
+    /// The model name the simulated upstream reports.
+    #[serde(default = "mock_model")]
+    pub model: String,
+    /// Reply style: `lorem` (generated text), `echo` (the last user message back).
+    #[serde(default = "lorem")]
+    pub style: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Content chunks per reply (capped by the request's max tokens).
+    #[serde(default = "default_mock_chunks")]
+    pub chunks: usize,
+    /// Pause between chunks.
+    #[serde(default)]
+    pub chunk_delay_ms: u64,
+    /// Pause before the first chunk.
+    #[serde(default)]
+    pub first_chunk_delay_ms: u64,
+}
+
+/// A model alias.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelAliasConfig {
+    /// The name clients send; a trailing `/*` makes it a prefix wildcard.
+    pub name: String,
+    /// Deployment names serving it.
+    pub deployments: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn mock_model() -> String {
+    "mock".to_string()
+}
+fn lorem() -> String {
+    "lorem".to_string()
+}
+fn default_mock_chunks() -> usize {
+    20
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    600_000
+}
+
+impl Config {
+    /// Loads the file (if any), overlays `TOLLGATE__` environment variables and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        overlay_env(&mut table, std::env::vars())?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string (no environment overlay); used by tests.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for d in &self.deployments {
+            if !names.insert(d.name()) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate deployment name `{}`",
+                    d.name()
+                )));
+            }
+            if let DeploymentConfig::Mock(m) = d {
+                if m.style != "lorem" && m.style != "echo" {
+                    return Err(ConfigError::Invalid(format!(
+                        "deployment `{}`: style must be `lorem` or `echo`, not `{}`",
+                        m.name, m.style
+                    )));
+                }
+            }
+            if d.weight() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}`: weight must be at least 1",
+                    d.name()
+                )));
+            }
+        }
+        let mut aliases = std::collections::HashSet::new();
+        for m in &self.models {
+            if !aliases.insert(m.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate model alias `{}`",
+                    m.name
+                )));
+            }
+            if m.deployments.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "model alias `{}` has no deployments",
+                    m.name
+                )));
+            }
+            for d in &m.deployments {
+                if !names.contains(d.as_str()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "model alias `{}` names unknown deployment `{d}`",
+                        m.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `a.b.c` in `table` for each `TOLLGATE__A__B__C=value`; values parse as TOML scalars
+/// when they can (numbers, booleans), else as strings.
+fn overlay_env(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (key, value) in vars {
+        let Some(rest) = key.strip_prefix("TOLLGATE__") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        let mut cursor = &mut *table;
+        for (i, segment) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                cursor.insert(segment.clone(), parsed.clone());
+            } else {
+                let entry = cursor
+                    .entry(segment.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                cursor = entry.as_table_mut().ok_or_else(|| {
+                    ConfigError::Invalid(format!("{key}: `{segment}` is not a table"))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[server]
+max_body_bytes = 1000
+
+[[deployments]]
+type = "openai"
+name = "oa"
+model = "gpt-4o"
+api_key_env = "OPENAI_API_KEY"
+
+[[deployments]]
+type = "anthropic"
+name = "an"
+model = "claude-sonnet-4-5"
+weight = 3
+
+[[deployments]]
+type = "mock"
+name = "m"
+chunks = 5
+
+[[models]]
+name = "gpt-4o"
+deployments = ["oa", "an"]
+"#;
+
+    #[test]
+    fn parses_tagged_deployments() {
+        let c = Config::from_toml(SAMPLE).unwrap();
+        assert_eq!(c.deployments.len(), 3);
+        assert_eq!(c.deployments[1].weight(), 3);
+        assert_eq!(c.server.max_body_bytes, 1000);
+    }
+
+    #[test]
+    fn a_typo_names_the_key() {
+        let bad = SAMPLE.replace("api_key_env", "api_key_evn");
+        let err = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("api_key_evn"), "{err}");
+    }
+
+    #[test]
+    fn unknown_deployment_in_alias_is_rejected() {
+        let bad = SAMPLE.replace(r#"["oa", "an"]"#, r#"["oa", "nope"]"#);
+        let err = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut t: toml::Table = SAMPLE.parse().unwrap();
+        overlay_env(
+            &mut t,
+            vec![
+                (
+                    "TOLLGATE__SERVER__MAX_BODY_BYTES".to_string(),
+                    "77".to_string(),
+                ),
+                (
+                    "TOLLGATE__SERVER__LISTEN".to_string(),
+                    "0.0.0.0:1".to_string(),
+                ),
+                ("UNRELATED".to_string(), "x".to_string()),
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        let c: Config = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!(c.server.max_body_bytes, 77);
+        assert_eq!(c.server.listen, "0.0.0.0:1");
+    }
+}

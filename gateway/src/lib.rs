@@ -1,0 +1,34 @@
+//! The Tollgate gateway: one OpenAI- and Anthropic-compatible API in front of every provider.
+//!
+//! Where a request goes, in order:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`app`] | state, router, layers, server loop |
+//! | [`routes`] | HTTP handlers per API surface |
+//! | [`auth`] | API key format, authentication and its cache |
+//! | [`store`] | metadata store seam (tenants, keys): SQLite embedded |
+//! | [`api`] | OpenAI and Anthropic request/response types, validation |
+//! | [`routing`] | model aliases → deployments, deployment choice |
+//! | [`providers`] | provider seam: OpenAI(-compatible), Anthropic, mock |
+//! | [`translate`] | OpenAI ↔ Anthropic translation (requests, responses, streams, usage) |
+//! | [`relay`] | SSE relay, usage capture, completion record |
+//! | [`tokens`] | tiktoken counting (pre-flight estimate, fallback) |
+//! | [`events`] | event-sink seam (where completion records go) |
+//! | [`metrics`] | Prometheus metrics |
+//! | [`config`] | configuration file and environment |
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod providers;
+pub mod relay;
+pub mod routes;
+pub mod routing;
+pub mod store;
+pub mod tokens;
+pub mod translate;

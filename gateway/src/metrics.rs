@@ -1,0 +1,169 @@
+//! Prometheus metrics. Labels are bounded: route, model alias pattern, provider, status class
+//! and error kind; never a request id, key, tenant or free-form client string.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::relay::CompletionRecord;
+
+/// Buckets for latencies from 50 µs to 2 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// All gateway metrics, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    duration: HistogramVec,
+    ttft: HistogramVec,
+    overhead: HistogramVec,
+    tokens: IntCounterVec,
+    in_flight: IntGaugeVec,
+}
+
+/// Metric construction failures (only on duplicate registration, a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("metrics registration failed: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("tollgate_requests_total", "Requests finished, by outcome"),
+            &["route", "model", "provider", "outcome"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_errors_total",
+                "Requests answered with an error, by kind and status class",
+            ),
+            &["route", "kind", "status_class"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Request duration until the last byte",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "model", "provider"],
+        )?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_time_to_first_token_seconds",
+                "Time from request to the first relayed event",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "model", "provider"],
+        )?;
+        let overhead = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_gateway_overhead_seconds",
+                "Latency the gateway itself adds: work before the upstream call plus turning the first upstream bytes into client bytes",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "model", "provider"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new("tollgate_tokens_total", "Tokens billed, by kind"),
+            &["model", "provider", "kind"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new("tollgate_in_flight_requests", "Requests being served"),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(overhead.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            errors,
+            duration,
+            ttft,
+            overhead,
+            tokens,
+            in_flight,
+        })
+    }
+
+    /// Records a finished request.
+    pub fn observe_completion(&self, r: &CompletionRecord) {
+        let labels = [r.route, r.model_label.as_str(), r.provider];
+        self.requests
+            .with_label_values(&[
+                r.route,
+                r.model_label.as_str(),
+                r.provider,
+                r.outcome.label(),
+            ])
+            .inc();
+        self.duration
+            .with_label_values(&labels)
+            .observe(r.duration.as_secs_f64());
+        if let Some(t) = r.time_to_first_token {
+            self.ttft
+                .with_label_values(&labels)
+                .observe(t.as_secs_f64());
+        }
+        self.overhead
+            .with_label_values(&labels)
+            .observe(r.gateway_overhead.as_secs_f64());
+        let u = &r.usage;
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("cached_input", u.cached_input_tokens),
+            ("output", u.output_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .with_label_values(&[r.model_label.as_str(), r.provider, kind])
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Records a request answered with an error before any streaming began.
+    pub fn observe_error(&self, route: &str, kind: &str, status: u16) {
+        let class = match status {
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        self.errors.with_label_values(&[route, kind, class]).inc();
+    }
+
+    /// A guard counting a request as in flight until dropped.
+    pub fn in_flight(&self, route: &str) -> InFlight {
+        let gauge = self.in_flight.with_label_values(&[route]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Decrements the in-flight gauge on drop.
+pub struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,220 @@
+//! What the HTTP providers share: the client, timeouts, and turning an upstream error
+//! response into a [`GatewayError`] without leaking the credential.
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use futures_util::StreamExt;
+
+use super::{BodyStream, UpstreamResponse};
+use crate::error::GatewayError;
+
+/// Largest upstream error body read to extract a message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A credential read from the environment; `Debug` never shows it.
+#[derive(Clone, Default)]
+pub struct Secret(Option<String>);
+
+impl Secret {
+    /// Reads `var` from the environment (absent or empty means no credential).
+    pub fn from_env(var: Option<&str>) -> Secret {
+        Secret(
+            var.and_then(|v| std::env::var(v).ok())
+                .filter(|v| !v.is_empty()),
+        )
+    }
+
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// `text` with every occurrence of the secret replaced.
+    pub fn redact(&self, text: &str) -> String {
+        match &self.0 {
+            Some(s) if s.len() >= 4 => text.replace(s.as_str(), "[REDACTED]"),
+            _ => text.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Secret([REDACTED])"
+        } else {
+            "Secret(None)"
+        })
+    }
+}
+
+/// An HTTP upstream endpoint: client, base URL, credential, timeouts.
+#[derive(Debug)]
+pub struct HttpUpstream {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    pub secret: Secret,
+    pub first_byte_timeout: Duration,
+}
+
+impl HttpUpstream {
+    pub fn new(
+        base_url: &str,
+        secret: Secret,
+        connect_timeout: Duration,
+        first_byte_timeout: Duration,
+    ) -> Result<Self, GatewayError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("cannot build HTTP client: {e}")))?;
+        Ok(HttpUpstream {
+            client,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            secret,
+            first_byte_timeout,
+        })
+    }
+
+    /// Sends the prepared request and waits (bounded) for the response headers.
+    pub async fn execute(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        let response = match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
+            Err(_) => {
+                return Err(GatewayError::UpstreamTimeout(format!(
+                    "no response within {} ms",
+                    self.first_byte_timeout.as_millis()
+                )))
+            }
+            Ok(Err(e)) => return Err(self.transport_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        if !status.is_success() {
+            let body = read_bounded(response, MAX_ERROR_BODY).await;
+            return Err(GatewayError::Upstream {
+                status: status.as_u16(),
+                message: self
+                    .secret
+                    .redact(&upstream_message(status.as_u16(), &body)),
+                retry_after_s: retry_after_secs(&headers),
+            });
+        }
+        let secret = self.secret.clone();
+        let body: BodyStream = Box::pin(response.bytes_stream().map(move |r| {
+            r.map_err(|e| {
+                GatewayError::UpstreamUnavailable(secret.redact(&format!(
+                    "connection lost mid-response: {}",
+                    error_chain(&e)
+                )))
+            })
+        }));
+        Ok(UpstreamResponse { headers, body })
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> GatewayError {
+        // The URL in reqwest's message is the base URL (never holds the key); still redact.
+        let text = self.secret.redact(&error_chain(e));
+        if e.is_timeout() {
+            GatewayError::UpstreamTimeout(text)
+        } else {
+            GatewayError::UpstreamUnavailable(text)
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn read_bounded(response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = limit.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    out
+}
+
+/// The provider's error message from an OpenAI- or Anthropic-shaped error body.
+fn upstream_message(status: u16, body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"))
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+    });
+    match message {
+        Some(m) => format!("Upstream provider returned {status}: {m}"),
+        None => {
+            let text = String::from_utf8_lossy(body);
+            let text: String = text.chars().take(300).collect();
+            format!("Upstream provider returned {status}: {}", text.trim())
+        }
+    }
+}
+
+/// `retry-after` (seconds, or `retry-after-ms` rounded up).
+pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return Some((ms / 1000.0).ceil().max(0.0) as u64);
+    }
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|s| s.ceil().max(0.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_never_debug_printed() {
+        let s = Secret(Some("sk-live-123456".to_string()));
+        assert_eq!(
+            s.redact("bad key sk-live-123456 given"),
+            "bad key [REDACTED] given"
+        );
+        assert!(!format!("{s:?}").contains("sk-live"));
+    }
+
+    #[test]
+    fn extracts_messages_from_both_error_shapes() {
+        let o = upstream_message(
+            400,
+            br#"{"error":{"message":"bad temp","type":"invalid_request_error"}}"#,
+        );
+        assert!(o.ends_with("bad temp"));
+        let a = upstream_message(
+            529,
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert!(a.ends_with("Overloaded"));
+        assert!(upstream_message(502, b"<html>bad gateway</html>").contains("bad gateway"));
+    }
+}

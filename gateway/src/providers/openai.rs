@@ -1,0 +1,62 @@
+//! OpenAI and OpenAI-compatible servers (vLLM, TGI, Ollama, LM Studio, llama.cpp).
+//!
+//! The body arrives in OpenAI's dialect and is sent as is: vendor fields such as vLLM's
+//! `top_k`, `min_p` or `guided_json` pass through untouched.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::http::HttpUpstream;
+use super::{Endpoint, Forwarded, Provider, UpstreamResponse};
+use crate::api::WireFormat;
+use crate::error::GatewayError;
+
+/// Default base URL of OpenAI's API.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// An OpenAI-style upstream.
+#[derive(Debug)]
+pub struct OpenAiProvider {
+    http: HttpUpstream,
+    label: &'static str,
+}
+
+impl OpenAiProvider {
+    /// `label` is `openai`, `openai_compatible` or `vllm`.
+    pub fn new(http: HttpUpstream, label: &'static str) -> Self {
+        OpenAiProvider { http, label }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    fn format(&self) -> WireFormat {
+        WireFormat::OpenAi
+    }
+
+    fn label(&self) -> &'static str {
+        self.label
+    }
+
+    async fn send(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        _forwarded: &Forwarded,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        let path = match endpoint {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
+        };
+        let mut request = self
+            .http
+            .client
+            .post(format!("{}{path}", self.http.base_url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(key) = self.http.secret.expose() {
+            request = request.bearer_auth(key);
+        }
+        self.http.execute(request).await
+    }
+}

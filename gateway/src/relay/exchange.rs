@@ -1,0 +1,148 @@
+//! One request's context from routing to its end, and the completion record it produces.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tollgate_schemas::{TokenUsage, UsageSource};
+
+use super::StreamState;
+use crate::api::WireFormat;
+use crate::auth::Caller;
+use crate::events::EventSink;
+use crate::metrics::Metrics;
+use crate::tokens;
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The upstream finished and the client received everything.
+    Completed,
+    /// The client went away first; the upstream call was cancelled.
+    ClientDisconnected,
+    /// The upstream failed (before or during the response).
+    UpstreamError(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::UpstreamError(_) => "upstream_error",
+        }
+    }
+}
+
+/// Context of one routed request, carried into the response body.
+#[derive(Clone)]
+pub struct Exchange {
+    pub request_id: String,
+    pub caller: Caller,
+    /// `chat` or `messages` (bounded).
+    pub route: &'static str,
+    pub client_format: WireFormat,
+    /// The alias pattern that matched (bounded: `openai/*`, never the free suffix).
+    pub model_label: String,
+    pub requested_model: String,
+    pub deployment: String,
+    pub provider: &'static str,
+    pub upstream_model: String,
+    pub stream: bool,
+    /// Pre-flight prompt estimate (tiktoken).
+    pub prompt_estimate: u64,
+    pub received_at: Instant,
+    /// When the upstream call was issued (gateway pre-processing ends here).
+    pub upstream_sent_at: Instant,
+    pub started_at: SystemTime,
+    pub metrics: Arc<Metrics>,
+    pub sink: Arc<dyn EventSink>,
+}
+
+/// The outcome of one request: what is billed and measured.
+#[derive(Debug, Clone)]
+pub struct CompletionRecord {
+    pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub route: &'static str,
+    pub model_label: String,
+    pub requested_model: String,
+    pub deployment: String,
+    pub provider: &'static str,
+    pub upstream_model: String,
+    pub stream: bool,
+    pub outcome: Outcome,
+    pub usage: TokenUsage,
+    pub finish_reason: Option<String>,
+    pub chunks: u64,
+    pub time_to_first_token: Option<Duration>,
+    pub duration: Duration,
+    /// Time the gateway itself spent: before the upstream call, and turning the first upstream
+    /// bytes into the first client bytes.
+    pub gateway_overhead: Duration,
+    pub started_at: SystemTime,
+}
+
+impl Exchange {
+    /// Usage to bill: the provider's final figures when it sent them, otherwise what it sent
+    /// completed by counting (prompt estimate, tokens of the text relayed so far).
+    pub fn settle_usage(
+        &self,
+        state: &StreamState,
+        output_text: impl FnOnce() -> String,
+    ) -> TokenUsage {
+        match (&state.usage, state.usage_final) {
+            (Some(u), true) => *u,
+            (partial, _) => {
+                let counted_output = tokens::count_text(&self.upstream_model, &output_text());
+                let base = partial.unwrap_or_default();
+                TokenUsage {
+                    input_tokens: if base.input_tokens > 0 {
+                        base.input_tokens
+                    } else {
+                        self.prompt_estimate
+                    },
+                    output_tokens: base.output_tokens.max(counted_output),
+                    source: UsageSource::Counted,
+                    ..base
+                }
+            }
+        }
+    }
+
+    /// Records the completion: metrics and the event sink. Called exactly once per request.
+    pub fn finish(
+        &self,
+        outcome: Outcome,
+        usage: TokenUsage,
+        finish_reason: Option<String>,
+        chunks: u64,
+        first_output_at: Option<Instant>,
+        post_processing: Duration,
+    ) {
+        let now = Instant::now();
+        let record = CompletionRecord {
+            request_id: self.request_id.clone(),
+            tenant_id: self.caller.tenant_id.clone(),
+            key_id: self.caller.key_id.clone(),
+            route: self.route,
+            model_label: self.model_label.clone(),
+            requested_model: self.requested_model.clone(),
+            deployment: self.deployment.clone(),
+            provider: self.provider,
+            upstream_model: self.upstream_model.clone(),
+            stream: self.stream,
+            outcome,
+            usage,
+            finish_reason,
+            chunks,
+            time_to_first_token: first_output_at.map(|t| t.duration_since(self.received_at)),
+            duration: now.duration_since(self.received_at),
+            gateway_overhead: self.upstream_sent_at.duration_since(self.received_at)
+                + post_processing,
+            started_at: self.started_at,
+        };
+        self.metrics.observe_completion(&record);
+        self.sink.record_completion(&record);
+    }
+}

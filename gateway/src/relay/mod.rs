@@ -1,0 +1,74 @@
+//! The relay: carries an upstream response to the client, counts what it carries, and records
+//! one completion per request however it ends (finished, upstream error, client gone).
+//!
+//! | file | owns |
+//! |---|---|
+//! | `sse.rs` | incremental SSE frame parser |
+//! | `passthrough.rs` | same-dialect stream adapters (bytes forwarded untouched where possible) |
+//! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, finalizes on end or drop |
+//! | `exchange.rs` | [`Exchange`]: one request's context, and the completion record it ends in |
+//!
+//! Cross-dialect adapters (OpenAI ↔ Anthropic) live in `crate::translate::stream`.
+
+pub mod exchange;
+pub mod passthrough;
+pub mod sse;
+pub mod stream;
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tollgate_schemas::TokenUsage;
+
+pub use exchange::{CompletionRecord, Exchange, Outcome};
+pub use sse::{SseFrame, SseParser};
+pub use stream::RelayStream;
+
+/// What an adapter learned from the stream so far.
+#[derive(Debug, Default, Clone)]
+pub struct StreamState {
+    /// Usage the upstream reported, merged across events.
+    pub usage: Option<TokenUsage>,
+    /// Whether `usage` is the final figure (a usage chunk, or Anthropic's `message_delta`).
+    pub usage_final: bool,
+    /// The finish/stop reason, in the client's dialect.
+    pub finish_reason: Option<String>,
+    /// Content-bearing events relayed to the client.
+    pub chunks: u64,
+    /// When the first event was relayed to the client.
+    pub first_output_at: Option<Instant>,
+    /// An error the upstream reported mid-stream.
+    pub upstream_error: Option<String>,
+    /// Whether the stream's terminal event (`[DONE]`, `message_stop`) was seen.
+    pub terminated: bool,
+}
+
+/// Turns upstream SSE frames into what the client receives.
+pub trait StreamAdapter: Send {
+    /// Handles one upstream frame, appending the client's bytes to `out`.
+    fn on_frame(&mut self, frame: SseFrame, out: &mut BytesMut);
+    /// The upstream body ended; append any closing frames the client still needs.
+    fn on_end(&mut self, out: &mut BytesMut);
+    /// The upstream connection failed mid-stream; end the client's stream with an error event.
+    fn on_error(&mut self, message: &str, out: &mut BytesMut);
+    /// What was learned so far.
+    fn state(&self) -> &StreamState;
+    /// The output text relayed so far, for counting tokens when the upstream reported none.
+    fn output_text(&self) -> String;
+}
+
+/// Writes one `data:` frame.
+pub fn write_data(out: &mut BytesMut, json: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Writes one `event:` + `data:` frame (Anthropic style).
+pub fn write_event(out: &mut BytesMut, event: &str, json: &[u8]) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}

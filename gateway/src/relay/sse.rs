@@ -1,0 +1,193 @@
+//! Incremental server-sent-events parser for upstream bodies.
+//!
+//! Frames may be split anywhere across reads; lines may end in LF, CRLF or CR; comment lines
+//! (`: keep-alive`) and `event:` lines are kept. Each frame keeps its raw bytes so a
+//! same-dialect relay can forward it untouched, and its `data` as a zero-copy slice when the
+//! frame has a single data line (the common case).
+
+use bytes::{Bytes, BytesMut};
+
+/// One complete SSE frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseFrame {
+    /// The frame exactly as received, blank-line terminator included.
+    pub raw: Bytes,
+    /// The `event:` field, if any.
+    pub event: Option<Bytes>,
+    /// The `data:` lines joined with `\n`; `None` for a comment-only frame.
+    pub data: Option<Bytes>,
+}
+
+impl SseFrame {
+    /// The event name as text ("" when absent or not UTF-8).
+    pub fn event_name(&self) -> &str {
+        self.event
+            .as_deref()
+            .and_then(|e| std::str::from_utf8(e).ok())
+            .unwrap_or("")
+    }
+}
+
+/// Splits a byte stream into frames.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: BytesMut,
+}
+
+impl SseParser {
+    pub fn new() -> Self {
+        SseParser::default()
+    }
+
+    /// Appends bytes read from upstream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if the buffer holds one.
+    pub fn next_frame(&mut self) -> Option<SseFrame> {
+        let end = frame_end(&self.buf)?;
+        let raw = self.buf.split_to(end).freeze();
+        Some(parse_frame(raw))
+    }
+
+    /// What is left when the upstream closed: a final frame without its blank line, if any
+    /// data is in it.
+    pub fn finish(&mut self) -> Option<SseFrame> {
+        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+            self.buf.clear();
+            return None;
+        }
+        let raw = self.buf.split().freeze();
+        let frame = parse_frame(raw);
+        frame.data.as_ref()?;
+        Some(frame)
+    }
+}
+
+/// The index just past the blank line that ends the first frame in `buf`.
+fn frame_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    let mut i = 0;
+    while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+        let pos = i + off;
+        let mut next = pos + 1;
+        if buf[pos] == b'\r' {
+            // A CR at the end of the buffer may be the first half of a CRLF: wait.
+            let following = *buf.get(next)?;
+            if following == b'\n' {
+                next += 1;
+            }
+        }
+        if pos == line_start {
+            return Some(next);
+        }
+        line_start = next;
+        i = next;
+    }
+    None
+}
+
+fn parse_frame(raw: Bytes) -> SseFrame {
+    let mut event = None;
+    let mut data: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut start = 0;
+    let len = raw.len();
+    while start < len {
+        let rel = memchr::memchr2(b'\n', b'\r', &raw[start..]).unwrap_or(len - start);
+        let end = start + rel;
+        let mut next = end + 1;
+        if end < len && raw[end] == b'\r' && raw.get(end + 1) == Some(&b'\n') {
+            next += 1;
+        }
+        let line = &raw[start..end];
+        if !line.is_empty() && line[0] != b':' {
+            let (field, value_start) = match memchr::memchr(b':', line) {
+                Some(c) => {
+                    let mut v = c + 1;
+                    if line.get(v) == Some(&b' ') {
+                        v += 1;
+                    }
+                    (&line[..c], start + v)
+                }
+                None => (line, end),
+            };
+            let value = raw.slice(value_start.min(end)..end);
+            match field {
+                b"data" => {
+                    if let Some(j) = joined.as_mut() {
+                        j.extend_from_slice(b"\n");
+                        j.extend_from_slice(&value);
+                    } else if let Some(first) = data.take() {
+                        let mut j = BytesMut::from(&first[..]);
+                        j.extend_from_slice(b"\n");
+                        j.extend_from_slice(&value);
+                        joined = Some(j);
+                    } else {
+                        data = Some(value);
+                    }
+                }
+                b"event" => event = Some(value),
+                _ => {}
+            }
+        }
+        start = next;
+    }
+    if let Some(j) = joined {
+        data = Some(j.freeze());
+    }
+    SseFrame { raw, event, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames(pieces: &[&[u8]]) -> Vec<SseFrame> {
+        let mut p = SseParser::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            p.push(piece);
+            while let Some(f) = p.next_frame() {
+                out.push(f);
+            }
+        }
+        out.extend(p.finish());
+        out
+    }
+
+    #[test]
+    fn frames_split_anywhere_reassemble() {
+        let whole = b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\r\n\r\ndata: [DONE]\r\n\r\n";
+        let expected = all_frames(&[whole]);
+        assert_eq!(expected.len(), 3);
+        for cut in 1..whole.len() {
+            let got = all_frames(&[&whole[..cut], &whole[cut..]]);
+            assert_eq!(got, expected, "cut at {cut}");
+        }
+        // Byte by byte.
+        let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+        assert_eq!(all_frames(&bytes), expected);
+    }
+
+    #[test]
+    fn fields_are_parsed() {
+        let f = all_frames(&[b"event: ping\ndata: {\"type\": \"ping\"}\n\n"]);
+        assert_eq!(f[0].event_name(), "ping");
+        assert_eq!(f[0].data.as_deref(), Some(&b"{\"type\": \"ping\"}"[..]));
+        let c = all_frames(&[b": OPENROUTER PROCESSING\n\n"]);
+        assert_eq!(c[0].data, None);
+        let multi = all_frames(&[b"data: a\ndata: b\n\n"]);
+        assert_eq!(multi[0].data.as_deref(), Some(&b"a\nb"[..]));
+        let nospace = all_frames(&[b"data:x\r\r"]);
+        assert_eq!(nospace[0].data.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn unterminated_last_frame_is_returned_by_finish() {
+        let f = all_frames(&[b"data: {\"x\":1}\n\ndata: tail"]);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1].data.as_deref(), Some(&b"tail"[..]));
+    }
+}

@@ -1,0 +1,115 @@
+//! `POST /v1/embeddings`: passed through to an embedding-capable deployment.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use serde_json::Value;
+
+use super::inference::{collect_upstream, read_body};
+use crate::api::{openai, parse_body, WireFormat};
+use crate::app::AppState;
+use crate::error::{ApiError, GatewayError, InFormat};
+use crate::providers::{Endpoint, Forwarded};
+use crate::relay::{Exchange, Outcome};
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let result = serve(&state, headers, body).await;
+    if let Err(e) = &result {
+        state
+            .metrics
+            .observe_error("embeddings", e.label(), e.status().as_u16());
+    }
+    result.in_format(WireFormat::OpenAi)
+}
+
+async fn serve(
+    state: &Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let received_at = Instant::now();
+    let caller = state.auth.authenticate(&headers).await?;
+    let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
+    let (mut value, req) = parse_body::<openai::EmbeddingsRequest>(&bytes)?;
+    let target = state.router.pick(&req.model, true)?;
+    value["model"] = Value::from(target.upstream_model.as_str());
+    let upstream_body =
+        serde_json::to_vec(&value).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let exchange = Exchange {
+        request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+        caller,
+        route: "embeddings",
+        client_format: WireFormat::OpenAi,
+        model_label: target.alias.name.clone(),
+        requested_model: req.model.clone(),
+        deployment: target.deployment.name.clone(),
+        provider: target.deployment.provider.label(),
+        upstream_model: target.upstream_model.clone(),
+        stream: false,
+        prompt_estimate: 0,
+        received_at,
+        upstream_sent_at: Instant::now(),
+        started_at: SystemTime::now(),
+        metrics: state.metrics.clone(),
+        sink: state.sink.clone(),
+    };
+    let result = async {
+        let upstream = target
+            .deployment
+            .provider
+            .send(
+                Endpoint::Embeddings,
+                upstream_body.into(),
+                &Forwarded::default(),
+            )
+            .await?;
+        collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes).await
+    }
+    .await;
+    let raw = match result {
+        Ok(raw) => raw,
+        Err(e) => {
+            exchange.finish(
+                Outcome::UpstreamError(e.to_string()),
+                Default::default(),
+                None,
+                0,
+                None,
+                Duration::ZERO,
+            );
+            return Err(e);
+        }
+    };
+    let parsed: Value = serde_json::from_slice(&raw)
+        .map_err(|e| GatewayError::UpstreamProtocol(format!("unexpected embeddings body: {e}")))?;
+    let input_tokens = parsed
+        .pointer("/usage/prompt_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let usage = tollgate_schemas::TokenUsage {
+        input_tokens,
+        ..Default::default()
+    };
+    exchange.finish(
+        Outcome::Completed,
+        usage,
+        None,
+        0,
+        Some(Instant::now()),
+        Duration::ZERO,
+    );
+    let mut r = Response::new(Body::from(raw));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
+}

@@ -1,0 +1,368 @@
+//! The path every chat request takes, whichever dialect the client speaks:
+//! authenticate → read body (bounded) → validate → pick a deployment → translate the request
+//! to the deployment's dialect → call upstream → relay (stream) or translate (non-stream).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use crate::api::{anthropic, openai, parse_body, WireFormat};
+use crate::app::AppState;
+use crate::error::{ApiError, GatewayError, InFormat};
+use crate::providers::{BodyStream, Endpoint, Forwarded};
+use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
+use crate::relay::{Exchange, Outcome, RelayStream, StreamAdapter};
+use crate::routing::Target;
+use crate::translate::{self, stream::AnthropicToOpenAi, stream::OpenAiToAnthropic};
+use crate::{tokens, translate::usage};
+
+/// A validated client request in its own dialect: the JSON as sent (forwarded to a
+/// same-dialect upstream) and its typed view.
+pub enum ClientRequest {
+    OpenAi(Value, Box<openai::ChatRequest>),
+    Anthropic(Value, Box<anthropic::MessagesRequest>),
+}
+
+impl ClientRequest {
+    fn parse(format: WireFormat, body: &[u8]) -> Result<Self, GatewayError> {
+        Ok(match format {
+            WireFormat::OpenAi => {
+                let (v, r) = parse_body::<openai::ChatRequest>(body)?;
+                if r.messages.is_empty() {
+                    return Err(GatewayError::bad_param(
+                        "`messages` must contain at least one message.",
+                        "messages",
+                    ));
+                }
+                ClientRequest::OpenAi(v, Box::new(r))
+            }
+            WireFormat::Anthropic => {
+                let (v, r) = parse_body::<anthropic::MessagesRequest>(body)?;
+                if r.messages.is_empty() {
+                    return Err(GatewayError::bad_param(
+                        "`messages` must contain at least one message.",
+                        "messages",
+                    ));
+                }
+                ClientRequest::Anthropic(v, Box::new(r))
+            }
+        })
+    }
+
+    fn model(&self) -> &str {
+        match self {
+            ClientRequest::OpenAi(_, r) => &r.model,
+            ClientRequest::Anthropic(_, r) => &r.model,
+        }
+    }
+
+    fn is_stream(&self) -> bool {
+        match self {
+            ClientRequest::OpenAi(_, r) => r.is_stream(),
+            ClientRequest::Anthropic(_, r) => r.is_stream(),
+        }
+    }
+
+    fn prompt_estimate(&self) -> u64 {
+        match self {
+            ClientRequest::OpenAi(_, r) => tokens::count_openai_prompt(r),
+            ClientRequest::Anthropic(_, r) => tokens::count_anthropic_prompt(r),
+        }
+    }
+
+    /// The body for `upstream` in its dialect, for `model`.
+    fn upstream_body(&self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
+        let value = match (self, upstream) {
+            (ClientRequest::OpenAi(v, r), WireFormat::OpenAi) => {
+                let mut v = v.clone();
+                v["model"] = Value::from(model);
+                if r.is_stream() {
+                    // Always ask for usage; the relay strips it if the client did not.
+                    v["stream_options"] = serde_json::json!({"include_usage": true});
+                }
+                v
+            }
+            (ClientRequest::OpenAi(_, r), WireFormat::Anthropic) => {
+                translate::request::openai_to_anthropic(r, model)?
+            }
+            (ClientRequest::Anthropic(v, _), WireFormat::Anthropic) => {
+                let mut v = v.clone();
+                v["model"] = Value::from(model);
+                v
+            }
+            (ClientRequest::Anthropic(_, r), WireFormat::OpenAi) => {
+                translate::request::anthropic_to_openai(r, model)
+            }
+        };
+        serde_json::to_vec(&value)
+            .map(Bytes::from)
+            .map_err(|e| GatewayError::Internal(format!("cannot serialize upstream body: {e}")))
+    }
+}
+
+/// Reads the request body, refusing more than `limit` bytes with a 413.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(GatewayError::PayloadTooLarge { limit_bytes: limit });
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::PayloadTooLarge { limit_bytes: limit }
+        } else {
+            GatewayError::bad_request(format!("Could not read the request body: {e}"))
+        }
+    })
+}
+
+/// Collects a non-streaming upstream body, bounded.
+pub async fn collect_upstream(mut body: BodyStream, limit: usize) -> Result<Bytes, GatewayError> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if buf.len() + chunk.len() > limit {
+            return Err(GatewayError::UpstreamProtocol(format!(
+                "response body over {limit} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn forwarded_headers(headers: &HeaderMap) -> Forwarded {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    Forwarded {
+        anthropic_version: get("anthropic-version"),
+        anthropic_beta: get("anthropic-beta"),
+    }
+}
+
+/// Serves one chat request (`route` is `chat` or `messages`).
+pub async fn serve(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    format: WireFormat,
+    route: &'static str,
+) -> Result<Response, ApiError> {
+    let result = serve_inner(&state, headers, body, format, route).await;
+    if let Err(e) = &result {
+        state
+            .metrics
+            .observe_error(route, e.label(), e.status().as_u16());
+    }
+    result.in_format(format)
+}
+
+async fn serve_inner(
+    state: &Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    format: WireFormat,
+    route: &'static str,
+) -> Result<Response, GatewayError> {
+    let received_at = Instant::now();
+    let _in_flight = state.metrics.in_flight(route);
+    let caller = state.auth.authenticate(&headers).await?;
+    let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
+    let request = ClientRequest::parse(format, &bytes)?;
+    let Target {
+        alias,
+        deployment,
+        upstream_model,
+    } = state.router.pick(request.model(), false)?;
+    let upstream_format = deployment.provider.format();
+    let upstream_body = request.upstream_body(upstream_format, &upstream_model)?;
+    let stream = request.is_stream();
+    let prompt_estimate = request.prompt_estimate();
+    let provider = deployment.provider.label();
+    let mut exchange = Exchange {
+        request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+        caller,
+        route,
+        client_format: format,
+        model_label: alias.name.clone(),
+        requested_model: request.model().to_string(),
+        deployment: deployment.name.clone(),
+        provider,
+        upstream_model: upstream_model.clone(),
+        stream,
+        prompt_estimate,
+        received_at,
+        upstream_sent_at: Instant::now(),
+        started_at: SystemTime::now(),
+        metrics: state.metrics.clone(),
+        sink: state.sink.clone(),
+    };
+    let upstream = deployment
+        .provider
+        .send(Endpoint::Chat, upstream_body, &forwarded_headers(&headers))
+        .await;
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            exchange.finish(
+                Outcome::UpstreamError(e.to_string()),
+                Default::default(),
+                None,
+                0,
+                None,
+                std::time::Duration::ZERO,
+            );
+            return Err(e);
+        }
+    };
+    let _ = &mut exchange;
+
+    let mut response = if stream {
+        let adapter: Box<dyn StreamAdapter> = match (&request, upstream_format) {
+            (ClientRequest::OpenAi(_, r), WireFormat::OpenAi) => {
+                Box::new(OpenAiPassthrough::new(r.wants_stream_usage()))
+            }
+            (ClientRequest::OpenAi(_, r), WireFormat::Anthropic) => Box::new(
+                AnthropicToOpenAi::new(r.wants_stream_usage(), &upstream_model),
+            ),
+            (ClientRequest::Anthropic(..), WireFormat::Anthropic) => {
+                Box::new(AnthropicPassthrough::new())
+            }
+            (ClientRequest::Anthropic(..), WireFormat::OpenAi) => {
+                Box::new(OpenAiToAnthropic::new(&upstream_model, prompt_estimate))
+            }
+        };
+        let body = RelayStream::new(upstream.body, adapter, exchange.clone());
+        let mut r = Response::new(Body::from_stream(body));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
+    } else {
+        let raw = match collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes)
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) => {
+                exchange.finish(
+                    Outcome::UpstreamError(e.to_string()),
+                    Default::default(),
+                    None,
+                    0,
+                    None,
+                    Default::default(),
+                );
+                return Err(e);
+            }
+        };
+        let done_at = Instant::now();
+        let (body, usage, finish) = match non_stream_body(&request, upstream_format, raw) {
+            Ok(x) => x,
+            Err(e) => {
+                exchange.finish(
+                    Outcome::UpstreamError(e.to_string()),
+                    Default::default(),
+                    None,
+                    0,
+                    None,
+                    Default::default(),
+                );
+                return Err(e);
+            }
+        };
+        exchange.finish(
+            Outcome::Completed,
+            usage,
+            finish,
+            0,
+            Some(done_at),
+            done_at.elapsed(),
+        );
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    let h = response.headers_mut();
+    for (name, value) in [
+        ("x-request-id", exchange.request_id.as_str()),
+        ("x-tollgate-deployment", exchange.deployment.as_str()),
+        ("x-tollgate-provider", provider),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    }
+    Ok(response)
+}
+
+/// The client's body, the usage to bill, and the finish reason of a non-streaming response.
+fn non_stream_body(
+    request: &ClientRequest,
+    upstream: WireFormat,
+    raw: Bytes,
+) -> Result<(Bytes, tollgate_schemas::TokenUsage, Option<String>), GatewayError> {
+    let invalid = |e: serde_json::Error| {
+        GatewayError::UpstreamProtocol(format!("unexpected response body: {e}"))
+    };
+    match (request, upstream) {
+        (ClientRequest::OpenAi(..), WireFormat::OpenAi) => {
+            let r: openai::ChatResponse = serde_json::from_slice(&raw).map_err(invalid)?;
+            let u = r.usage.as_ref().map(usage::from_openai).unwrap_or_default();
+            Ok((
+                raw,
+                u,
+                r.choices.first().and_then(|c| c.finish_reason.clone()),
+            ))
+        }
+        (ClientRequest::Anthropic(..), WireFormat::Anthropic) => {
+            let r: anthropic::MessagesResponse = serde_json::from_slice(&raw).map_err(invalid)?;
+            Ok((raw, usage::from_anthropic(&r.usage), r.stop_reason.clone()))
+        }
+        (ClientRequest::OpenAi(..), WireFormat::Anthropic) => {
+            let r: anthropic::MessagesResponse = serde_json::from_slice(&raw).map_err(invalid)?;
+            let out = translate::response::anthropic_to_openai(&r);
+            let finish = out["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string);
+            Ok((
+                Bytes::from(out.to_string()),
+                usage::from_anthropic(&r.usage),
+                finish,
+            ))
+        }
+        (ClientRequest::Anthropic(..), WireFormat::OpenAi) => {
+            let r: openai::ChatResponse = serde_json::from_slice(&raw).map_err(invalid)?;
+            let out = translate::response::openai_to_anthropic(&r);
+            let finish = out["stop_reason"].as_str().map(str::to_string);
+            let u = r.usage.as_ref().map(usage::from_openai).unwrap_or_default();
+            Ok((Bytes::from(out.to_string()), u, finish))
+        }
+    }
+}

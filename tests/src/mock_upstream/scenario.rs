@@ -1,0 +1,133 @@
+//! Which behaviour a request gets, chosen by the `model` field of its body.
+//!
+//! What each scenario sends (N = [`MockOptions::chunks`](super::MockOptions), P =
+//! [`prompt_tokens_for`](super::prompt_tokens_for)):
+//!
+//! | model | OpenAI `/v1/chat/completions` | Anthropic `/v1/messages` |
+//! | --- | --- | --- |
+//! | anything else (`normal`) | role chunk, N content chunks, finish chunk (`stop`, or `length` truncated to `max_completion_tokens`/`max_tokens`), usage-only chunk `choices:[]` iff `stream_options.include_usage` (then every other chunk has `"usage":null`), `data: [DONE]`; usage P / N | `message_start` (input P, output 1), `content_block_start`, one `ping`, N `text_delta`s, `content_block_stop`, `message_delta` (`end_turn` or `max_tokens`, `usage:{output_tokens:N}`), `message_stop` |
+//! | `cached` | as normal, `prompt_tokens_details.cached_tokens` = P/2 | as normal, `cache_read_input_tokens` = P/2, `input_tokens` = P − P/2 |
+//! | `usage-in-last-choice-chunk` | the finish chunk also carries `usage` (always); no usage-only chunk | = normal |
+//! | `anthropic-usage-split` | = normal | `message_delta.usage` repeats `input_tokens` (P + [`SPLIT_EXTRA_INPUT_TOKENS`](super::SPLIT_EXTRA_INPUT_TOKENS)), cache fields, `output_tokens` N |
+//! | `tools` | two parallel `tool_calls` (index 0, 1; id+name+`""` first, then argument fragments), `finish_reason: tool_calls` | text block (3 deltas), two `tool_use` blocks streamed as `input_json_delta` (first one empty), `stop_reason: tool_use` |
+//! | `split-frames` | normal stream with CRLF, comment lines, cut across writes 1 ms apart | same |
+//! | `error-midstream` | 3 content chunks, `data: {"error":{...server_error...}}`, clean end without `[DONE]`; non-streaming: 500 | 3 deltas, `event: error` `overloaded_error`, clean end; non-streaming: 529 |
+//! | `rate-limited` | 429 `type: requests`, `code: rate_limit_exceeded`, `retry-after: 1`, `retry-after-ms: 1000`, `x-ratelimit-remaining-requests: 0`, `x-ratelimit-reset-requests: 1s` | 429 `rate_limit_error`, `retry-after: 1`, `anthropic-ratelimit-requests-*` |
+//! | `server-error` | 500 `server_error` | 500 `api_error` |
+//! | `overloaded` | 503 `server_error` | 529 `overloaded_error` |
+//! | `bad-request` | 400 `invalid_request_error`, `param: temperature` | 400 `invalid_request_error` |
+//! | `hang` | streaming: headers only, then nothing; otherwise nothing at all | same |
+//! | `slow` | normal, at least 50 ms between content chunks | same |
+//! | `drop-midstream` | 3 content chunks, then the connection is aborted (no terminating chunk); non-streaming: half the body under a full `content-length`, then abort | same |
+//!
+//! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too.
+
+/// A mock behaviour, selected by the request's `model` (see [`Scenario::from_model`]).
+///
+/// The gateway forwards the deployment's upstream model name, so an end-to-end test picks a
+/// scenario by naming it as the upstream model in the gateway's config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scenario {
+    /// Any model name that is not one of the names below.
+    Normal,
+    /// `cached`: usage reports half the prompt as read from the prompt cache.
+    Cached,
+    /// `usage-in-last-choice-chunk` (OpenAI route only): the finish chunk carries the usage.
+    UsageInLastChoiceChunk,
+    /// `anthropic-usage-split` (Anthropic route only): `message_delta` repeats the input usage.
+    AnthropicUsageSplit,
+    /// `tools`: two parallel tool calls instead of text.
+    Tools,
+    /// `split-frames`: SSE frames cut across TCP writes, CRLF line endings, comment lines.
+    SplitFrames,
+    /// `error-midstream`: three content chunks, then the provider's in-stream error.
+    ErrorMidstream,
+    /// `rate-limited`: HTTP 429 with retry headers.
+    RateLimited,
+    /// `server-error`: HTTP 500.
+    ServerError,
+    /// `overloaded`: HTTP 529 `overloaded_error` (Anthropic); HTTP 503 on the OpenAI route.
+    Overloaded,
+    /// `bad-request`: HTTP 400 `invalid_request_error`.
+    BadRequest,
+    /// `hang`: never sends a body byte.
+    Hang,
+    /// `slow`: like normal with at least 50 ms between chunks.
+    Slow,
+    /// `drop-midstream`: three content chunks, then the connection is dropped.
+    DropMidstream,
+}
+
+impl Scenario {
+    /// Every scenario, in declaration order.
+    pub const ALL: [Scenario; 14] = [
+        Scenario::Normal,
+        Scenario::Cached,
+        Scenario::UsageInLastChoiceChunk,
+        Scenario::AnthropicUsageSplit,
+        Scenario::Tools,
+        Scenario::SplitFrames,
+        Scenario::ErrorMidstream,
+        Scenario::RateLimited,
+        Scenario::ServerError,
+        Scenario::Overloaded,
+        Scenario::BadRequest,
+        Scenario::Hang,
+        Scenario::Slow,
+        Scenario::DropMidstream,
+    ];
+
+    /// The scenario a model name selects; unknown names are [`Scenario::Normal`].
+    pub fn from_model(model: &str) -> Scenario {
+        match model {
+            "cached" => Scenario::Cached,
+            "usage-in-last-choice-chunk" => Scenario::UsageInLastChoiceChunk,
+            "anthropic-usage-split" => Scenario::AnthropicUsageSplit,
+            "tools" => Scenario::Tools,
+            "split-frames" => Scenario::SplitFrames,
+            "error-midstream" => Scenario::ErrorMidstream,
+            "rate-limited" => Scenario::RateLimited,
+            "server-error" => Scenario::ServerError,
+            "overloaded" => Scenario::Overloaded,
+            "bad-request" => Scenario::BadRequest,
+            "hang" => Scenario::Hang,
+            "slow" => Scenario::Slow,
+            "drop-midstream" => Scenario::DropMidstream,
+            _ => Scenario::Normal,
+        }
+    }
+
+    /// The model name that selects this scenario (`normal` for [`Scenario::Normal`], though
+    /// any unknown name does).
+    pub fn model_name(self) -> &'static str {
+        match self {
+            Scenario::Normal => "normal",
+            Scenario::Cached => "cached",
+            Scenario::UsageInLastChoiceChunk => "usage-in-last-choice-chunk",
+            Scenario::AnthropicUsageSplit => "anthropic-usage-split",
+            Scenario::Tools => "tools",
+            Scenario::SplitFrames => "split-frames",
+            Scenario::ErrorMidstream => "error-midstream",
+            Scenario::RateLimited => "rate-limited",
+            Scenario::ServerError => "server-error",
+            Scenario::Overloaded => "overloaded",
+            Scenario::BadRequest => "bad-request",
+            Scenario::Hang => "hang",
+            Scenario::Slow => "slow",
+            Scenario::DropMidstream => "drop-midstream",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scenario;
+
+    #[test]
+    fn names_round_trip() {
+        for scenario in Scenario::ALL {
+            assert_eq!(Scenario::from_model(scenario.model_name()), scenario);
+        }
+        assert_eq!(Scenario::from_model("gpt-4o-mini"), Scenario::Normal);
+    }
+}

@@ -1,0 +1,273 @@
+//! The HTTP/1.1 server: accept loop, per-request recording and routing, and the response
+//! helpers both provider modules share (including the scenario-driven timing of bodies).
+//!
+//! It is a plain hyper server rather than an axum router: four routes do not need one, and
+//! the benchmark server should spend as little CPU per request as possible.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::body::{MockBody, Step, StreamGuard};
+use super::scenario::Scenario;
+use super::sse::{self, Pace, SseFrame};
+use super::{anthropic, openai, RecordedRequest, Shared, SLOW_MIN_CHUNK_DELAY};
+
+/// Accepts connections until the task is aborted; dropping the `JoinSet` then aborts every
+/// connection still open.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(serve_connection(stream, Arc::clone(&shared)));
+                }
+                Err(err) => {
+                    // Typically EMFILE under load: back off briefly instead of spinning.
+                    tracing::warn!(%err, "mock upstream: accept failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    // Without TCP_NODELAY every small SSE frame waits on Nagle and the peer's delayed ACK.
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(%err, "mock upstream: set_nodelay failed");
+    }
+    let service = service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(handle(shared, request).await) }
+    });
+    if let Err(err) = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%err, "mock upstream: connection ended with an error");
+    }
+}
+
+/// The request as the provider modules see it.
+pub(crate) struct MockRequest {
+    pub(crate) headers: HeaderMap,
+    /// `None` when the body was not valid JSON; `Some(Value::Null)` when it was empty.
+    pub(crate) body: Option<Value>,
+}
+
+async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<MockBody> {
+    let (parts, body) = request.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            tracing::debug!(%err, "mock upstream: reading the request body failed");
+            Bytes::new()
+        }
+    };
+    let received_at = Instant::now();
+    let parsed: Option<Value> = if bytes.is_empty() {
+        Some(Value::Null)
+    } else {
+        serde_json::from_slice(&bytes).ok()
+    };
+    let path = parts.uri.path().to_owned();
+    shared.record(|| RecordedRequest {
+        path: path.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: parsed.clone().unwrap_or(Value::Null),
+        received_at,
+    });
+
+    let request = MockRequest {
+        headers: parts.headers,
+        body: parsed,
+    };
+    match (&parts.method, path.as_str()) {
+        (&Method::POST, "/v1/chat/completions") => openai::chat(shared, request).await,
+        (&Method::POST, "/v1/embeddings") => openai::embeddings(shared, request).await,
+        (&Method::GET, "/v1/models") => openai::models(request),
+        (&Method::POST, "/v1/messages") => anthropic::messages(shared, request).await,
+        (method, path) => {
+            if request.headers.contains_key("x-api-key")
+                || request.headers.contains_key("anthropic-version")
+            {
+                anthropic::not_found()
+            } else {
+                openai::not_found(method, path)
+            }
+        }
+    }
+}
+
+/// A response with a complete body.
+pub(crate) fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: impl Into<Bytes>,
+) -> Response<MockBody> {
+    let mut response = Response::new(MockBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    add_headers(&mut response, headers);
+    response
+}
+
+/// A response whose body is a script; `content_length` is announced when given.
+pub(crate) fn scripted(
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: MockBody,
+    content_length: Option<usize>,
+) -> Response<MockBody> {
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(len) = content_length {
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    add_headers(&mut response, headers);
+    response
+}
+
+fn add_headers(response: &mut Response<MockBody>, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        match HeaderValue::try_from(value) {
+            Ok(value) => {
+                response
+                    .headers_mut()
+                    .append(HeaderName::from_static(name), value);
+            }
+            Err(err) => tracing::warn!(%err, header = name, "mock upstream: bad header value"),
+        }
+    }
+}
+
+pub(crate) const JSON: &str = "application/json";
+pub(crate) const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
+
+/// The pause between content chunks for `scenario`.
+fn between(shared: &Shared, scenario: Scenario) -> Duration {
+    if scenario == Scenario::Slow {
+        shared.opts.chunk_delay.max(SLOW_MIN_CHUNK_DELAY)
+    } else {
+        shared.opts.chunk_delay
+    }
+}
+
+/// Turns the rendered frames of a streamed reply into a response, timed and mangled as the
+/// scenario asks: `split-frames` cuts the bytes ([`sse::split_frames`]), `drop-midstream`
+/// aborts the connection after the frames (which the caller has already cut short), `hang`
+/// sends only the headers, everything else is paced by the options.
+pub(crate) fn stream_response(
+    shared: &Arc<Shared>,
+    path: &'static str,
+    model: &str,
+    scenario: Scenario,
+    headers: Vec<(&'static str, String)>,
+    frames: Vec<SseFrame>,
+) -> Response<MockBody> {
+    let first = shared.opts.first_chunk_delay;
+    let steps = match scenario {
+        Scenario::Hang => vec![Step::Hang],
+        Scenario::SplitFrames => sse::split_frames(frames, first),
+        _ => {
+            let pace = Pace {
+                first,
+                between: between(shared, scenario),
+            };
+            let mut steps = sse::paced(frames, pace);
+            if scenario == Scenario::DropMidstream {
+                // Let hyper flush what was written, then kill the connection.
+                steps.push(Step::Sleep(Duration::from_millis(10)));
+                steps.push(Step::Abort);
+            }
+            steps
+        }
+    };
+    let guard = StreamGuard::new(Arc::clone(shared), path, model);
+    scripted(EVENT_STREAM, headers, MockBody::script(steps, guard), None)
+}
+
+/// Answers a non-streaming request with `body` (JSON), after the time generating `pieces`
+/// chunks would take; `hang` never answers, `split-frames` writes the body in four pieces,
+/// `drop-midstream` writes half of it and drops the connection. A client that goes away
+/// while the mock is waiting is recorded as a cancelled stream.
+pub(crate) async fn json_after_generation(
+    shared: &Arc<Shared>,
+    path: &'static str,
+    model: &str,
+    scenario: Scenario,
+    pieces: usize,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+) -> Response<MockBody> {
+    let mut guard = StreamGuard::new(Arc::clone(shared), path, model);
+    if scenario == Scenario::Hang {
+        std::future::pending::<()>().await;
+    }
+    let wait = shared.opts.first_chunk_delay
+        + between(shared, scenario).saturating_mul(pieces.saturating_sub(1) as u32);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let body = Bytes::from(body);
+    let len = body.len();
+    match scenario {
+        Scenario::SplitFrames => {
+            let quarter = (len / 4).max(1);
+            let mut steps = Vec::new();
+            let mut from = 0;
+            while from < len {
+                let to = (from + quarter).min(len);
+                if from > 0 {
+                    steps.push(Step::Sleep(sse::SPLIT_PIECE_DELAY));
+                }
+                steps.push(Step::data(body.slice(from..to)));
+                from = to;
+            }
+            scripted(JSON, headers, MockBody::script(steps, guard), Some(len))
+        }
+        Scenario::DropMidstream => {
+            let steps = vec![
+                Step::data(body.slice(..len / 2)),
+                Step::Sleep(Duration::from_millis(10)),
+                Step::Abort,
+            ];
+            scripted(JSON, headers, MockBody::script(steps, guard), Some(len))
+        }
+        _ => {
+            guard.finish();
+            full(StatusCode::OK, JSON, headers, body)
+        }
+    }
+}
