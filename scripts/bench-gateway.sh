@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# Measures what the gateway adds on top of its upstream: the same streaming load is sent to the
+# mock upstream directly and through the gateway, at concurrency 1 and at high concurrency,
+# alternating direct/gateway runs so that machine noise hits both. Prints markdown tables:
+# per-run throughput and latency, the gateway's added TTFT/total latency, the throughput ratio,
+# and the gateway's CPU time per request (from /proc/PID/stat, so Linux only).
+#
+# Usage: scripts/bench-gateway.sh            (from anywhere)
+# Environment (defaults in brackets):
+#   REQUESTS_C1 [2000]       measured requests at concurrency 1
+#   REQUESTS_C128 [20000]    measured requests at high concurrency
+#   CONCURRENCY_HIGH [128]   the high concurrency
+#   DURATION_S [20]          upper bound on each run's measured window
+#   WARMUP [200]             unmeasured requests before each run
+#   CHUNKS [20]              SSE chunks per mock response
+#   CHUNK_DELAY_MS [0]       delay between mock chunks
+#   ROUNDS [1]               direct/gateway pairs per concurrency
+#   LOAD_THREADS [1]         runtime threads of the load generator
+#   GATEWAY [1]              0: benchmark the mock upstream only (no gateway build or runs)
+#   BUILD [1]                0: use already built release binaries
+#   RUST_LOG [warn]          log level of the mock and the gateway (logging costs CPU too)
+#   MOCK_BIN, GATEWAY_BIN, LOAD_BIN   override the binaries' paths
+#   KEEP_TMP [0]             1: keep the temporary directory (config, logs, JSON results)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS_C1=${REQUESTS_C1:-2000}
+REQUESTS_C128=${REQUESTS_C128:-20000}
+CONCURRENCY_HIGH=${CONCURRENCY_HIGH:-128}
+DURATION_S=${DURATION_S:-20}
+WARMUP=${WARMUP:-200}
+CHUNKS=${CHUNKS:-20}
+CHUNK_DELAY_MS=${CHUNK_DELAY_MS:-0}
+ROUNDS=${ROUNDS:-1}
+LOAD_THREADS=${LOAD_THREADS:-1}
+GATEWAY=${GATEWAY:-1}
+BUILD=${BUILD:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+export RUST_LOG=${RUST_LOG:-warn}
+
+RELEASE_DIR="${CARGO_TARGET_DIR:-target}/release"
+MOCK_BIN=${MOCK_BIN:-$RELEASE_DIR/tollgate-mock-upstream}
+GATEWAY_BIN=${GATEWAY_BIN:-$RELEASE_DIR/tollgate}
+LOAD_BIN=${LOAD_BIN:-$RELEASE_DIR/tollgate-load}
+
+log() { echo "bench: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP_TMP == 1 ]]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------- build
+if [[ $BUILD == 1 ]]; then
+    if [[ $GATEWAY == 1 ]]; then
+        cargo build --release -p tollgate-tests --bins -p tollgate-gateway >&2
+    else
+        cargo build --release -p tollgate-tests --bins >&2
+    fi
+fi
+for bin in "$MOCK_BIN" "$LOAD_BIN"; do
+    [[ -x $bin ]] || die "$bin not found (build it or set BUILD=1)"
+done
+if [[ $GATEWAY == 1 ]]; then
+    [[ -x $GATEWAY_BIN ]] || die "$GATEWAY_BIN not found (build it or set BUILD=1)"
+fi
+
+# ---------------------------------------------------------------------------- helpers
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+free_port() {
+    local port tries=0
+    while ((tries < 100)); do
+        port=$((20000 + RANDOM % 40000))
+        if ! port_in_use "$port"; then
+            echo "$port"
+            return 0
+        fi
+        tries=$((tries + 1))
+    done
+    die "no free port found"
+}
+
+# Status code of GET http://127.0.0.1:PORT/PATH, or nothing (plain bash, no HTTP client needed).
+http_status() {
+    local port=$1 path=$2 line=""
+    {
+        exec 3<>"/dev/tcp/127.0.0.1/$port" &&
+            printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n' "$path" "$port" >&3 &&
+            IFS= read -r -t 2 line <&3
+        exec 3<&- 3>&-
+    } 2>/dev/null || true
+    line=${line%$'\r'}
+    [[ $line == HTTP/* ]] && echo "${line#* }" | cut -d' ' -f1
+    return 0
+}
+
+# wait_for DESCRIPTION PID LOGFILE COMMAND...: polls COMMAND for up to 60 s while PID lives.
+wait_for() {
+    local what=$1 pid=$2 logfile=$3
+    shift 3
+    local i
+    for ((i = 0; i < 600; i++)); do
+        if "$@"; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "$what exited before it was ready"
+        fi
+        sleep 0.1
+    done
+    tail -n 30 "$logfile" >&2 || true
+    die "$what not ready after 60 s"
+}
+
+# user+system CPU time of PID so far, in clock ticks (fields 14 and 15 of /proc/PID/stat,
+# counted after the parenthesised command name, which may contain spaces).
+cpu_ticks() {
+    local stat
+    stat=$(cat "/proc/$1/stat")
+    stat=${stat##*) }
+    # shellcheck disable=SC2086
+    set -- $stat
+    echo $((${12} + ${13}))
+}
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
+# Number NAME (top level) or PARENT.NAME (one level down) from a one-line JSON report.
+json_num() {
+    local file=$1 key=$2
+    if [[ $key == *.* ]]; then
+        sed -n "s/.*\"${key%%.*}\":{[^}]*\"${key#*.}\":\\([-0-9.eE+]*\\).*/\\1/p" "$file"
+    else
+        sed -n "s/.*\"$key\":\\([-0-9.eE+]*\\).*/\\1/p" "$file"
+    fi
+}
+
+calc() { awk "BEGIN { printf \"$1\", $2 }"; }
+
+# FORMAT FILE KEY: a report number formatted, or "-" if the report has none (e.g. null).
+fmt_num() {
+    local v
+    v=$(json_num "$2" "$3")
+    if [[ -n $v ]]; then calc "$1" "$v"; else echo "-"; fi
+}
+
+# ---------------------------------------------------------------------------- mock upstream
+PORT_A=$(free_port)
+"$MOCK_BIN" --listen "127.0.0.1:$PORT_A" --chunks "$CHUNKS" --chunk-delay-ms "$CHUNK_DELAY_MS" \
+    >"$TMP/mock.log" 2>&1 &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+wait_for "mock upstream" "$MOCK_PID" "$TMP/mock.log" grep -q "listening on" "$TMP/mock.log"
+log "mock upstream on 127.0.0.1:$PORT_A (pid $MOCK_PID)"
+
+# ---------------------------------------------------------------------------- gateway
+if [[ $GATEWAY == 1 ]]; then
+    PORT_B=$(free_port)
+    while [[ $PORT_B == "$PORT_A" ]]; do PORT_B=$(free_port); done
+    DATA_DIR="$TMP/data"
+    mkdir -p "$DATA_DIR"
+    CONFIG="$TMP/gateway.toml"
+    cat >"$CONFIG" <<EOF
+[[deployments]]
+name = "bench-openai"
+type = "openai"
+base_url = "http://127.0.0.1:$PORT_A/v1"
+api_key_env = "BENCH_UPSTREAM_KEY"
+model = "bench"
+
+[[models]]
+name = "bench"
+deployments = ["bench-openai"]
+EOF
+    export BENCH_UPSTREAM_KEY=x
+
+    if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$DATA_DIR" 2>&1); then
+        [[ $out == *"exist"* ]] || die "tenants create failed: $out"
+    fi
+    API_KEY=$("$GATEWAY_BIN" keys create --tenant default --data-dir "$DATA_DIR" | awk 'NF { k = $0 } END { print k }')
+    API_KEY=${API_KEY//[[:space:]]/}
+    [[ -n $API_KEY ]] || die "keys create printed no key"
+
+    "$GATEWAY_BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" --listen "127.0.0.1:$PORT_B" \
+        >"$TMP/gateway.log" 2>&1 &
+    GATEWAY_PID=$!
+    PIDS+=("$GATEWAY_PID")
+    gateway_ready() { [[ $(http_status "$PORT_B" /readyz) == 200 ]]; }
+    wait_for "gateway" "$GATEWAY_PID" "$TMP/gateway.log" gateway_ready
+    log "gateway on 127.0.0.1:$PORT_B (pid $GATEWAY_PID)"
+fi
+
+# ---------------------------------------------------------------------------- runs
+# run_load SCENARIO CONCURRENCY REQUESTS ROUND: one load run; result JSON in $TMP, CPU deltas
+# of the mock and (if running) the gateway beside it.
+run_load() {
+    local scenario=$1 conc=$2 requests=$3 round=$4 url key
+    local out="$TMP/$scenario-c$conc-r$round"
+    if [[ $scenario == gateway ]]; then
+        url="http://127.0.0.1:$PORT_B/v1/chat/completions"
+        key=$API_KEY
+    else
+        url="http://127.0.0.1:$PORT_A/v1/chat/completions"
+        key=x
+    fi
+    local mock0 gw0=0 rc=0
+    mock0=$(cpu_ticks "$MOCK_PID")
+    if [[ $GATEWAY == 1 ]]; then gw0=$(cpu_ticks "$GATEWAY_PID"); fi
+    log "$scenario, concurrency $conc, $requests requests (round $round)"
+    "$LOAD_BIN" --url "$url" --api-key "$key" --model bench --concurrency "$conc" \
+        --requests "$requests" --duration-s "$DURATION_S" --warmup "$WARMUP" \
+        --threads "$LOAD_THREADS" --json >"$out.json" 2>"$out.err" || rc=$?
+    echo $(($(cpu_ticks "$MOCK_PID") - mock0)) >"$out.mock_ticks"
+    if [[ $GATEWAY == 1 ]]; then
+        echo $(($(cpu_ticks "$GATEWAY_PID") - gw0)) >"$out.gw_ticks"
+    fi
+    if ((rc != 0)); then
+        cat "$out.err" "$out.json" >&2 || true
+        if [[ $scenario == gateway ]]; then tail -n 30 "$TMP/gateway.log" >&2 || true; fi
+        die "$scenario run at concurrency $conc failed (exit $rc)"
+    fi
+}
+
+SCENARIOS=(direct)
+if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
+LEVELS=("1:$REQUESTS_C1" "$CONCURRENCY_HIGH:$REQUESTS_C128")
+for level in "${LEVELS[@]}"; do
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for scenario in "${SCENARIOS[@]}"; do
+            run_load "$scenario" "${level%%:*}" "${level#*:}" "$round"
+        done
+    done
+done
+
+# ---------------------------------------------------------------------------- report
+# CPU µs per request served in the run (warmup included, as the ticks include it).
+cpu_per_req() {
+    local file=$1 ticks=$2 served
+    served=$(($(json_num "$file" warmup) + $(json_num "$file" requests_sent)))
+    calc "%.0f" "$ticks * 1000000 / $CLK_TCK / $served"
+}
+
+echo
+echo "## Gateway benchmark"
+echo
+echo "$(nproc 2>/dev/null || echo '?') cores; mock upstream: $CHUNKS chunks, ${CHUNK_DELAY_MS} ms apart;" \
+    "warmup $WARMUP; load generator threads $LOAD_THREADS; latencies in µs."
+echo
+echo "| scenario | concurrency | round | ok | errors | rps | TTFT p50 | TTFT p99 | total p50 | total p99 | chunks | gateway CPU µs/req | upstream CPU µs/req | load CPU µs/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+for level in "${LEVELS[@]}"; do
+    conc=${level%%:*}
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for scenario in "${SCENARIOS[@]}"; do
+            f="$TMP/$scenario-c$conc-r$round"
+            gw_cpu="-"
+            if [[ $scenario == gateway ]]; then
+                gw_cpu=$(cpu_per_req "$f.json" "$(cat "$f.gw_ticks")")
+            fi
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "$scenario" "$conc" "$round" \
+                "$(json_num "$f.json" requests_ok)" "$(json_num "$f.json" errors)" \
+                "$(fmt_num "%.0f" "$f.json" rps)" \
+                "$(json_num "$f.json" ttft_us.p50)" "$(json_num "$f.json" ttft_us.p99)" \
+                "$(json_num "$f.json" total_us.p50)" "$(json_num "$f.json" total_us.p99)" \
+                "$(fmt_num "%.1f" "$f.json" chunks_mean)" \
+                "$gw_cpu" "$(cpu_per_req "$f.json" "$(cat "$f.mock_ticks")")" \
+                "$(fmt_num "%.0f" "$f.json" load_cpu_us_per_req)"
+        done
+    done
+done
+
+if [[ $GATEWAY == 1 ]]; then
+    echo
+    echo "| concurrency | round | added TTFT p50 | added TTFT p99 | added total p50 | added total p99 | throughput ratio gateway/direct |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    for level in "${LEVELS[@]}"; do
+        conc=${level%%:*}
+        for ((round = 1; round <= ROUNDS; round++)); do
+            d="$TMP/direct-c$conc-r$round.json"
+            g="$TMP/gateway-c$conc-r$round.json"
+            diff_of() { echo $(($(json_num "$g" "$1") - $(json_num "$d" "$1"))); }
+            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$conc" "$round" \
+                "$(diff_of ttft_us.p50)" "$(diff_of ttft_us.p99)" \
+                "$(diff_of total_us.p50)" "$(diff_of total_us.p99)" \
+                "$(calc "%.3f" "$(json_num "$g" rps) / $(json_num "$d" rps)")"
+        done
+    done
+fi

@@ -1,0 +1,173 @@
+//! A harness that starts the real gateway in-process on a loopback socket, in front of the
+//! protocol-faithful mock upstream, with a fresh SQLite store, one tenant key and an in-memory
+//! event sink the tests can inspect.
+
+// Test support: a failure to start is a test failure, so expect() with a message is right here.
+#![allow(clippy::expect_used)]
+
+use std::sync::{Arc, Once};
+
+use tollgate_gateway::app::{self, AppState};
+use tollgate_gateway::auth::keys;
+use tollgate_gateway::config::Config;
+use tollgate_gateway::events::MemorySink;
+use tollgate_gateway::relay::CompletionRecord;
+use tollgate_gateway::store::sqlite::SqliteStore;
+use tollgate_gateway::store::MetaStore;
+
+use crate::mock_upstream::{MockOptions, MockUpstream};
+
+/// Environment variable the harness's deployments read their upstream key from.
+pub const UPSTREAM_KEY_ENV: &str = "TOLLGATE_TEST_UPSTREAM_KEY";
+/// The upstream key itself: tests check it never reaches a client.
+pub const UPSTREAM_KEY: &str = "sk-upstream-SECRET-5f1c2e9a7b3d";
+
+static SET_KEY: Once = Once::new();
+
+/// The standard test config: `oa/<scenario>` reaches the mock's OpenAI API and
+/// `an/<scenario>` its Anthropic API; `extra` is appended (more deployments/aliases).
+pub fn mock_config(upstream_base: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+max_body_bytes = 65536
+env_providers = false
+
+[[deployments]]
+type = "openai"
+name = "oa"
+model = "*"
+base_url = "{upstream_base}/v1"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+embeddings = true
+first_byte_timeout_ms = 1500
+
+[[deployments]]
+type = "anthropic"
+name = "an"
+model = "*"
+base_url = "{upstream_base}"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+first_byte_timeout_ms = 1500
+
+[[models]]
+name = "oa/*"
+deployments = ["oa"]
+
+[[models]]
+name = "an/*"
+deployments = ["an"]
+{extra}
+"#
+    )
+}
+
+/// A running gateway and its mock upstream.
+pub struct Harness {
+    pub base_url: String,
+    pub key: String,
+    pub sink: Arc<MemorySink>,
+    pub state: Arc<AppState>,
+    pub upstream: MockUpstream,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Starts the mock upstream and the gateway with [`mock_config`].
+    pub async fn start() -> Harness {
+        Harness::start_with(MockOptions::default(), "").await
+    }
+
+    /// Starts with mock options and extra config.
+    pub async fn start_with(opts: MockOptions, extra: &str) -> Harness {
+        SET_KEY.call_once(|| std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY));
+        let upstream = MockUpstream::start(opts)
+            .await
+            .expect("mock upstream starts");
+        let config = Config::from_toml(&mock_config(&upstream.base_url(), extra)).expect("config");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+        let tenant = store.create_tenant("acme").await.expect("tenant");
+        let k = keys::generate();
+        store
+            .create_key(&tenant.id, "test", &k.hash, &k.display_prefix)
+            .await
+            .expect("key");
+        let sink = Arc::new(MemorySink::default());
+        let state = Arc::new(AppState::new(config, store, sink.clone()).expect("state"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let serve_state = state.clone();
+        tokio::spawn(async move {
+            let _ = app::serve(listener, serve_state, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Harness {
+            base_url: format!("http://{addr}"),
+            key: k.secret,
+            sink,
+            state,
+            upstream,
+            shutdown: Some(tx),
+            _dir: dir,
+        }
+    }
+
+    /// Waits (bounded) until `n` completion records exist, and returns them.
+    pub async fn completions(&self, n: usize) -> Vec<CompletionRecord> {
+        for _ in 0..200 {
+            let r = self.sink.records();
+            if r.len() >= n {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.sink.records()
+    }
+
+    /// POSTs JSON to `path` with the tenant key as a bearer token.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.key)
+            .header("anthropic-version", "2023-06-01")
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Reads an SSE body into `(event name, data)` pairs (comments skipped).
+pub fn sse_events(body: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for frame in body.replace("\r\n", "\n").split("\n\n") {
+        let mut event = String::new();
+        let mut data: Vec<&str> = Vec::new();
+        for line in frame.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if !data.is_empty() {
+            out.push((event, data.join("\n")));
+        }
+    }
+    out
+}
