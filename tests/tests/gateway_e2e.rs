@@ -1,6 +1,8 @@
 //! End-to-end: the real gateway on a loopback socket in front of the protocol-faithful mock
 //! upstream (OpenAI and Anthropic wire formats), driven over HTTP.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers: failing loudly is the point
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
