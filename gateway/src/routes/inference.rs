@@ -76,11 +76,12 @@ impl ClientRequest {
         }
     }
 
-    /// The body for `upstream` in its dialect, for `model`.
-    fn upstream_body(&self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
+    /// The body for `upstream` in its dialect, for `model`. A same-dialect body is the
+    /// client's JSON itself (taken, not copied), with the model replaced.
+    fn upstream_body(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
         let value = match (self, upstream) {
             (ClientRequest::OpenAi(v, r), WireFormat::OpenAi) => {
-                let mut v = v.clone();
+                let mut v = std::mem::take(v);
                 v["model"] = Value::from(model);
                 if r.is_stream() {
                     // Always ask for usage; the relay strips it if the client did not.
@@ -92,7 +93,7 @@ impl ClientRequest {
                 translate::request::openai_to_anthropic(r, model)?
             }
             (ClientRequest::Anthropic(v, _), WireFormat::Anthropic) => {
-                let mut v = v.clone();
+                let mut v = std::mem::take(v);
                 v["model"] = Value::from(model);
                 v
             }
@@ -188,7 +189,7 @@ async fn serve_inner(
     let _in_flight = state.metrics.in_flight(route);
     let caller = state.auth.authenticate(&headers).await?;
     let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
-    let request = ClientRequest::parse(format, &bytes)?;
+    let mut request = ClientRequest::parse(format, &bytes)?;
     let Target {
         alias,
         deployment,
@@ -199,7 +200,7 @@ async fn serve_inner(
     let stream = request.is_stream();
     let prompt_estimate = request.prompt_estimate();
     let provider = deployment.provider.label();
-    let mut exchange = Exchange {
+    let exchange = Exchange {
         request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         caller,
         route,
@@ -235,7 +236,6 @@ async fn serve_inner(
             return Err(e);
         }
     };
-    let _ = &mut exchange;
 
     let mut response = if stream {
         let adapter: Box<dyn StreamAdapter> = match (&request, upstream_format) {
