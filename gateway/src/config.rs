@@ -26,6 +26,12 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
+    /// Where tenants, keys, prices and credentials live.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Where request, chunk and completion events go.
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
     /// Provider deployments: one upstream endpoint + credential + upstream model each.
     #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
@@ -66,6 +72,15 @@ impl Default for ServerConfig {
             env_providers: true,
         }
     }
+}
+
+/// The metadata store: PostgreSQL when `database_url` is set (or `DATABASE_URL` is in the
+/// environment), else SQLite in the data directory.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:port/db`.
+    pub database_url: Option<String>,
 }
 
 /// One deployment, tagged by provider `type`.

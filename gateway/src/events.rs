@@ -9,8 +9,35 @@
 //! completion to Kafka"; they implement this same trait.
 
 use parking_lot::Mutex;
+use serde::Deserialize;
 
 use crate::relay::CompletionRecord;
+
+/// Which event sink the gateway uses (`[events]` in the config).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EventsConfig {
+    /// Log each completion (the default until the Kafka and local-log sinks exist).
+    #[default]
+    Log,
+}
+
+/// Builds the configured sink. `data_dir` holds any local state (spool, embedded log).
+pub async fn from_config(
+    config: &EventsConfig,
+    _data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn EventSink>, EventsError> {
+    match config {
+        EventsConfig::Log => Ok(std::sync::Arc::new(LogSink)),
+    }
+}
+
+/// Failures setting up an event sink.
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("event sink setup failed: {0}")]
+    Setup(String),
+}
 
 /// Receives every completion record. Must not block: it is called on the request path.
 pub trait EventSink: Send + Sync {

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use tollgate_gateway::app::{self, AppState};
 use tollgate_gateway::auth::keys;
 use tollgate_gateway::config::Config;
-use tollgate_gateway::events::LogSink;
 use tollgate_gateway::store::sqlite::SqliteStore;
 use tollgate_gateway::store::{MetaStore, StoreError};
 
@@ -82,6 +81,8 @@ enum CliError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Gateway(#[from] tollgate_gateway::error::GatewayError),
+    #[error(transparent)]
+    Events(#[from] tollgate_gateway::events::EventsError),
 }
 
 fn main() -> std::process::ExitCode {
@@ -177,7 +178,8 @@ async fn serve(
         out.flush()?;
     }
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let state = Arc::new(AppState::new(config, store, Arc::new(LogSink))?);
+    let sink = tollgate_gateway::events::from_config(&config.events, data_dir).await?;
+    let state = Arc::new(AppState::new(config, store, sink)?);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(
         "tollgate listening on http://{} (models: {})",
