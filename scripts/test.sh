@@ -11,6 +11,22 @@ VENV=$CACHE/venv
 
 step() { printf '\n== %s ==\n' "$*"; }
 
+step "Debian packages the build needs (cmake and libcurl headers for librdkafka)"
+missing=()
+for pkg in cmake libcurl4-openssl-dev pkg-config; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+step "services on loopback (PostgreSQL, Kafka) via scripts/services.sh"
+eval "$(scripts/services.sh up postgres kafka)"
+export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP"
+unset DATABASE_URL # the CLI reads it; tests pass database URLs explicitly
+export TOLLGATE_BIN_DIR="$TARGET_DIR/debug"
+
 step "Python SDKs for the conformance tests (openai, anthropic, pytest)"
 if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$CACHE"
@@ -31,4 +47,4 @@ step "cargo test"
 cargo test --workspace --locked
 
 step "Python SDK conformance tests"
-TOLLGATE_BIN_DIR="$TARGET_DIR/debug" "$VENV/bin/python" -m pytest -q tests/python
+"$VENV/bin/python" -m pytest -q tests/python

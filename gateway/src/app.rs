@@ -8,6 +8,7 @@
 //!    ([`crate::routing`]), calls the provider ([`crate::providers`]) and relays the answer
 //!    ([`crate::relay`], [`crate::translate`]); every request ends in one completion record
 //!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
+//!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
 //! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape.
 
 use std::net::SocketAddr;
@@ -20,45 +21,82 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 
+use crate::admin::Admin;
 use crate::api::WireFormat;
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, DeploymentConfig};
 use crate::error::GatewayError;
 use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::routing::ModelRouter;
+use crate::secrets::MasterKey;
 use crate::store::MetaStore;
 
 /// Everything a handler needs.
 pub struct AppState {
     pub config: Config,
     pub store: Arc<dyn MetaStore>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub router: ModelRouter,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
+    /// The admin API's bearer token (`TOLLGATE_ADMIN_TOKEN`); `None` disables the admin API.
+    pub admin_token: Option<String>,
+    /// Encrypts provider credentials (`TOLLGATE_MASTER_KEY`).
+    pub master_key: Option<Arc<MasterKey>>,
 }
 
 impl AppState {
-    pub fn new(
+    /// Builds the state: decrypts stored provider credentials for the router, and starts
+    /// following the store's key invalidations.
+    pub async fn start(
         config: Config,
         store: Arc<dyn MetaStore>,
         sink: Arc<dyn EventSink>,
-    ) -> Result<Self, GatewayError> {
-        let router = ModelRouter::from_config(&config)?;
+        master_key: Option<Arc<MasterKey>>,
+        admin_token: Option<String>,
+    ) -> Result<Arc<Self>, GatewayError> {
+        let admin = Admin {
+            store: store.clone(),
+            master: master_key.clone(),
+            actor: "gateway".to_string(),
+        };
+        let credentials = if config
+            .deployments
+            .iter()
+            .any(DeploymentConfig::uses_stored_credential)
+        {
+            admin.decrypt_credentials().await?
+        } else {
+            Default::default()
+        };
+        let router = ModelRouter::from_config(&config, &credentials)?;
         let metrics = Metrics::new().map_err(|e| GatewayError::Internal(e.to_string()))?;
-        Ok(AppState {
-            auth: Authenticator::new(
-                store.clone(),
-                Duration::from_millis(config.server.key_cache_ttl_ms),
-            ),
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            Duration::from_millis(config.server.key_cache_ttl_ms),
+        ));
+        auth.follow().await?;
+        Ok(Arc::new(AppState {
+            auth,
             config,
             store,
             router,
             metrics: Arc::new(metrics),
             sink,
-        })
+            admin_token: admin_token.filter(|t| !t.is_empty()),
+            master_key,
+        }))
+    }
+
+    /// Admin actions on behalf of `actor`.
+    pub fn admin(&self, actor: &str) -> Admin {
+        Admin {
+            store: self.store.clone(),
+            master: self.master_key.clone(),
+            actor: actor.to_string(),
+        }
     }
 }
 
@@ -72,6 +110,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/embeddings", post(routes::embeddings::embeddings))
         .route("/v1/models", get(routes::models::list))
         .route("/models", get(routes::models::list))
+        .route("/v1/usage", get(routes::usage::usage))
+        .nest("/admin/v1", routes::admin::routes())
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -84,7 +124,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    GatewayError::NotFound(uri.path().to_string()).into_response_for(WireFormat::OpenAi)
+    GatewayError::NotFound(format!("Unknown request URL: {}", uri.path()))
+        .into_response_for(WireFormat::OpenAi)
 }
 
 async fn method_not_allowed() -> Response {

@@ -110,6 +110,17 @@ impl DeploymentConfig {
         }
     }
 
+    /// Whether its credential comes from the store (`api_key_credential`).
+    pub fn uses_stored_credential(&self) -> bool {
+        match self {
+            DeploymentConfig::Openai(c)
+            | DeploymentConfig::OpenaiCompatible(c)
+            | DeploymentConfig::Vllm(c)
+            | DeploymentConfig::Anthropic(c) => c.api_key_credential.is_some(),
+            DeploymentConfig::Mock(_) => false,
+        }
+    }
+
     pub fn weight(&self) -> u32 {
         match self {
             DeploymentConfig::Openai(c)
@@ -137,6 +148,10 @@ pub struct HttpDeploymentConfig {
     /// Environment variable holding the credential.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Name of a provider credential stored (encrypted) in the metadata store; wins over
+    /// `api_key_env`.
+    #[serde(default)]
+    pub api_key_credential: Option<String>,
     /// Relative weight for weighted-random routing.
     #[serde(default = "one")]
     pub weight: u32,

@@ -22,11 +22,14 @@ pub enum GatewayError {
     /// The key is valid but may not do this (suspended tenant, model not allowed).
     #[error("{0}")]
     Forbidden(String),
+    /// The request conflicts with the current state (a duplicate name, an already revoked key).
+    #[error("{0}")]
+    Conflict(String),
     /// The requested model is neither an alias nor served by any deployment.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
-    /// No route at this path.
-    #[error("Unknown request URL: {0}")]
+    /// No route at this path, or no such object.
+    #[error("{0}")]
     NotFound(String),
     /// The request body is over the configured limit.
     #[error("Request body is larger than the limit of {limit_bytes} bytes.")]
@@ -78,6 +81,7 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Upstream { status, .. } => match *status {
@@ -116,6 +120,7 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => "bad_request",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::Conflict(_) => "conflict",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
@@ -134,8 +139,9 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => ("invalid_request_error", None),
             GatewayError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             GatewayError::Forbidden(_) => ("permission_error", Some("permission_denied")),
+            GatewayError::Conflict(_) => ("invalid_request_error", Some("conflict")),
             GatewayError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
-            GatewayError::NotFound(_) => ("invalid_request_error", Some("unknown_url")),
+            GatewayError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             GatewayError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
             }

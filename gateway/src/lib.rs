@@ -7,17 +7,20 @@
 //! | [`app`] | state, router, layers, server loop |
 //! | [`routes`] | HTTP handlers per API surface |
 //! | [`auth`] | API key format, authentication and its cache |
-//! | [`store`] | metadata store seam (tenants, keys): SQLite embedded |
+//! | [`store`] | metadata store seam: PostgreSQL, SQLite embedded |
+//! | [`admin`] | admin actions shared by the admin API and the CLI |
+//! | [`secrets`] | provider credentials encrypted at rest (AES-256-GCM) |
 //! | [`api`] | OpenAI and Anthropic request/response types, validation |
 //! | [`routing`] | model aliases → deployments, deployment choice |
 //! | [`providers`] | provider seam: OpenAI(-compatible), Anthropic, mock |
 //! | [`translate`] | OpenAI ↔ Anthropic translation (requests, responses, streams, usage) |
 //! | [`relay`] | SSE relay, usage capture, completion record |
 //! | [`tokens`] | tiktoken counting (pre-flight estimate, fallback) |
-//! | [`events`] | event-sink seam (where completion records go) |
+//! | [`events`] | event-sink seam: request, chunk and completion events to Kafka (spooled when it is down) or the local log |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`config`] | configuration file and environment |
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
@@ -29,6 +32,7 @@ pub mod providers;
 pub mod relay;
 pub mod routes;
 pub mod routing;
+pub mod secrets;
 pub mod store;
 pub mod tokens;
 pub mod translate;

@@ -1,89 +1,18 @@
-//! The `tollgate` command: `serve`, and the key-management commands of the embedded store.
+//! The `tollgate` binary: `serve`, and the admin commands (see `cli.rs`).
+
+mod cli;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use cli::{Cli, CliError, Command};
+use tollgate_gateway::admin::Admin;
 use tollgate_gateway::app::{self, AppState};
-use tollgate_gateway::auth::keys;
 use tollgate_gateway::config::Config;
-use tollgate_gateway::store::sqlite::SqliteStore;
-use tollgate_gateway::store::{MetaStore, StoreError};
-
-#[derive(Parser)]
-#[command(name = "tollgate", version, about = "Tollgate LLM gateway")]
-struct Cli {
-    /// Directory of the embedded store (SQLite).
-    #[arg(
-        long,
-        global = true,
-        default_value = "./.tollgate",
-        env = "TOLLGATE_DATA_DIR"
-    )]
-    data_dir: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the gateway.
-    Serve {
-        /// Configuration file (TOML). Without one, the built-in mock models and any provider
-        /// whose key is in the environment are served.
-        #[arg(long, env = "TOLLGATE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Listen address (overrides `server.listen`).
-        #[arg(long)]
-        listen: Option<String>,
-    },
-    /// Manage tenants.
-    Tenants {
-        #[command(subcommand)]
-        command: TenantCommand,
-    },
-    /// Manage API keys.
-    Keys {
-        #[command(subcommand)]
-        command: KeyCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TenantCommand {
-    /// Create a tenant; prints its id.
-    Create { name: String },
-    /// List tenants.
-    List,
-}
-
-#[derive(Subcommand)]
-enum KeyCommand {
-    /// Create an API key for a tenant; prints the secret alone (shown once).
-    Create {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long, default_value = "")]
-        name: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-enum CliError {
-    #[error(transparent)]
-    Config(#[from] tollgate_gateway::config::ConfigError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Gateway(#[from] tollgate_gateway::error::GatewayError),
-    #[error(transparent)]
-    Events(#[from] tollgate_gateway::events::EventsError),
-}
+use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV};
+use tollgate_gateway::store::KeyLimits;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -115,78 +44,75 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { config, listen } => serve(&cli.data_dir, config.as_deref(), listen).await,
-        Command::Tenants { command } => {
-            let store = SqliteStore::open(&cli.data_dir).await?;
-            let mut out = std::io::stdout().lock();
-            match command {
-                TenantCommand::Create { name } => {
-                    let t = store.create_tenant(&name).await?;
-                    writeln!(out, "{}", t.id)?;
-                }
-                TenantCommand::List => {
-                    for t in store.list_tenants().await? {
-                        writeln!(out, "{}\t{}\t{}", t.id, t.name, t.status)?;
-                    }
-                }
-            }
-            Ok(())
+        Command::Serve { config, listen } => {
+            serve(
+                &cli.data_dir,
+                cli.database_url.as_deref(),
+                config.as_deref(),
+                listen,
+            )
+            .await
         }
-        Command::Keys {
-            command: KeyCommand::Create { tenant, name },
-        } => {
-            let store = SqliteStore::open(&cli.data_dir).await?;
-            let t = store
-                .tenant_by_name(&tenant)
-                .await?
-                .ok_or_else(|| CliError::Usage(format!("no tenant named `{tenant}`")))?;
-            let secret = create_key(&store, &t.id, &name).await?;
-            writeln!(std::io::stdout().lock(), "{secret}")?;
-            Ok(())
+        command => {
+            let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
+            cli::run_admin(store, command).await
         }
     }
 }
 
-async fn create_key(
-    store: &dyn MetaStore,
-    tenant_id: &str,
-    name: &str,
-) -> Result<String, StoreError> {
-    let k = keys::generate();
-    store
-        .create_key(tenant_id, name, &k.hash, &k.display_prefix)
-        .await?;
-    Ok(k.secret)
-}
-
 async fn serve(
     data_dir: &Path,
+    database_url: Option<&str>,
     config_path: Option<&Path>,
     listen: Option<String>,
 ) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
+    let master_key = MasterKey::from_env(MASTER_KEY_ENV)?.map(Arc::new);
     tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up);
-    let store = Arc::new(SqliteStore::open(data_dir).await?);
+    let store =
+        cli::open_store(database_url, config.store.database_url.as_deref(), data_dir).await?;
     if !config.server.production && store.list_tenants().await?.is_empty() {
-        let t = store.create_tenant("default").await?;
-        let secret = create_key(store.as_ref(), &t.id, "first key").await?;
+        let admin = Admin {
+            store: store.clone(),
+            master: None,
+            actor: "first-start".to_string(),
+        };
+        let tenant = admin.create_tenant("default", None).await?;
+        let issued = admin
+            .create_key(
+                &tenant.id,
+                "first key",
+                None,
+                None,
+                KeyLimits::default(),
+                serde_json::Value::Null,
+            )
+            .await?;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "Created tenant `default` and its first API key (shown once, keep it):\n{secret}"
+            "Created tenant `default` and its first API key (shown once, keep it):\n{}",
+            issued.secret
         )?;
         out.flush()?;
     }
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
     let sink = tollgate_gateway::events::from_config(&config.events, data_dir).await?;
-    let state = Arc::new(AppState::new(config, store, sink)?);
+    let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
+    let state = AppState::start(config, store, sink, master_key, admin_token).await?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(
-        "tollgate listening on http://{} (models: {})",
+        "tollgate listening on http://{} (models: {}; admin API {})",
         listener.local_addr()?,
-        state.router.model_names().join(", ")
+        state.router.model_names().join(", "),
+        if state.admin_token.is_some() {
+            "on /admin/v1"
+        } else {
+            "off: set TOLLGATE_ADMIN_TOKEN"
+        }
     );
-    app::serve(listener, state, shutdown_signal()).await?;
+    app::serve(listener, state.clone(), shutdown_signal()).await?;
+    state.auth.flush_last_used().await;
     Ok(())
 }
 

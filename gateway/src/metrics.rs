@@ -148,6 +148,21 @@ impl Metrics {
         InFlight(gauge)
     }
 
+    /// Registers more collectors (e.g. the event sink's); one already registered is skipped,
+    /// so calling this twice with the same collectors is harmless.
+    pub fn register(
+        &self,
+        collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    ) -> Result<(), MetricsError> {
+        for c in collectors {
+            match self.registry.register(c) {
+                Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -55,12 +55,19 @@ pub struct ModelRouter {
 impl ModelRouter {
     /// Builds deployments and aliases from the config plus the built-in ones (mock models,
     /// `openai/*` and `anthropic/*` when their keys are in the environment).
-    pub fn from_config(config: &Config) -> Result<Self, GatewayError> {
+    /// `credentials` maps stored credential names to their decrypted secrets.
+    pub fn from_config(
+        config: &Config,
+        credentials: &HashMap<String, String>,
+    ) -> Result<Self, GatewayError> {
         let (mut deployments, mut aliases) = (config.deployments.clone(), config.models.clone());
         add_builtins(config, &mut deployments, &mut aliases);
         let mut built: HashMap<String, Arc<Deployment>> = HashMap::new();
         for d in &deployments {
-            built.insert(d.name().to_string(), Arc::new(build_deployment(d)?));
+            built.insert(
+                d.name().to_string(),
+                Arc::new(build_deployment(d, credentials)?),
+            );
         }
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
@@ -147,16 +154,28 @@ impl ModelRouter {
     }
 }
 
-fn build_deployment(d: &DeploymentConfig) -> Result<Deployment, GatewayError> {
+fn build_deployment(
+    d: &DeploymentConfig,
+    credentials: &HashMap<String, String>,
+) -> Result<Deployment, GatewayError> {
     let http = |c: &HttpDeploymentConfig,
                 default_base: Option<&str>|
      -> Result<HttpUpstream, GatewayError> {
         let base = c.base_url.as_deref().or(default_base).ok_or_else(|| {
             GatewayError::Internal(format!("deployment `{}` needs a base_url", c.name))
         })?;
+        let secret = match &c.api_key_credential {
+            Some(name) => Secret::new(credentials.get(name).cloned().ok_or_else(|| {
+                GatewayError::Internal(format!(
+                    "deployment `{}` names credential `{name}`, which is not in the store",
+                    c.name
+                ))
+            })?),
+            None => Secret::from_env(c.api_key_env.as_deref()),
+        };
         HttpUpstream::new(
             base,
-            Secret::from_env(c.api_key_env.as_deref()),
+            secret,
             Duration::from_millis(c.connect_timeout_ms),
             Duration::from_millis(c.first_byte_timeout_ms),
         )
@@ -283,6 +302,7 @@ fn add_builtins(
             model: "*".to_string(),
             base_url: None,
             api_key_env: Some(env.to_string()),
+            api_key_credential: None,
             weight: 1,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 600_000,
@@ -309,7 +329,7 @@ mod tests {
     use super::*;
 
     fn router(toml: &str) -> ModelRouter {
-        ModelRouter::from_config(&Config::from_toml(toml).unwrap()).unwrap()
+        ModelRouter::from_config(&Config::from_toml(toml).unwrap(), &HashMap::new()).unwrap()
     }
 
     #[test]

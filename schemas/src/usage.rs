@@ -5,10 +5,11 @@
 //! canonical form follows OpenAI: `input_tokens` is every prompt token, and `cached_input_tokens`
 //! and `cache_write_input_tokens` are the parts of it that were read from or written to a cache.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Where a usage figure came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageSource {
     /// The upstream provider reported it.
@@ -20,7 +21,7 @@ pub enum UsageSource {
 }
 
 /// Tokens of one completion, in canonical form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 pub struct TokenUsage {
     /// All prompt tokens, cached ones included.
     pub input_tokens: u64,

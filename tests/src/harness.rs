@@ -13,7 +13,7 @@ use tollgate_gateway::config::Config;
 use tollgate_gateway::events::MemorySink;
 use tollgate_gateway::relay::CompletionRecord;
 use tollgate_gateway::store::sqlite::SqliteStore;
-use tollgate_gateway::store::MetaStore;
+use tollgate_gateway::store::{MetaStore, NewKey};
 
 use crate::mock_upstream::{MockOptions, MockUpstream};
 
@@ -21,6 +21,9 @@ use crate::mock_upstream::{MockOptions, MockUpstream};
 pub const UPSTREAM_KEY_ENV: &str = "TOLLGATE_TEST_UPSTREAM_KEY";
 /// The upstream key itself: tests check it never reaches a client.
 pub const UPSTREAM_KEY: &str = "sk-upstream-SECRET-5f1c2e9a7b3d";
+
+/// The admin token of harness gateways.
+pub const ADMIN_TOKEN: &str = "admin-test-token-7f3e";
 
 static SET_KEY: Once = Once::new();
 
@@ -88,14 +91,27 @@ impl Harness {
         let config = Config::from_toml(&mock_config(&upstream.base_url(), extra)).expect("config");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
-        let tenant = store.create_tenant("acme").await.expect("tenant");
+        let tenant = store.create_tenant("acme", None).await.expect("tenant");
         let k = keys::generate();
+        let spec = NewKey {
+            tenant_id: tenant.id.clone(),
+            name: "test".to_string(),
+            ..Default::default()
+        };
         store
-            .create_key(&tenant.id, "test", &k.hash, &k.display_prefix)
+            .create_key(&spec, &k.hash, &k.display_prefix)
             .await
             .expect("key");
         let sink = Arc::new(MemorySink::default());
-        let state = Arc::new(AppState::new(config, store, sink.clone()).expect("state"));
+        let state = AppState::start(
+            config,
+            store,
+            sink.clone(),
+            None,
+            Some(ADMIN_TOKEN.to_string()),
+        )
+        .await
+        .expect("state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

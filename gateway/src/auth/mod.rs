@@ -1,19 +1,28 @@
 //! Authentication: API key format, and the cache in front of the metadata store.
 //!
 //! A request's key is read from `Authorization: Bearer KEY` or `x-api-key: KEY`, checked for
-//! format and checksum, hashed, and looked up in the cache and then the store. Validation never
-//! fails open: a store error is a 500, not a pass.
+//! format and checksum (typos never reach the store), hashed, and looked up in the cache, then
+//! the store. Validation never fails open: a store error is a 500, never a pass.
+//!
+//! Consistency: the store publishes an invalidation whenever a key or tenant changes;
+//! [`Authenticator::follow`] applies them to the cache as they arrive (PostgreSQL
+//! `NOTIFY`: immediately; SQLite: within its 200 ms poll). While the invalidation feed is
+//! down the cache is bypassed, so a revocation is never missed. Expiry is checked on every
+//! request, cached or not. Entries also age out after `key_cache_ttl_ms` as a backstop.
 
 pub mod keys;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use time::OffsetDateTime;
 
 use crate::error::GatewayError;
-use crate::store::{KeyRecord, MetaStore};
+use crate::store::{Invalidation, KeyLimits, KeyRecord, MetaStore};
 
 /// Who is calling: attached to every authenticated request.
 #[derive(Debug, Clone)]
@@ -21,22 +30,122 @@ pub struct Caller {
     pub tenant_id: String,
     pub tenant_name: String,
     pub key_id: String,
+    /// Models this key may use (`None`: all).
+    pub allowed_models: Option<Vec<String>>,
+    pub limits: KeyLimits,
+    expires_at: Option<OffsetDateTime>,
+}
+
+impl Caller {
+    /// Refuses a model the key is not allowed to use (exact names, or `prefix/*` patterns).
+    pub fn ensure_model_allowed(&self, model: &str) -> Result<(), GatewayError> {
+        let Some(allowed) = &self.allowed_models else {
+            return Ok(());
+        };
+        let ok = allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => a == model,
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(GatewayError::Forbidden(format!(
+                "This API key is not allowed to use the model `{model}`."
+            )))
+        }
+    }
+}
+
+struct Cached {
+    caller: Caller,
+    at: Instant,
 }
 
 /// Authenticates keys with an in-memory cache in front of the store.
 pub struct Authenticator {
     store: Arc<dyn MetaStore>,
     ttl: Duration,
-    cache: RwLock<std::collections::HashMap<String, (Caller, Instant)>>,
+    cache: RwLock<HashMap<String, Cached>>,
+    /// False while the invalidation feed is down (or not started): every request then goes
+    /// to the store.
+    cache_trusted: AtomicBool,
+    /// Key ids used since the last flush of `last_used_at`.
+    used: Mutex<HashMap<String, OffsetDateTime>>,
 }
 
 impl Authenticator {
+    /// A cache that is trusted only once [`Authenticator::follow`] runs.
     pub fn new(store: Arc<dyn MetaStore>, ttl: Duration) -> Self {
         Authenticator {
             store,
             ttl,
-            cache: RwLock::new(std::collections::HashMap::new()),
+            cache: RwLock::new(HashMap::new()),
+            cache_trusted: AtomicBool::new(false),
+            used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Subscribes to the store's invalidations and applies them for as long as `self` lives;
+    /// also flushes `last_used_at` every few seconds.
+    pub async fn follow(self: &Arc<Self>) -> Result<(), GatewayError> {
+        let mut feed = self
+            .store
+            .watch()
+            .await
+            .map_err(|e| GatewayError::Internal(format!("cannot watch key changes: {e}")))?;
+        self.cache_trusted.store(true, Ordering::SeqCst);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(inv) = feed.recv().await {
+                let Some(auth) = weak.upgrade() else { return };
+                auth.apply(&inv);
+            }
+            // The feed ended: never trust the cache again.
+            if let Some(auth) = weak.upgrade() {
+                auth.apply(&Invalidation::Lost);
+            }
+        });
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let Some(auth) = weak.upgrade() else { return };
+                auth.flush_last_used().await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Applies one invalidation to the cache.
+    pub fn apply(&self, inv: &Invalidation) {
+        match inv {
+            Invalidation::Key(hash) => {
+                self.cache.write().remove(hash);
+            }
+            Invalidation::Tenant(tenant) => {
+                self.cache
+                    .write()
+                    .retain(|_, c| &c.caller.tenant_id != tenant);
+            }
+            Invalidation::All => {
+                self.cache.write().clear();
+                self.cache_trusted.store(true, Ordering::SeqCst);
+            }
+            Invalidation::Lost => {
+                self.cache_trusted.store(false, Ordering::SeqCst);
+                self.cache.write().clear();
+                tracing::warn!(
+                    "key invalidation feed lost: authenticating every request against the store"
+                );
+            }
+        }
+    }
+
+    /// Drops a key from this instance's cache at once (after a change made through this
+    /// instance; other instances hear of it through the store's invalidation feed).
+    pub fn forget_key(&self, key_id: &str) {
+        self.cache.write().retain(|_, c| c.caller.key_id != key_id);
     }
 
     /// Authenticates the key in `headers`.
@@ -47,6 +156,11 @@ impl Authenticator {
                     .to_string(),
             )
         })?;
+        self.authenticate_secret(secret).await
+    }
+
+    /// Authenticates a key given as text.
+    pub async fn authenticate_secret(&self, secret: &str) -> Result<Caller, GatewayError> {
         if !keys::is_well_formed(secret) {
             return Err(GatewayError::Unauthorized(
                 "Incorrect API key provided: it is not a Tollgate key (bad format or checksum)."
@@ -54,9 +168,13 @@ impl Authenticator {
             ));
         }
         let hash = keys::hash(secret);
-        if let Some((caller, at)) = self.cache.read().get(&hash) {
-            if at.elapsed() < self.ttl {
-                return Ok(caller.clone());
+        if self.cache_trusted.load(Ordering::Acquire) {
+            if let Some(c) = self.cache.read().get(&hash) {
+                if c.at.elapsed() < self.ttl {
+                    check_expiry(&c.caller)?;
+                    self.note_used(&c.caller.key_id);
+                    return Ok(c.caller.clone());
+                }
             }
         }
         let record = self
@@ -65,10 +183,56 @@ impl Authenticator {
             .await
             .map_err(|e| GatewayError::Internal(format!("key store unavailable: {e}")))?;
         let caller = check_record(record)?;
-        self.cache
-            .write()
-            .insert(hash, (caller.clone(), Instant::now()));
+        check_expiry(&caller)?;
+        if self.cache_trusted.load(Ordering::Acquire) {
+            self.cache.write().insert(
+                hash,
+                Cached {
+                    caller: caller.clone(),
+                    at: Instant::now(),
+                },
+            );
+        }
+        self.note_used(&caller.key_id);
         Ok(caller)
+    }
+
+    fn note_used(&self, key_id: &str) {
+        let mut used = self.used.lock();
+        if !used.contains_key(key_id) {
+            used.insert(key_id.to_string(), OffsetDateTime::now_utc());
+        }
+    }
+
+    /// Writes `last_used_at` for keys used since the last flush (one statement per batch).
+    pub async fn flush_last_used(&self) {
+        let batch: Vec<(String, OffsetDateTime)> = self.used.lock().drain().collect();
+        if batch.is_empty() {
+            return;
+        }
+        let at = batch
+            .iter()
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        let ids: Vec<String> = batch.into_iter().map(|(id, _)| id).collect();
+        if let Err(e) = self.store.touch_keys(&ids, at).await {
+            tracing::warn!("cannot record key use: {e}");
+        }
+    }
+
+    /// Number of cached keys (for tests and metrics).
+    pub fn cached_keys(&self) -> usize {
+        self.cache.read().len()
+    }
+}
+
+fn check_expiry(caller: &Caller) -> Result<(), GatewayError> {
+    match caller.expires_at {
+        Some(t) if t <= OffsetDateTime::now_utc() => Err(GatewayError::Unauthorized(
+            "This API key has expired.".to_string(),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -80,13 +244,6 @@ fn check_record(record: Option<KeyRecord>) -> Result<Caller, GatewayError> {
             "This API key has been revoked.".to_string(),
         ));
     }
-    if let Some(expires) = record.expires_at {
-        if expires <= time::OffsetDateTime::now_utc() {
-            return Err(GatewayError::Unauthorized(
-                "This API key has expired.".to_string(),
-            ));
-        }
-    }
     if record.tenant_status != "active" {
         return Err(GatewayError::Forbidden(
             "This API key's tenant is suspended.".to_string(),
@@ -96,6 +253,9 @@ fn check_record(record: Option<KeyRecord>) -> Result<Caller, GatewayError> {
         tenant_id: record.tenant_id,
         tenant_name: record.tenant_name,
         key_id: record.key_id,
+        allowed_models: record.allowed_models,
+        limits: record.limits,
+        expires_at: record.expires_at,
     })
 }
 
@@ -112,4 +272,32 @@ pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(models: Option<Vec<&str>>) -> Caller {
+        Caller {
+            tenant_id: "t".into(),
+            tenant_name: "t".into(),
+            key_id: "k".into(),
+            allowed_models: models.map(|m| m.into_iter().map(String::from).collect()),
+            limits: KeyLimits::default(),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn model_allow_lists_support_prefixes() {
+        assert!(caller(None).ensure_model_allowed("anything").is_ok());
+        let c = caller(Some(vec!["gpt-4o", "mock/*"]));
+        assert!(c.ensure_model_allowed("gpt-4o").is_ok());
+        assert!(c.ensure_model_allowed("mock/fast").is_ok());
+        assert!(matches!(
+            c.ensure_model_allowed("gpt-4o-mini"),
+            Err(GatewayError::Forbidden(_))
+        ));
+    }
 }

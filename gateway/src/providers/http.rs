@@ -25,6 +25,11 @@ impl Secret {
         )
     }
 
+    /// A credential given directly (decrypted from the store).
+    pub fn new(value: String) -> Secret {
+        Secret(Some(value).filter(|v| !v.is_empty()))
+    }
+
     pub fn expose(&self) -> Option<&str> {
         self.0.as_deref()
     }

@@ -1,4 +1,6 @@
-//! One request's context from routing to its end, and the completion record it produces.
+//! One request's context from routing to its end, and the records it produces for the event
+//! sink: a [`RequestRecord`] once routed, a [`ChunkRecord`] per SSE data event relayed (built by
+//! the relay stream) and a [`CompletionRecord`] at the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -58,6 +60,59 @@ pub struct Exchange {
     pub sink: Arc<dyn EventSink>,
 }
 
+/// A request accepted and routed (before the upstream call).
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub route: &'static str,
+    pub model_label: String,
+    pub requested_model: String,
+    pub deployment: String,
+    pub provider: &'static str,
+    pub upstream_model: String,
+    pub stream: bool,
+    pub prompt_estimate: u64,
+    /// Wall-clock time the gateway received the request.
+    pub received_at: SystemTime,
+    /// Wall-clock time it was routed (the event time).
+    pub routed_at: SystemTime,
+}
+
+/// What every chunk of one stream shares; built once per stream so that a chunk record costs
+/// no allocation.
+#[derive(Debug)]
+pub struct StreamInfo {
+    pub request_id: String,
+    pub tenant_id: String,
+    /// When the gateway received the request (chunk offsets count from here).
+    pub received_at: Instant,
+    /// The same moment on the wall clock.
+    pub received_wall: SystemTime,
+}
+
+/// One SSE data event relayed to the client.
+#[derive(Debug, Clone)]
+pub struct ChunkRecord {
+    pub stream: Arc<StreamInfo>,
+    /// Position in the client's stream, from 0.
+    pub sequence: u64,
+    /// Time from the request's arrival to this chunk leaving the gateway.
+    pub offset: Duration,
+    /// Bytes of the SSE event as the client receives it.
+    pub bytes: u64,
+    /// Tokens in the chunk when known without parsing it.
+    pub tokens: Option<u64>,
+}
+
+impl ChunkRecord {
+    /// Wall-clock time the chunk was relayed.
+    pub fn relayed_at(&self) -> SystemTime {
+        self.stream.received_wall + self.offset
+    }
+}
+
 /// The outcome of one request: what is billed and measured.
 #[derive(Debug, Clone)]
 pub struct CompletionRecord {
@@ -81,9 +136,58 @@ pub struct CompletionRecord {
     /// bytes into the first client bytes.
     pub gateway_overhead: Duration,
     pub started_at: SystemTime,
+    /// Wall-clock time the request ended (the event time).
+    pub ended_at: SystemTime,
+}
+
+impl CompletionRecord {
+    /// Wall-clock time the gateway received the request.
+    pub fn received_at(&self) -> SystemTime {
+        self.ended_at
+            .checked_sub(self.duration)
+            .unwrap_or(self.ended_at)
+    }
 }
 
 impl Exchange {
+    /// Wall-clock time the request arrived (derived from the monotonic clock's `received_at`).
+    pub fn received_wall(&self) -> SystemTime {
+        let now = SystemTime::now();
+        now.checked_sub(self.received_at.elapsed()).unwrap_or(now)
+    }
+
+    /// What every chunk record of this request's stream shares.
+    pub fn stream_info(&self) -> Arc<StreamInfo> {
+        Arc::new(StreamInfo {
+            request_id: self.request_id.clone(),
+            tenant_id: self.caller.tenant_id.clone(),
+            received_at: self.received_at,
+            received_wall: self.received_wall(),
+        })
+    }
+
+    /// Hands the request event to the sink: call once, right after routing.
+    pub fn record_request(&self) {
+        let routed_at = SystemTime::now();
+        self.sink.record_request(RequestRecord {
+            request_id: self.request_id.clone(),
+            tenant_id: self.caller.tenant_id.clone(),
+            key_id: self.caller.key_id.clone(),
+            route: self.route,
+            model_label: self.model_label.clone(),
+            requested_model: self.requested_model.clone(),
+            deployment: self.deployment.clone(),
+            provider: self.provider,
+            upstream_model: self.upstream_model.clone(),
+            stream: self.stream,
+            prompt_estimate: self.prompt_estimate,
+            received_at: routed_at
+                .checked_sub(self.received_at.elapsed())
+                .unwrap_or(routed_at),
+            routed_at,
+        });
+    }
+
     /// Usage to bill: the provider's final figures when it sent them, otherwise what it sent
     /// completed by counting (prompt estimate, tokens of the text relayed so far).
     pub fn settle_usage(
@@ -141,8 +245,9 @@ impl Exchange {
             gateway_overhead: self.upstream_sent_at.duration_since(self.received_at)
                 + post_processing,
             started_at: self.started_at,
+            ended_at: SystemTime::now(),
         };
         self.metrics.observe_completion(&record);
-        self.sink.record_completion(&record);
+        self.sink.record_completion(record);
     }
 }

@@ -5,8 +5,8 @@
 //! |---|---|
 //! | `sse.rs` | incremental SSE frame parser |
 //! | `passthrough.rs` | same-dialect stream adapters (bytes forwarded untouched where possible) |
-//! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, finalizes on end or drop |
-//! | `exchange.rs` | [`Exchange`]: one request's context, and the completion record it ends in |
+//! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, reports each SSE data event relayed, finalizes on end or drop |
+//! | `exchange.rs` | [`Exchange`]: one request's context, and the request, chunk and completion records it produces |
 //!
 //! Cross-dialect adapters (OpenAI ↔ Anthropic) live in `crate::translate::stream`.
 
@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tollgate_schemas::TokenUsage;
 
-pub use exchange::{CompletionRecord, Exchange, Outcome};
+pub use exchange::{ChunkRecord, CompletionRecord, Exchange, Outcome, RequestRecord, StreamInfo};
 pub use sse::{SseFrame, SseParser};
 pub use stream::RelayStream;
 

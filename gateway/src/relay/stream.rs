@@ -5,15 +5,21 @@
 //! the client disconnects, the server drops this body: the upstream body is dropped with it,
 //! which closes the upstream connection (the cancellation), and `Drop` records the completion
 //! with what was generated so far.
+//!
+//! Every SSE data event the client receives (terminators included, comments not) is reported
+//! to the event sink as a [`ChunkRecord`]: the events are found by scanning the bytes the
+//! adapter just wrote for blank lines, which costs a `memchr` over bytes already in cache and
+//! no parsing; the record shares the stream's ids through one `Arc`, so it allocates nothing.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
-use super::{Exchange, Outcome, SseParser, StreamAdapter};
+use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
 use crate::providers::BodyStream;
 
 /// The body of a streaming response.
@@ -28,11 +34,17 @@ pub struct RelayStream {
     /// When the first upstream bytes arrived, until the first client bytes leave.
     first_upstream_at: Option<Instant>,
     post_processing: Duration,
+    /// Ids shared by this stream's chunk records.
+    stream_info: Arc<StreamInfo>,
+    /// Sequence number of the next chunk record.
+    next_chunk: u64,
 }
 
 impl RelayStream {
     pub fn new(upstream: BodyStream, adapter: Box<dyn StreamAdapter>, exchange: Exchange) -> Self {
         RelayStream {
+            stream_info: exchange.stream_info(),
+            next_chunk: 0,
             upstream,
             parser: SseParser::new(),
             adapter,
@@ -66,6 +78,25 @@ impl RelayStream {
         );
     }
 
+    /// Reports each SSE data event the adapter wrote into `out` from `from` on.
+    fn record_chunks(&mut self, from: usize) {
+        if self.out.len() <= from {
+            return;
+        }
+        let offset = self.stream_info.received_at.elapsed();
+        let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
+        for_each_data_event(&self.out[from..], |bytes| {
+            sink.record_chunk(ChunkRecord {
+                stream: info.clone(),
+                sequence: *next,
+                offset,
+                bytes,
+                tokens: None,
+            });
+            *next += 1;
+        });
+    }
+
     fn take_out(&mut self) -> Option<Bytes> {
         if self.out.is_empty() {
             return None;
@@ -93,28 +124,35 @@ impl Stream for RelayStream {
                         this.first_upstream_at = Some(Instant::now());
                     }
                     this.parser.push(&bytes);
+                    let from = this.out.len();
                     while let Some(frame) = this.parser.next_frame() {
                         this.adapter.on_frame(frame, &mut this.out);
                     }
+                    this.record_chunks(from);
                     if let Some(b) = this.take_out() {
                         return Poll::Ready(Some(Ok(b)));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let message = e.to_string();
+                    let from = this.out.len();
                     this.adapter.on_error(&message, &mut this.out);
+                    this.record_chunks(from);
                     this.finish(Outcome::UpstreamError(message));
                 }
                 Poll::Ready(None) => {
+                    let from = this.out.len();
                     if let Some(frame) = this.parser.finish() {
                         this.adapter.on_frame(frame, &mut this.out);
                     }
                     if this.adapter.state().terminated {
                         this.adapter.on_end(&mut this.out);
+                        this.record_chunks(from);
                         this.finish(Outcome::Completed);
                     } else {
                         let message = "upstream closed the stream before it was complete";
                         this.adapter.on_error(message, &mut this.out);
+                        this.record_chunks(from);
                         this.finish(Outcome::UpstreamError(message.to_string()));
                     }
                 }
@@ -126,5 +164,71 @@ impl Stream for RelayStream {
 impl Drop for RelayStream {
     fn drop(&mut self) {
         self.finish(Outcome::ClientDisconnected);
+    }
+}
+
+/// Calls `f(len)` for each SSE event in `buf` that carries a `data` field, with the event's
+/// length in bytes (its blank line included). `buf` holds whole events as written for the
+/// client; lines may end in LF, CRLF or CR (a same-dialect relay forwards the upstream's own
+/// line endings). A last event without its blank line still counts.
+fn for_each_data_event(buf: &[u8], mut f: impl FnMut(u64)) {
+    let is_data =
+        |line: &[u8]| line.starts_with(b"data") && matches!(line.get(4), None | Some(b':'));
+    let (mut event_start, mut line_start, mut has_data) = (0, 0, false);
+    while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[line_start..]) {
+        let end = line_start + off;
+        let mut next = end + 1;
+        if buf[end] == b'\r' && buf.get(next) == Some(&b'\n') {
+            next += 1;
+        }
+        let line = &buf[line_start..end];
+        if line.is_empty() {
+            if has_data {
+                f((next - event_start) as u64);
+            }
+            event_start = next;
+            has_data = false;
+        } else if is_data(line) {
+            has_data = true;
+        }
+        line_start = next;
+    }
+    if (has_data || is_data(&buf[line_start..])) && event_start < buf.len() {
+        f((buf.len() - event_start) as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_data_event;
+
+    fn lengths(buf: &[u8]) -> Vec<u64> {
+        let mut v = Vec::new();
+        for_each_data_event(buf, |n| v.push(n));
+        v
+    }
+
+    #[test]
+    fn data_events_are_found_whatever_the_line_endings() {
+        assert_eq!(lengths(b"data: {}\n\n"), vec![10]);
+        assert_eq!(lengths(b"data: a\n\ndata: [DONE]\n\n"), vec![9, 14]);
+        assert_eq!(lengths(b"event: ping\r\ndata: {}\r\n\r\n"), vec![25]);
+        assert_eq!(lengths(b"data: a\r\rdata: b\r\r"), vec![9, 9]);
+        assert_eq!(lengths(b"data: a\ndata: b\n\n"), vec![17]);
+        assert_eq!(lengths(b"data\n\n"), vec![6]);
+    }
+
+    #[test]
+    fn comments_and_other_fields_are_not_chunks() {
+        assert_eq!(lengths(b": keep-alive\n\n"), Vec::<u64>::new());
+        assert_eq!(lengths(b": ping\n\ndata: x\n\n"), vec![9]);
+        assert_eq!(lengths(b"database: x\n\n"), Vec::<u64>::new());
+        assert_eq!(lengths(b""), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_last_event_without_its_blank_line_counts() {
+        assert_eq!(lengths(b"data: a\n\ndata: b"), vec![9, 7]);
+        assert_eq!(lengths(b"data: a\n\ndata: b\n"), vec![9, 8]);
     }
 }

@@ -39,6 +39,7 @@ async fn serve(
     let caller = state.auth.authenticate(&headers).await?;
     let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
     let (mut value, req) = parse_body::<openai::EmbeddingsRequest>(&bytes)?;
+    caller.ensure_model_allowed(&req.model)?;
     let target = state.router.pick(&req.model, true)?;
     value["model"] = Value::from(target.upstream_model.as_str());
     let upstream_body =
@@ -61,6 +62,7 @@ async fn serve(
         metrics: state.metrics.clone(),
         sink: state.sink.clone(),
     };
+    exchange.record_request();
     let result = async {
         let upstream = target
             .deployment

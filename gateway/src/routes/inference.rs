@@ -190,6 +190,7 @@ async fn serve_inner(
     let caller = state.auth.authenticate(&headers).await?;
     let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
     let mut request = ClientRequest::parse(format, &bytes)?;
+    caller.ensure_model_allowed(request.model())?;
     let Target {
         alias,
         deployment,
@@ -218,6 +219,7 @@ async fn serve_inner(
         metrics: state.metrics.clone(),
         sink: state.sink.clone(),
     };
+    exchange.record_request();
     let upstream = deployment
         .provider
         .send(Endpoint::Chat, upstream_body, &forwarded_headers(&headers))

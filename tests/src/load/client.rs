@@ -68,6 +68,7 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection that opens on first use.
     pub fn new() -> Self {
         Self {
             sender: None,

@@ -1,0 +1,459 @@
+//! Admin actions, shared by the admin REST API (`routes/admin.rs`) and the `tollgate` CLI:
+//! each validates its input, performs one store change and records it in the audit trail.
+
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::auth::keys;
+use crate::error::GatewayError;
+use crate::secrets::MasterKey;
+use crate::store::{
+    AuditEntry, Discount, KeyLimits, KeySummary, MetaStore, NewKey, Plan, Price, StoreError, Tenant,
+};
+
+impl From<StoreError> for GatewayError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => GatewayError::Conflict(m),
+            StoreError::NotFound(m) => GatewayError::NotFound(m),
+            StoreError::Invalid(m) => GatewayError::bad_request(m),
+            other => GatewayError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A key as created or rotated: the summary and the secret, shown this once.
+#[derive(Debug, Serialize)]
+pub struct IssuedKey {
+    pub key: KeySummary,
+    pub secret: String,
+}
+
+/// A credential as listed: never the secret.
+#[derive(Debug, Serialize)]
+pub struct CredentialInfo {
+    pub name: String,
+    pub provider: String,
+    pub key_fingerprint: String,
+}
+
+/// Admin actions over one store, on behalf of `actor`.
+#[derive(Clone)]
+pub struct Admin {
+    pub store: Arc<dyn MetaStore>,
+    pub master: Option<Arc<MasterKey>>,
+    pub actor: String,
+}
+
+impl Admin {
+    async fn record(
+        &self,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(), GatewayError> {
+        self.store
+            .audit(&self.actor, action, target, &details)
+            .await?;
+        Ok(())
+    }
+
+    /// A tenant by id or name, or 404.
+    pub async fn tenant(&self, tenant: &str) -> Result<Tenant, GatewayError> {
+        self.store
+            .tenant(tenant)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("no tenant `{tenant}`")))
+    }
+
+    async fn plan_id(&self, plan: &str) -> Result<String, GatewayError> {
+        self.store
+            .list_plans()
+            .await?
+            .into_iter()
+            .find(|p| p.id == plan || p.name == plan)
+            .map(|p| p.id)
+            .ok_or_else(|| GatewayError::NotFound(format!("no plan `{plan}`")))
+    }
+
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        plan: Option<&str>,
+    ) -> Result<Tenant, GatewayError> {
+        let plan_id = match plan {
+            Some(p) => Some(self.plan_id(p).await?),
+            None => None,
+        };
+        let t = self.store.create_tenant(name, plan_id.as_deref()).await?;
+        self.record(
+            "tenant.create",
+            &t.id,
+            json!({"name": t.name, "plan_id": t.plan_id}),
+        )
+        .await?;
+        Ok(t)
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>, GatewayError> {
+        Ok(self.store.list_tenants().await?)
+    }
+
+    /// Suspends (`active = false`) or reactivates a tenant; its keys follow at once.
+    pub async fn set_tenant_active(
+        &self,
+        tenant: &str,
+        active: bool,
+    ) -> Result<Tenant, GatewayError> {
+        let t = self.tenant(tenant).await?;
+        let status = if active { "active" } else { "suspended" };
+        self.store.set_tenant_status(&t.id, status).await?;
+        self.record(
+            if active {
+                "tenant.activate"
+            } else {
+                "tenant.suspend"
+            },
+            &t.id,
+            json!({}),
+        )
+        .await?;
+        self.tenant(&t.id).await
+    }
+
+    pub async fn set_tenant_plan(&self, tenant: &str, plan: &str) -> Result<Tenant, GatewayError> {
+        let t = self.tenant(tenant).await?;
+        let plan_id = self.plan_id(plan).await?;
+        self.store.set_tenant_plan(&t.id, Some(&plan_id)).await?;
+        self.record("tenant.plan", &t.id, json!({"plan_id": plan_id}))
+            .await?;
+        self.tenant(&t.id).await
+    }
+
+    /// Creates a key for a tenant; the secret is in the result and nowhere else.
+    pub async fn create_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        expires_at: Option<OffsetDateTime>,
+        allowed_models: Option<Vec<String>>,
+        limits: KeyLimits,
+        metadata: serde_json::Value,
+    ) -> Result<IssuedKey, GatewayError> {
+        let t = self.tenant(tenant).await?;
+        if matches!(expires_at, Some(e) if e <= OffsetDateTime::now_utc()) {
+            return Err(GatewayError::bad_param(
+                "expires_at is in the past",
+                "expires_at",
+            ));
+        }
+        if !(metadata.is_null() || metadata.is_object()) {
+            return Err(GatewayError::bad_param(
+                "metadata must be a JSON object",
+                "metadata",
+            ));
+        }
+        let new = keys::generate();
+        let spec = NewKey {
+            tenant_id: t.id.clone(),
+            name: name.to_string(),
+            expires_at,
+            allowed_models,
+            limits,
+            metadata,
+        };
+        let key = self
+            .store
+            .create_key(&spec, &new.hash, &new.display_prefix)
+            .await?;
+        self.record(
+            "key.create",
+            &key.id,
+            json!({"tenant_id": t.id, "name": name, "prefix": key.prefix}),
+        )
+        .await?;
+        Ok(IssuedKey {
+            key,
+            secret: new.secret,
+        })
+    }
+
+    pub async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeySummary>, GatewayError> {
+        let tenant_id = match tenant {
+            Some(t) => Some(self.tenant(t).await?.id),
+            None => None,
+        };
+        Ok(self.store.list_keys(tenant_id.as_deref()).await?)
+    }
+
+    /// A key id from an id or from the secret itself.
+    pub async fn resolve_key(&self, key: &str) -> Result<String, GatewayError> {
+        let key = key.trim();
+        if key.starts_with("tg_") {
+            if !keys::is_well_formed(key) {
+                return Err(GatewayError::bad_request(
+                    "that is not a valid key (bad checksum)",
+                ));
+            }
+            return self
+                .store
+                .key_id_by_hash(&keys::hash(key))
+                .await?
+                .ok_or_else(|| GatewayError::NotFound("no such key".to_string()));
+        }
+        self.store
+            .key_summary(key)
+            .await?
+            .map(|k| k.id)
+            .ok_or_else(|| GatewayError::NotFound(format!("no key `{key}`")))
+    }
+
+    pub async fn revoke_key(&self, key: &str) -> Result<KeySummary, GatewayError> {
+        let id = self.resolve_key(key).await?;
+        self.store.revoke_key(&id).await?;
+        self.record("key.revoke", &id, json!({})).await?;
+        self.store
+            .key_summary(&id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("no key `{id}`")))
+    }
+
+    /// Issues a replacement with the same settings and revokes the old key, atomically.
+    pub async fn rotate_key(&self, key: &str) -> Result<IssuedKey, GatewayError> {
+        let id = self.resolve_key(key).await?;
+        let new = keys::generate();
+        let summary = self
+            .store
+            .rotate_key(&id, &new.hash, &new.display_prefix)
+            .await?;
+        self.record("key.rotate", &id, json!({"replacement": summary.id}))
+            .await?;
+        Ok(IssuedKey {
+            key: summary,
+            secret: new.secret,
+        })
+    }
+
+    pub async fn set_key_limits(
+        &self,
+        key: &str,
+        allowed_models: Option<Vec<String>>,
+        limits: KeyLimits,
+    ) -> Result<KeySummary, GatewayError> {
+        let id = self.resolve_key(key).await?;
+        self.store
+            .update_key(&id, allowed_models.clone(), &limits)
+            .await?;
+        self.record(
+            "key.limits",
+            &id,
+            json!({"allowed_models": allowed_models, "limits": limits}),
+        )
+        .await?;
+        self.store
+            .key_summary(&id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("no key `{id}`")))
+    }
+
+    pub async fn create_plan(&self, plan: Plan) -> Result<Plan, GatewayError> {
+        check_money("monthly_fee", plan.monthly_fee)?;
+        if let Some(s) = plan.monthly_spend_limit {
+            check_money("monthly_spend_limit", s)?;
+        }
+        check_currency(&plan.currency)?;
+        KeyLimits {
+            rpm_limit: plan.rpm_limit,
+            tpm_limit: plan.tpm_limit,
+            spend_limit: None,
+        }
+        .validate()?;
+        let p = self.store.create_plan(&plan).await?;
+        self.record("plan.create", &p.id, json!(p)).await?;
+        Ok(p)
+    }
+
+    pub async fn list_plans(&self) -> Result<Vec<Plan>, GatewayError> {
+        Ok(self.store.list_plans().await?)
+    }
+
+    pub async fn add_price(&self, mut price: Price) -> Result<Price, GatewayError> {
+        if price.model.trim().is_empty() {
+            return Err(GatewayError::bad_param("model must not be empty", "model"));
+        }
+        for (name, v) in [
+            ("input_per_mtok", price.input_per_mtok),
+            ("cached_input_per_mtok", price.cached_input_per_mtok),
+            ("output_per_mtok", price.output_per_mtok),
+        ] {
+            check_money(name, v)?;
+        }
+        check_currency(&price.currency)?;
+        if let Some(t) = &price.tenant_id {
+            price.tenant_id = Some(self.tenant(t).await?.id);
+        }
+        self.store.add_price(&price).await?;
+        self.record("price.add", &price.model, json!(price)).await?;
+        Ok(price)
+    }
+
+    pub async fn list_prices(&self, model: Option<&str>) -> Result<Vec<Price>, GatewayError> {
+        Ok(self.store.list_prices(model).await?)
+    }
+
+    pub async fn add_discount(&self, mut d: Discount) -> Result<Discount, GatewayError> {
+        if d.percent <= Decimal::ZERO || d.percent > Decimal::ONE_HUNDRED {
+            return Err(GatewayError::bad_param(
+                "percent must be in (0, 100]",
+                "percent",
+            ));
+        }
+        if matches!(d.effective_to, Some(to) if to <= d.effective_from) {
+            return Err(GatewayError::bad_param(
+                "effective_to must be after effective_from",
+                "effective_to",
+            ));
+        }
+        d.tenant_id = self.tenant(&d.tenant_id).await?.id;
+        self.store.add_discount(&d).await?;
+        self.record("discount.add", &d.tenant_id, json!(d)).await?;
+        Ok(d)
+    }
+
+    pub async fn list_discounts(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Discount>, GatewayError> {
+        let tenant_id = match tenant {
+            Some(t) => Some(self.tenant(t).await?.id),
+            None => None,
+        };
+        Ok(self.store.list_discounts(tenant_id.as_deref()).await?)
+    }
+
+    fn master(&self) -> Result<&MasterKey, GatewayError> {
+        self.master.as_deref().ok_or_else(|| {
+            GatewayError::bad_request(crate::secrets::SecretsError::Missing.to_string())
+        })
+    }
+
+    /// Stores (or replaces) a provider credential, encrypted. The secret is not audited.
+    pub async fn put_credential(
+        &self,
+        name: &str,
+        provider: &str,
+        secret: &str,
+    ) -> Result<CredentialInfo, GatewayError> {
+        if name.trim().is_empty() || secret.is_empty() {
+            return Err(GatewayError::bad_request(
+                "credential name and secret must not be empty",
+            ));
+        }
+        let stored = self
+            .master()?
+            .encrypt(name, provider, secret)
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        self.store.put_credential(&stored).await?;
+        self.record("credential.put", name, json!({"provider": provider}))
+            .await?;
+        Ok(CredentialInfo {
+            name: stored.name,
+            provider: stored.provider,
+            key_fingerprint: stored.key_fingerprint,
+        })
+    }
+
+    pub async fn list_credentials(&self) -> Result<Vec<CredentialInfo>, GatewayError> {
+        Ok(self
+            .store
+            .list_credentials()
+            .await?
+            .into_iter()
+            .map(|c| CredentialInfo {
+                name: c.name,
+                provider: c.provider,
+                key_fingerprint: c.key_fingerprint,
+            })
+            .collect())
+    }
+
+    pub async fn delete_credential(&self, name: &str) -> Result<(), GatewayError> {
+        self.store.delete_credential(name).await?;
+        self.record("credential.delete", name, json!({})).await
+    }
+
+    /// Decrypts every credential (for the router at start-up).
+    pub async fn decrypt_credentials(
+        &self,
+    ) -> Result<std::collections::HashMap<String, String>, GatewayError> {
+        let stored = self.store.list_credentials().await?;
+        if stored.is_empty() {
+            return Ok(Default::default());
+        }
+        let master = self.master()?;
+        stored
+            .iter()
+            .map(|c| {
+                master
+                    .decrypt(c)
+                    .map(|s| (c.name.clone(), s))
+                    .map_err(|e| GatewayError::Internal(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Re-encrypts every credential from `old` to `new` in one transaction.
+    pub async fn rotate_master(
+        &self,
+        old: &MasterKey,
+        new: &MasterKey,
+    ) -> Result<usize, GatewayError> {
+        let stored = self.store.list_credentials().await?;
+        let mut rotated = Vec::with_capacity(stored.len());
+        for c in &stored {
+            let plain = old
+                .decrypt(c)
+                .map_err(|e| GatewayError::bad_request(e.to_string()))?;
+            rotated.push(
+                new.encrypt(&c.name, &c.provider, &plain)
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?,
+            );
+        }
+        self.store.replace_credentials(&rotated).await?;
+        self.record(
+            "credential.rotate_master",
+            "*",
+            json!({"count": rotated.len(), "new_fingerprint": new.fingerprint()}),
+        )
+        .await?;
+        Ok(rotated.len())
+    }
+
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, GatewayError> {
+        Ok(self.store.list_audit(limit.clamp(1, 10_000)).await?)
+    }
+}
+
+fn check_money(name: &str, v: Decimal) -> Result<(), GatewayError> {
+    if v.is_sign_negative() {
+        return Err(GatewayError::bad_param(
+            format!("{name} must not be negative"),
+            name,
+        ));
+    }
+    Ok(())
+}
+
+fn check_currency(c: &str) -> Result<(), GatewayError> {
+    if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(GatewayError::bad_param(
+            "currency must be a 3-letter ISO 4217 code such as USD",
+            "currency",
+        ));
+    }
+    Ok(())
+}

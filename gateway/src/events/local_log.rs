@@ -1,0 +1,446 @@
+//! The embedded default: [`LocalSink`] appends every event to [`LocalEventLog`], a durable
+//! log in SQLite (`<data dir>/events.sqlite`), which the in-process pipeline reads in order.
+//!
+//! The log is one table; each event gets the next `log_offset` (from 1, never reused, also
+//! after old rows are deleted):
+//!
+//! ```sql
+//! event_log(log_offset INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, event_key TEXT,
+//!           event_id TEXT, timestamp_ms INTEGER, payload TEXT)
+//! ```
+//!
+//! `payload` is the same JSON as the Kafka message (`tollgate_schemas::events`), `event_key`
+//! the tenant id (the Kafka key). Readers: [`LocalEventLog::read`] from an offset, across
+//! topics, or [`LocalEventLog::read_topic`].
+//!
+//! Writing: like the Kafka sink, the request path only hands records to a bounded channel; a
+//! writer thread serializes them and appends up to `batch_max_events` per transaction. SQLite
+//! runs in WAL mode with `synchronous = NORMAL`: a committed batch survives a process crash; a
+//! power loss may lose the last batches not yet checkpointed. A failed write is retried (the
+//! batch is kept) while the channel absorbs new events, and past its bound they are dropped
+//! and counted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, SqlitePool};
+
+use super::internal_events::{
+    DropReason, EventMetrics, EventsDropped, EventsPublished, LogLimiter,
+};
+use super::wire::{Handed, Handoff, Record, WireMessage};
+use super::{ms, EventSink, EventsError, LocalConfig, Topics};
+use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
+
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+const RETRY_WAIT: Duration = Duration::from_millis(200);
+
+/// One event of the local log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    /// Position in the log, from 1, increasing in append order.
+    pub offset: u64,
+    pub topic: String,
+    /// The tenant id.
+    pub key: String,
+    pub event_id: String,
+    pub timestamp_ms: i64,
+    /// The event's JSON.
+    pub payload: String,
+}
+
+/// The durable local event log.
+#[derive(Clone)]
+pub struct LocalEventLog {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl LocalEventLog {
+    /// Where the log lives in a data directory by default.
+    pub fn default_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("events.sqlite")
+    }
+
+    /// Opens (creating if needed) the log at `path`.
+    pub async fn open(path: &Path) -> Result<LocalEventLog, EventsError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| EventsError::Spool {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS event_log (
+                log_offset INTEGER PRIMARY KEY AUTOINCREMENT,
+                topic TEXT NOT NULL,
+                event_key TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                timestamp_ms INTEGER NOT NULL,
+                payload TEXT NOT NULL
+            )",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS event_log_by_topic ON event_log (topic, log_offset)",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(LocalEventLog {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `batch` in one transaction, in order.
+    pub async fn append(&self, batch: &[WireMessage], topics: &Topics) -> Result<(), EventsError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        // SQLite allows 32766 bound parameters per statement; 6 per row.
+        for rows in batch.chunks(5000) {
+            let mut q = QueryBuilder::new(
+                "INSERT INTO event_log (topic, event_key, event_id, timestamp_ms, payload) ",
+            );
+            q.push_values(rows, |mut b, m| {
+                b.push_bind(m.topic.name(topics))
+                    .push_bind(m.key.as_str())
+                    .push_bind(m.event_id.as_str())
+                    .push_bind(m.timestamp_ms)
+                    .push_bind(String::from_utf8_lossy(&m.payload));
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Up to `max` events from `offset` on (all topics), in log order.
+    pub async fn read(&self, offset: u64, max: usize) -> Result<Vec<LogRecord>, EventsError> {
+        let rows = sqlx::query(
+            "SELECT log_offset, topic, event_key, event_id, timestamp_ms, payload FROM event_log
+             WHERE log_offset >= ? ORDER BY log_offset LIMIT ?",
+        )
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(to_record).collect()
+    }
+
+    /// Up to `max` events of `topic` from `offset` on, in log order.
+    pub async fn read_topic(
+        &self,
+        topic: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<LogRecord>, EventsError> {
+        let rows = sqlx::query(
+            "SELECT log_offset, topic, event_key, event_id, timestamp_ms, payload FROM event_log
+             WHERE topic = ? AND log_offset >= ? ORDER BY log_offset LIMIT ?",
+        )
+        .bind(topic)
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(to_record).collect()
+    }
+
+    /// The offset the next appended event will get.
+    pub async fn end_offset(&self) -> Result<u64, EventsError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(log_offset), 0) + 1 FROM event_log")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(1))
+    }
+}
+
+fn to_record(row: &sqlx::sqlite::SqliteRow) -> Result<LogRecord, EventsError> {
+    Ok(LogRecord {
+        offset: u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0),
+        topic: row.try_get(1)?,
+        key: row.try_get(2)?,
+        event_id: row.try_get(3)?,
+        timestamp_ms: row.try_get(4)?,
+        payload: row.try_get(5)?,
+    })
+}
+
+/// The event sink of the embedded default.
+pub struct LocalSink {
+    handoff: Arc<Handoff>,
+    control: Sender<()>,
+    metrics: EventMetrics,
+    log: LocalEventLog,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LocalSink {
+    /// Opens the log and starts the writer thread. Must be called inside a Tokio runtime (the
+    /// writer uses it for SQLite).
+    pub async fn start(config: &LocalConfig, data_dir: &Path) -> Result<LocalSink, EventsError> {
+        let metrics = EventMetrics::new().map_err(|e| EventsError::Setup(e.to_string()))?;
+        let path = config
+            .path
+            .clone()
+            .unwrap_or_else(|| LocalEventLog::default_path(data_dir));
+        let log = LocalEventLog::open(&path).await?;
+        let (handoff, rx) = Handoff::bounded(config.max_queue_events);
+        let handoff = Arc::new(handoff);
+        let (control, control_rx) = crossbeam_channel::bounded(1);
+        let writer = Writer {
+            log: log.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            topics: config.topics(),
+            rx,
+            control: control_rx,
+            handoff: handoff.clone(),
+            metrics: metrics.clone(),
+            batch_max: config.batch_max_events.max(1),
+            shutdown_timeout: ms(config.shutdown_timeout_ms),
+            limiter: LogLimiter::default(),
+            drop_limiter: LogLimiter::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("tollgate-events-local".to_string())
+            .spawn(move || writer.run())
+            .map_err(|e| EventsError::Setup(format!("cannot start the event log writer: {e}")))?;
+        Ok(LocalSink {
+            handoff,
+            control,
+            metrics,
+            log,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The log this sink appends to (for readers in the same process).
+    pub fn log(&self) -> &LocalEventLog {
+        &self.log
+    }
+
+    pub fn metrics(&self) -> &EventMetrics {
+        &self.metrics
+    }
+}
+
+impl EventSink for LocalSink {
+    fn record_request(&self, record: RequestRecord) {
+        self.handoff.send(Record::Request(Box::new(record)));
+    }
+
+    fn record_chunk(&self, record: ChunkRecord) {
+        self.handoff.send(Record::Chunk(record));
+    }
+
+    fn record_completion(&self, record: CompletionRecord) {
+        self.handoff.send(Record::Completion(Box::new(record)));
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.control.try_send(());
+            let handle = self.thread.lock().take();
+            if let Some(h) = handle {
+                let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            }
+        })
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        self.metrics.collectors()
+    }
+}
+
+struct Writer {
+    log: LocalEventLog,
+    runtime: tokio::runtime::Handle,
+    topics: Topics,
+    rx: Receiver<Handed>,
+    control: Receiver<()>,
+    handoff: Arc<Handoff>,
+    metrics: EventMetrics,
+    batch_max: usize,
+    shutdown_timeout: Duration,
+    limiter: LogLimiter,
+    drop_limiter: LogLimiter,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch: Vec<WireMessage> = Vec::new();
+        let mut handed_at: Vec<Instant> = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if deadline.is_none() {
+                match self.control.try_recv() {
+                    Err(TryRecvError::Empty) => {}
+                    Ok(()) | Err(TryRecvError::Disconnected) => {
+                        deadline = Some(Instant::now() + self.shutdown_timeout);
+                    }
+                }
+            }
+            while batch.len() < self.batch_max {
+                match self.rx.try_recv() {
+                    Ok(h) => self.serialize(h, &mut batch, &mut handed_at),
+                    Err(_) => break,
+                }
+            }
+            EventsDropped {
+                count: self.handoff.take_dropped(),
+                reason: DropReason::HandoffFull,
+            }
+            .emit(&self.metrics, &mut self.drop_limiter);
+            self.metrics.handoff_queue.set(self.handoff.len() as i64);
+            if batch.is_empty() {
+                if deadline.is_some() {
+                    break;
+                }
+                std::thread::sleep(IDLE_WAIT);
+                continue;
+            }
+            match self.runtime.block_on(self.log.append(&batch, &self.topics)) {
+                Ok(()) => {
+                    for (m, at) in batch.drain(..).zip(handed_at.drain(..)) {
+                        EventsPublished {
+                            topic: m.topic,
+                            count: 1,
+                            latency: Some(at.elapsed()),
+                        }
+                        .emit(&self.metrics);
+                    }
+                }
+                Err(e) => {
+                    if let Some(held_back) = self.limiter.allow() {
+                        tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot append to the local event log; retrying");
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        EventsDropped {
+                            count: batch.len() as u64 + self.rx.len() as u64,
+                            reason: DropReason::AfterShutdown,
+                        }
+                        .emit(&self.metrics, &mut self.drop_limiter);
+                        break;
+                    }
+                    std::thread::sleep(RETRY_WAIT);
+                }
+            }
+        }
+    }
+
+    fn serialize(&mut self, h: Handed, batch: &mut Vec<WireMessage>, handed_at: &mut Vec<Instant>) {
+        match h.record.to_wire() {
+            Ok(m) => {
+                batch.push(m);
+                handed_at.push(h.at);
+            }
+            Err(e) => {
+                tracing::error!(target: "tollgate::events", error = %e, "cannot serialize event");
+                EventsDropped {
+                    count: 1,
+                    reason: DropReason::Serialize,
+                }
+                .emit(&self.metrics, &mut self.drop_limiter);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tollgate_schemas::events::{ChunkEvent, CompletionEvent, RequestEvent};
+
+    use super::*;
+    use crate::events::wire::tests::{chunk, completion, request};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_are_durable_and_read_back_in_order_from_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = LocalSink::start(&LocalConfig::default(), dir.path())
+            .await
+            .unwrap();
+        for r in 0..20 {
+            let id = format!("req-{r}");
+            let tenant = format!("t{}", r % 3);
+            sink.record_request(request(&tenant, &id));
+            for s in 0..5 {
+                sink.record_chunk(chunk(&tenant, &id, s));
+            }
+            sink.record_completion(completion(&tenant, &id));
+        }
+        sink.shutdown().await;
+        assert_eq!(
+            sink.metrics()
+                .published
+                .with_label_values(&["chunks"])
+                .get(),
+            100
+        );
+        drop(sink);
+
+        // Reopened, as the pipeline would.
+        let log = LocalEventLog::open(&LocalEventLog::default_path(dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(log.end_offset().await.unwrap(), 141);
+        let all = log.read(1, 1000).await.unwrap();
+        assert_eq!(all.len(), 140);
+        assert!(all.windows(2).all(|w| w[0].offset + 1 == w[1].offset));
+        // Per request: request, chunks 0..5, completion.
+        let first: Vec<&str> = all[..7].iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(
+            first,
+            [
+                "llm.requests",
+                "llm.chunks",
+                "llm.chunks",
+                "llm.chunks",
+                "llm.chunks",
+                "llm.chunks",
+                "llm.completions"
+            ]
+        );
+        let _: RequestEvent = serde_json::from_str(&all[0].payload).unwrap();
+        let c: ChunkEvent = serde_json::from_str(&all[3].payload).unwrap();
+        assert_eq!((c.sequence, c.request_id.as_str()), (2, "req-0"));
+        let done: CompletionEvent = serde_json::from_str(&all[6].payload).unwrap();
+        assert_eq!(done.event_id, all[6].event_id);
+        assert_eq!(all[6].key, "t0");
+
+        let from = log.read(100, 5).await.unwrap();
+        assert_eq!(from.first().map(|r| r.offset), Some(100));
+        assert_eq!(from.len(), 5);
+        let completions = log.read_topic("llm.completions", 1, 100).await.unwrap();
+        assert_eq!(completions.len(), 20);
+        let later = log
+            .read_topic("llm.completions", completions[10].offset + 1, 100)
+            .await
+            .unwrap();
+        assert_eq!(later.len(), 9);
+    }
+}

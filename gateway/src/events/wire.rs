@@ -1,0 +1,366 @@
+//! From the relay's records to the versioned JSON events of `tollgate_schemas::events`, and the
+//! bounded hand-off channel between the request path and a sink's writer thread.
+//!
+//! The request path only moves the record into the channel (a chunk record is an `Arc` and a
+//! few integers: no allocation); the writer thread gives each event its id and time and
+//! serializes it, so that cost is off the request's latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tollgate_schemas::events::{
+    format_event_time, new_event_id, unix_ms, ChunkEvent, CompletionEvent, CompletionStatus,
+    RequestEvent, SCHEMA_VERSION,
+};
+
+use super::Topics;
+use crate::relay::{ChunkRecord, CompletionRecord, Outcome, RequestRecord};
+
+/// The three topics, as a compact index (stored in spool records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Requests = 0,
+    Chunks = 1,
+    Completions = 2,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 3] = [Topic::Requests, Topic::Chunks, Topic::Completions];
+
+    pub fn from_index(i: u8) -> Option<Topic> {
+        Topic::ALL.get(usize::from(i)).copied()
+    }
+
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Topic::Requests => "requests",
+            Topic::Chunks => "chunks",
+            Topic::Completions => "completions",
+        }
+    }
+
+    pub fn name(self, topics: &Topics) -> &str {
+        match self {
+            Topic::Requests => &topics.requests,
+            Topic::Chunks => &topics.chunks,
+            Topic::Completions => &topics.completions,
+        }
+    }
+}
+
+/// A record as handed over by the request path.
+#[derive(Debug)]
+pub enum Record {
+    Request(Box<RequestRecord>),
+    Chunk(ChunkRecord),
+    Completion(Box<CompletionRecord>),
+}
+
+/// A record and when it was handed over (for the end-to-end produce latency).
+#[derive(Debug)]
+pub struct Handed {
+    pub at: Instant,
+    pub record: Record,
+}
+
+/// One serialized event, ready for Kafka, the spool or the local log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireMessage {
+    pub topic: Topic,
+    /// The tenant id: the message key.
+    pub key: String,
+    pub event_id: String,
+    /// Event time, ms since the Unix epoch (the Kafka message timestamp).
+    pub timestamp_ms: i64,
+    /// The event's JSON.
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn topic(&self) -> Topic {
+        match self {
+            Record::Request(_) => Topic::Requests,
+            Record::Chunk(_) => Topic::Chunks,
+            Record::Completion(_) => Topic::Completions,
+        }
+    }
+
+    /// Gives the event its id and serializes it.
+    pub fn to_wire(&self) -> Result<WireMessage, serde_json::Error> {
+        let event_id = new_event_id();
+        let (key, time, payload) = match self {
+            Record::Request(r) => (
+                &r.tenant_id,
+                r.routed_at,
+                serde_json::to_vec(&request_event(r, event_id.clone()))?,
+            ),
+            Record::Chunk(c) => {
+                let at = c.relayed_at();
+                (
+                    &c.stream.tenant_id,
+                    at,
+                    serde_json::to_vec(&chunk_event(c, event_id.clone()))?,
+                )
+            }
+            Record::Completion(r) => (
+                &r.tenant_id,
+                r.ended_at,
+                serde_json::to_vec(&completion_event(r, event_id.clone()))?,
+            ),
+        };
+        Ok(WireMessage {
+            topic: self.topic(),
+            key: key.clone(),
+            event_id,
+            timestamp_ms: unix_ms(time),
+            payload,
+        })
+    }
+}
+
+fn request_event(r: &RequestRecord, event_id: String) -> RequestEvent {
+    RequestEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id,
+        event_time: format_event_time(r.routed_at),
+        request_id: r.request_id.clone(),
+        tenant_id: r.tenant_id.clone(),
+        key_id: r.key_id.clone(),
+        route: r.route.to_string(),
+        requested_model: r.requested_model.clone(),
+        model_alias: r.model_label.clone(),
+        deployment: r.deployment.clone(),
+        provider: r.provider.to_string(),
+        upstream_model: r.upstream_model.clone(),
+        stream: r.stream,
+        prompt_tokens_estimate: r.prompt_estimate,
+        received_at: format_event_time(r.received_at),
+    }
+}
+
+fn chunk_event(c: &ChunkRecord, event_id: String) -> ChunkEvent {
+    ChunkEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id,
+        event_time: format_event_time(c.relayed_at()),
+        request_id: c.stream.request_id.clone(),
+        tenant_id: c.stream.tenant_id.clone(),
+        sequence: c.sequence,
+        offset_us: saturating_u64(c.offset.as_micros()),
+        bytes: c.bytes,
+        tokens: c.tokens,
+    }
+}
+
+fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
+    let (status, error) = match &r.outcome {
+        Outcome::Completed => (CompletionStatus::Completed, None),
+        Outcome::ClientDisconnected => (CompletionStatus::ClientDisconnected, None),
+        Outcome::UpstreamError(e) => (CompletionStatus::UpstreamError, Some(e.clone())),
+    };
+    CompletionEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id,
+        event_time: format_event_time(r.ended_at),
+        request_id: r.request_id.clone(),
+        tenant_id: r.tenant_id.clone(),
+        key_id: r.key_id.clone(),
+        route: r.route.to_string(),
+        requested_model: r.requested_model.clone(),
+        model_alias: r.model_label.clone(),
+        deployment: r.deployment.clone(),
+        provider: r.provider.to_string(),
+        upstream_model: r.upstream_model.clone(),
+        stream: r.stream,
+        status,
+        finish_reason: r.finish_reason.clone(),
+        error,
+        usage: r.usage,
+        chunks: r.chunks,
+        ttft_ms: r.time_to_first_token.map(|t| saturating_u64(t.as_millis())),
+        latency_ms: saturating_u64(r.duration.as_millis()),
+        gateway_overhead_us: saturating_u64(r.gateway_overhead.as_micros()),
+        // TODO(issue "Retries, fallbacks and breakers"): filled when the router retries.
+        retries: 0,
+        fallbacks: 0,
+        cache_hit: false,
+        // TODO(issue "Billing pipeline and price book"): the estimate's price-book version.
+        price_book_version: None,
+        received_at: format_event_time(r.received_at()),
+    }
+}
+
+fn saturating_u64(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// The request path's end of a bounded hand-off channel.
+pub struct Handoff {
+    tx: Sender<Handed>,
+    /// Records refused because the channel was full (or closed), not yet reported.
+    dropped: AtomicU64,
+}
+
+impl Handoff {
+    /// A channel holding at most `capacity` records.
+    pub fn bounded(capacity: usize) -> (Handoff, Receiver<Handed>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        (
+            Handoff {
+                tx,
+                dropped: AtomicU64::new(0),
+            },
+            rx,
+        )
+    }
+
+    /// Hands a record over without waiting; a full channel drops it (counted).
+    pub fn send(&self, record: Record) {
+        let handed = Handed {
+            at: Instant::now(),
+            record,
+        };
+        match self.tx.try_send(handed) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records dropped since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
+    /// Records waiting in the channel.
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use tollgate_schemas::{TokenUsage, UsageSource};
+
+    use super::*;
+    use crate::relay::StreamInfo;
+
+    pub(crate) fn request(tenant: &str, id: &str) -> RequestRecord {
+        let now = SystemTime::now();
+        RequestRecord {
+            request_id: id.to_string(),
+            tenant_id: tenant.to_string(),
+            key_id: "key_1".into(),
+            route: "chat",
+            model_label: "oa/*".into(),
+            requested_model: "oa/normal".into(),
+            deployment: "oa".into(),
+            provider: "openai",
+            upstream_model: "normal".into(),
+            stream: true,
+            prompt_estimate: 9,
+            received_at: now - Duration::from_millis(2),
+            routed_at: now,
+        }
+    }
+
+    pub(crate) fn chunk(tenant: &str, id: &str, sequence: u64) -> ChunkRecord {
+        ChunkRecord {
+            stream: Arc::new(StreamInfo {
+                request_id: id.to_string(),
+                tenant_id: tenant.to_string(),
+                received_at: Instant::now(),
+                received_wall: SystemTime::now(),
+            }),
+            sequence,
+            offset: Duration::from_micros(1500 + sequence),
+            bytes: 120,
+            tokens: None,
+        }
+    }
+
+    pub(crate) fn completion(tenant: &str, id: &str) -> CompletionRecord {
+        CompletionRecord {
+            request_id: id.to_string(),
+            tenant_id: tenant.to_string(),
+            key_id: "key_1".into(),
+            route: "chat",
+            model_label: "oa/*".into(),
+            requested_model: "oa/normal".into(),
+            deployment: "oa".into(),
+            provider: "openai",
+            upstream_model: "normal".into(),
+            stream: true,
+            outcome: Outcome::UpstreamError("boom".into()),
+            usage: TokenUsage {
+                input_tokens: 9,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 0,
+                output_tokens: 20,
+                source: UsageSource::Counted,
+            },
+            finish_reason: None,
+            chunks: 3,
+            time_to_first_token: Some(Duration::from_millis(4)),
+            duration: Duration::from_millis(30),
+            gateway_overhead: Duration::from_micros(70),
+            started_at: SystemTime::now(),
+            ended_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn records_serialize_to_the_schema_types_keyed_by_tenant() {
+        let m = Record::Request(Box::new(request("t1", "r1")))
+            .to_wire()
+            .unwrap();
+        assert_eq!((m.topic, m.key.as_str()), (Topic::Requests, "t1"));
+        let e: RequestEvent = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(e.event_id, m.event_id);
+        assert_eq!(e.prompt_tokens_estimate, 9);
+        assert!(e.received_at < e.event_time);
+
+        let m = Record::Chunk(chunk("t1", "r1", 4)).to_wire().unwrap();
+        let e: ChunkEvent = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!((e.sequence, e.offset_us, e.bytes), (4, 1504, 120));
+
+        let m = Record::Completion(Box::new(completion("t2", "r1")))
+            .to_wire()
+            .unwrap();
+        assert_eq!(m.key, "t2");
+        let e: CompletionEvent = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(e.status, CompletionStatus::UpstreamError);
+        assert_eq!(e.error.as_deref(), Some("boom"));
+        assert_eq!(
+            (e.ttft_ms, e.latency_ms, e.gateway_overhead_us),
+            (Some(4), 30, 70)
+        );
+        assert_eq!(e.usage.source, UsageSource::Counted);
+    }
+
+    #[test]
+    fn a_full_handoff_drops_and_counts_instead_of_waiting() {
+        let (h, rx) = Handoff::bounded(2);
+        for i in 0..5 {
+            h.send(Record::Chunk(chunk("t", "r", i)));
+        }
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.take_dropped(), 3);
+        assert_eq!(h.take_dropped(), 0);
+        drop(rx);
+        h.send(Record::Chunk(chunk("t", "r", 9)));
+        assert_eq!(h.take_dropped(), 1);
+    }
+}

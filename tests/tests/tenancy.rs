@@ -1,0 +1,743 @@
+//! Tenants, keys and admin against both metadata stores: SQLite (embedded) and a real
+//! PostgreSQL server started by `scripts/services.sh` (tests named `postgres_*`; they say
+//! so and skip only when `TOLLGATE_DATABASE_URL` is unset, which the test command sets).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)] // test code: failing loudly and reporting measurements is the point
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tollgate_gateway::store::postgres::PostgresStore;
+use tollgate_gateway::store::sqlite::SqliteStore;
+use tollgate_gateway::store::{Invalidation, MetaStore, NewKey};
+use tollgate_tests::harness::{Harness, ADMIN_TOKEN};
+use tollgate_tests::process::{fresh_postgres_database, tollgate, GatewayProcess};
+
+const PROVIDER_SECRET: &str = "sk-provider-VERY-SECRET-0a9b8c7d6e";
+const MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, base64
+
+fn skip(test: &str) {
+    println!(
+        "SKIPPED {test}: TOLLGATE_DATABASE_URL is not set (run scripts/services.sh up postgres)"
+    );
+}
+
+async fn admin_call(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{base}/admin/v1{path}"))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn chat_status(base: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "mock/fast", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Creates a tenant and a key through the admin API; returns the secret.
+async fn tenant_and_key(base: &str, tenant: &str) -> String {
+    let (s, _) = admin_call(
+        base,
+        reqwest::Method::POST,
+        "/tenants",
+        Some(json!({"name": tenant})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, v) = admin_call(
+        base,
+        reqwest::Method::POST,
+        "/keys",
+        Some(json!({"tenant": tenant, "name": "k"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    v["secret"].as_str().unwrap().to_string()
+}
+
+/// Revokes through `a` and measures how long `b` keeps accepting the key.
+async fn revocation_delay(a: &str, b: &str, revoke_body: Value, key: &str) -> Duration {
+    assert_eq!(chat_status(b, key).await, 200, "warm b's cache first");
+    let (s, v) = admin_call(a, reqwest::Method::POST, "/keys/revoke", Some(revoke_body)).await;
+    assert_eq!(s, 200, "{v}");
+    let revoked_at = Instant::now();
+    loop {
+        let status = chat_status(b, key).await;
+        if status == 401 {
+            return revoked_at.elapsed();
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn two_gateways_share_a_store(store_args: &[&str], env: &[(&str, &str)], label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN));
+    env.push(("TOLLGATE__SERVER__PRODUCTION", "true"));
+    let a = GatewayProcess::start(store_args, &env, dir.path().join("a.log")).await;
+    let b = GatewayProcess::start(store_args, &env, dir.path().join("b.log")).await;
+    let key = tenant_and_key(&a.base_url, "acme").await;
+    assert_eq!(chat_status(&a.base_url, &key).await, 200);
+    let delay = revocation_delay(&a.base_url, &b.base_url, json!({"key": key}), &key).await;
+    println!("{label}: a key revoked on gateway A was refused by gateway B after {delay:?}");
+    assert!(
+        delay < Duration::from_secs(1),
+        "{label}: revocation took {delay:?}"
+    );
+
+    // Rotation by secret: the new key works on B, the old one is refused there.
+    let old = tenant_and_key(&a.base_url, "globex").await;
+    assert_eq!(chat_status(&b.base_url, &old).await, 200);
+    let (s, v) = admin_call(
+        &a.base_url,
+        reqwest::Method::POST,
+        "/keys/rotate",
+        Some(json!({"key": old})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let new = v["secret"].as_str().unwrap().to_string();
+    assert_eq!(chat_status(&b.base_url, &new).await, 200);
+    let started = Instant::now();
+    while chat_status(&b.base_url, &old).await != 401 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{label}: rotated key still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Suspending the tenant stops its keys on B too.
+    let (s, _) = admin_call(
+        &a.base_url,
+        reqwest::Method::POST,
+        "/tenants/globex/suspend",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let started = Instant::now();
+    while chat_status(&b.base_url, &new).await != 403 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{label}: suspended tenant still served"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "{label}: suspension reached gateway B after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn postgres_two_gateway_processes_refuse_a_revoked_key_within_a_second() {
+    let Some(url) = fresh_postgres_database().await else {
+        return skip("postgres_two_gateway_processes");
+    };
+    two_gateways_share_a_store(&["--database-url", &url], &[], "postgres").await;
+}
+
+#[tokio::test]
+async fn sqlite_two_gateway_processes_refuse_a_revoked_key_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    two_gateways_share_a_store(&["--data-dir", &data], &[], "sqlite").await;
+}
+
+#[tokio::test]
+async fn postgres_migrations_apply_from_scratch_and_are_idempotent() {
+    let Some(url) = fresh_postgres_database().await else {
+        return skip("postgres_migrations");
+    };
+    let first = PostgresStore::connect(&url).await.unwrap();
+    let t = first.create_tenant("acme", None).await.unwrap();
+    drop(first);
+    let again = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(again.tenant("acme").await.unwrap().unwrap().id, t.id);
+    assert_eq!(again.list_tenants().await.unwrap().len(), 1);
+}
+
+async fn store_contract(store: Arc<dyn MetaStore>) {
+    let mut watch = store.watch().await.unwrap();
+    let t = store.create_tenant("acme", None).await.unwrap();
+    let k = tollgate_gateway::auth::keys::generate();
+    let spec = NewKey {
+        tenant_id: t.id.clone(),
+        name: "x".into(),
+        ..Default::default()
+    };
+    let summary = store
+        .create_key(&spec, &k.hash, &k.display_prefix)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.key_id_by_hash(&k.hash).await.unwrap().as_deref(),
+        Some(summary.id.as_str())
+    );
+    store.revoke_key(&summary.id).await.unwrap();
+    let inv = tokio::time::timeout(Duration::from_secs(2), watch.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inv, Invalidation::Key(k.hash.clone()));
+    store.set_tenant_status(&t.id, "suspended").await.unwrap();
+    let inv = tokio::time::timeout(Duration::from_secs(2), watch.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inv, Invalidation::Tenant(t.id.clone()));
+    let missing = NewKey {
+        tenant_id: "ten_nope".into(),
+        ..Default::default()
+    };
+    assert!(store.create_key(&missing, "h", "p").await.is_err());
+}
+
+#[tokio::test]
+async fn postgres_store_publishes_invalidations_on_commit() {
+    let Some(url) = fresh_postgres_database().await else {
+        return skip("postgres_store");
+    };
+    store_contract(Arc::new(PostgresStore::connect(&url).await.unwrap())).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_publishes_invalidations_on_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    store_contract(Arc::new(SqliteStore::open(dir.path()).await.unwrap())).await;
+}
+
+#[tokio::test]
+async fn admin_api_manages_plans_prices_discounts_limits_and_audits_everything() {
+    let h = Harness::start().await;
+    let b = h.base_url.as_str();
+    use reqwest::Method as M;
+    // Auth: no token, wrong token.
+    let resp = reqwest::Client::new()
+        .get(format!("{b}/admin/v1/tenants"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = reqwest::Client::new()
+        .get(format!("{b}/admin/v1/tenants"))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "a tenant key is not an admin token");
+
+    let (s, plan) = admin_call(
+        b,
+        M::POST,
+        "/plans",
+        Some(json!({"name": "pro", "monthly_fee": "49.99", "rpm_limit": 600})),
+    )
+    .await;
+    assert_eq!(s, 201, "{plan}");
+    assert_eq!(plan["monthly_fee"], "49.99");
+    let (s, t) = admin_call(
+        b,
+        M::POST,
+        "/tenants",
+        Some(json!({"name": "initech", "plan": "pro"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    assert_eq!(t["plan_id"], plan["id"]);
+    // Bad input: duplicate, unknown tenant, unknown plan, malformed values — nothing changes.
+    assert_eq!(
+        admin_call(b, M::POST, "/tenants", Some(json!({"name": "initech"})))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        admin_call(
+            b,
+            M::POST,
+            "/tenants",
+            Some(json!({"name": "x", "plan": "gold"}))
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        admin_call(b, M::POST, "/tenants", Some(json!({"name": ""})))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        admin_call(b, M::POST, "/keys", Some(json!({"tenant": "nobody"})))
+            .await
+            .0,
+        404
+    );
+    let (s, v) = admin_call(
+        b,
+        M::POST,
+        "/keys",
+        Some(json!({"tenant": "initech", "rpm_limit": 0})),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = admin_call(
+        b,
+        M::POST,
+        "/prices",
+        Some(json!({"model": "gpt-4o", "input_per_mtok": "-1",
+        "cached_input_per_mtok": "1", "output_per_mtok": "1"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("input_per_mtok"))
+    );
+    let (s, v) = admin_call(
+        b,
+        M::POST,
+        "/prices",
+        Some(json!({"model": "gpt-4o", "input_per_mtok": "two",
+        "cached_input_per_mtok": "1", "output_per_mtok": "1"})),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("input_per_mtok"));
+    assert_eq!(
+        admin_call(
+            b,
+            M::POST,
+            "/prices",
+            Some(json!({"model": "m", "typo": 1}))
+        )
+        .await
+        .0,
+        400
+    );
+    let (_, tenants) = admin_call(b, M::GET, "/tenants", None).await;
+    assert_eq!(
+        tenants["data"].as_array().unwrap().len(),
+        2,
+        "acme and initech only"
+    );
+
+    // Effective-dated prices, exact decimals, tenant override; discount.
+    for (from, input) in [
+        ("2026-01-01T00:00:00Z", json!("2.50")),
+        ("2026-06-01T00:00:00Z", json!(2.1)),
+    ] {
+        let (s, v) = admin_call(
+            b,
+            M::POST,
+            "/prices",
+            Some(json!({"model": "gpt-4o", "effective_from": from,
+            "input_per_mtok": input, "cached_input_per_mtok": "1.25", "output_per_mtok": "10"})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, _) = admin_call(b, M::POST, "/prices", Some(json!({"model": "gpt-4o", "tenant": "initech",
+        "effective_from": "2026-01-01T00:00:00Z", "input_per_mtok": "2", "cached_input_per_mtok": "1",
+        "output_per_mtok": "8"}))).await;
+    assert_eq!(s, 201);
+    let (_, prices) = admin_call(b, M::GET, "/prices?model=gpt-4o", None).await;
+    let inputs: Vec<&str> = prices["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["input_per_mtok"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["2.50", "2.1", "2"]);
+    assert_eq!(
+        admin_call(
+            b,
+            M::POST,
+            "/discounts",
+            Some(json!({"tenant": "initech", "percent": "10"}))
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        admin_call(
+            b,
+            M::POST,
+            "/discounts",
+            Some(json!({"tenant": "initech", "percent": "120"}))
+        )
+        .await
+        .0,
+        400
+    );
+
+    // Key limits and model allow-lists take effect immediately.
+    let (s, issued) = admin_call(
+        b,
+        M::POST,
+        "/keys",
+        Some(json!({"tenant": "initech", "name": "svc",
+        "allowed_models": ["mock/*"], "tpm_limit": 1000, "spend_limit": "12.5"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let secret = issued["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("tg_"));
+    assert_eq!(issued["key"]["spend_limit"], "12.5");
+    assert_eq!(chat_status(b, &secret).await, 200);
+    let resp = reqwest::Client::new()
+        .post(format!("{b}/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "oa/normal", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "model outside the allow-list");
+    let (s, _) = admin_call(
+        b,
+        M::PUT,
+        "/keys/limits",
+        Some(json!({"key": issued["key"]["id"], "allowed_models": ["oa/*"]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        chat_status(b, &secret).await,
+        403,
+        "allow-list change applies at once"
+    );
+    let (_, keys) = admin_call(b, M::GET, "/keys?tenant=initech", None).await;
+    assert!(
+        !keys.to_string().contains(&secret),
+        "secrets are never listed"
+    );
+    assert!(!keys.to_string().contains("key_hash"));
+
+    // Usage for the caller's tenant (the ledger is empty until the pipeline fills it).
+    let v: Value = reqwest::Client::new()
+        .get(format!("{b}/v1/usage"))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "usage");
+    assert_eq!(v["total"]["cost"], "0");
+    let resp = reqwest::Client::new()
+        .get(format!("{b}/v1/usage?period=2026-13"))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Every change is audited, newest first.
+    let (_, audit) = admin_call(b, M::GET, "/audit?limit=100", None).await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "plan.create",
+        "tenant.create",
+        "price.add",
+        "discount.add",
+        "key.create",
+        "key.limits",
+    ] {
+        assert!(actions.contains(&a), "{a} not audited: {actions:?}");
+    }
+    assert_eq!(actions[0], "key.limits");
+}
+
+#[tokio::test]
+async fn provider_credentials_are_encrypted_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let env = [
+        ("TOLLGATE_MASTER_KEY", MASTER_KEY),
+        ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    // CLI: the secret comes from stdin.
+    let mut child = std::process::Command::new(tollgate_tests::process::tollgate_bin())
+        .args([
+            "--data-dir",
+            data,
+            "credentials",
+            "add",
+            "openai-prod",
+            "--provider",
+            "openai",
+        ])
+        .envs(env)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(PROVIDER_SECRET.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let listed = tollgate(&["--data-dir", data, "credentials", "list"], &env);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("openai-prod") && !listed.contains(PROVIDER_SECRET));
+    // Not in the database file in clear.
+    let db = std::fs::read(dir.path().join("tollgate.db")).unwrap();
+    assert!(!db
+        .windows(PROVIDER_SECRET.len())
+        .any(|w| w == PROVIDER_SECRET.as_bytes()));
+
+    // A gateway using the stored credential sends it upstream and never shows it anywhere.
+    let upstream = tollgate_tests::mock_upstream::MockUpstream::start(Default::default())
+        .await
+        .unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[deployments]]
+type = "openai"
+name = "prod"
+model = "*"
+base_url = "{}/v1"
+api_key_credential = "openai-prod"
+
+[[models]]
+name = "prod/*"
+deployments = ["prod"]
+"#,
+            upstream.base_url()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let gw = GatewayProcess::start(
+        &["--data-dir", data],
+        &[("TOLLGATE_CONFIG", cfg), env[0], env[1]],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let key_out = tollgate(
+        &["--data-dir", data, "keys", "create", "--tenant", "default"],
+        &env,
+    );
+    let key = String::from_utf8_lossy(&key_out.stdout).trim().to_string();
+    let client = reqwest::Client::new();
+    let mut seen = String::new();
+    for model in [
+        "prod/normal",
+        "prod/bad-request",
+        "prod/server-error",
+        "prod/error-midstream",
+    ] {
+        for stream in [false, true] {
+            let r = client.post(format!("{}/v1/chat/completions", gw.base_url)).bearer_auth(&key)
+                .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+                .send().await.unwrap();
+            seen.push_str(&format!("{:?}", r.headers()));
+            seen.push_str(&r.text().await.unwrap());
+        }
+    }
+    let (_, creds) = admin_call(&gw.base_url, reqwest::Method::GET, "/credentials", None).await;
+    seen.push_str(&creds.to_string());
+    let (_, audit) = admin_call(&gw.base_url, reqwest::Method::GET, "/audit", None).await;
+    seen.push_str(&audit.to_string());
+    seen.push_str(
+        &client
+            .get(format!("{}/metrics", gw.base_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let sent = upstream.requests();
+    assert!(sent
+        .iter()
+        .all(|r| r.header("authorization") == Some(&format!("Bearer {PROVIDER_SECRET}"))));
+    assert!(
+        !seen.contains(PROVIDER_SECRET),
+        "credential leaked to a client"
+    );
+    assert!(
+        !gw.log_text().contains(PROVIDER_SECRET),
+        "credential leaked to the log"
+    );
+
+    // Master-key rotation re-encrypts; the old key no longer opens the store.
+    let new_master = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let out = tollgate(
+        &["--data-dir", data, "credentials", "rotate-master"],
+        &[
+            ("TOLLGATE_MASTER_KEY_OLD", MASTER_KEY),
+            ("TOLLGATE_MASTER_KEY", new_master),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(gw);
+    let bad = tollgate(
+        &["--data-dir", data, "serve", "--listen", "127.0.0.1:1"],
+        &[
+            ("TOLLGATE_CONFIG", cfg),
+            ("TOLLGATE_MASTER_KEY", MASTER_KEY),
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("different master key"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let gw = GatewayProcess::start(
+        &["--data-dir", data],
+        &[
+            ("TOLLGATE_CONFIG", cfg),
+            ("TOLLGATE_MASTER_KEY", new_master),
+        ],
+        dir.path().join("gw2.log"),
+    )
+    .await;
+    assert_eq!(
+        client
+            .post(format!("{}/v1/chat/completions", gw.base_url))
+            .bearer_auth(&key)
+            .json(&json!({"model": "prod/normal", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn a_master_key_of_the_wrong_length_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tollgate(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:1",
+        ],
+        &[("TOLLGATE_MASTER_KEY", "c2hvcnQ=")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TOLLGATE_MASTER_KEY must be 32 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("c2hvcnQ"), "the key itself is not echoed");
+}
+
+#[test]
+fn cli_manages_tenants_and_keys_and_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let mut all = vec!["--data-dir", d];
+        all.extend_from_slice(args);
+        let out = tollgate(&all, &[]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let fail = |args: &[&str]| {
+        let mut all = vec!["--data-dir", d];
+        all.extend_from_slice(args);
+        let out = tollgate(&all, &[]);
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let id = ok(&["tenants", "create", "acme"]);
+    assert!(id.starts_with("ten_"));
+    assert!(fail(&["tenants", "create", "acme"]).contains("already exists"));
+    let secret = ok(&[
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--rpm",
+        "60",
+        "--models",
+        "mock/*,gpt-4o",
+    ]);
+    assert!(secret.starts_with("tg_") && !secret.contains('\n'));
+    assert!(fail(&["keys", "create", "--tenant", "nobody"]).contains("no tenant"));
+    assert!(fail(&["keys", "create", "--tenant", "acme", "--rpm", "0"]).contains("rpm_limit"));
+    assert!(fail(&[
+        "prices",
+        "set",
+        "--model",
+        "m",
+        "--input",
+        "abc",
+        "--cached-input",
+        "1",
+        "--output",
+        "1"
+    ])
+    .contains("abc"));
+    let listed = ok(&["keys", "list", "--tenant", "acme"]);
+    assert!(listed.contains("\"rpm_limit\":60") && !listed.contains(&secret));
+    ok(&["keys", "revoke", &secret]);
+    assert!(fail(&["keys", "revoke", &secret]).contains("already revoked"));
+    let mut typo = secret.clone().into_bytes();
+    typo[8] = if typo[8] == b'a' { b'b' } else { b'a' };
+    assert!(fail(&["keys", "revoke", std::str::from_utf8(&typo).unwrap()]).contains("checksum"));
+    ok(&["tenants", "suspend", "acme"]);
+    assert!(ok(&["tenants", "list"]).contains("\"suspended\""));
+    let audit = ok(&["audit"]);
+    assert!(audit.contains("key.revoke") && audit.contains("tenant.suspend"));
+}
