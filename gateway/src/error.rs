@@ -43,6 +43,10 @@ pub enum GatewayError {
         message: String,
         /// The provider's `retry-after`, in seconds, when it sent one.
         retry_after_s: Option<u64>,
+        /// The provider's `param` and `code`, passed on for errors that are the client's
+        /// (clients branch on codes such as `context_length_exceeded`).
+        param: Option<String>,
+        code: Option<String>,
     },
     /// The provider could not be reached (connection refused, reset, DNS, TLS).
     #[error("Upstream provider unreachable: {0}")]
@@ -178,9 +182,13 @@ impl GatewayError {
         match format {
             WireFormat::OpenAi => {
                 let (kind, code) = self.openai_type_and_code();
-                let param = match self {
-                    GatewayError::BadRequest { param, .. } => param.clone(),
-                    _ => None,
+                let (param, code) = match self {
+                    GatewayError::BadRequest { param, .. } => (param.clone(), code.map(str::to_string)),
+                    GatewayError::Upstream { param, code: upstream_code, .. } => (
+                        param.clone(),
+                        upstream_code.clone().or_else(|| code.map(str::to_string)),
+                    ),
+                    _ => (None, code.map(str::to_string)),
                 };
                 json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
             }
@@ -206,6 +214,10 @@ impl GatewayError {
         } = &self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let GatewayError::PayloadTooLarge { .. } = &self {
+            // The rest of the body is not read: the connection cannot be reused.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if status == StatusCode::UNAUTHORIZED && format == WireFormat::OpenAi {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -248,6 +260,8 @@ mod tests {
             status: 401,
             message: "bad key".into(),
             retry_after_s: None,
+            param: None,
+            code: None,
         };
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
         assert!(!e.is_retryable());
@@ -270,6 +284,8 @@ mod tests {
             status: 529,
             message: "Overloaded".into(),
             retry_after_s: None,
+            param: None,
+            code: None,
         };
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(

@@ -89,6 +89,7 @@ impl HttpUpstream {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<UpstreamResponse, GatewayError> {
+        let started = std::time::Instant::now();
         let response = match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
             Err(_) => {
                 return Err(GatewayError::UpstreamTimeout(format!(
@@ -103,23 +104,39 @@ impl HttpUpstream {
         let headers = response.headers().clone();
         if !status.is_success() {
             let body = read_bounded(response, MAX_ERROR_BODY).await;
+            let detail = upstream_detail(status.as_u16(), &body);
             return Err(GatewayError::Upstream {
                 status: status.as_u16(),
-                message: self
-                    .secret
-                    .redact(&upstream_message(status.as_u16(), &body)),
+                message: self.secret.redact(&detail.message),
                 retry_after_s: retry_after_secs(&headers),
+                param: detail.param,
+                code: detail.code,
             });
         }
         let secret = self.secret.clone();
-        let body: BodyStream = Box::pin(response.bytes_stream().map(move |r| {
+        let mut stream = response.bytes_stream().map(move |r| {
             r.map_err(|e| {
                 GatewayError::UpstreamUnavailable(secret.redact(&format!(
                     "connection lost mid-response: {}",
                     error_chain(&e)
                 )))
             })
-        }));
+        });
+        // The first body byte is still "before the response": an upstream that sends headers
+        // and then nothing is a timeout the client can be told about (and a later issue can
+        // retry), not a stream that hangs forever.
+        let remaining = self.first_byte_timeout.saturating_sub(started.elapsed());
+        let first = match tokio::time::timeout(remaining, stream.next()).await {
+            Err(_) => {
+                return Err(GatewayError::UpstreamTimeout(format!(
+                    "no response body within {} ms",
+                    self.first_byte_timeout.as_millis()
+                )))
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(first) => first,
+        };
+        let body: BodyStream = Box::pin(futures_util::stream::iter(first).chain(stream));
         Ok(UpstreamResponse { headers, body })
     }
 
@@ -158,23 +175,46 @@ async fn read_bounded(response: reqwest::Response, limit: usize) -> Vec<u8> {
     out
 }
 
-/// The provider's error message from an OpenAI- or Anthropic-shaped error body.
-fn upstream_message(status: u16, body: &[u8]) -> String {
+/// What an upstream error body says.
+struct UpstreamDetail {
+    message: String,
+    param: Option<String>,
+    code: Option<String>,
+}
+
+/// The provider's message, `param` and `code` from an OpenAI- or Anthropic-shaped error body.
+/// Errors that are the client's (4xx other than 401/403/429) keep the provider's message as
+/// is; others say it came from upstream.
+fn upstream_detail(status: u16, body: &[u8]) -> UpstreamDetail {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let message = parsed.as_ref().and_then(|v| {
-        v.pointer("/error/message")
-            .or_else(|| v.get("message"))
-            .or_else(|| v.get("detail"))
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
+    let field = |name: &str| {
+        parsed.as_ref().and_then(|v| {
+            v.pointer(&format!("/error/{name}"))
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+    };
+    let message = field("message").or_else(|| {
+        parsed.as_ref().and_then(|v| {
+            v.get("message")
+                .or_else(|| v.get("detail"))
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
     });
-    match message {
-        Some(m) => format!("Upstream provider returned {status}: {m}"),
-        None => {
-            let text = String::from_utf8_lossy(body);
-            let text: String = text.chars().take(300).collect();
-            format!("Upstream provider returned {status}: {}", text.trim())
-        }
+    let message = message.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        text.chars().take(300).collect::<String>().trim().to_string()
+    });
+    let clients_fault = (400..500).contains(&status) && ![401, 403, 429].contains(&status);
+    UpstreamDetail {
+        message: if clients_fault {
+            message
+        } else {
+            format!("Upstream provider returned {status}: {message}")
+        },
+        param: field("param").filter(|_| clients_fault),
+        code: field("code").filter(|_| clients_fault),
     }
 }
 

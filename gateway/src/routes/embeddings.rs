@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use serde_json::Value;
 
-use super::inference::{collect_upstream, read_body};
+use super::inference::{admit, collect_upstream};
 use crate::api::{openai, parse_body, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
@@ -36,8 +36,7 @@ async fn serve(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let received_at = Instant::now();
-    let caller = state.auth.authenticate(&headers).await?;
-    let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
+    let (caller, bytes) = admit(state, &headers, body).await?;
     let (mut value, req) = parse_body::<openai::EmbeddingsRequest>(&bytes)?;
     caller.ensure_model_allowed(&req.model)?;
     let target = state.router.pick(&req.model, true)?;

@@ -133,6 +133,24 @@ pub async fn read_body(
     })
 }
 
+/// Reads the body (bounded) and authenticates the caller. The body is read first so that an
+/// error answer never leaves unread bytes on a keep-alive connection (which would make the
+/// client's next request on it fail); a body over the limit is a 413 that closes the
+/// connection.
+pub async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(crate::auth::Caller, Bytes), GatewayError> {
+    let bytes = read_body(headers, body, state.config.server.max_body_bytes).await;
+    let caller = state.auth.authenticate(headers).await;
+    match (caller, bytes) {
+        (_, Err(too_large_or_unreadable)) => Err(too_large_or_unreadable),
+        (Err(auth), Ok(_)) => Err(auth),
+        (Ok(caller), Ok(bytes)) => Ok((caller, bytes)),
+    }
+}
+
 /// Collects a non-streaming upstream body, bounded.
 pub async fn collect_upstream(mut body: BodyStream, limit: usize) -> Result<Bytes, GatewayError> {
     let mut buf = Vec::new();
@@ -187,8 +205,7 @@ async fn serve_inner(
 ) -> Result<Response, GatewayError> {
     let received_at = Instant::now();
     let _in_flight = state.metrics.in_flight(route);
-    let caller = state.auth.authenticate(&headers).await?;
-    let bytes = read_body(&headers, body, state.config.server.max_body_bytes).await?;
+    let (caller, bytes) = admit(state, &headers, body).await?;
     let mut request = ClientRequest::parse(format, &bytes)?;
     caller.ensure_model_allowed(request.model())?;
     let Target {
