@@ -21,6 +21,10 @@
 #   RUST_LOG [warn]          log level of the mock and the gateway (logging costs CPU too)
 #   MOCK_BIN, GATEWAY_BIN, LOAD_BIN   override the binaries' paths
 #   KEEP_TMP [0]             1: keep the temporary directory (config, logs, JSON results)
+#   EVENTS [log]             the gateway's event sink: log (events off: one log line per
+#                            completion, below RUST_LOG=warn), local (the embedded SQLite event
+#                            log) or kafka (needs a broker: scripts/services.sh up kafka)
+#   KAFKA_BOOTSTRAP [127.0.0.1:9092]   the broker for EVENTS=kafka
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +40,15 @@ LOAD_THREADS=${LOAD_THREADS:-1}
 GATEWAY=${GATEWAY:-1}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
+EVENTS=${EVENTS:-log}
+KAFKA_BOOTSTRAP=${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
+case $EVENTS in
+log | local | kafka) ;;
+*)
+    echo "bench: EVENTS must be log, local or kafka (got '$EVENTS')" >&2
+    exit 2
+    ;;
+esac
 export RUST_LOG=${RUST_LOG:-warn}
 
 RELEASE_DIR="${CARGO_TARGET_DIR:-target}/release"
@@ -191,7 +204,19 @@ model = "bench"
 [[models]]
 name = "bench"
 deployments = ["bench-openai"]
+
+[events]
+type = "$EVENTS"
 EOF
+    if [[ $EVENTS == kafka ]]; then
+        # The bench's events go to their own topics, not to the real ones.
+        cat >>"$CONFIG" <<EOF
+bootstrap_servers = "$KAFKA_BOOTSTRAP"
+requests_topic = "tollgate-bench.requests"
+chunks_topic = "tollgate-bench.chunks"
+completions_topic = "tollgate-bench.completions"
+EOF
+    fi
     export BENCH_UPSTREAM_KEY=x
 
     if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$DATA_DIR" 2>&1); then
@@ -264,7 +289,7 @@ echo
 echo "## Gateway benchmark"
 echo
 echo "$(nproc 2>/dev/null || echo '?') cores; mock upstream: $CHUNKS chunks, ${CHUNK_DELAY_MS} ms apart;" \
-    "warmup $WARMUP; load generator threads $LOAD_THREADS; latencies in µs."
+    "warmup $WARMUP; load generator threads $LOAD_THREADS; latencies in µs; event sink: $EVENTS."
 echo
 echo "| scenario | concurrency | round | ok | errors | rps | TTFT p50 | TTFT p99 | total p50 | total p99 | chunks | gateway CPU µs/req | upstream CPU µs/req | load CPU µs/req |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -183,8 +183,14 @@ impl GatewayError {
             WireFormat::OpenAi => {
                 let (kind, code) = self.openai_type_and_code();
                 let (param, code) = match self {
-                    GatewayError::BadRequest { param, .. } => (param.clone(), code.map(str::to_string)),
-                    GatewayError::Upstream { param, code: upstream_code, .. } => (
+                    GatewayError::BadRequest { param, .. } => {
+                        (param.clone(), code.map(str::to_string))
+                    }
+                    GatewayError::Upstream {
+                        param,
+                        code: upstream_code,
+                        ..
+                    } => (
                         param.clone(),
                         upstream_code.clone().or_else(|| code.map(str::to_string)),
                     ),

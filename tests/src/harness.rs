@@ -10,7 +10,7 @@ use std::sync::{Arc, Once};
 use tollgate_gateway::app::{self, AppState};
 use tollgate_gateway::auth::keys;
 use tollgate_gateway::config::Config;
-use tollgate_gateway::events::MemorySink;
+use tollgate_gateway::events::{self, EventSink, MemorySink};
 use tollgate_gateway::relay::CompletionRecord;
 use tollgate_gateway::store::sqlite::SqliteStore;
 use tollgate_gateway::store::{MetaStore, NewKey};
@@ -70,6 +70,9 @@ pub struct Harness {
     pub base_url: String,
     pub key: String,
     pub sink: Arc<MemorySink>,
+    /// The sink the gateway reports to (the [`MemorySink`] unless started with
+    /// [`Harness::start_with_events`]).
+    pub events: Arc<dyn EventSink>,
     pub state: Arc<AppState>,
     pub upstream: MockUpstream,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -84,6 +87,17 @@ impl Harness {
 
     /// Starts with mock options and extra config.
     pub async fn start_with(opts: MockOptions, extra: &str) -> Harness {
+        Harness::launch(opts, extra, false).await
+    }
+
+    /// Starts with the event sink that `events` configures (the body of an `[events]` table,
+    /// e.g. `type = "kafka"`) instead of the in-memory one; [`Harness::events`] is that sink
+    /// and [`Harness::sink`] stays empty.
+    pub async fn start_with_events(opts: MockOptions, extra: &str, events: &str) -> Harness {
+        Harness::launch(opts, &format!("{extra}\n[events]\n{events}\n"), true).await
+    }
+
+    async fn launch(opts: MockOptions, extra: &str, configured_sink: bool) -> Harness {
         SET_KEY.call_once(|| std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY));
         let upstream = MockUpstream::start(opts)
             .await
@@ -103,15 +117,26 @@ impl Harness {
             .await
             .expect("key");
         let sink = Arc::new(MemorySink::default());
+        let events: Arc<dyn EventSink> = if configured_sink {
+            events::from_config(&config.events, dir.path())
+                .await
+                .expect("event sink")
+        } else {
+            sink.clone()
+        };
         let state = AppState::start(
             config,
             store,
-            sink.clone(),
+            events.clone(),
             None,
             Some(ADMIN_TOKEN.to_string()),
         )
         .await
         .expect("state");
+        state
+            .metrics
+            .register(events.collectors())
+            .expect("event metrics");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -128,6 +153,7 @@ impl Harness {
             base_url: format!("http://{addr}"),
             key: k.secret,
             sink,
+            events,
             state,
             upstream,
             shutdown: Some(tx),
@@ -145,6 +171,28 @@ impl Harness {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         self.sink.records()
+    }
+
+    /// Creates another tenant with one key; returns (tenant id, secret key).
+    pub async fn add_tenant(&self, name: &str) -> (String, String) {
+        let store = &self.state.store;
+        let tenant = store.create_tenant(name, None).await.expect("tenant");
+        let k = keys::generate();
+        let spec = NewKey {
+            tenant_id: tenant.id.clone(),
+            name: "test".to_string(),
+            ..Default::default()
+        };
+        store
+            .create_key(&spec, &k.hash, &k.display_prefix)
+            .await
+            .expect("key");
+        (tenant.id, k.secret)
+    }
+
+    /// The data directory of this gateway (event log, spool).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     /// POSTs JSON to `path` with the tenant key as a bearer token.

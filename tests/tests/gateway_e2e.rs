@@ -438,7 +438,10 @@ async fn upstream_error_statuses_map_to_each_api_shape() {
         .await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["param"], "temperature", "the upstream's param is passed on: {v}");
+    assert_eq!(
+        v["error"]["param"], "temperature",
+        "the upstream's param is passed on: {v}"
+    );
     let started = Instant::now();
     let resp = h
         .post("/v1/chat/completions", &chat("oa/hang", false))

@@ -160,7 +160,14 @@ async fn postgres_two_gateway_processes_refuse_a_revoked_key_within_a_second() {
     let Some(url) = fresh_postgres_database().await else {
         return skip("postgres_two_gateway_processes");
     };
-    two_gateways_share_a_store(&["--database-url", &url], &[], "postgres").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    two_gateways_share_a_store(
+        &["--database-url", &url, "--data-dir", &data],
+        &[],
+        "postgres",
+    )
+    .await;
 }
 
 #[tokio::test]

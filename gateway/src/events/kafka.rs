@@ -13,10 +13,11 @@
 //!   reports a broker connection lost or refused, or no delivery report came for
 //!   `delivery_stall_ms` while messages were waiting), or at start when a previous run left
 //!   events in the spool: every new event is appended to the spool (lane `New`). When Kafka
-//!   looks down the producer's queue is purged
-//!   and the purged events (older than anything spooled since) are appended to lane
-//!   `Undelivered`, which replays first; so a process crash during an outage loses nothing that
-//!   was waiting in memory. Replay starts once every event sent before spooling has been
+//!   looks down, everything the producer holds (queued or in flight) is purged and appended,
+//!   in send order, to lane `Undelivered`, which replays first (these events are older than
+//!   anything spooled since); so a process crash during an outage loses at most the last few
+//!   milliseconds of events (not yet taken from the channel, or not yet written out), and an
+//!   in-flight event the broker did write is published twice with the same `event_id`. Replay starts once every event sent before spooling has been
 //!   reported (delivered or purged), with a single event until one is acknowledged (the broker
 //!   is back), then up to `replay_max_in_flight_events` at a time. When the reader has sent
 //!   everything spooled, new events go direct again, queued behind the replayed ones.
@@ -58,7 +59,7 @@ use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
 /// Most records taken from the hand-off channel per loop turn (then delivery reports are served).
 const TURN_EVENTS: usize = 4096;
-/// How long an idle loop turn waits for delivery reports.
+/// How long an idle loop turn sleeps before serving delivery reports.
 const IDLE_POLL: Duration = Duration::from_millis(2);
 /// After Kafka looked down, how long before a first replay attempt.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(500);
@@ -112,6 +113,7 @@ impl KafkaSink {
             spooling_since: Instant::now(),
             replayed_in_episode: 0,
             outstanding_direct: 0,
+            next_seq: 0,
             last_progress: Instant::now(),
             stall_after: ms(config.delivery_stall_ms.max(1)),
             replay: ReplayWindow::default(),
@@ -148,6 +150,10 @@ impl KafkaSink {
     /// The sink's metrics (also exposed through [`EventSink::collectors`]).
     pub fn metrics(&self) -> &EventMetrics {
         &self.metrics
+    }
+    /// Records handed over and not yet taken by the writer thread.
+    pub fn queued_events(&self) -> usize {
+        self.handoff.len()
     }
 }
 
@@ -240,6 +246,8 @@ enum Origin {
 #[derive(Debug)]
 struct Pending {
     origin: Origin,
+    /// Dispatch order (purged messages come back out of order and are sorted by it).
+    seq: u64,
     handed_at: Option<Instant>,
     topic: Topic,
 }
@@ -294,9 +302,7 @@ impl ClientContext for Ctx {
             // A lost or refused connection: messages for that broker wait in memory until
             // it is back, so treat it as down (a healthy cluster costs a short detour
             // through the spool at worst).
-            Some(
-                RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure,
-            ) => {
+            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => {
                 self.shared.brokers_down.store(true, Ordering::Relaxed);
             }
             Some(RDKafkaErrorCode::Fatal) => self.shared.fatal.store(true, Ordering::Relaxed),
@@ -469,6 +475,8 @@ struct Dispatcher {
     replayed_in_episode: u64,
     /// Messages sent straight to the producer whose delivery is not yet reported.
     outstanding_direct: u64,
+    /// Dispatch sequence number of the next message sent straight to the producer.
+    next_seq: u64,
     /// Last delivery report, or when `outstanding_direct` last rose from 0.
     last_progress: Instant,
     /// No delivery report for this long while messages are outstanding: Kafka is down.
@@ -524,16 +532,18 @@ impl Dispatcher {
         if self.mode == Mode::Spooling {
             self.spool_record(
                 Lane::New,
-                &SpoolRecord::from_wire(&msg),
+                &SpoolRecord::from_wire(msg),
                 SpoolReason::BehindSpool,
             );
             return;
         }
         let pending = Box::new(Pending {
             origin: Origin::Direct,
+            seq: self.next_seq,
             handed_at: Some(h.at),
             topic: msg.topic,
         });
+        self.next_seq += 1;
         let record = BaseRecord::with_opaque_to(msg.topic.name(&self.topics), pending)
             .key(msg.key.as_bytes())
             .payload(&msg.payload)
@@ -551,7 +561,7 @@ impl Dispatcher {
                     _ => SpoolReason::ProduceError,
                 };
                 self.start_spooling(reason, e.to_string());
-                self.spool_record(Lane::New, &SpoolRecord::from_wire(&msg), reason);
+                self.spool_record(Lane::New, &SpoolRecord::from_wire(msg.clone()), reason);
             }
         }
     }
@@ -598,23 +608,14 @@ impl Dispatcher {
         SpoolingStarted { reason, detail }.emit(&self.metrics);
     }
 
-    /// Serves the producer's callbacks (waiting up to `wait` for the first), then acts on them.
+    /// Serves the producer's callbacks (after sleeping `wait`), then acts on them.
     fn serve(&mut self, wait: Duration) {
-        let before = self.shared.callbacks.load(Ordering::Relaxed);
-        self.producer.poll(wait);
-        // Each poll serves one event (which may carry many delivery reports): keep going
-        // while there are some.
-        let mut seen = self.shared.callbacks.load(Ordering::Relaxed);
-        if seen != before {
-            for _ in 0..64 {
-                self.producer.poll(Duration::ZERO);
-                let now = self.shared.callbacks.load(Ordering::Relaxed);
-                if now == seen {
-                    break;
-                }
-                seen = now;
-            }
+        // Sleep rather than poll with a timeout: rdkafka's poll rounds the time left down to
+        // whole milliseconds and spins through the last one.
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
+        self.drain_callbacks();
         self.handle_deliveries();
         if self.shared.brokers_down.swap(false, Ordering::Relaxed) {
             self.on_brokers_down("a Kafka broker connection failed");
@@ -632,6 +633,20 @@ impl Dispatcher {
         }
     }
 
+    /// Serves every callback already queued: one poll serves one event (which may carry many
+    /// delivery reports), so poll until one brings nothing.
+    fn drain_callbacks(&mut self) {
+        let mut seen = self.shared.callbacks.load(Ordering::Relaxed);
+        for _ in 0..100_000 {
+            self.producer.poll(Duration::ZERO);
+            let now = self.shared.callbacks.load(Ordering::Relaxed);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+    }
+
     fn handle_deliveries(&mut self) {
         let deliveries = std::mem::take(&mut *self.shared.deliveries.lock());
         if deliveries.is_empty() {
@@ -639,6 +654,7 @@ impl Dispatcher {
         }
         self.last_progress = Instant::now();
         let mut replayed = 0;
+        let mut undelivered = Vec::new();
         for d in deliveries {
             match (d.pending.origin, d.result) {
                 (Origin::Direct, Ok(())) => {
@@ -662,7 +678,21 @@ impl Dispatcher {
                         .emit(&self.metrics);
                     }
                 }
-                (origin, Err(f)) => self.on_failure(origin, f),
+                (origin, Err(f)) => {
+                    if let Some(back) = self.on_failure(origin, f) {
+                        undelivered.push((d.pending.seq, back));
+                    }
+                }
+            }
+        }
+        if !undelivered.is_empty() {
+            // librdkafka reports purged messages newest first per partition (its queue before
+            // its batches): put them back in the order they were sent.
+            undelivered.sort_unstable_by_key(|(seq, _)| *seq);
+            let detail = format!("{} sent events came back undelivered", undelivered.len());
+            self.start_spooling(SpoolReason::Undelivered, detail);
+            for (_, record) in &undelivered {
+                self.spool_record(Lane::Undelivered, record, SpoolReason::Undelivered);
             }
         }
         self.replayed_in_episode += replayed;
@@ -674,7 +704,8 @@ impl Dispatcher {
         }
     }
 
-    fn on_failure(&mut self, origin: Origin, f: Failure) {
+    /// Acts on a failed delivery; returns a direct message to spool (in lane `Undelivered`).
+    fn on_failure(&mut self, origin: Origin, f: Failure) -> Option<SpoolRecord> {
         let kind = error_kind(f.code);
         let purged = kind == "purged";
         if !purged {
@@ -690,11 +721,9 @@ impl Dispatcher {
             Origin::Direct => {
                 self.outstanding_direct = self.outstanding_direct.saturating_sub(1);
                 if transient {
-                    self.start_spooling(SpoolReason::Undelivered, f.error.clone());
-                    self.spool_record(Lane::Undelivered, &f.record, SpoolReason::Undelivered);
-                } else {
-                    self.dead_letter(&f);
+                    return Some(f.record);
                 }
+                self.dead_letter(&f);
             }
             Origin::Replay(ticket) => {
                 if transient {
@@ -706,6 +735,7 @@ impl Dispatcher {
                 }
             }
         }
+        None
     }
 
     fn dead_letter(&mut self, f: &Failure) {
@@ -727,16 +757,19 @@ impl Dispatcher {
         }
     }
 
-    /// Kafka is unreachable: spool new events, and take back what waits in the producer's
-    /// queue (not what is in flight: the broker may have it) so that it is on disk.
+    /// Kafka is unreachable: spool new events, and take back everything the producer holds,
+    /// queued or in flight, so that it is on disk in send order (an in-flight message the
+    /// broker did write is published twice, with the same event id).
     fn on_brokers_down(&mut self, why: &str) {
         self.replay_trusted = false;
         self.replay_resume_at = Instant::now() + REPLAY_BACKOFF;
         self.start_spooling(SpoolReason::BrokersDown, why.to_string());
-        self.producer.purge(PurgeConfig::default().queue());
+        // The purge is synchronous: every purged message's report is queued when it returns,
+        // so one batch holds them all and they are spooled in order.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
         self.rewind_pending = true;
-        // Purged messages come back as delivery reports: serve them now.
-        self.producer.poll(Duration::ZERO);
+        self.drain_callbacks();
         self.handle_deliveries();
     }
 
@@ -773,11 +806,12 @@ impl Dispatcher {
             .purge(PurgeConfig::default().queue().inflight());
         let deadline = Instant::now() + wait;
         loop {
-            self.producer.poll(Duration::from_millis(10));
+            self.drain_callbacks();
             self.handle_deliveries();
             if self.producer.in_flight_count() == 0 || Instant::now() >= deadline {
                 break;
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
         self.rewind_pending = true;
     }
@@ -810,6 +844,7 @@ impl Dispatcher {
                     let ticket = self.replay.push(end);
                     let pending = Box::new(Pending {
                         origin: Origin::Replay(ticket),
+                        seq: 0,
                         handed_at: None,
                         topic: rec.topic,
                     });

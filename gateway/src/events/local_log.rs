@@ -39,6 +39,8 @@ use super::{ms, EventSink, EventsError, LocalConfig, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
 const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// Rows per INSERT statement, largest first (5 bound parameters a row; SQLite allows 32766).
+const INSERT_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 const RETRY_WAIT: Duration = Duration::from_millis(200);
 
 /// One event of the local log.
@@ -119,8 +121,17 @@ impl LocalEventLog {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        // SQLite allows 32766 bound parameters per statement; 6 per row.
-        for rows in batch.chunks(5000) {
+        // Multi-row inserts of power-of-two sizes only: at most a dozen distinct statements,
+        // each prepared once and then reused from the connection's statement cache.
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let n = INSERT_ROWS
+                .iter()
+                .copied()
+                .find(|n| *n <= rest.len())
+                .unwrap_or(1);
+            let (rows, tail) = rest.split_at(n);
+            rest = tail;
             let mut q = QueryBuilder::new(
                 "INSERT INTO event_log (topic, event_key, event_id, timestamp_ms, payload) ",
             );
@@ -131,7 +142,7 @@ impl LocalEventLog {
                     .push_bind(m.timestamp_ms)
                     .push_bind(String::from_utf8_lossy(&m.payload));
             });
-            q.build().execute(&mut *tx).await?;
+            q.build().persistent(true).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -244,6 +255,10 @@ impl LocalSink {
 
     pub fn metrics(&self) -> &EventMetrics {
         &self.metrics
+    }
+    /// Records handed over and not yet taken by the writer thread.
+    pub fn queued_events(&self) -> usize {
+        self.handoff.len()
     }
 }
 

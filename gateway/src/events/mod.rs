@@ -186,7 +186,7 @@ impl Default for KafkaConfig {
             requests_topic: t.requests,
             chunks_topic: t.chunks,
             completions_topic: t.completions,
-            linger_ms: 5,
+            linger_ms: 20,
             compression: Compression::Lz4,
             max_queue_events: 100_000,
             max_producer_queue_events: 100_000,
@@ -196,7 +196,7 @@ impl Default for KafkaConfig {
             spool_segment_bytes: 64 * 1024 * 1024,
             spool_fsync_interval_ms: 200,
             replay_max_in_flight_events: 20_000,
-            delivery_stall_ms: 1_000,
+            delivery_stall_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             properties: Default::default(),
         }

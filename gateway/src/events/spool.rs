@@ -18,10 +18,12 @@
 //! create, so a record torn by a crash can only be the last one of an older segment: at open it
 //! is detected (short or failed checksum), reported, and the file truncated before it.
 //!
-//! Durability (fsync policy): records are written to the file (one `write` per batch, so a
-//! process crash loses nothing already spooled) and `fdatasync`ed at most every
-//! `fsync_interval` (so a power loss or kernel crash loses at most that much), when a segment
-//! is closed, and at shutdown; a new file's directory entry is synced when it is created.
+//! Durability (fsync policy): appends are buffered and written to the file by [`Spool::flush`],
+//! which the Kafka sink calls at the end of every loop turn (every few milliseconds), so a
+//! process crash loses at most the current turn's appends; written data is `fdatasync`ed at
+//! most every `fsync_interval` (a power loss or kernel crash loses at most that much more),
+//! when a segment is closed, and at shutdown; a new file's directory entry is synced when the
+//! file is created, and the cursor file is replaced atomically (write, fsync, rename).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -110,12 +112,12 @@ pub struct SpoolRecord {
 }
 
 impl SpoolRecord {
-    pub fn from_wire(m: &WireMessage) -> SpoolRecord {
+    pub fn from_wire(m: WireMessage) -> SpoolRecord {
         SpoolRecord {
             topic: m.topic,
             timestamp_ms: m.timestamp_ms,
-            key: m.key.as_bytes().to_vec(),
-            payload: m.payload.clone(),
+            key: m.key.into_bytes(),
+            payload: m.payload,
         }
     }
 

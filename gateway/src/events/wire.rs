@@ -182,11 +182,11 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         ttft_ms: r.time_to_first_token.map(|t| saturating_u64(t.as_millis())),
         latency_ms: saturating_u64(r.duration.as_millis()),
         gateway_overhead_us: saturating_u64(r.gateway_overhead.as_micros()),
-        // TODO(issue "Retries, fallbacks and breakers"): filled when the router retries.
+        // The router neither retries nor falls back yet, and there is no response cache.
         retries: 0,
         fallbacks: 0,
         cache_hit: false,
-        // TODO(issue "Billing pipeline and price book"): the estimate's price-book version.
+        // TODO(issue 5): the price-book version used for the pre-flight estimate.
         price_book_version: None,
         received_at: format_event_time(r.received_at()),
     }

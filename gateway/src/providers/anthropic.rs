@@ -54,19 +54,16 @@ impl Provider for AnthropicProvider {
             .anthropic_version
             .as_deref()
             .unwrap_or(&self.version);
-        let mut request = self
-            .http
-            .client
-            .post(format!("{}/v1/messages", self.http.base_url))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("anthropic-version", version)
-            .body(body);
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("anthropic-version", version),
+        ];
         if let Some(beta) = &forwarded.anthropic_beta {
-            request = request.header("anthropic-beta", beta);
+            headers.push(("anthropic-beta", beta.as_str()));
         }
         if let Some(key) = self.http.secret.expose() {
-            request = request.header("x-api-key", key);
+            headers.push(("x-api-key", key));
         }
-        self.http.execute(request).await
+        self.http.post("/v1/messages", &headers, body).await
     }
 }

@@ -1,11 +1,18 @@
-//! What the HTTP providers share: the client, timeouts, and turning an upstream error
+//! What the HTTP providers share: the transport, timeouts, and turning an upstream error
 //! response into a [`GatewayError`] without leaking the credential.
+//!
+//! Two transports carry requests: the lean HTTP/1.1 client (`http1.rs`) for plain `http://`
+//! upstreams (vLLM, local servers), reqwest for `https://`. Everything after the response
+//! head (status mapping, error bodies, redaction, retry-after, the first-body-byte timeout)
+//! is shared.
 
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 
+use super::http1::Http1Client;
 use super::{BodyStream, UpstreamResponse};
 use crate::error::GatewayError;
 
@@ -34,6 +41,19 @@ impl Secret {
         self.0.as_deref()
     }
 
+    /// `e` with the secret replaced in its message.
+    pub fn redact_error(&self, e: GatewayError) -> GatewayError {
+        match e {
+            GatewayError::UpstreamUnavailable(m) => {
+                GatewayError::UpstreamUnavailable(self.redact(&m))
+            }
+            GatewayError::UpstreamTimeout(m) => GatewayError::UpstreamTimeout(self.redact(&m)),
+            GatewayError::UpstreamProtocol(m) => GatewayError::UpstreamProtocol(self.redact(&m)),
+            GatewayError::Internal(m) => GatewayError::Internal(self.redact(&m)),
+            other => other,
+        }
+    }
+
     /// `text` with every occurrence of the secret replaced.
     pub fn redact(&self, text: &str) -> String {
         match &self.0 {
@@ -53,10 +73,27 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// An HTTP upstream endpoint: client, base URL, credential, timeouts.
+/// How requests reach an upstream.
+enum Transport {
+    /// `https://` (and any URL the lean client does not handle).
+    Reqwest(reqwest::Client),
+    /// Plain `http://`: the lean client, whose body reads the socket itself.
+    Http1(Http1Client),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Reqwest(_) => f.write_str("Reqwest"),
+            Transport::Http1(c) => c.fmt(f),
+        }
+    }
+}
+
+/// An HTTP upstream endpoint: transport, base URL, credential, timeouts.
 #[derive(Debug)]
 pub struct HttpUpstream {
-    pub client: reqwest::Client,
+    transport: Transport,
     pub base_url: String,
     pub secret: Secret,
     pub first_byte_timeout: Duration,
@@ -69,64 +106,121 @@ impl HttpUpstream {
         connect_timeout: Duration,
         first_byte_timeout: Duration,
     ) -> Result<Self, GatewayError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build()
-            .map_err(|e| GatewayError::Internal(format!("cannot build HTTP client: {e}")))?;
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let transport = match Http1Client::for_base_url(&base_url, connect_timeout) {
+            Some(client) => Transport::Http1(client),
+            None => Transport::Reqwest(
+                reqwest::Client::builder()
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(1024)
+                    .build()
+                    .map_err(|e| {
+                        GatewayError::Internal(format!("cannot build HTTP client: {e}"))
+                    })?,
+            ),
+        };
         Ok(HttpUpstream {
-            client,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            transport,
+            base_url,
             secret,
             first_byte_timeout,
         })
     }
 
-    /// Sends the prepared request and waits (bounded) for the response headers.
-    pub async fn execute(
+    /// Whether requests go through the lean HTTP/1.1 client (plain `http://` upstreams).
+    pub fn is_lean_http1(&self) -> bool {
+        matches!(self.transport, Transport::Http1(_))
+    }
+
+    /// POSTs `body` to the base URL + `path` with `headers`, and waits (bounded) for the
+    /// response headers and the first body byte. A non-2xx answer is an error.
+    pub async fn post(
         &self,
-        request: reqwest::RequestBuilder,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
     ) -> Result<UpstreamResponse, GatewayError> {
         let started = std::time::Instant::now();
-        let response = match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
-            Err(_) => {
-                return Err(GatewayError::UpstreamTimeout(format!(
-                    "no response within {} ms",
-                    self.first_byte_timeout.as_millis()
-                )))
+        match &self.transport {
+            Transport::Reqwest(client) => {
+                let mut request = client.post(format!("{}{path}", self.base_url)).body(body);
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                let response =
+                    match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
+                        Err(_) => return Err(self.head_timeout()),
+                        Ok(Err(e)) => return Err(self.transport_error(&e)),
+                        Ok(Ok(r)) => r,
+                    };
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let secret = self.secret.clone();
+                let body = response.bytes_stream().map(move |r| {
+                    r.map_err(|e| {
+                        GatewayError::UpstreamUnavailable(secret.redact(&format!(
+                            "connection lost mid-response: {}",
+                            error_chain(&e)
+                        )))
+                    })
+                });
+                self.respond(started, status, headers, body).await
             }
-            Ok(Err(e)) => return Err(self.transport_error(&e)),
-            Ok(Ok(r)) => r,
-        };
-        let status = response.status();
-        let headers = response.headers().clone();
-        if !status.is_success() {
-            let body = read_bounded(response, MAX_ERROR_BODY).await;
-            let detail = upstream_detail(status.as_u16(), &body);
+            Transport::Http1(client) => {
+                let sent = client.post(path, headers, &body);
+                let response = match tokio::time::timeout(self.first_byte_timeout, sent).await {
+                    Err(_) => return Err(self.head_timeout()),
+                    Ok(Err(e)) => return Err(self.secret.redact_error(e)),
+                    Ok(Ok(r)) => r,
+                };
+                let secret = self.secret.clone();
+                let body = response
+                    .body
+                    .map(move |r| r.map_err(|e| secret.redact_error(e)));
+                self.respond(started, response.status, response.headers, body)
+                    .await
+            }
+        }
+    }
+
+    fn head_timeout(&self) -> GatewayError {
+        GatewayError::UpstreamTimeout(format!(
+            "no response within {} ms",
+            self.first_byte_timeout.as_millis()
+        ))
+    }
+
+    /// What both transports do with a response whose head has arrived: a non-2xx status
+    /// becomes an error (message from the body, redacted), and the first body byte is
+    /// awaited within what is left of the first-byte timeout.
+    async fn respond<S>(
+        &self,
+        started: std::time::Instant,
+        status: u16,
+        headers: HeaderMap,
+        mut body: S,
+    ) -> Result<UpstreamResponse, GatewayError>
+    where
+        S: Stream<Item = Result<Bytes, GatewayError>> + Send + Unpin + 'static,
+    {
+        if !(200..300).contains(&status) {
+            let text = read_bounded(&mut body, MAX_ERROR_BODY).await;
+            let detail = upstream_detail(status, &text);
             return Err(GatewayError::Upstream {
-                status: status.as_u16(),
+                status,
                 message: self.secret.redact(&detail.message),
                 retry_after_s: retry_after_secs(&headers),
                 param: detail.param,
                 code: detail.code,
             });
         }
-        let secret = self.secret.clone();
-        let mut stream = response.bytes_stream().map(move |r| {
-            r.map_err(|e| {
-                GatewayError::UpstreamUnavailable(secret.redact(&format!(
-                    "connection lost mid-response: {}",
-                    error_chain(&e)
-                )))
-            })
-        });
         // The first body byte is still "before the response": an upstream that sends headers
         // and then nothing is a timeout the client can be told about (and a later issue can
         // retry), not a stream that hangs forever.
         let remaining = self.first_byte_timeout.saturating_sub(started.elapsed());
-        let first = match tokio::time::timeout(remaining, stream.next()).await {
+        let first = match tokio::time::timeout(remaining, body.next()).await {
             Err(_) => {
                 return Err(GatewayError::UpstreamTimeout(format!(
                     "no response body within {} ms",
@@ -136,7 +230,7 @@ impl HttpUpstream {
             Ok(Some(Err(e))) => return Err(e),
             Ok(first) => first,
         };
-        let body: BodyStream = Box::pin(futures_util::stream::iter(first).chain(stream));
+        let body: BodyStream = Box::pin(futures_util::stream::iter(first).chain(body));
         Ok(UpstreamResponse { headers, body })
     }
 
@@ -162,12 +256,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_bounded(response: reqwest::Response, limit: usize) -> Vec<u8> {
+async fn read_bounded<S>(body: &mut S, limit: usize) -> Vec<u8>
+where
+    S: Stream<Item = Result<Bytes, GatewayError>> + Unpin,
+{
     let mut out = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
+    while let Some(Ok(chunk)) = body.next().await {
         let room = limit.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        out.extend_from_slice(chunk.get(..chunk.len().min(room)).unwrap_or_default());
         if out.len() >= limit {
             break;
         }
@@ -204,7 +300,11 @@ fn upstream_detail(status: u16, body: &[u8]) -> UpstreamDetail {
     });
     let message = message.unwrap_or_else(|| {
         let text = String::from_utf8_lossy(body);
-        text.chars().take(300).collect::<String>().trim().to_string()
+        text.chars()
+            .take(300)
+            .collect::<String>()
+            .trim()
+            .to_string()
     });
     let clients_fault = (400..500).contains(&status) && ![401, 403, 429].contains(&status);
     UpstreamDetail {
@@ -250,16 +350,19 @@ mod tests {
 
     #[test]
     fn extracts_messages_from_both_error_shapes() {
-        let o = upstream_message(
+        let o = upstream_detail(
             400,
-            br#"{"error":{"message":"bad temp","type":"invalid_request_error"}}"#,
+            br#"{"error":{"message":"bad temp","type":"invalid_request_error","param":"temperature"}}"#,
         );
-        assert!(o.ends_with("bad temp"));
-        let a = upstream_message(
+        assert!(o.message.ends_with("bad temp"));
+        assert_eq!(o.param.as_deref(), Some("temperature"));
+        let a = upstream_detail(
             529,
             br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
         );
-        assert!(a.ends_with("Overloaded"));
-        assert!(upstream_message(502, b"<html>bad gateway</html>").contains("bad gateway"));
+        assert!(a.message.ends_with("Overloaded"));
+        assert!(upstream_detail(502, b"<html>bad gateway</html>")
+            .message
+            .contains("bad gateway"));
     }
 }

@@ -5,7 +5,8 @@
 //! | `openai.rs` | OpenAI and every OpenAI-compatible server (vLLM, TGI, Ollama, LM Studio) |
 //! | `anthropic.rs` | Anthropic Messages |
 //! | `mock.rs` | the built-in simulated provider behind the `mock/...` models |
-//! | `http.rs` | what the HTTP providers share: client, upstream error mapping, redaction |
+//! | `http.rs` | what the HTTP providers share: transport, upstream error mapping, redaction |
+//! | `http1.rs` | the lean HTTP/1.1 client for plain `http://` upstreams (pooled, no background task) |
 //!
 //! A provider receives a body already in its own dialect (the relay translates) and returns
 //! the raw response body as a byte stream; a non-2xx answer is turned into a
@@ -13,6 +14,7 @@
 
 pub mod anthropic;
 pub mod http;
+pub mod http1;
 pub mod mock;
 pub mod openai;
 

@@ -48,15 +48,11 @@ impl Provider for OpenAiProvider {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Embeddings => "/embeddings",
         };
-        let mut request = self
-            .http
-            .client
-            .post(format!("{}{path}", self.http.base_url))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = self.http.secret.expose() {
-            request = request.bearer_auth(key);
+        let auth = self.http.secret.expose().map(|key| format!("Bearer {key}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("authorization", auth.as_str()));
         }
-        self.http.execute(request).await
+        self.http.post(path, &headers, body).await
     }
 }

@@ -129,6 +129,7 @@ pub struct CompletionRecord {
     pub outcome: Outcome,
     pub usage: TokenUsage,
     pub finish_reason: Option<String>,
+    /// SSE data events relayed to the client (one chunk record each); 0 when not streamed.
     pub chunks: u64,
     pub time_to_first_token: Option<Duration>,
     pub duration: Duration,
@@ -224,6 +225,17 @@ impl Exchange {
         first_output_at: Option<Instant>,
         post_processing: Duration,
     ) {
+        tracing::debug!(
+            target: "tollgate::access",
+            request_id = %self.request_id,
+            route = self.route,
+            model = %self.requested_model,
+            deployment = %self.deployment,
+            outcome = outcome.label(),
+            input_tokens = usage.input_tokens,
+            output_tokens = usage.output_tokens,
+            "request finished"
+        );
         let now = Instant::now();
         let record = CompletionRecord {
             request_id: self.request_id.clone(),

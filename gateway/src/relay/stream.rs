@@ -22,6 +22,9 @@ use futures_util::Stream;
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
 use crate::providers::BodyStream;
 
+/// Most bytes gathered from already-ready upstream reads before they are written out.
+const COALESCE_LIMIT_BYTES: usize = 64 * 1024;
+
 /// The body of a streaming response.
 pub struct RelayStream {
     upstream: BodyStream,
@@ -72,7 +75,7 @@ impl RelayStream {
             outcome,
             usage,
             state.finish_reason.clone(),
-            state.chunks,
+            self.next_chunk,
             state.first_output_at,
             self.post_processing,
         );
@@ -118,7 +121,13 @@ impl Stream for RelayStream {
                 return Poll::Ready(this.take_out().map(Ok));
             }
             match this.upstream.as_mut().poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
+                // Nothing more is ready upstream: send what this poll gathered.
+                Poll::Pending => {
+                    return match this.take_out() {
+                        Some(b) => Poll::Ready(Some(Ok(b))),
+                        None => Poll::Pending,
+                    }
+                }
                 Poll::Ready(Some(Ok(bytes))) => {
                     if this.first_upstream_at.is_none() && this.post_processing.is_zero() {
                         this.first_upstream_at = Some(Instant::now());
@@ -129,8 +138,13 @@ impl Stream for RelayStream {
                         this.adapter.on_frame(frame, &mut this.out);
                     }
                     this.record_chunks(from);
-                    if let Some(b) = this.take_out() {
-                        return Poll::Ready(Some(Ok(b)));
+                    // Keep reading while the upstream has more ready (a burst of chunks
+                    // becomes one write to the client instead of one per chunk); a real
+                    // model's chunks arrive apart and still go out one by one, at once.
+                    if this.out.len() >= COALESCE_LIMIT_BYTES {
+                        if let Some(b) = this.take_out() {
+                            return Poll::Ready(Some(Ok(b)));
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
