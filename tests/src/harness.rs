@@ -27,8 +27,10 @@ pub const ADMIN_TOKEN: &str = "admin-test-token-7f3e";
 
 static SET_KEY: Once = Once::new();
 
-/// The standard test config: `oa/<scenario>` reaches the mock's OpenAI API and
-/// `an/<scenario>` its Anthropic API; `extra` is appended (more deployments/aliases).
+/// The standard test config: `oa/<scenario>` reaches the mock's OpenAI API as an `openai`
+/// deployment, `vl/<scenario>` and `oc/<scenario>` the same API as `vllm` and
+/// `openai_compatible` deployments, and `an/<scenario>` its Anthropic API; `extra` is
+/// appended (more deployments/aliases).
 pub fn mock_config(upstream_base: &str, extra: &str) -> String {
     format!(
         r#"
@@ -53,9 +55,31 @@ base_url = "{upstream_base}"
 api_key_env = "{UPSTREAM_KEY_ENV}"
 first_byte_timeout_ms = 1500
 
+[[deployments]]
+type = "vllm"
+name = "vl"
+model = "*"
+base_url = "{upstream_base}/v1"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+
+[[deployments]]
+type = "openai_compatible"
+name = "oc"
+model = "*"
+base_url = "{upstream_base}/v1"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+
 [[models]]
 name = "oa/*"
 deployments = ["oa"]
+
+[[models]]
+name = "vl/*"
+deployments = ["vl"]
+
+[[models]]
+name = "oc/*"
+deployments = ["oc"]
 
 [[models]]
 name = "an/*"

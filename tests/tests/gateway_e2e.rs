@@ -756,3 +756,44 @@ async fn models_embeddings_health_and_metrics() {
         .unwrap();
     assert_eq!(resp.status(), 405);
 }
+
+#[tokio::test]
+async fn vllm_and_openai_compatible_deployments_pass_extra_sampling_parameters() {
+    let h = Harness::start().await;
+    let mut body = chat("vl/normal", true);
+    for (k, v) in [
+        ("top_k", json!(20)),
+        ("min_p", json!(0.05)),
+        ("repetition_penalty", json!(1.1)),
+        ("guided_json", json!({"type": "object"})),
+        ("best_of", json!(1)),
+    ] {
+        body[k] = v;
+    }
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-provider"], "vllm");
+    let (content, _) = openai_stream_content(&resp.text().await.unwrap());
+    assert_eq!(content, reply_text(20));
+    let sent = &h.upstream.requests()[0].body;
+    for k in [
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "guided_json",
+        "best_of",
+    ] {
+        assert_eq!(sent[k], body[k], "{k} passed through");
+    }
+    // An Anthropic client over an OpenAI-compatible server, with tools.
+    let mut m = messages("oc/tools", false);
+    m["tools"] = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+    let resp = h.post("/v1/messages", &m).await;
+    assert_eq!(resp.headers()["x-tollgate-provider"], "openai_compatible");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["stop_reason"], "tool_use");
+    assert_eq!(
+        v["content"][0]["input"],
+        serde_json::from_str::<Value>(TOOL_CALL_ARGUMENTS[0]).unwrap()
+    );
+}

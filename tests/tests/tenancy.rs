@@ -748,3 +748,100 @@ fn cli_manages_tenants_and_keys_and_rejects_bad_input() {
     let audit = ok(&["audit"]);
     assert!(audit.contains("key.revoke") && audit.contains("tenant.suspend"));
 }
+
+#[tokio::test]
+async fn usage_reports_the_ledger_by_model_and_day_with_exact_decimals() {
+    let h = Harness::start().await;
+    let tenant = h.state.store.tenant("acme").await.unwrap().unwrap();
+    // Ledger rows as the billing pipeline writes them (two days, two models, another tenant's
+    // row and a row from the previous month that must not count).
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        h.data_dir().join("tollgate.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows = [
+        (
+            &tenant.id[..],
+            "gpt-4o",
+            "2026-11-02T10:01:00Z",
+            2,
+            1000,
+            200,
+            50,
+            "0.0012345",
+        ),
+        (
+            &tenant.id[..],
+            "gpt-4o",
+            "2026-11-02T10:02:00Z",
+            1,
+            10,
+            0,
+            5,
+            "0.0000001",
+        ),
+        (
+            &tenant.id[..],
+            "claude",
+            "2026-11-03T00:00:00Z",
+            3,
+            300,
+            0,
+            30,
+            "0.1",
+        ),
+        (
+            "ten_other",
+            "gpt-4o",
+            "2026-11-02T10:01:00Z",
+            9,
+            9,
+            9,
+            9,
+            "9",
+        ),
+        (
+            &tenant.id[..],
+            "gpt-4o",
+            "2026-10-31T23:59:00Z",
+            7,
+            7,
+            7,
+            7,
+            "7",
+        ),
+    ];
+    for (t, model, minute, req, inp, cached, out, cost) in rows {
+        sqlx::query("INSERT INTO usage_minutes (tenant_id, model, minute, requests, input_tokens, cached_input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?)")
+            .bind(t).bind(model).bind(minute).bind(req).bind(inp).bind(cached).bind(out).bind(cost)
+            .execute(&pool).await.unwrap();
+    }
+    let v: Value = reqwest::Client::new()
+        .get(format!("{}/v1/usage?period=2026-11", h.base_url))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"]["requests"], 6, "{v}");
+    assert_eq!(v["total"]["input_tokens"], 1310);
+    assert_eq!(v["total"]["cost"], "0.1012346", "exact decimal sum");
+    let by_model: Vec<(&str, &str)> = v["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["model"].as_str().unwrap(), m["cost"].as_str().unwrap()))
+        .collect();
+    assert_eq!(by_model, [("claude", "0.1"), ("gpt-4o", "0.0012346")]);
+    let days: Vec<(&str, &str)> = v["by_day"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["date"].as_str().unwrap(), d["model"].as_str().unwrap()))
+        .collect();
+    assert_eq!(days, [("2026-11-02", "gpt-4o"), ("2026-11-03", "claude")]);
+}
