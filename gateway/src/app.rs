@@ -10,6 +10,14 @@
 //!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
 //!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
 //! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape.
+//!
+//! One multi-threaded runtime serves everything. One single-threaded runtime per core, each
+//! with its own `SO_REUSEPORT` listener and upstream pool, was measured: about 20% less CPU
+//! per request at low concurrency and with chunks arriving apart, nothing at saturation, and
+//! a request whose pre-flight work is heavy (a 1.3 MB prompt: ~200 ms of tokenizing) stalled
+//! every stream on its thread (worst first-token time 300–440 ms against ~30 ms here, where
+//! other workers steal the waiting tasks). Worth revisiting once that work leaves the serving
+//! threads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -161,124 +169,4 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
-}
-
-/// The serving threads `server.worker_threads` asks for: 0 means one per available core.
-pub fn worker_threads(config: &Config) -> usize {
-    match config.server.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-}
-
-/// `threads` listeners on `addr`, all accepting: with more than one, each is its own socket
-/// bound with `SO_REUSEPORT` (the kernel spreads incoming connections over them) where the
-/// platform balances that way (Linux), or one socket shared otherwise. A port of 0 is
-/// resolved by the first bind and reused by the others.
-pub fn bind_listeners(
-    addr: SocketAddr,
-    threads: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let threads = threads.max(1);
-    let bind = |addr: SocketAddr, reuse_port: bool| -> std::io::Result<std::net::TcpListener> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        #[cfg(unix)]
-        socket.set_reuse_address(true)?;
-        #[cfg(target_os = "linux")]
-        if reuse_port {
-            socket.set_reuse_port(true)?;
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = reuse_port;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        Ok(socket.into())
-    };
-    let reuse_port = threads > 1 && cfg!(target_os = "linux");
-    let first = bind(addr, reuse_port)?;
-    let addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..threads {
-        let next = if reuse_port {
-            bind(addr, true)?
-        } else {
-            listeners
-                .first()
-                .ok_or_else(|| std::io::Error::other("no listener"))?
-                .try_clone()?
-        };
-        listeners.push(next);
-    }
-    Ok(listeners)
-}
-
-/// Serves on `listeners` (from [`bind_listeners`]) with one single-threaded runtime each:
-/// the calling runtime serves the first, and a thread per other listener runs its own.
-/// Each runtime accepts its own connections and keeps its own upstream connection pool, so
-/// a request, its client connection and its upstream connection stay on one thread, with no
-/// wake-ups across threads. State shared by all (stores, event sinks) lives on the calling
-/// runtime, which must therefore be the one that built it. Returns once every runtime has
-/// stopped: `shutdown` resolved and in-flight requests finished.
-pub async fn serve_on_threads(
-    listeners: Vec<std::net::TcpListener>,
-    state: Arc<AppState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let mut listeners = listeners.into_iter();
-    let first = listeners
-        .next()
-        .ok_or_else(|| std::io::Error::other("no listener to serve on"))?;
-    let mut threads = Vec::new();
-    for (i, listener) in listeners.enumerate() {
-        let (state, stop) = (state.clone(), stopped(stop_rx.clone()));
-        let thread = std::thread::Builder::new()
-            .name(format!("tollgate-serve-{}", i + 1))
-            .spawn(move || -> std::io::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
-                    serve(tokio::net::TcpListener::from_std(listener)?, state, stop).await
-                })
-            });
-        match thread {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                let _ = stop_tx.send(true);
-                return Err(e);
-            }
-        }
-    }
-    let signal = stop_tx.clone();
-    let result = match tokio::net::TcpListener::from_std(first) {
-        Ok(listener) => {
-            serve(listener, state, async move {
-                shutdown.await;
-                let _ = signal.send(true);
-            })
-            .await
-        }
-        Err(e) => Err(e),
-    };
-    // Whatever ended this one (shutdown or an error) ends the others.
-    let _ = stop_tx.send(true);
-    let joined = tokio::task::spawn_blocking(move || {
-        threads
-            .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("serving thread panicked")))
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(std::io::Error::other)?;
-    joined.into_iter().fold(result, |acc, r| acc.and(r))
 }

@@ -58,9 +58,6 @@ pub struct ServerConfig {
     pub mock_models: bool,
     /// Add `openai/*` and `anthropic/*` routes when `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` are set.
     pub env_providers: bool,
-    /// Serving threads, each a single-threaded runtime with its own listener on `listen`
-    /// (SO_REUSEPORT) and its own upstream connection pool; 0 means one per available core.
-    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -73,7 +70,6 @@ impl Default for ServerConfig {
             key_cache_ttl_ms: 5_000,
             mock_models: true,
             env_providers: true,
-            worker_threads: 0,
         }
     }
 }

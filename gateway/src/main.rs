@@ -23,9 +23,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Single-threaded: `serve` adds one more such runtime per extra serving thread
-    // (`server.worker_threads`), each with its own listener (see `app::serve_on_threads`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -99,26 +97,13 @@ async fn serve(
         out.flush()?;
     }
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let threads = app::worker_threads(&config);
     let sink = tollgate_gateway::events::from_config(&config.events, data_dir).await?;
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
     let state = AppState::start(config, store, sink, master_key, admin_token).await?;
-    let addr = tokio::net::lookup_host(&addr)
-        .await?
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("cannot resolve {addr}"),
-            )
-        })?;
-    let listeners = app::bind_listeners(addr, threads)?;
-    let local_addr = match listeners.first() {
-        Some(l) => l.local_addr()?,
-        None => addr,
-    };
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(
-        "tollgate listening on http://{local_addr} ({threads} serving threads; models: {}; admin API {})",
+        "tollgate listening on http://{} (models: {}; admin API {})",
+        listener.local_addr()?,
         state.router.model_names().join(", "),
         if state.admin_token.is_some() {
             "on /admin/v1"
@@ -126,7 +111,7 @@ async fn serve(
             "off: set TOLLGATE_ADMIN_TOKEN"
         }
     );
-    app::serve_on_threads(listeners, state.clone(), shutdown_signal()).await?;
+    app::serve(listener, state.clone(), shutdown_signal()).await?;
     state.auth.flush_last_used().await;
     state.sink.shutdown().await;
     Ok(())

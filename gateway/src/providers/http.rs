@@ -106,8 +106,22 @@ impl HttpUpstream {
         connect_timeout: Duration,
         first_byte_timeout: Duration,
     ) -> Result<Self, GatewayError> {
+        Self::with_transport(base_url, secret, connect_timeout, first_byte_timeout, true)
+    }
+
+    /// `lean`: use the lean client where it applies (always, outside tests).
+    fn with_transport(
+        base_url: &str,
+        secret: Secret,
+        connect_timeout: Duration,
+        first_byte_timeout: Duration,
+        lean: bool,
+    ) -> Result<Self, GatewayError> {
         let base_url = base_url.trim_end_matches('/').to_string();
-        let transport = match Http1Client::for_base_url(&base_url, connect_timeout) {
+        let lean = lean
+            .then(|| Http1Client::for_base_url(&base_url, connect_timeout))
+            .flatten();
+        let transport = match lean {
             Some(client) => Transport::Http1(client),
             None => Transport::Reqwest(
                 reqwest::Client::builder()
@@ -206,7 +220,17 @@ impl HttpUpstream {
         S: Stream<Item = Result<Bytes, GatewayError>> + Send + Unpin + 'static,
     {
         if !(200..300).contains(&status) {
-            let text = read_bounded(&mut body, MAX_ERROR_BODY).await;
+            // Bounded in size and in time: an error head followed by a stalled body must not
+            // hang the request (what arrived in time is used as the message).
+            let remaining = self.first_byte_timeout.saturating_sub(started.elapsed());
+            let mut text = Vec::new();
+            let _ = tokio::time::timeout(
+                remaining.max(std::time::Duration::from_millis(100)),
+                async {
+                    text = read_bounded(&mut body, MAX_ERROR_BODY).await;
+                },
+            )
+            .await;
             let detail = upstream_detail(status, &text);
             return Err(GatewayError::Upstream {
                 status,
@@ -336,7 +360,126 @@ pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SECRET: &str = "sk-test-SECRET-1234";
+
+    /// Answers every request on every connection with `response`, then keeps the connection.
+    async fn canned(response: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut tmp = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut tmp).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&tmp[..n]);
+                        // Requests here carry `{}` as their body.
+                        if buf.ends_with(b"\r\n\r\n{}") {
+                            buf.clear();
+                            if stream.write_all(response).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/v1")
+    }
+
+    /// The same request through both transports.
+    async fn both(base: &str) -> [Result<Vec<u8>, GatewayError>; 2] {
+        let mut out = Vec::new();
+        for lean in [true, false] {
+            let up = HttpUpstream::with_transport(
+                base,
+                Secret::new(SECRET.to_string()),
+                Duration::from_secs(1),
+                Duration::from_millis(300),
+                lean,
+            )
+            .unwrap();
+            assert_eq!(up.is_lean_http1(), lean);
+            let auth = format!("Bearer {SECRET}");
+            let headers = [
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ];
+            let result = match up.post("/chat", &headers, Bytes::from_static(b"{}")).await {
+                Err(e) => Err(e),
+                Ok(r) => {
+                    let mut body = r.body;
+                    let mut bytes = Vec::new();
+                    while let Some(piece) = body.next().await {
+                        bytes.extend_from_slice(&piece.unwrap());
+                    }
+                    Ok(bytes)
+                }
+            };
+            out.push(result);
+        }
+        let b = out.pop().unwrap();
+        let a = out.pop().unwrap();
+        [a, b]
+    }
+
+    #[tokio::test]
+    async fn both_transports_relay_the_same_body() {
+        let base = canned(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+              9\r\ndata: 1\n\n\r\nc\r\ndata: [DONE]\r\n0\r\n\r\n",
+        )
+        .await;
+        for r in both(&base).await {
+            assert_eq!(r.unwrap(), b"data: 1\n\ndata: [DONE]");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_transports_map_error_answers_the_same_way() {
+        let base = canned(
+            b"HTTP/1.1 429 Too Many Requests\r\nretry-after-ms: 1500\r\ncontent-length: 91\r\n\r\n\
+              {\"error\":{\"message\":\"slow down, sk-test-SECRET-1234\",\"type\":\"rate_limit_error\",\"code\":\"x\"}}",
+        )
+        .await;
+        for r in both(&base).await {
+            match r {
+                Err(GatewayError::Upstream {
+                    status: 429,
+                    message,
+                    retry_after_s: Some(2),
+                    param: None,
+                    code: None,
+                }) => assert_eq!(
+                    message,
+                    "Upstream provider returned 429: slow down, [REDACTED]"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn both_transports_time_out_on_headers_without_a_body() {
+        let base = canned(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+        for r in both(&base).await {
+            assert!(
+                matches!(&r, Err(GatewayError::UpstreamTimeout(m)) if m.contains("no response body")),
+                "{r:?}"
+            );
+        }
+    }
 
     #[test]
     fn secrets_are_redacted_and_never_debug_printed() {

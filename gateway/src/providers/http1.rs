@@ -8,9 +8,15 @@
 //! read per poll, every complete chunk in the buffer decoded, their payloads yielded as one
 //! [`Bytes`]. A burst of upstream chunks is one relay step and one client write.
 //!
-//! Connections are kept alive in a pool per upstream and per thread: a request and its
-//! upstream connection stay on the thread (and, with one runtime per core, the runtime) that
-//! made the connection. A pooled connection is checked before reuse (closed by the server, or
+//! This departs from "reqwest/hyper for upstream calls" for plain-HTTP upstreams only, for
+//! what it measured (`scripts/bench-gateway.sh`, 20-chunk streams, 2 cores, same session):
+//! gateway CPU per request from about 470 to 135 µs at concurrency 1 and from 250 to 60 µs
+//! at 128, throughput at 128 from 0.15 to about 0.5 of the upstream's own. reqwest stays for
+//! `https://`, where TLS makes the client's own costs a smaller share.
+//!
+//! Connections are kept alive in a pool per upstream and per thread: a connection is reused
+//! by the thread that last finished a body on it (with one single-threaded runtime per core,
+//! that would keep it on the runtime it is registered with). A pooled connection is checked before reuse (closed by the server, or
 //! holding unread bytes: discarded) and, because the server may close it just as the request
 //! is sent (the keep-alive race), a request that fails on a pooled connection before any
 //! response byte is sent again, once, on a fresh connection. A body that ends cleanly returns
@@ -33,7 +39,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
@@ -194,7 +200,7 @@ impl Http1Client {
                 .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f));
             if !valid_name || !valid_value {
                 return Err(GatewayError::UpstreamUnavailable(format!(
-                    "cannot send request header `{name}`: invalid characters in its value"
+                    "cannot send request header `{name}`: invalid characters"
                 )));
             }
             head.extend_from_slice(name.as_bytes());
@@ -527,7 +533,7 @@ impl Stream for Http1Body {
                 this.conn = None;
                 return Poll::Ready(Some(Err(lost(&e.to_string()))));
             }
-            match conn.stream.try_read_buf(&mut conn.buf) {
+            match read_some(&conn.stream, &mut conn.buf) {
                 Ok(0) => {
                     this.conn = None;
                     return Poll::Ready(match this.decoder {
@@ -546,6 +552,28 @@ impl Stream for Http1Body {
                 }
             }
         }
+    }
+}
+
+/// One read into the spare room of `buf`, the socket being reported readable. As in tokio's
+/// own `poll_read`, a read that leaves room unfilled is taken to have drained the socket and
+/// clears its readiness, so the next poll waits for the reactor instead of spending a system
+/// call on `EAGAIN` (one per chunk when chunks arrive apart). A close stays visible: tokio
+/// never clears read-closed readiness.
+fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut read = 0;
+    let result = stream.try_io(Interest::READABLE, || {
+        read = stream.try_read_buf(buf)?;
+        if read > 0 && read < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(read)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+        other => other,
     }
 }
 
@@ -633,6 +661,7 @@ enum FramingError {
     SizeTooLarge,
     LineTooLong,
     MissingCrlf,
+    BareLf,
     TrailersTooLarge,
 }
 
@@ -643,6 +672,7 @@ impl std::fmt::Display for FramingError {
             FramingError::SizeTooLarge => "chunk size too large",
             FramingError::LineTooLong => "chunk-size line too long",
             FramingError::MissingCrlf => "chunk data not followed by CRLF",
+            FramingError::BareLf => "line ended by LF without CR",
             FramingError::TrailersTooLarge => "trailers too large",
         })
     }
@@ -692,10 +722,6 @@ impl ChunkedDecoder {
                 }
                 ChunkState::DataEnd => match (buf.get(r), buf.get(r + 1)) {
                     (None, _) | (Some(b'\r'), None) => break,
-                    (Some(b'\n'), _) => {
-                        r += 1;
-                        self.state = ChunkState::Size;
-                    }
                     (Some(b'\r'), Some(b'\n')) => {
                         r += 2;
                         self.state = ChunkState::Size;
@@ -704,8 +730,10 @@ impl ChunkedDecoder {
                 },
                 ChunkState::Trailer => {
                     let room = MAX_TRAILER_BYTES.saturating_sub(self.trailer_bytes);
-                    let Some((end, next)) =
-                        line_at(buf, r, room).map_err(|_| FramingError::TrailersTooLarge)?
+                    let Some((end, next)) = line_at(buf, r, room).map_err(|e| match e {
+                        FramingError::LineTooLong => FramingError::TrailersTooLarge,
+                        other => other,
+                    })?
                     else {
                         break;
                     };
@@ -721,18 +749,18 @@ impl ChunkedDecoder {
     }
 }
 
-/// The line starting at `from`: `(end of its content, start of the next line)`, the
-/// terminator being LF or CRLF; `None` if `buf` does not hold all of it yet. A line whose
-/// content exceeds `limit` bytes is an error, whether or not it is complete.
+/// The line starting at `from`: `(end of its content, start of the next line)`; `None` if
+/// `buf` does not hold all of it yet. Lines end in CRLF (a bare LF is an error, as in hyper,
+/// which caught miscounted chunk sizes before this client replaced it); a line whose content
+/// exceeds `limit` bytes is an error, whether or not it is complete.
 fn line_at(buf: &[u8], from: usize, limit: usize) -> Result<Option<(usize, usize)>, FramingError> {
     let rest = buf.get(from..).unwrap_or_default();
     match memchr::memchr(b'\n', rest) {
         Some(i) => {
-            let end = if i > 0 && rest.get(i - 1) == Some(&b'\r') {
-                i - 1
-            } else {
-                i
-            };
+            if i == 0 || rest.get(i - 1) != Some(&b'\r') {
+                return Err(FramingError::BareLf);
+            }
+            let end = i - 1;
             if end > limit {
                 return Err(FramingError::LineTooLong);
             }
@@ -810,8 +838,10 @@ struct Slot {
 }
 
 thread_local! {
-    /// Idle connections per upstream client on this thread. Per thread, so that with one
-    /// runtime per core a connection is only ever used by the runtime it is registered with.
+    /// Idle connections per upstream client on this thread: no lock on the hot path, and
+    /// ready for one runtime per core (a connection then stays on the runtime it is
+    /// registered with). Each thread keeps at most [`MAX_IDLE_PER_THREAD`] per upstream and
+    /// drops expired ones whenever it checks one in or out.
     static POOLS: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
 }
 
@@ -945,11 +975,9 @@ mod tests {
     }
 
     #[test]
-    fn extensions_whitespace_lf_only_lines_and_uppercase_hex_are_accepted() {
+    fn extensions_whitespace_leading_zeros_and_uppercase_hex_are_accepted() {
         let (out, done, _) = decode_all(b"A ; ext=\"q\" ;x\r\n0123456789\r\n0\r\n\r\n").unwrap();
         assert_eq!((out.as_slice(), done), (&b"0123456789"[..], true));
-        let (out, done, _) = decode_all(b"3\nabc\n0\n\n").unwrap();
-        assert_eq!((out.as_slice(), done), (&b"abc"[..], true));
         let (out, done, _) = decode_all(b"000002\r\nab\r\n0000\r\n\r\n").unwrap();
         assert_eq!((out.as_slice(), done), (&b"ab"[..], true));
     }
@@ -998,6 +1026,21 @@ mod tests {
         assert_eq!(
             decode_all(b"3\r\nabc\rX").unwrap_err(),
             FramingError::MissingCrlf
+        );
+        // A miscounted size: the payload's own LF is not the chunk's CRLF.
+        assert_eq!(
+            decode_all(b"3\r\nab\n\n\r\n").unwrap_err(),
+            FramingError::MissingCrlf
+        );
+        // Lines end in CRLF.
+        assert_eq!(decode_all(b"3\nabc").unwrap_err(), FramingError::BareLf);
+        assert_eq!(
+            decode_all(b"3\r\nabc\n0\r\n\r\n").unwrap_err(),
+            FramingError::MissingCrlf
+        );
+        assert_eq!(
+            decode_all(b"0\r\nx-t: 1\n\r\n").unwrap_err(),
+            FramingError::BareLf
         );
     }
 
@@ -1430,6 +1473,38 @@ mod tests {
         assert_eq!(body_of(r).await.unwrap(), b"hello");
         let e = c.post("/chat", &[], &Bytes::new()).await.err().unwrap();
         assert!(matches!(e, GatewayError::UpstreamUnavailable(_)), "{e:?}");
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunks_that_arrive_apart_are_each_yielded_as_they_come() {
+        let s = server(|_| {
+            vec![
+                Act::Read,
+                Act::Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"),
+                Act::Sleep(20),
+                Act::Write(b"2\r\nde\r\n"),
+                Act::Sleep(20),
+                Act::Write(b"1\r\nf\r\n0\r\n\r\n"),
+                Act::Sleep(20),
+                Act::Read,
+                Act::Write(b"HTTP/1.1 200 OK\r\n\r\nuntil"),
+                Act::Sleep(20),
+                Act::Write(b" closed"),
+                Act::Close,
+            ]
+        })
+        .await;
+        let c = client(&s);
+        let mut body = c.post("/chat", &[], &Bytes::new()).await.unwrap().body;
+        let mut pieces = Vec::new();
+        while let Some(piece) = body.next().await {
+            pieces.push(piece.unwrap());
+        }
+        assert_eq!(pieces, [&b"abc"[..], b"de", b"f"]);
+        assert_eq!(c.idle_connections(), 1);
+        let r = c.post("/chat", &[], &Bytes::new()).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"until closed");
         assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
     }
 

@@ -19,7 +19,9 @@ use crate::translate::usage;
 /// Whether `data` has a top-level-looking `"usage": {` (an object, not `null`).
 fn has_usage_object(data: &[u8]) -> bool {
     let mut rest = data;
-    while let Some(i) = memchr::memmem::find(rest, b"\"usage\"") {
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    while let Some(i) = USAGE.find(rest) {
         let after = &rest[i + 7..];
         let mut j = 0;
         while j < after.len() && after[j].is_ascii_whitespace() {
@@ -163,7 +165,9 @@ impl OpenAiPassthrough {
     /// Reads `"finish_reason":"..."` without parsing the chunk.
     fn note_finish(&mut self, data: &[u8]) {
         const KEY: &[u8] = b"\"finish_reason\":\"";
-        if let Some(i) = memchr::memmem::find(data, KEY) {
+        static FINISH: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+        if let Some(i) = FINISH.find(data) {
             let rest = &data[i + KEY.len()..];
             if let Some(end) = memchr::memchr(b'"', rest) {
                 self.state.finish_reason =
