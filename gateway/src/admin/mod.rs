@@ -70,6 +70,14 @@ impl Admin {
             .ok_or_else(|| GatewayError::NotFound(format!("no tenant `{tenant}`")))
     }
 
+    /// The id of an optional tenant reference (id or name), or 404.
+    async fn tenant_id(&self, tenant: Option<&str>) -> Result<Option<String>, GatewayError> {
+        match tenant {
+            Some(t) => Ok(Some(self.tenant(t).await?.id)),
+            None => Ok(None),
+        }
+    }
+
     async fn plan_id(&self, plan: &str) -> Result<String, GatewayError> {
         self.store
             .list_plans()
@@ -183,10 +191,7 @@ impl Admin {
     }
 
     pub async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeySummary>, GatewayError> {
-        let tenant_id = match tenant {
-            Some(t) => Some(self.tenant(t).await?.id),
-            None => None,
-        };
+        let tenant_id = self.tenant_id(tenant).await?;
         Ok(self.store.list_keys(tenant_id.as_deref()).await?)
     }
 
@@ -328,10 +333,7 @@ impl Admin {
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<Discount>, GatewayError> {
-        let tenant_id = match tenant {
-            Some(t) => Some(self.tenant(t).await?.id),
-            None => None,
-        };
+        let tenant_id = self.tenant_id(tenant).await?;
         Ok(self.store.list_discounts(tenant_id.as_deref()).await?)
     }
 

@@ -33,6 +33,14 @@ impl WireFormat {
     }
 }
 
+/// Seconds since the Unix epoch (the `created` field of OpenAI objects).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Parses a request body into JSON, then into `T`, naming the offending field on error.
 pub fn parse_body<T: DeserializeOwned>(
     body: &[u8],

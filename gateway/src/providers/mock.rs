@@ -15,7 +15,7 @@ use futures_util::stream;
 use serde_json::{json, Value};
 
 use super::{BodyStream, Endpoint, Forwarded, Provider, UpstreamResponse};
-use crate::api::{openai, typed_from_value, WireFormat};
+use crate::api::{openai, typed_from_value, unix_now, WireFormat};
 use crate::error::GatewayError;
 use crate::tokens;
 
@@ -128,13 +128,6 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
 
 fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[async_trait]

@@ -150,7 +150,57 @@ impl CompletionRecord {
     }
 }
 
+/// What a request was routed to, for [`Exchange::begin`].
+pub struct Routed<'a> {
+    pub route: &'static str,
+    pub client_format: WireFormat,
+    pub target: &'a crate::routing::Target<'a>,
+    pub requested_model: &'a str,
+    pub stream: bool,
+    pub prompt_estimate: u64,
+}
+
 impl Exchange {
+    /// Starts the exchange of a routed request; the upstream call is taken to start now.
+    pub fn begin(
+        state: &crate::app::AppState,
+        caller: Caller,
+        routed: Routed<'_>,
+        received_at: Instant,
+    ) -> Exchange {
+        let target = routed.target;
+        Exchange {
+            request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+            caller,
+            route: routed.route,
+            client_format: routed.client_format,
+            model_label: target.alias.name.clone(),
+            requested_model: routed.requested_model.to_string(),
+            deployment: target.deployment.name.clone(),
+            provider: target.deployment.provider.label(),
+            upstream_model: target.upstream_model.clone(),
+            stream: routed.stream,
+            prompt_estimate: routed.prompt_estimate,
+            received_at,
+            upstream_sent_at: Instant::now(),
+            started_at: SystemTime::now(),
+            metrics: state.metrics.clone(),
+            sink: state.sink.clone(),
+        }
+    }
+
+    /// Records an upstream failure before any usage was known.
+    pub fn fail(&self, error: &crate::error::GatewayError) {
+        self.finish(
+            Outcome::UpstreamError(error.to_string()),
+            TokenUsage::default(),
+            None,
+            0,
+            None,
+            Duration::ZERO,
+        );
+    }
+
     /// Wall-clock time the request arrived (derived from the monotonic clock's `received_at`).
     pub fn received_wall(&self) -> SystemTime {
         let now = SystemTime::now();

@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`: passed through to an embedding-capable deployment.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -14,6 +14,7 @@ use crate::api::{openai, parse_body, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
 use crate::providers::{Endpoint, Forwarded};
+use crate::relay::exchange::Routed;
 use crate::relay::{Exchange, Outcome};
 
 pub async fn embeddings(
@@ -43,24 +44,15 @@ async fn serve(
     value["model"] = Value::from(target.upstream_model.as_str());
     let upstream_body =
         serde_json::to_vec(&value).map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let exchange = Exchange {
-        request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
-        caller,
+    let routed = Routed {
         route: "embeddings",
         client_format: WireFormat::OpenAi,
-        model_label: target.alias.name.clone(),
-        requested_model: req.model.clone(),
-        deployment: target.deployment.name.clone(),
-        provider: target.deployment.provider.label(),
-        upstream_model: target.upstream_model.clone(),
+        target: &target,
+        requested_model: &req.model,
         stream: false,
         prompt_estimate: 0,
-        received_at,
-        upstream_sent_at: Instant::now(),
-        started_at: SystemTime::now(),
-        metrics: state.metrics.clone(),
-        sink: state.sink.clone(),
     };
+    let exchange = Exchange::begin(state, caller, routed, received_at);
     exchange.record_request();
     let result = async {
         let upstream = target
@@ -78,14 +70,7 @@ async fn serve(
     let raw = match result {
         Ok(raw) => raw,
         Err(e) => {
-            exchange.finish(
-                Outcome::UpstreamError(e.to_string()),
-                Default::default(),
-                None,
-                0,
-                None,
-                Duration::ZERO,
-            );
+            exchange.fail(&e);
             return Err(e);
         }
     };

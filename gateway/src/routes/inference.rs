@@ -3,7 +3,7 @@
 //! to the deployment's dialect → call upstream → relay (stream) or translate (non-stream).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -16,9 +16,9 @@ use crate::api::{anthropic, openai, parse_body, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
 use crate::providers::{BodyStream, Endpoint, Forwarded};
+use crate::relay::exchange::Routed;
 use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
 use crate::relay::{Exchange, Outcome, RelayStream, StreamAdapter};
-use crate::routing::Target;
 use crate::translate::{self, stream::AnthropicToOpenAi, stream::OpenAiToAnthropic};
 use crate::{tokens, translate::usage};
 
@@ -208,34 +208,23 @@ async fn serve_inner(
     let (caller, bytes) = admit(state, &headers, body).await?;
     let mut request = ClientRequest::parse(format, &bytes)?;
     caller.ensure_model_allowed(request.model())?;
-    let Target {
-        alias,
-        deployment,
-        upstream_model,
-    } = state.router.pick(request.model(), false)?;
+    let target = state.router.pick(request.model(), false)?;
+    let deployment = target.deployment.clone();
+    let upstream_model = target.upstream_model.clone();
     let upstream_format = deployment.provider.format();
     let upstream_body = request.upstream_body(upstream_format, &upstream_model)?;
     let stream = request.is_stream();
     let prompt_estimate = request.prompt_estimate();
     let provider = deployment.provider.label();
-    let exchange = Exchange {
-        request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
-        caller,
+    let routed = Routed {
         route,
         client_format: format,
-        model_label: alias.name.clone(),
-        requested_model: request.model().to_string(),
-        deployment: deployment.name.clone(),
-        provider,
-        upstream_model: upstream_model.clone(),
+        target: &target,
+        requested_model: request.model(),
         stream,
         prompt_estimate,
-        received_at,
-        upstream_sent_at: Instant::now(),
-        started_at: SystemTime::now(),
-        metrics: state.metrics.clone(),
-        sink: state.sink.clone(),
     };
+    let exchange = Exchange::begin(state, caller, routed, received_at);
     exchange.record_request();
     let upstream = deployment
         .provider
@@ -244,14 +233,7 @@ async fn serve_inner(
     let upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            exchange.finish(
-                Outcome::UpstreamError(e.to_string()),
-                Default::default(),
-                None,
-                0,
-                None,
-                std::time::Duration::ZERO,
-            );
+            exchange.fail(&e);
             return Err(e);
         }
     };
@@ -287,14 +269,7 @@ async fn serve_inner(
         {
             Ok(raw) => raw,
             Err(e) => {
-                exchange.finish(
-                    Outcome::UpstreamError(e.to_string()),
-                    Default::default(),
-                    None,
-                    0,
-                    None,
-                    Default::default(),
-                );
+                exchange.fail(&e);
                 return Err(e);
             }
         };
@@ -302,14 +277,7 @@ async fn serve_inner(
         let (body, usage, finish) = match non_stream_body(&request, upstream_format, raw) {
             Ok(x) => x,
             Err(e) => {
-                exchange.finish(
-                    Outcome::UpstreamError(e.to_string()),
-                    Default::default(),
-                    None,
-                    0,
-                    None,
-                    Default::default(),
-                );
+                exchange.fail(&e);
                 return Err(e);
             }
         };

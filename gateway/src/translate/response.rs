@@ -3,14 +3,7 @@
 use serde_json::{json, Value};
 
 use super::{finish_reason_from_anthropic, stop_reason_from_openai, usage};
-use crate::api::{anthropic, openai};
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::api::{anthropic, openai, unix_now};
 
 /// An Anthropic `message` as an OpenAI `chat.completion`.
 pub fn anthropic_to_openai(resp: &anthropic::MessagesResponse) -> Value {

@@ -17,18 +17,11 @@ use bytes::BytesMut;
 use serde_json::{json, Value};
 
 use super::{finish_reason_from_anthropic, stop_reason_from_openai, usage};
-use crate::api::{anthropic, openai};
+use crate::api::{anthropic, openai, unix_now};
 use crate::relay::passthrough::{
     anthropic_error_json, append_block_delta_text, append_chunk_text, openai_error_json,
 };
 use crate::relay::{write_data, write_event, SseFrame, StreamAdapter, StreamState};
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn mark(state: &mut StreamState) {
     if state.first_output_at.is_none() {
