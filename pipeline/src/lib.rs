@@ -1,4 +1,13 @@
-//! The billing dataflow: Kafka (or the embedded event log) in; ledger, balances and analytics out.
+//! Tollgate's billing pipeline: completion events in; an exactly-once ledger, live balances
+//! and analytics tables out.
 //!
-//! Not built yet: it arrives with the issue "Exactly-once billing pipeline on
-//! timely/differential dataflow". The crate exists so that the workspace shows the data flow.
+//! | module | owns |
+//! |---|---|
+//! | [`fact`] | what flows through the dataflow: facts, priced facts, the [`fact::Totals`] monoid |
+//! | [`source`] | reading partitions: Kafka, the gateway's local log, memory (tests, benchmarks) |
+//! | [`dataflow`] | the timely/differential dataflow and the worker loop that drives it |
+//! | [`sink`] | ledger (PostgreSQL, SQLite), balances (Redis, memory), analytics (ClickHouse) |
+//! | [`config`] | what to read and where to write, from flags or the gateway's config |
+
+pub mod fact;
+pub mod sink;

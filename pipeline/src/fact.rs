@@ -1,0 +1,395 @@
+//! What flows through the dataflow: a completion event reduced to what billing and analytics
+//! need ([`Fact`]), the same with its price ([`PricedFact`]), and the monoid the aggregates
+//! add up ([`Totals`]).
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tollgate_schemas::events::{parse_event_time, unix_ms, CompletionEvent, CompletionStatus};
+use tollgate_schemas::pricing::PriceRow;
+use tollgate_schemas::TokenUsage;
+
+/// One message read from a source partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub partition: u32,
+    pub offset: i64,
+    /// The message timestamp (event time), ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    pub payload: Vec<u8>,
+    /// Read again only to remember its event id (it was billed before the last restart).
+    pub replay_only: bool,
+}
+
+/// A message that could not be billed; kept in the ledger, never dropped silently.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Reject {
+    pub partition: u32,
+    pub offset: i64,
+    pub reason: String,
+    pub payload: String,
+}
+
+/// How a request ended, as a small ordered value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Outcome {
+    Completed,
+    ClientDisconnected,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+impl From<CompletionStatus> for Outcome {
+    fn from(s: CompletionStatus) -> Outcome {
+        match s {
+            CompletionStatus::Completed => Outcome::Completed,
+            CompletionStatus::ClientDisconnected => Outcome::ClientDisconnected,
+            CompletionStatus::UpstreamError => Outcome::UpstreamError,
+        }
+    }
+}
+
+/// A completion event as billing sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Fact {
+    /// The event id (UUIDv7) as a number: duplicates share it.
+    pub event_id: u128,
+    pub event_ms: i64,
+    pub received_ms: i64,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub request_id: String,
+    pub route: String,
+    pub requested_model: String,
+    /// The model priced and reported: the model name the upstream served.
+    pub model: String,
+    pub provider: String,
+    pub deployment: String,
+    pub stream: bool,
+    pub outcome: Outcome,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_input_tokens: u64,
+    pub output_tokens: u64,
+    pub usage_counted: bool,
+    pub ttft_ms: Option<u64>,
+    pub latency_ms: u64,
+    pub retries: u32,
+    pub fallbacks: u32,
+    pub partition: u32,
+    pub offset: i64,
+}
+
+impl Fact {
+    /// Parses a `llm.completions` message; `Err` says why it cannot be billed.
+    pub fn parse(record: &SourceRecord) -> Result<Fact, String> {
+        let event: CompletionEvent = serde_json::from_slice(&record.payload)
+            .map_err(|e| format!("not a completion event: {e}"))?;
+        if event.schema_version != tollgate_schemas::events::SCHEMA_VERSION {
+            return Err(format!("unsupported schema_version {}", event.schema_version));
+        }
+        let event_id = uuid::Uuid::parse_str(&event.event_id)
+            .map_err(|e| format!("event_id is not a UUID: {e}"))?
+            .as_u128();
+        let time = |s: &str, field: &str| {
+            parse_event_time(s)
+                .map(unix_ms)
+                .ok_or_else(|| format!("{field} is not an RFC 3339 time: {s:?}"))
+        };
+        let event_ms = time(&event.event_time, "event_time")?;
+        let received_ms = time(&event.received_at, "received_at")?;
+        if event.tenant_id.is_empty() {
+            return Err("tenant_id is empty".into());
+        }
+        let u = event.usage;
+        Ok(Fact {
+            event_id,
+            event_ms,
+            received_ms,
+            tenant_id: event.tenant_id,
+            key_id: event.key_id,
+            request_id: event.request_id,
+            route: event.route,
+            requested_model: event.requested_model,
+            model: event.upstream_model,
+            provider: event.provider,
+            deployment: event.deployment,
+            stream: event.stream,
+            outcome: event.status.into(),
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            cache_write_input_tokens: u.cache_write_input_tokens,
+            output_tokens: u.output_tokens,
+            usage_counted: u.source == tollgate_schemas::UsageSource::Counted,
+            ttft_ms: event.ttft_ms,
+            latency_ms: event.latency_ms,
+            retries: event.retries,
+            fallbacks: event.fallbacks,
+            partition: record.partition,
+            offset: record.offset,
+        })
+    }
+
+    pub fn usage(&self) -> TokenUsage {
+        TokenUsage {
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            cache_write_input_tokens: self.cache_write_input_tokens,
+            output_tokens: self.output_tokens,
+            source: if self.usage_counted {
+                tollgate_schemas::UsageSource::Counted
+            } else {
+                tollgate_schemas::UsageSource::Provider
+            },
+        }
+    }
+}
+
+/// A fact with the price that applied at its event time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PricedFact {
+    pub fact: Fact,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    pub currency: String,
+    /// `effective_from` of the price row used; `None` when no price applied.
+    pub price_from_ms: Option<i64>,
+    /// Whether a tenant override (not the list price) applied.
+    pub price_override: bool,
+}
+
+/// The currency of unpriced completions.
+pub const DEFAULT_CURRENCY: &str = "USD";
+
+impl PricedFact {
+    pub fn new(fact: Fact, price: Option<&PriceRow>) -> PricedFact {
+        match price {
+            Some(p) => PricedFact {
+                cost: p.cost(&fact.usage()),
+                currency: p.currency.clone(),
+                price_from_ms: Some(p.effective_from_ms),
+                price_override: p.tenant_id.is_some(),
+                fact,
+            },
+            None => PricedFact {
+                fact,
+                cost: Decimal::ZERO,
+                currency: DEFAULT_CURRENCY.to_string(),
+                price_from_ms: None,
+                price_override: false,
+            },
+        }
+    }
+
+    /// Key of the per tenant × model × minute aggregate.
+    pub fn minute_key(&self) -> MinuteKey {
+        MinuteKey {
+            tenant_id: self.fact.tenant_id.clone(),
+            model: self.fact.model.clone(),
+            minute_ms: self.fact.event_ms.div_euclid(60_000) * 60_000,
+            currency: self.currency.clone(),
+        }
+    }
+
+    /// Key of the per tenant × billing period aggregate.
+    pub fn period_key(&self) -> PeriodKey {
+        PeriodKey {
+            tenant_id: self.fact.tenant_id.clone(),
+            period: billing_period(self.fact.event_ms),
+            currency: self.currency.clone(),
+        }
+    }
+
+    /// This completion's contribution to any aggregate.
+    pub fn totals(&self) -> Totals {
+        let f = &self.fact;
+        let mut t = Totals {
+            requests: 1,
+            input_tokens: to_i64(f.input_tokens),
+            cached_input_tokens: to_i64(f.cached_input_tokens),
+            cache_write_input_tokens: to_i64(f.cache_write_input_tokens),
+            output_tokens: to_i64(f.output_tokens),
+            cost: self.cost,
+            errors: i64::from(f.outcome == Outcome::UpstreamError),
+            client_disconnects: i64::from(f.outcome == Outcome::ClientDisconnected),
+            unpriced: i64::from(self.price_from_ms.is_none()),
+            ..Totals::default()
+        };
+        if let Some(ms) = f.ttft_ms {
+            t.ttft_count = 1;
+            t.ttft_sum_ms = to_i64(ms);
+            t.ttft_buckets[ttft_bucket(ms)] = 1;
+        }
+        t
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The billing period of an instant: its calendar month in UTC, `YYYY-MM`.
+pub fn billing_period(ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
+}
+
+/// Upper bounds (inclusive, ms) of the time-to-first-token buckets; the last bucket is open.
+pub const TTFT_BUCKETS_MS: [u64; 7] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000];
+
+fn ttft_bucket(ms: u64) -> usize {
+    TTFT_BUCKETS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(TTFT_BUCKETS_MS.len())
+}
+
+/// Per tenant × model × minute.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MinuteKey {
+    pub tenant_id: String,
+    pub model: String,
+    /// Start of the minute, ms since the Unix epoch.
+    pub minute_ms: i64,
+    pub currency: String,
+}
+
+/// Per tenant × billing period.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PeriodKey {
+    pub tenant_id: String,
+    /// `YYYY-MM`.
+    pub period: String,
+    pub currency: String,
+}
+
+/// Sums over completions: the difference type of the aggregate collections (a commutative
+/// group, so differential dataflow can add, retract and consolidate them).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_input_tokens: i64,
+    pub output_tokens: i64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    pub errors: i64,
+    pub client_disconnects: i64,
+    pub unpriced: i64,
+    pub ttft_count: i64,
+    pub ttft_sum_ms: i64,
+    /// Completions per [`TTFT_BUCKETS_MS`] bucket (last: above the largest bound).
+    pub ttft_buckets: [i64; 8],
+}
+
+impl Totals {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.cached_input_tokens += other.cached_input_tokens;
+        self.cache_write_input_tokens += other.cache_write_input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost += other.cost;
+        self.errors += other.errors;
+        self.client_disconnects += other.client_disconnects;
+        self.unpriced += other.unpriced;
+        self.ttft_count += other.ttft_count;
+        self.ttft_sum_ms += other.ttft_sum_ms;
+        for (a, b) in self.ttft_buckets.iter_mut().zip(other.ttft_buckets.iter()) {
+            *a += b;
+        }
+    }
+
+    fn scale(&mut self, k: i64) {
+        self.requests *= k;
+        self.input_tokens *= k;
+        self.cached_input_tokens *= k;
+        self.cache_write_input_tokens *= k;
+        self.output_tokens *= k;
+        self.cost *= Decimal::from(k);
+        self.errors *= k;
+        self.client_disconnects *= k;
+        self.unpriced *= k;
+        self.ttft_count *= k;
+        self.ttft_sum_ms *= k;
+        for a in self.ttft_buckets.iter_mut() {
+            *a *= k;
+        }
+    }
+}
+
+impl differential_dataflow::difference::IsZero for Totals {
+    fn is_zero(&self) -> bool {
+        // Decimal equality is numeric: 0.00 equals 0.
+        *self == Totals::default()
+    }
+}
+
+impl differential_dataflow::difference::Semigroup for Totals {
+    fn plus_equals(&mut self, rhs: &Self) {
+        self.add(rhs);
+    }
+}
+
+impl differential_dataflow::difference::Monoid for Totals {
+    fn zero() -> Self {
+        Totals::default()
+    }
+}
+
+impl differential_dataflow::difference::Abelian for Totals {
+    fn negate(&mut self) {
+        self.scale(-1);
+    }
+}
+
+impl differential_dataflow::difference::Multiply<isize> for Totals {
+    type Output = Totals;
+    fn multiply(mut self, rhs: &isize) -> Totals {
+        self.scale(i64::try_from(*rhs).unwrap_or(i64::MAX));
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn billing_period_is_the_utc_month() {
+        assert_eq!(billing_period(0), "1970-01");
+        // 2026-02-28T23:59:59.999Z and the next millisecond.
+        assert_eq!(billing_period(1_772_323_199_999), "2026-02");
+        assert_eq!(billing_period(1_772_323_200_000), "2026-03");
+    }
+
+    #[test]
+    fn totals_form_a_group() {
+        use differential_dataflow::difference::{Abelian, IsZero, Semigroup};
+        let mut a = Totals {
+            requests: 2,
+            cost: Decimal::new(15, 1),
+            ttft_buckets: [1, 0, 0, 0, 0, 0, 0, 1],
+            ..Totals::default()
+        };
+        let mut minus = a.clone();
+        minus.negate();
+        a.plus_equals(&minus);
+        assert!(a.is_zero());
+        assert!(!minus.is_zero());
+    }
+}
