@@ -11,3 +11,69 @@
 
 pub mod fact;
 pub mod sink;
+pub mod config;
+pub mod dataflow;
+pub mod source;
+
+use dataflow::{PipelineError, WorkerReport};
+
+/// How the workers are laid out: threads in this process, and the processes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Worker threads in this process.
+    pub workers: usize,
+    /// This process's index in `addresses` (0 when alone).
+    pub process: usize,
+    /// `host:port` of every process of the cluster; empty when alone.
+    pub addresses: Vec<String>,
+}
+
+impl Cluster {
+    /// One process with `workers` threads.
+    pub fn local(workers: usize) -> Cluster {
+        Cluster {
+            workers: workers.max(1),
+            process: 0,
+            addresses: Vec::new(),
+        }
+    }
+
+    fn communication(&self) -> timely::CommunicationConfig {
+        if self.addresses.len() > 1 {
+            timely::CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process,
+                addresses: self.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        } else if self.workers > 1 {
+            timely::CommunicationConfig::Process(self.workers)
+        } else {
+            timely::CommunicationConfig::Thread
+        }
+    }
+}
+
+/// Runs the pipeline on this process's workers until they stop; one report per worker.
+pub fn execute(
+    config: config::PipelineConfig,
+    cluster: &Cluster,
+) -> Result<Vec<WorkerReport>, PipelineError> {
+    let timely_config = timely::Config {
+        communication: cluster.communication(),
+        worker: timely::WorkerConfig::default(),
+    };
+    let guards = timely::execute(timely_config, move |worker| {
+        dataflow::run_worker(worker, &config).map_err(|e| e.to_string())
+    })
+    .map_err(PipelineError::Setup)?;
+    let mut reports = Vec::new();
+    for result in guards.join() {
+        match result {
+            Ok(Ok(report)) => reports.push(report),
+            Ok(Err(e)) | Err(e) => return Err(PipelineError::Setup(e)),
+        }
+    }
+    Ok(reports)
+}

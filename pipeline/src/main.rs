@@ -1,1 +1,153 @@
-fn main() {}
+//! `tollgate-pipeline`: the billing dataflow as a service.
+//!
+//! Reads `llm.completions` from Kafka (or the gateway's local log), writes the ledger to
+//! PostgreSQL (or SQLite), balances to Redis and analytics to ClickHouse. Run several worker
+//! threads with `--workers`, and a cluster of processes with `--process I --addresses
+//! host:port,host:port,...` (every process gets the same list and its own index).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tollgate_pipeline::config::{
+    AbortAfterCommit, AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig,
+    SourceSpec,
+};
+use tollgate_pipeline::Cluster;
+use tollgate_schemas::events::topics;
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate-pipeline", version, about = "Tollgate's billing pipeline")]
+struct Args {
+    /// Kafka bootstrap servers; read the completions topic from Kafka.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", conflicts_with = "local_log")]
+    kafka_bootstrap: Option<String>,
+    /// The completions topic.
+    #[arg(long, default_value = topics::COMPLETIONS)]
+    topic: String,
+    /// Kafka consumer group id (offsets are kept in the ledger, not in Kafka).
+    #[arg(long, default_value = "tollgate-pipeline")]
+    group: String,
+    /// Read the gateway's local event log (`<data dir>/events.sqlite`) instead of Kafka.
+    #[arg(long)]
+    local_log: Option<PathBuf>,
+    /// PostgreSQL ledger.
+    #[arg(long, env = "DATABASE_URL", conflicts_with = "data_dir")]
+    database_url: Option<String>,
+    /// SQLite ledger in this data directory (the gateway's `tollgate.db`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Redis for live balances.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of the balance keys in Redis.
+    #[arg(long, default_value = "tollgate:")]
+    redis_prefix: String,
+    /// ClickHouse HTTP URL for the analytics tables.
+    #[arg(long, env = "CLICKHOUSE_URL")]
+    clickhouse_url: Option<String>,
+    #[arg(long, default_value = "default")]
+    clickhouse_database: String,
+    /// Worker threads in this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// This process's index in `--addresses`.
+    #[arg(long, default_value_t = 0)]
+    process: usize,
+    /// Comma-separated `host:port` of every process of a cluster.
+    #[arg(long, value_delimiter = ',')]
+    addresses: Vec<String>,
+    /// Epoch length: records read within one are committed together.
+    #[arg(long, default_value_t = 200)]
+    epoch_ms: u64,
+    /// How long (event time) event ids are remembered to drop duplicates.
+    #[arg(long, default_value_t = 6 * 3600 * 1000)]
+    dedup_horizon_ms: i64,
+    /// How often the price book is re-read.
+    #[arg(long, default_value_t = 1000)]
+    price_refresh_ms: u64,
+    /// Exit after this long without a new record (benchmarks, tests).
+    #[arg(long)]
+    exit_when_idle_ms: Option<u64>,
+    /// Fault injection for crash tests: abort right after the n-th ledger commit.
+    #[arg(long, env = "TOLLGATE_PIPELINE_ABORT_AFTER_COMMIT", hide = true)]
+    abort_after_commit: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let source = match (args.kafka_bootstrap, args.local_log) {
+        (Some(bootstrap), None) => SourceSpec::Kafka {
+            bootstrap,
+            topic: args.topic,
+            group: args.group,
+        },
+        (None, Some(path)) => SourceSpec::LocalLog { path },
+        _ => return Err("give --kafka-bootstrap (or KAFKA_BOOTSTRAP) or --local-log".into()),
+    };
+    let ledger = match (args.database_url, args.data_dir) {
+        (Some(url), None) => LedgerSpec::Postgres { url },
+        (None, Some(data_dir)) => LedgerSpec::Sqlite { data_dir },
+        _ => return Err("give --database-url (or DATABASE_URL) or --data-dir".into()),
+    };
+    let balances = match args.redis_url {
+        Some(url) => BalanceSpec::Redis {
+            url,
+            prefix: args.redis_prefix,
+        },
+        None => BalanceSpec::None,
+    };
+    let analytics = match args.clickhouse_url {
+        Some(url) => AnalyticsSpec::ClickHouse {
+            url,
+            database: args.clickhouse_database,
+        },
+        None => AnalyticsSpec::None,
+    };
+    let config = PipelineConfig {
+        source,
+        ledger,
+        balances,
+        analytics,
+        options: Options {
+            epoch_ms: args.epoch_ms,
+            dedup_horizon_ms: args.dedup_horizon_ms,
+            price_refresh_ms: args.price_refresh_ms,
+            exit_when_idle_ms: args.exit_when_idle_ms,
+            abort_after_commit: args.abort_after_commit.map(AbortAfterCommit),
+            ..Options::default()
+        },
+    };
+    let cluster = Cluster {
+        workers: args.workers.max(1),
+        process: args.process,
+        addresses: args.addresses,
+    };
+    let reports = tollgate_pipeline::execute(config, &cluster).map_err(|e| e.to_string())?;
+    for r in reports {
+        tracing::info!(
+            worker = r.index,
+            records = r.records,
+            commits = r.commits,
+            events = r.events_committed,
+            "worker stopped"
+        );
+    }
+    Ok(())
+}

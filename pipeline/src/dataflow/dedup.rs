@@ -1,0 +1,88 @@
+//! Drops duplicate completions (same event id), keeping the first.
+//!
+//! Records are routed by event id, so every copy of an event meets the same worker. Each
+//! closed epoch is processed in order; within it, records of one partition arrive in offset
+//! order. Ids are remembered for `horizon_ms` of event time behind the newest event seen
+//! (event time, not wall-clock time: while the gateways' broker is down no new events arrive
+//! and nothing is forgotten). Records marked `replay_only` were billed before a restart: they
+//! only refill the memory.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+use crate::fact::Fact;
+
+/// Ok: a first occurrence; Err(n): n duplicates were dropped in this epoch.
+pub type Deduped = Result<Fact, u64>;
+
+fn route(f: &(Fact, bool)) -> u64 {
+    // UUIDv7's low bits are random.
+    f.0.event_id as u64
+}
+
+pub fn dedup<'s>(
+    facts: Stream<'s, u64, Vec<(Fact, bool)>>,
+    horizon_ms: i64,
+) -> Stream<'s, u64, Vec<Deduped>> {
+    facts.unary_frontier(Exchange::new(route), "Dedup", move |_cap, _info| {
+        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<(Fact, bool)>)> = BTreeMap::new();
+        let mut seen: HashMap<u128, i64> = HashMap::new();
+        let mut expiry: BinaryHeap<Reverse<(i64, u128)>> = BinaryHeap::new();
+        let mut newest = i64::MIN;
+        move |(input, frontier), output| {
+            let port = output.output_index();
+            input.for_each(|cap, data| {
+                let Some(cap) = cap.retain_least(port) else {
+                    return;
+                };
+                pending
+                    .entry(*cap.time())
+                    .or_insert_with(|| (cap, Vec::new()))
+                    .1
+                    .append(data);
+            });
+            while let Some((&time, _)) = pending.first_key_value() {
+                if frontier.less_equal(&time) {
+                    break;
+                }
+                let Some((_, (cap, records))) = pending.pop_first() else {
+                    break;
+                };
+                let mut session = output.session(&cap);
+                let mut duplicates = 0u64;
+                for (fact, replay_only) in records {
+                    newest = newest.max(fact.event_ms);
+                    if seen.contains_key(&fact.event_id) {
+                        if !replay_only {
+                            duplicates += 1;
+                        }
+                        continue;
+                    }
+                    seen.insert(fact.event_id, fact.event_ms);
+                    expiry.push(Reverse((fact.event_ms, fact.event_id)));
+                    if !replay_only {
+                        session.give(Ok(fact));
+                    }
+                }
+                if duplicates > 0 {
+                    session.give(Err(duplicates));
+                }
+            }
+            let forget_before = newest.saturating_sub(horizon_ms);
+            while let Some(Reverse((ms, id))) = expiry.peek().copied() {
+                if ms >= forget_before {
+                    break;
+                }
+                expiry.pop();
+                if seen.get(&id) == Some(&ms) {
+                    seen.remove(&id);
+                }
+            }
+        }
+    })
+}
