@@ -11,7 +11,11 @@ use crate::sink::memory::MemoryBalances;
 /// Where completion events come from.
 #[derive(Clone)]
 pub enum SourceSpec {
-    Kafka { bootstrap: String, topic: String, group: String },
+    Kafka {
+        bootstrap: String,
+        topic: String,
+        group: String,
+    },
     /// The gateway's local event log file (`<data dir>/events.sqlite`).
     LocalLog { path: PathBuf },
     /// Records in memory (tests, the dataflow benchmark).
@@ -21,9 +25,13 @@ pub enum SourceSpec {
 /// The ledger.
 #[derive(Clone)]
 pub enum LedgerSpec {
-    Postgres { url: String },
+    Postgres {
+        url: String,
+    },
     /// `<data_dir>/tollgate.db`.
-    Sqlite { data_dir: PathBuf },
+    Sqlite {
+        data_dir: PathBuf,
+    },
     /// No ledger: results are counted and dropped (the dataflow benchmark).
     Discard,
 }

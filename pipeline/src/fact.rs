@@ -95,7 +95,10 @@ impl Fact {
         let event: CompletionEvent = serde_json::from_slice(&record.payload)
             .map_err(|e| format!("not a completion event: {e}"))?;
         if event.schema_version != tollgate_schemas::events::SCHEMA_VERSION {
-            return Err(format!("unsupported schema_version {}", event.schema_version));
+            return Err(format!(
+                "unsupported schema_version {}",
+                event.schema_version
+            ));
         }
         let event_id = uuid::Uuid::parse_str(&event.event_id)
             .map_err(|e| format!("event_id is not a UUID: {e}"))?

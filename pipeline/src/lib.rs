@@ -8,11 +8,12 @@
 //! | [`dataflow`] | the timely/differential dataflow and the worker loop that drives it |
 //! | [`sink`] | ledger (PostgreSQL, SQLite), balances (Redis, memory), analytics (ClickHouse) |
 //! | [`config`] | what to read and where to write, from flags or the gateway's config |
+//! | [`testkit`] | synthetic completion events for tests and benchmarks |
 
-pub mod fact;
-pub mod sink;
 pub mod config;
 pub mod dataflow;
+pub mod fact;
+pub mod sink;
 pub mod source;
 
 use dataflow::{PipelineError, WorkerReport};
@@ -77,3 +78,4 @@ pub fn execute(
     }
     Ok(reports)
 }
+pub mod testkit;

@@ -9,14 +9,17 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use tollgate_pipeline::config::{
-    AbortAfterCommit, AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig,
-    SourceSpec,
+    AbortAfterCommit, AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig, SourceSpec,
 };
 use tollgate_pipeline::Cluster;
 use tollgate_schemas::events::topics;
 
 #[derive(Parser, Debug)]
-#[command(name = "tollgate-pipeline", version, about = "Tollgate's billing pipeline")]
+#[command(
+    name = "tollgate-pipeline",
+    version,
+    about = "Tollgate's billing pipeline"
+)]
 struct Args {
     /// Kafka bootstrap servers; read the completions topic from Kafka.
     #[arg(long, env = "KAFKA_BOOTSTRAP", conflicts_with = "local_log")]

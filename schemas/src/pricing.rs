@@ -60,7 +60,9 @@ impl PriceSchedule {
         rows.sort_by(|a, b| {
             (&a.tenant_id, a.effective_from_ms).cmp(&(&b.tenant_id, b.effective_from_ms))
         });
-        rows.dedup_by(|a, b| a.tenant_id == b.tenant_id && a.effective_from_ms == b.effective_from_ms);
+        rows.dedup_by(|a, b| {
+            a.tenant_id == b.tenant_id && a.effective_from_ms == b.effective_from_ms
+        });
         PriceSchedule { rows }
     }
 
@@ -113,7 +115,10 @@ mod tests {
         assert_eq!(s.lookup("t2", 99).unwrap().effective_from_ms, 0);
         assert_eq!(s.lookup("t2", 100).unwrap().effective_from_ms, 100);
         assert_eq!(s.lookup("t1", 49).unwrap().tenant_id, None);
-        assert_eq!(s.lookup("t1", 500).unwrap().tenant_id.as_deref(), Some("t1"));
+        assert_eq!(
+            s.lookup("t1", 500).unwrap().tenant_id.as_deref(),
+            Some("t1")
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::fact::Fact;
 /// Ok: a first occurrence; Err(n): n duplicates were dropped in this epoch.
 pub type Deduped = Result<Fact, u64>;
 
+/// Records of one epoch, with the capability to emit at it.
+type Epochs = BTreeMap<u64, (Capability<u64>, Vec<(Fact, bool)>)>;
+
 fn route(f: &(Fact, bool)) -> u64 {
     // UUIDv7's low bits are random.
     f.0.event_id as u64
@@ -30,7 +33,7 @@ pub fn dedup<'s>(
     horizon_ms: i64,
 ) -> Stream<'s, u64, Vec<Deduped>> {
     facts.unary_frontier(Exchange::new(route), "Dedup", move |_cap, _info| {
-        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<(Fact, bool)>)> = BTreeMap::new();
+        let mut pending: Epochs = BTreeMap::new();
         let mut seen: HashMap<u128, i64> = HashMap::new();
         let mut expiry: BinaryHeap<Reverse<(i64, u128)>> = BinaryHeap::new();
         let mut newest = i64::MIN;

@@ -32,11 +32,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use differential_dataflow::input::InputSession;
 use differential_dataflow::AsCollection;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::core::{Concat, OkErr, Probe};
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map};
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
@@ -144,16 +144,18 @@ fn open_source(
 ) -> Result<Box<dyn Source>, PipelineError> {
     let horizon = config.options.dedup_horizon_ms;
     Ok(match &config.source {
-        SourceSpec::Kafka { bootstrap, topic, group } => Box::new(
-            crate::source::kafka::KafkaSource::open(
-                bootstrap, topic, group, index, peers, positions, horizon,
-            )?,
-        ),
-        SourceSpec::LocalLog { path } => Box::new(
-            crate::source::local_log::LocalLogSource::open(path, index, positions, horizon)?,
-        ),
+        SourceSpec::Kafka {
+            bootstrap,
+            topic,
+            group,
+        } => Box::new(crate::source::kafka::KafkaSource::open(
+            bootstrap, topic, group, index, peers, positions, horizon,
+        )?),
+        SourceSpec::LocalLog { path } => Box::new(crate::source::local_log::LocalLogSource::open(
+            path, index, positions, horizon,
+        )?),
         SourceSpec::Memory(records) => Box::new(crate::source::memory::MemorySource::new(
-            records, index, peers, positions,
+            records, index, peers, positions, horizon,
         )),
     })
 }
@@ -175,7 +177,10 @@ impl Pending {
             SinkItem::Minute(k, t) => self.minutes.entry(k).or_default().add(&t),
             SinkItem::Period(k, t) => self.periods.entry(k).or_default().add(&t),
             SinkItem::Position(p) => {
-                let e = self.positions.entry(p.partition).or_insert_with(|| p.clone());
+                let e = self
+                    .positions
+                    .entry(p.partition)
+                    .or_insert_with(|| p.clone());
                 if p.next_offset > e.next_offset {
                     e.next_offset = p.next_offset;
                 }
@@ -194,9 +199,17 @@ impl Pending {
             .values()
             .map(|t| u64::try_from(t.requests).unwrap_or(0))
             .sum();
-        let mut minutes: Vec<_> = self.minutes.into_iter().filter(|(_, t)| !t.is_zero()).collect();
+        let mut minutes: Vec<_> = self
+            .minutes
+            .into_iter()
+            .filter(|(_, t)| !t.is_zero())
+            .collect();
         minutes.sort();
-        let mut periods: Vec<_> = self.periods.into_iter().filter(|(_, t)| !t.is_zero()).collect();
+        let mut periods: Vec<_> = self
+            .periods
+            .into_iter()
+            .filter(|(_, t)| !t.is_zero())
+            .collect();
         periods.sort();
         LedgerBatch {
             seq,
@@ -256,17 +269,18 @@ pub fn run_worker(
     let sink_state = Rc::clone(&state);
     let sink_source = source_id.clone();
     worker.dataflow::<u64, _, _>(|scope| {
-        let (facts, rejects) = records_in.to_stream(scope).ok_err(|r: SourceRecord| {
-            match Fact::parse(&r) {
-                Ok(f) => Ok((f, r.replay_only)),
-                Err(reason) => Err(Reject {
-                    partition: r.partition,
-                    offset: r.offset,
-                    reason,
-                    payload: String::from_utf8_lossy(&r.payload).into_owned(),
-                }),
-            }
-        });
+        let (facts, rejects) =
+            records_in
+                .to_stream(scope)
+                .ok_err(|r: SourceRecord| match Fact::parse(&r) {
+                    Ok(f) => Ok((f, r.replay_only)),
+                    Err(reason) => Err(Reject {
+                        partition: r.partition,
+                        offset: r.offset,
+                        reason,
+                        payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                    }),
+                });
         let (unique, duplicates) =
             dedup::dedup(facts, options.dedup_horizon_ms).ok_err(|d: dedup::Deduped| d);
 
@@ -274,7 +288,10 @@ pub fn run_worker(
             .to_collection(scope)
             .map(|p| (p.model.clone(), p))
             .reduce_named("PriceSchedules", |_model, rows, out| {
-                let live = rows.iter().filter(|(_, d)| *d > 0).map(|(r, _)| (*r).clone());
+                let live = rows
+                    .iter()
+                    .filter(|(_, d)| *d > 0)
+                    .map(|(r, _)| (*r).clone());
                 out.push((PriceSchedule::new(live), 1isize));
             });
         let priced = pricing::price(unique, schedules.inner.broadcast()).as_collection();
@@ -301,9 +318,10 @@ pub fn run_worker(
         }
 
         let mut pending: BTreeMap<u64, Vec<SinkItem>> = BTreeMap::new();
-        items
-            .probe_with(&probe)
-            .sink(Exchange::new(|_: &SinkItem| 0), "LedgerCommit", move |(input, frontier)| {
+        items.probe_with(&probe).sink(
+            Exchange::new(|_: &SinkItem| 0),
+            "LedgerCommit",
+            move |(input, frontier)| {
                 input.for_each(|cap, data| {
                     if let Some(t) = cap.least() {
                         pending.entry(*t).or_default().append(data);
@@ -338,24 +356,39 @@ pub fn run_worker(
                     }
                     Err(e) => st.error = Some(e),
                 }
-            });
+            },
+        );
     });
 
     // Epochs start above the last commit and follow the wall clock.
+    // The price book in force at start enters at time 0, before any record of any worker.
+    let mut book: Vec<PriceRow> = Vec::new();
+    if index == 0 {
+        let fresh = match &state.borrow().committer {
+            Some(c) => c.prices()?,
+            None => Vec::new(),
+        };
+        refresh_prices(&mut prices_in, &mut book, fresh);
+    }
+
     let epoch_ms = options.epoch_ms.max(1);
     let wall_epoch = || u64::try_from(now_ms()).unwrap_or(0) / epoch_ms;
     let mut epoch = (last_seq + 1).max(wall_epoch());
     records_in.advance_to(epoch);
     positions_in.advance_to(epoch);
     prices_in.advance_to(epoch);
+    // An unflushed session still holds time 0, and so would every frontier downstream.
+    prices_in.flush();
 
-    let mut book: Vec<PriceRow> = Vec::new();
-    let mut next_price_refresh = Instant::now();
+    let mut next_price_refresh = Instant::now() + Duration::from_millis(options.price_refresh_ms);
     let mut epoch_started = Instant::now();
     let mut last_record = Instant::now();
     let mut moved: HashMap<u32, Position> = HashMap::new();
     let mut buffer: Vec<SourceRecord> = Vec::new();
-    let mut report = WorkerReport { index, ..WorkerReport::default() };
+    let mut report = WorkerReport {
+        index,
+        ..WorkerReport::default()
+    };
 
     loop {
         if let Some(e) = state.borrow_mut().error.take() {
@@ -394,7 +427,10 @@ pub fn run_worker(
             records_in.send(record);
         }
 
-        let stop = options.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+        let stop = options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
             || source.exhausted()
             || options
                 .exit_when_idle_ms

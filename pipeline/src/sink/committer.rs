@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::runtime::Runtime;
 use tollgate_schemas::pricing::PriceRow;
 
-use super::{Analytics, BalanceStore, Balance, Ledger, LedgerBatch, Position, SinkError};
+use super::{Analytics, Balance, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
 use crate::config::AbortAfterCommit;
 use crate::fact::billing_period;
 
@@ -129,7 +129,9 @@ impl Committer {
                         self.outbox_pending = false;
                         self.analytics_prepared = true;
                     }
-                    Err(e) => tracing::warn!(error = %e, "analytics outbox not drained; will retry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "analytics outbox not drained; will retry")
+                    }
                 }
             } else {
                 self.outbox_pending = false;
@@ -152,7 +154,10 @@ impl Committer {
         self.commits += 1;
         if let Some(AbortAfterCommit(n)) = self.abort_after_commit {
             if self.commits >= n {
-                tracing::error!(seq = batch.seq, "aborting after ledger commit (fault injection)");
+                tracing::error!(
+                    seq = batch.seq,
+                    "aborting after ledger commit (fault injection)"
+                );
                 std::process::abort();
             }
         }

@@ -110,8 +110,11 @@ pub trait Ledger: Send + Sync {
     async fn prices(&self) -> Result<Vec<PriceRow>, SinkError>;
     /// Writes `batch` in one transaction (plus an outbox row when `with_outbox`) and returns
     /// the absolute balances of the periods it touched, stamped with `batch.seq`.
-    async fn commit(&self, batch: &LedgerBatch, with_outbox: bool)
-        -> Result<Vec<Balance>, SinkError>;
+    async fn commit(
+        &self,
+        batch: &LedgerBatch,
+        with_outbox: bool,
+    ) -> Result<Vec<Balance>, SinkError>;
     /// All balances of `period`, stamped with the last commit's sequence number.
     async fn balances(&self, period: &str) -> Result<Vec<Balance>, SinkError>;
     /// Outbox batches not yet written to analytics, oldest first.

@@ -35,7 +35,13 @@ impl LocalLogSource {
             .map_err(|e| SourceError::Invalid(format!("runtime: {e}")))?;
         let name = format!("local:{}", topics::COMPLETIONS);
         if index != 0 {
-            return Ok(LocalLogSource { name, runtime, pool: None, next: 0, replay_until: 0 });
+            return Ok(LocalLogSource {
+                name,
+                runtime,
+                pool: None,
+                next: 0,
+                replay_until: 0,
+            });
         }
         let pool = runtime.block_on(async {
             if let Some(dir) = path.parent() {
@@ -76,11 +82,20 @@ impl LocalLogSource {
                     .bind(c.max_event_ms.saturating_sub(dedup_horizon_ms))
                     .fetch_one(&pool),
                 )?;
-                (warm.map_or(c.next_offset, |w| w.min(c.next_offset)), c.next_offset)
+                (
+                    warm.map_or(c.next_offset, |w| w.min(c.next_offset)),
+                    c.next_offset,
+                )
             }
             None => (0, 0),
         };
-        Ok(LocalLogSource { name, runtime, pool: Some(pool), next, replay_until })
+        Ok(LocalLogSource {
+            name,
+            runtime,
+            pool: Some(pool),
+            next,
+            replay_until,
+        })
     }
 }
 

@@ -14,23 +14,28 @@ pub struct MemorySource {
 }
 
 impl MemorySource {
-    /// This worker's share of `records` (by partition), skipping what `positions` says is
-    /// already committed.
+    /// This worker's share of `records` (by partition). Records before a committed position
+    /// are replayed (`replay_only`) when they lie within the deduplication horizon, and
+    /// skipped otherwise, as the other sources do.
     pub fn new(
         records: &Arc<Vec<SourceRecord>>,
         index: usize,
         peers: usize,
         positions: &[Position],
+        dedup_horizon_ms: i64,
     ) -> MemorySource {
         let records = records
             .iter()
             .filter(|r| usize::try_from(r.partition).unwrap_or(0) % peers.max(1) == index)
-            .filter(|r| {
-                super::committed(positions, r.partition)
-                    .map(|p| r.offset >= p.next_offset)
-                    .unwrap_or(true)
+            .filter_map(|r| match super::committed(positions, r.partition) {
+                Some(p) if r.offset < p.next_offset => (r.timestamp_ms
+                    >= p.max_event_ms.saturating_sub(dedup_horizon_ms))
+                .then(|| SourceRecord {
+                    replay_only: true,
+                    ..r.clone()
+                }),
+                _ => Some(r.clone()),
             })
-            .cloned()
             .collect();
         MemorySource { records, next: 0 }
     }

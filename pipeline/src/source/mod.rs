@@ -51,7 +51,11 @@ pub trait Source {
 /// `peers`-th one, so all workers of all processes share the partitions evenly.
 pub fn assigned_partitions(partitions: u32, index: usize, peers: usize) -> Vec<u32> {
     (0..partitions)
-        .filter(|p| usize::try_from(*p).map(|p| p % peers.max(1) == index).unwrap_or(false))
+        .filter(|p| {
+            usize::try_from(*p)
+                .map(|p| p % peers.max(1) == index)
+                .unwrap_or(false)
+        })
         .collect()
 }
 
