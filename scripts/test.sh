@@ -21,10 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-step "services on loopback (PostgreSQL, Kafka) via scripts/services.sh"
-eval "$(scripts/services.sh up postgres kafka)"
-export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP"
-unset DATABASE_URL # the CLI reads it; tests pass database URLs explicitly
+step "services on loopback (PostgreSQL, Redis, Kafka, ClickHouse) via scripts/services.sh"
+eval "$(scripts/services.sh up postgres redis kafka clickhouse)"
+export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP" \
+    TOLLGATE_REDIS_URL="$REDIS_URL" TOLLGATE_CLICKHOUSE_URL="$CLICKHOUSE_URL"
+# The CLI and tollgate-pipeline read these; tests pass URLs explicitly.
+unset DATABASE_URL KAFKA_BOOTSTRAP REDIS_URL CLICKHOUSE_URL
 export TOLLGATE_BIN_DIR="$TARGET_DIR/debug"
 
 step "Python SDKs for the conformance tests (openai, anthropic, pytest)"

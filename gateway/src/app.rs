@@ -11,6 +11,9 @@
 //!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
 //! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape.
 //!
+//! Beside the server, with the embedded default, the billing pipeline runs on its own thread
+//! ([`crate::billing`]); [`AppState::shutdown`] stops it last, after the event sink flushed.
+//!
 //! One multi-threaded runtime serves everything. One single-threaded runtime per core, each
 //! with its own `SO_REUSEPORT` listener and upstream pool, was measured: about 20% less CPU
 //! per request at low concurrency and with chunks arriving apart, nothing at saturation, and
@@ -28,10 +31,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
+use parking_lot::Mutex;
+use tollgate_pipeline::sink::memory::MemoryBalances;
 
 use crate::admin::Admin;
 use crate::api::WireFormat;
 use crate::auth::Authenticator;
+use crate::billing::EmbeddedPipeline;
 use crate::config::{Config, DeploymentConfig};
 use crate::error::GatewayError;
 use crate::events::EventSink;
@@ -53,11 +59,16 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Encrypts provider credentials (`TOLLGATE_MASTER_KEY`).
     pub master_key: Option<Arc<MasterKey>>,
+    /// Live balances the embedded billing pipeline publishes (empty when it does not run).
+    balances: MemoryBalances,
+    /// The embedded billing pipeline, until [`AppState::shutdown`] stops it.
+    billing: Mutex<Option<EmbeddedPipeline>>,
 }
 
 impl AppState {
-    /// Builds the state: decrypts stored provider credentials for the router, and starts
-    /// following the store's key invalidations.
+    /// Builds the state: decrypts stored provider credentials for the router, starts following
+    /// the store's key invalidations, and starts the embedded billing pipeline when
+    /// `billing.pipeline` is `embedded` and `sink` is the local event log.
     pub async fn start(
         config: Config,
         store: Arc<dyn MetaStore>,
@@ -89,6 +100,30 @@ impl AppState {
             Duration::from_millis(config.server.key_cache_ttl_ms),
         ));
         auth.follow().await?;
+        let balances = MemoryBalances::new();
+        let billing = match crate::billing::embedded_log_path(
+            &config.billing,
+            &config.events,
+            sink.local_log_path(),
+        ) {
+            Some(log) => {
+                let billing_metrics = metrics
+                    .billing()
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                let pipeline = EmbeddedPipeline::start(
+                    &config.billing,
+                    &log,
+                    store.ledger_location(),
+                    balances.clone(),
+                    billing_metrics,
+                )
+                .map_err(|e| {
+                    GatewayError::Internal(format!("cannot start the billing pipeline: {e}"))
+                })?;
+                Some(pipeline)
+            }
+            None => None,
+        };
         Ok(Arc::new(AppState {
             auth,
             config,
@@ -98,7 +133,27 @@ impl AppState {
             sink,
             admin_token: admin_token.filter(|t| !t.is_empty()),
             master_key,
+            balances,
+            billing: Mutex::new(billing),
         }))
+    }
+
+    /// Live balances per tenant and billing period, as the embedded pipeline last committed
+    /// them (absolute figures, versioned by ledger commit).
+    pub fn balances(&self) -> &MemoryBalances {
+        &self.balances
+    }
+
+    /// Graceful shutdown, once the server has stopped: writes out keys' last use, flushes the
+    /// event sink, then stops the embedded billing pipeline, which commits what the flushed
+    /// log holds.
+    pub async fn shutdown(&self) {
+        self.auth.flush_last_used().await;
+        self.sink.shutdown().await;
+        let billing = self.billing.lock().take();
+        if let Some(pipeline) = billing {
+            pipeline.stop().await;
+        }
     }
 
     /// Admin actions on behalf of `actor`.

@@ -3,6 +3,22 @@
 //!
 //! Every table denies unknown keys, so a typo is an error that names the key. Secrets never
 //! live in the file: a deployment names the environment variable that holds its credential.
+//!
+//! | table | what it sets |
+//! |---|---|
+//! | `[server]` | listen address, body limits, key cache, built-in models ([`ServerConfig`]) |
+//! | `[store]` | the metadata store: PostgreSQL URL, else SQLite in the data directory |
+//! | `[events]` | the event sink, tagged by `type`: `local` (default), `kafka`, `log` |
+//! | `[billing]` | the embedded billing pipeline ([`crate::billing::BillingConfig`]) |
+//! | `[[deployments]]`, `[[models]]` | provider deployments and the model aliases they serve |
+//!
+//! `[billing]` keys (`TOLLGATE__BILLING__PIPELINE=off` and the like override them):
+//! - `pipeline = "embedded" | "off"`: run the billing pipeline inside the gateway, over the
+//!   local event log, writing the ledger into the store's database. Default: `embedded` when
+//!   `[events] type = "local"` (the embedded default), else `off` (with Kafka events
+//!   `tollgate-pipeline` runs as its own service; `embedded` is then an error).
+//! - `epoch_ms` (default 200): completions read within one epoch are committed together.
+//! - `dedup_horizon_ms` (default 6 h): how long event ids are remembered to drop duplicates.
 
 use std::path::Path;
 
@@ -32,6 +48,9 @@ pub struct Config {
     /// Where request, chunk and completion events go.
     #[serde(default)]
     pub events: crate::events::EventsConfig,
+    /// Whether this gateway runs the billing pipeline (embedded by default with local events).
+    #[serde(default)]
+    pub billing: crate::billing::BillingConfig,
     /// Provider deployments: one upstream endpoint + credential + upstream model each.
     #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
@@ -253,6 +272,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.billing.validate(&self.events)?;
         let mut names = std::collections::HashSet::new();
         for d in &self.deployments {
             if !names.insert(d.name()) {
@@ -402,6 +422,8 @@ deployments = ["oa", "an"]
                     "TOLLGATE__SERVER__LISTEN".to_string(),
                     "0.0.0.0:1".to_string(),
                 ),
+                ("TOLLGATE__BILLING__PIPELINE".to_string(), "off".to_string()),
+                ("TOLLGATE__BILLING__EPOCH_MS".to_string(), "50".to_string()),
                 ("UNRELATED".to_string(), "x".to_string()),
             ]
             .into_iter(),
@@ -410,5 +432,7 @@ deployments = ["oa", "an"]
         let c: Config = toml::Value::Table(t).try_into().unwrap();
         assert_eq!(c.server.max_body_bytes, 77);
         assert_eq!(c.server.listen, "0.0.0.0:1");
+        assert_eq!(c.billing.pipeline, Some(crate::billing::PipelineMode::Off));
+        assert_eq!(c.billing.epoch_ms, 50);
     }
 }

@@ -17,6 +17,7 @@
 //! | [`relay`] | SSE relay, usage capture, completion record |
 //! | [`tokens`] | tiktoken counting (pre-flight estimate, fallback) |
 //! | [`events`] | event-sink seam: request, chunk and completion events to Kafka (spooled when it is down) or the local log |
+//! | [`billing`] | `[billing]` config; the billing pipeline embedded in the gateway process |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`config`] | configuration file and environment |
 
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -112,8 +112,7 @@ async fn serve(
         }
     );
     app::serve(listener, state.clone(), shutdown_signal()).await?;
-    state.auth.flush_last_used().await;
-    state.sink.shutdown().await;
+    state.shutdown().await;
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! and error kind; never a request id, key, tenant or free-form client string.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::relay::CompletionRecord;
@@ -163,6 +164,21 @@ impl Metrics {
         Ok(())
     }
 
+    /// Creates and registers the embedded billing pipeline's metrics (only a gateway that runs
+    /// the pipeline has them).
+    pub fn billing(&self) -> Result<BillingMetrics, MetricsError> {
+        let up = IntGauge::new(
+            "tollgate_billing_pipeline_up",
+            "1 while the embedded billing pipeline runs; 0 after it failed, until it restarts",
+        )?;
+        let failures = IntCounter::new(
+            "tollgate_billing_pipeline_failures_total",
+            "Times the embedded billing pipeline stopped with an error (each is followed by a restart)",
+        )?;
+        self.register(vec![Box::new(up.clone()), Box::new(failures.clone())])?;
+        Ok(BillingMetrics { up, failures })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -181,4 +197,14 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The embedded billing pipeline's health (see [`crate::billing`]). Serving never waits on
+/// the pipeline, so `/readyz` does not reflect it: these do.
+#[derive(Clone)]
+pub struct BillingMetrics {
+    /// `tollgate_billing_pipeline_up`.
+    pub up: IntGauge,
+    /// `tollgate_billing_pipeline_failures_total`.
+    pub failures: IntCounter,
 }

@@ -71,7 +71,8 @@ pub struct Options {
     pub max_epochs_in_flight: u64,
     /// Stop once no record has arrived for this long (benchmarks, tests); run forever if None.
     pub exit_when_idle_ms: Option<u64>,
-    /// Stop when set (the embedded pipeline's shutdown).
+    /// Stop when set (the embedded pipeline's shutdown): the worker first reads what its
+    /// source holds at that moment, then commits it all and returns.
     pub stop: Option<Arc<AtomicBool>>,
     pub abort_after_commit: Option<AbortAfterCommit>,
 }

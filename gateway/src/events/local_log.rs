@@ -288,6 +288,10 @@ impl EventSink for LocalSink {
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         self.metrics.collectors()
     }
+
+    fn local_log_path(&self) -> Option<&Path> {
+        Some(self.log.path())
+    }
 }
 
 struct Writer {

@@ -257,6 +257,11 @@ pub trait EventSink: Send + Sync {
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         Vec::new()
     }
+    /// The local event log this sink appends to, if it is one: the embedded billing pipeline
+    /// reads its completions from there.
+    fn local_log_path(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// Logs each completion at info level (target `tollgate::completion`) and each request at

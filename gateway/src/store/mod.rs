@@ -198,6 +198,28 @@ pub struct UsageRow {
     pub currency: String,
 }
 
+/// Where a store's usage ledger lives: the billing pipeline writes it into the store's own
+/// database, and [`MetaStore::usage`] reads it back.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LedgerLocation {
+    /// `tollgate.db` in this data directory.
+    Sqlite { data_dir: std::path::PathBuf },
+    /// This PostgreSQL database (the URL may hold a password: never log it).
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for LedgerLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerLocation::Sqlite { data_dir } => f
+                .debug_struct("Sqlite")
+                .field("data_dir", data_dir)
+                .finish(),
+            LedgerLocation::Postgres { .. } => f.write_str("Postgres { url: <redacted> }"),
+        }
+    }
+}
+
 /// A cached authentication result that is no longer valid.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Invalidation {
@@ -313,6 +335,9 @@ pub trait MetaStore: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Where this store's usage ledger is written.
+    fn ledger_location(&self) -> LedgerLocation;
 
     /// Liveness probe for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

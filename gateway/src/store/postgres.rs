@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
-    Invalidation, KeyLimits, KeyRecord, KeySummary, MetaStore, NewKey, Plan, Price, StoreError,
-    StoredCredential, Tenant, UsageRow,
+    Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
+    StoreError, StoredCredential, Tenant, UsageRow,
 };
 
 const CHANNEL: &str = "tollgate_invalidate";
@@ -593,6 +593,12 @@ impl MetaStore for PostgresStore {
                 currency: r.get("currency"),
             })
             .collect())
+    }
+
+    fn ledger_location(&self) -> LedgerLocation {
+        LedgerLocation::Postgres {
+            url: self.url.clone(),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

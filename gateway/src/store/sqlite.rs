@@ -5,7 +5,7 @@
 //! polls it every 200 ms, so other processes sharing the file hear of a revocation within
 //! that interval.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
-    Invalidation, KeyLimits, KeyRecord, KeySummary, MetaStore, NewKey, Plan, Price, StoreError,
-    StoredCredential, Tenant, UsageRow,
+    Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
+    StoreError, StoredCredential, Tenant, UsageRow,
 };
 
 /// How often other processes' invalidations are polled.
@@ -31,6 +31,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The embedded metadata store: `tollgate.db` in the data directory.
 pub struct SqliteStore {
     pool: SqlitePool,
+    data_dir: PathBuf,
 }
 
 fn ts(t: OffsetDateTime) -> String {
@@ -92,7 +93,10 @@ impl SqliteStore {
         sqlx::migrate!("../schemas/migrations/sqlite")
             .run(&pool)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            data_dir: data_dir.to_path_buf(),
+        })
     }
 }
 
@@ -685,6 +689,12 @@ impl MetaStore for SqliteStore {
                 currency: r.get("currency"),
             })
             .collect())
+    }
+
+    fn ledger_location(&self) -> LedgerLocation {
+        LedgerLocation::Sqlite {
+            data_dir: self.data_dir.clone(),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -250,7 +250,8 @@ pub fn run_worker(
     if index == 0 {
         committer.recover();
     }
-    let with_facts = committer.with_analytics();
+    // Every worker must build the same dataflow: decided from the config, not per worker.
+    let with_facts = !matches!(config.analytics, AnalyticsSpec::None);
     let mut source = open_source(config, index, peers, &positions)?;
     let state = Rc::new(RefCell::new(CommitState {
         committer: Some(committer),
@@ -403,6 +404,16 @@ pub fn run_worker(
             next_price_refresh = Instant::now() + Duration::from_millis(options.price_refresh_ms);
         }
 
+        // Read before polling: once set, this poll sees every record appended before the flag
+        // was (the gateway flushes its event log, then sets it), and the loop keeps reading
+        // until a poll comes back empty, so a graceful stop commits all of it.
+        let stopping = options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Acquire));
+        if stopping {
+            source.wake();
+        }
         let remaining = Duration::from_millis(epoch_ms).saturating_sub(epoch_started.elapsed());
         buffer.clear();
         source.poll(
@@ -410,7 +421,8 @@ pub fn run_worker(
             remaining.min(Duration::from_millis(2)),
             &mut buffer,
         )?;
-        if !buffer.is_empty() {
+        let polled = buffer.len();
+        if polled > 0 {
             last_record = Instant::now();
         }
         report.records += buffer.len() as u64;
@@ -427,10 +439,7 @@ pub fn run_worker(
             records_in.send(record);
         }
 
-        let stop = options
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
+        let stop = (stopping && polled == 0)
             || source.exhausted()
             || options
                 .exit_when_idle_ms

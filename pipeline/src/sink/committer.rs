@@ -61,10 +61,6 @@ impl Committer {
         }
     }
 
-    pub fn with_analytics(&self) -> bool {
-        self.analytics.is_some()
-    }
-
     /// Committed positions of `source`.
     pub fn positions(&self, source: &str) -> Result<Vec<Position>, SinkError> {
         match &self.ledger {

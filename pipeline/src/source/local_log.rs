@@ -18,7 +18,13 @@ pub struct LocalLogSource {
     pool: Option<SqlitePool>,
     next: i64,
     replay_until: i64,
+    /// After an empty read, the log is not queried again before this instant.
+    quiet_until: Option<std::time::Instant>,
 }
+
+/// How long an idle log is left alone after an empty read (the gateway appends in batches;
+/// querying SQLite every couple of milliseconds while idle would cost a core's tenth).
+const IDLE_BACKOFF: Duration = Duration::from_millis(25);
 
 impl LocalLogSource {
     /// Opens the log at `path` (created if missing) for worker `index`: only worker 0 reads
@@ -41,6 +47,7 @@ impl LocalLogSource {
                 pool: None,
                 next: 0,
                 replay_until: 0,
+                quiet_until: None,
             });
         }
         let pool = runtime.block_on(async {
@@ -95,6 +102,7 @@ impl LocalLogSource {
             pool: Some(pool),
             next,
             replay_until,
+            quiet_until: None,
         })
     }
 }
@@ -102,6 +110,10 @@ impl LocalLogSource {
 impl Source for LocalLogSource {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn wake(&mut self) {
+        self.quiet_until = None;
     }
 
     fn poll(
@@ -114,6 +126,13 @@ impl Source for LocalLogSource {
             std::thread::sleep(wait);
             return Ok(());
         };
+        if self
+            .quiet_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            std::thread::sleep(wait);
+            return Ok(());
+        }
         let rows = self.runtime.block_on(
             sqlx::query(
                 "SELECT log_offset, timestamp_ms, payload FROM event_log
@@ -125,7 +144,10 @@ impl Source for LocalLogSource {
             .fetch_all(pool),
         )?;
         if rows.is_empty() {
+            self.quiet_until = Some(std::time::Instant::now() + IDLE_BACKOFF);
             std::thread::sleep(wait);
+        } else {
+            self.quiet_until = None;
         }
         for r in rows {
             let offset: i64 = r.try_get(0)?;

@@ -41,6 +41,9 @@ pub trait Source {
         wait: std::time::Duration,
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError>;
+    /// Makes the next poll read the source even if it has just been found idle (before a
+    /// graceful stop, which must see everything written until then).
+    fn wake(&mut self) {}
     /// Whether a bounded source has nothing left (never true for Kafka or the local log).
     fn exhausted(&self) -> bool {
         false

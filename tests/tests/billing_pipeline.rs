@@ -1,0 +1,720 @@
+//! The billing pipeline against real services: Kafka in, PostgreSQL ledger, Redis balances and
+//! ClickHouse analytics out, with the real `tollgate-pipeline` binary killed (SIGKILL) at
+//! random moments and restarted, and once aborting itself right after a ledger commit, before
+//! Redis and ClickHouse were written. When it has caught up, the ledger, the balances and the
+//! analytics sums must equal totals computed here, independently, from the events produced:
+//! to the last decimal place.
+//!
+//! Needs `scripts/services.sh up postgres redis kafka clickhouse` and the variables
+//! `TOLLGATE_DATABASE_URL`, `TOLLGATE_KAFKA_BOOTSTRAP`, `TOLLGATE_REDIS_URL`,
+//! `TOLLGATE_CLICKHOUSE_URL` (the test command sets them). Without them each test prints
+//! SKIPPED and passes without doing anything.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::print_stderr
+)] // test code: failing loudly and printing the numbers is the point
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use rust_decimal::Decimal;
+use sqlx::Row;
+use tollgate_pipeline::fact::billing_period;
+use tollgate_pipeline::sink::clickhouse::ClickHouseAnalytics;
+use tollgate_pipeline::sink::redis::RedisBalances;
+use tollgate_pipeline::sink::BalanceStore;
+use tollgate_pipeline::testkit::{Rng, Synthetic};
+use tollgate_tests::process::{bin_dir, free_port, fresh_postgres_database};
+
+const TENANTS: u64 = 12;
+const MODELS: u64 = 3;
+const EVENTS: usize = 30_000;
+
+/// The services, or None (with a SKIPPED line) when the variables are unset.
+struct Services {
+    database_url: String,
+    kafka: String,
+    redis: String,
+    clickhouse: String,
+}
+
+async fn services(test: &str) -> Option<Services> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    match (
+        var("TOLLGATE_KAFKA_BOOTSTRAP"),
+        var("TOLLGATE_REDIS_URL"),
+        var("TOLLGATE_CLICKHOUSE_URL"),
+    ) {
+        (Some(kafka), Some(redis), Some(clickhouse)) => {
+            let database_url = fresh_postgres_database().await?;
+            Some(Services {
+                database_url,
+                kafka,
+                redis,
+                clickhouse,
+            })
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: needs TOLLGATE_DATABASE_URL, TOLLGATE_KAFKA_BOOTSTRAP, \
+                 TOLLGATE_REDIS_URL and TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)"
+            );
+            None
+        }
+    }
+}
+
+fn suffix() -> String {
+    let n = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}_{:x}", std::process::id(), n % 0xffff_ffff)
+}
+
+async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+fn produce(p: &BaseProducer, topic: &str, key: &str, ts: i64, payload: &[u8]) {
+    let mut record = BaseRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .timestamp(ts);
+    loop {
+        match p.send(record) {
+            Ok(()) => break,
+            Err((e, r)) => {
+                assert!(
+                    matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ),
+                    "{e}"
+                );
+                record = r;
+                p.poll(Duration::from_millis(10));
+            }
+        }
+    }
+    p.poll(Duration::ZERO);
+}
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Prices per million tokens, computed here without the pipeline's code: model-k costs
+/// input 1.1·(k+1), cached input a quarter of that, output 4.4·(k+1); from `change_ms` on,
+/// model-0's prices are 3 times higher. Tenant ten_1 has its own price for model-1:
+/// 0.000001 / 0 / 0.000003 (tiny, to exercise the 18 decimal places).
+struct Book {
+    change_ms: i64,
+}
+
+impl Book {
+    fn prices(&self, tenant: &str, model: &str, at_ms: i64) -> (Decimal, Decimal, Decimal) {
+        let k: i64 = model.trim_start_matches("model-").parse().unwrap();
+        if tenant == "ten_1" && k == 1 {
+            return (dec("0.000001"), Decimal::ZERO, dec("0.000003"));
+        }
+        let mut input = dec("1.1") * Decimal::from(k + 1);
+        if k == 0 && at_ms >= self.change_ms {
+            input *= Decimal::from(3);
+        }
+        (input, input / Decimal::from(4), input * Decimal::from(4))
+    }
+
+    fn cost(&self, s: &Synthetic) -> Decimal {
+        let (i, c, o) = self.prices(&s.tenant_id, &s.model, s.event_ms);
+        let u = &s.usage;
+        (Decimal::from(u.input_tokens - u.cached_input_tokens) * i
+            + Decimal::from(u.cached_input_tokens) * c
+            + Decimal::from(u.output_tokens) * o)
+            / Decimal::from(1_000_000)
+    }
+}
+
+async fn insert_price(
+    pool: &sqlx::PgPool,
+    model: &str,
+    tenant: &str,
+    from_ms: i64,
+    p: (Decimal, Decimal, Decimal),
+) {
+    sqlx::query(
+        "INSERT INTO prices (model, tenant_id, effective_from, input_per_mtok, cached_input_per_mtok, output_per_mtok, currency)
+         VALUES ($1, $2, to_timestamp($3::double precision / 1000), $4, $5, $6, 'USD')",
+    )
+    .bind(model)
+    .bind(tenant)
+    .bind(from_ms as f64)
+    .bind(p.0)
+    .bind(p.1)
+    .bind(p.2)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Expected figures per (tenant, period) and per (tenant, model, minute).
+#[derive(Default, Debug)]
+struct Expected {
+    periods: BTreeMap<(String, String), (i64, Decimal)>,
+    minutes: BTreeMap<(String, String, i64), (i64, Decimal)>,
+    tenants: BTreeMap<String, (i64, Decimal)>,
+}
+
+impl Expected {
+    fn add(&mut self, s: &Synthetic, cost: Decimal) {
+        let p = self
+            .periods
+            .entry((s.tenant_id.clone(), billing_period(s.event_ms)))
+            .or_default();
+        p.0 += 1;
+        p.1 += cost;
+        let m = self
+            .minutes
+            .entry((
+                s.tenant_id.clone(),
+                s.model.clone(),
+                s.event_ms.div_euclid(60_000) * 60_000,
+            ))
+            .or_default();
+        m.0 += 1;
+        m.1 += cost;
+        let t = self.tenants.entry(s.tenant_id.clone()).or_default();
+        t.0 += 1;
+        t.1 += cost;
+    }
+}
+
+struct Pipeline {
+    child: Child,
+}
+
+impl Pipeline {
+    fn start(
+        s: &Services,
+        topic: &str,
+        redis_prefix: &str,
+        ch_db: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Pipeline {
+        let mut cmd = Command::new(bin_dir().join("tollgate-pipeline"));
+        cmd.args([
+            "--kafka-bootstrap",
+            &s.kafka,
+            "--topic",
+            topic,
+            "--database-url",
+            &s.database_url,
+            "--redis-url",
+            &s.redis,
+            "--redis-prefix",
+            redis_prefix,
+            "--clickhouse-url",
+            &s.clickhouse,
+            "--clickhouse-database",
+            ch_db,
+            "--epoch-ms",
+            "100",
+            "--price-refresh-ms",
+            "200",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Pipeline {
+            child: cmd
+                .spawn()
+                .expect("tollgate-pipeline starts (cargo build --workspace --bins)"),
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn ledger_requests(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(requests)::BIGINT FROM usage_periods")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+async fn wait_for_ledger(pool: &sqlx::PgPool, want: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = ledger_requests(pool).await;
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM pipeline_outbox")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if have == want && outbox == 0 {
+            return;
+        }
+        assert!(
+            have <= want,
+            "ledger counts {have} completions, more than the {want} produced"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "ledger has {have} of {want} completions, outbox {outbox}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn check_all(
+    s: &Services,
+    pool: &sqlx::PgPool,
+    expected: &Expected,
+    redis_prefix: &str,
+    ch_db: &str,
+) {
+    // Ledger: per tenant × period, and per tenant × model × minute.
+    let mut periods = BTreeMap::new();
+    for r in sqlx::query("SELECT tenant_id, period, requests, cost FROM usage_periods")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    {
+        periods.insert(
+            (r.get::<String, _>(0), r.get::<String, _>(1)),
+            (r.get::<i64, _>(2), r.get::<Decimal, _>(3)),
+        );
+    }
+    assert_eq!(periods, expected.periods, "usage_periods");
+    let mut minutes = BTreeMap::new();
+    for r in sqlx::query(
+        "SELECT tenant_id, model, (extract(epoch FROM minute) * 1000)::BIGINT, requests, cost FROM usage_minutes",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    {
+        minutes.insert(
+            (r.get::<String, _>(0), r.get::<String, _>(1), r.get::<i64, _>(2)),
+            (r.get::<i64, _>(3), r.get::<Decimal, _>(4)),
+        );
+    }
+    assert_eq!(minutes.len(), expected.minutes.len(), "minute rows");
+    assert_eq!(
+        minutes, expected.minutes,
+        "usage_minutes (late events must land in their minute)"
+    );
+
+    // Redis balances.
+    let balances = RedisBalances::connect(&s.redis, redis_prefix)
+        .await
+        .unwrap();
+    for ((tenant, period), (requests, cost)) in &expected.periods {
+        let b = balances
+            .get(tenant, period, "USD")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no Redis balance for {tenant} {period}"));
+        assert_eq!(
+            (b.requests, b.spend),
+            (*requests, *cost),
+            "Redis balance of {tenant} {period}"
+        );
+    }
+
+    // ClickHouse: plain sums over the fact table and the minute rollups.
+    let ch = ClickHouseAnalytics::new(&s.clickhouse, ch_db);
+    let facts: BTreeMap<String, (i64, Decimal)> = ch
+        .totals_by_tenant()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(t, _currency, n, c)| (t, (n, c)))
+        .collect();
+    assert_eq!(facts, expected.tenants, "ClickHouse request_facts");
+    let rollups: BTreeMap<String, (i64, Decimal)> = ch
+        .minute_totals_by_tenant()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(t, _currency, n, c)| (t, (n, c)))
+        .collect();
+    assert_eq!(rollups, expected.tenants, "ClickHouse usage_minutes");
+}
+
+async fn clickhouse_database(url: &str, name: &str, create: bool) {
+    let q = if create {
+        format!("CREATE DATABASE IF NOT EXISTS {name}")
+    } else {
+        format!("DROP DATABASE IF EXISTS {name}")
+    };
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(q)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_at_random_moments_lose_and_double_count_nothing() {
+    let Some(s) = services("crashes_at_random_moments_lose_and_double_count_nothing").await else {
+        return;
+    };
+    let id = suffix();
+    let topic = format!("llm.completions.crash_{id}");
+    let redis_prefix = format!("tollgate_test_{id}:");
+    let ch_db = format!("tollgate_test_{id}");
+    create_topic(&s.kafka, &topic, 6).await;
+    clickhouse_database(&s.clickhouse, &ch_db, true).await;
+    let pool = sqlx::PgPool::connect(&s.database_url).await.unwrap();
+    // The pipeline migrates the database; so does this (same migrations) to seed prices first.
+    tollgate_pipeline::sink::postgres::PostgresLedger::connect(&s.database_url)
+        .await
+        .unwrap();
+
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let now = tollgate_schemas::events::unix_ms(SystemTime::now());
+    let start = now - 2 * 3_600_000;
+    let book = Book {
+        change_ms: start + 3_600_000,
+    };
+    for k in 0..MODELS {
+        let model = format!("model-{k}");
+        insert_price(&pool, &model, "", 0, book.prices("ten_0", &model, 0)).await;
+    }
+    insert_price(
+        &pool,
+        "model-1",
+        "ten_1",
+        0,
+        book.prices("ten_1", "model-1", 0),
+    )
+    .await;
+
+    // Events: the first half before the price change, the second half after it (plus late
+    // events from before it); 3% duplicates sent again a little later; two malformed
+    // messages that must end up as rejects, not bills.
+    let mut expected = Expected::default();
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for i in 0..EVENTS {
+        let half = i >= EVENTS / 2;
+        let base = if half { book.change_ms } else { start };
+        let mut at = base + (i % (EVENTS / 2)) as i64 * 3_600_000 / (EVENTS / 2) as i64;
+        if rng.below(8) == 0 {
+            at -= rng.below(20 * 60_000) as i64; // late, possibly before the change
+            if !half {
+                at = at.max(start - 20 * 60_000);
+            }
+        }
+        if !half {
+            at = at.min(book.change_ms - 1);
+        }
+        let s = Synthetic::random(&mut rng, TENANTS, MODELS, at);
+        expected.add(&s, book.cost(&s));
+        let out = if half { &mut second } else { &mut first };
+        out.push(s.clone());
+        if rng.below(33) == 0 {
+            let later = if half || rng.below(2) == 0 {
+                &mut second
+            } else {
+                &mut first
+            };
+            later.push(s);
+        }
+    }
+    let third = second.split_off(second.len() * 2 / 3);
+    let t0 = Instant::now();
+    let p = producer(&s.kafka);
+    let send_all = |events: &[Synthetic]| {
+        for e in events {
+            produce(&p, &topic, &e.tenant_id, e.event_ms, &e.payload());
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    };
+    send_all(&first);
+    produce(&p, &topic, "ten_0", now, b"{\"not\": \"a completion\"}");
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    println!(
+        "{:?} phase 1: ledger has {}",
+        t0.elapsed(),
+        ledger_requests(&pool).await
+    );
+    // Phase 1: kill it twice at random moments while it works through the first half.
+    for _ in 0..2 {
+        let run = Pipeline::start(&s, &topic, &redis_prefix, &ch_db, &["--workers", "3"], &[]);
+        tokio::time::sleep(Duration::from_millis(700 + rng.below(1500))).await;
+        run.kill();
+    }
+    // The price change is published while the stream runs; then the second half.
+    let run = Pipeline::start(&s, &topic, &redis_prefix, &ch_db, &["--workers", "3"], &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    insert_price(
+        &pool,
+        "model-0",
+        "",
+        book.change_ms,
+        book.prices("ten_0", "model-0", book.change_ms),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_all(&second);
+    produce(&p, &topic, "ten_3", now, b"\xff\xfe not json");
+    p.flush(Duration::from_secs(30)).unwrap();
+    tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
+    run.kill();
+
+    // Phase 2: a crash right after a ledger commit, before Redis and ClickHouse are written.
+    // The last third of the events goes in first, so that the run has something to commit.
+    send_all(&third);
+    let mut aborting = Pipeline::start(
+        &s,
+        &topic,
+        &redis_prefix,
+        &ch_db,
+        &["--workers", "3"],
+        &[("TOLLGATE_PIPELINE_ABORT_AFTER_COMMIT", "1")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = aborting.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fault-injected run did not abort"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "the fault-injected run aborts");
+    drop(aborting);
+
+    // More random kills, then run until caught up.
+    for _ in 0..2 {
+        let run = Pipeline::start(&s, &topic, &redis_prefix, &ch_db, &["--workers", "3"], &[]);
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(2000))).await;
+        run.kill();
+    }
+    let unique = expected.tenants.values().map(|v| v.0).sum::<i64>();
+    let run = Pipeline::start(&s, &topic, &redis_prefix, &ch_db, &["--workers", "3"], &[]);
+    wait_for_ledger(&pool, unique, Duration::from_secs(180)).await;
+    // The balances follow the ledger commit; give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.kill();
+
+    println!(
+        "{:?} caught up: ledger has {}",
+        t0.elapsed(),
+        ledger_requests(&pool).await
+    );
+    check_all(&s, &pool, &expected, &redis_prefix, &ch_db).await;
+    let rejects: i64 = sqlx::query_scalar("SELECT count(*) FROM pipeline_rejects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rejects, 2, "both malformed messages are kept as rejects");
+    let commits: (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(duplicates)::BIGINT FROM pipeline_commits")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    println!(
+        "{} events ({} unique, {} duplicates sent), {} ledger commits, duplicates dropped by the committed runs: {}",
+        first.len() + second.len() + third.len(),
+        unique,
+        first.len() + second.len() + third.len() - unique as usize,
+        commits.0,
+        commits.1
+    );
+    clickhouse_database(&s.clickhouse, &ch_db, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_process_cluster_writes_the_same_ledger_as_one_worker() {
+    let Some(s) = services("a_two_process_cluster_writes_the_same_ledger_as_one_worker").await
+    else {
+        return;
+    };
+    let Some(second_db) = fresh_postgres_database().await else {
+        return;
+    };
+    let id = suffix();
+    let topic = format!("llm.completions.cluster_{id}");
+    create_topic(&s.kafka, &topic, 6).await;
+    let mut rng = Rng::new(42);
+    let now = tollgate_schemas::events::unix_ms(SystemTime::now());
+    let p = producer(&s.kafka);
+    let mut expected = Expected::default();
+    let book = Book {
+        change_ms: now - 1_800_000,
+    };
+    for i in 0..8000i64 {
+        let e = Synthetic::random(&mut rng, TENANTS, MODELS, now - 3_600_000 + i * 450);
+        expected.add(&e, book.cost(&e));
+        produce(&p, &topic, &e.tenant_id, e.event_ms, &e.payload());
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let mut ledgers = Vec::new();
+    for (db, cluster) in [(s.database_url.clone(), false), (second_db, true)] {
+        tollgate_pipeline::sink::postgres::PostgresLedger::connect(&db)
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&db).await.unwrap();
+        for k in 0..MODELS {
+            let model = format!("model-{k}");
+            insert_price(&pool, &model, "", 0, book.prices("ten_0", &model, 0)).await;
+            if k == 0 {
+                insert_price(
+                    &pool,
+                    &model,
+                    "",
+                    book.change_ms,
+                    book.prices("ten_0", &model, book.change_ms),
+                )
+                .await;
+            }
+        }
+        insert_price(
+            &pool,
+            "model-1",
+            "ten_1",
+            0,
+            book.prices("ten_1", "model-1", 0),
+        )
+        .await;
+        let common = |db: &str| {
+            vec![
+                "--kafka-bootstrap".to_string(),
+                s.kafka.clone(),
+                "--topic".into(),
+                topic.clone(),
+                "--database-url".into(),
+                db.to_string(),
+                "--epoch-ms".into(),
+                "100".into(),
+                "--exit-when-idle-ms".into(),
+                "3000".into(),
+            ]
+        };
+        let mut children = Vec::new();
+        if cluster {
+            let addresses = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+            for process in 0..2 {
+                let mut args = common(&db);
+                args.extend([
+                    "--workers".into(),
+                    "2".into(),
+                    "--process".into(),
+                    process.to_string(),
+                    "--addresses".into(),
+                    addresses.clone(),
+                ]);
+                children.push(
+                    Command::new(bin_dir().join("tollgate-pipeline"))
+                        .args(&args)
+                        .env("RUST_LOG", "warn")
+                        .spawn()
+                        .unwrap(),
+                );
+            }
+        } else {
+            children.push(
+                Command::new(bin_dir().join("tollgate-pipeline"))
+                    .args(common(&db))
+                    .env("RUST_LOG", "warn")
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        for mut c in children {
+            let status = tokio::task::spawn_blocking(move || c.wait().unwrap())
+                .await
+                .unwrap();
+            assert!(status.success(), "pipeline exits cleanly when idle");
+        }
+        let rows: Vec<(String, String, i64, i64, i64, i64, Decimal)> = sqlx::query_as(
+            "SELECT tenant_id, model, (extract(epoch FROM minute) * 1000)::BIGINT, requests, input_tokens, output_tokens, cost
+             FROM usage_minutes ORDER BY 1, 2, 3",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let total: i64 = rows.iter().map(|r| r.3).sum();
+        assert_eq!(total, 8000);
+        let by_tenant: BTreeMap<String, (i64, Decimal)> =
+            rows.iter().fold(BTreeMap::new(), |mut m, r| {
+                let e: &mut (i64, Decimal) = m.entry(r.0.clone()).or_default();
+                e.0 += r.3;
+                e.1 += r.6;
+                m
+            });
+        assert_eq!(by_tenant, expected.tenants);
+        ledgers.push(rows);
+    }
+    assert_eq!(
+        ledgers[0], ledgers[1],
+        "cluster ledger equals the single worker's"
+    );
+}

@@ -1,0 +1,375 @@
+//! The embedded default bills in process: the real `tollgate` binary, a fresh data directory
+//! and no service at all. The billing pipeline runs inside the gateway over its local event
+//! log and writes the ledger into `tollgate.db`; `GET /v1/usage` shows every request at the
+//! exact cost of the usage each response reported; a killed gateway resumes its ledger without
+//! counting anything twice; a graceful stop (SIGTERM) commits everything before exiting.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)] // test code: failing loudly is the point
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tollgate_tests::harness::sse_events;
+use tollgate_tests::process::{tollgate, GatewayProcess};
+
+/// The built-in simulated model; its completions carry `upstream_model = "mock/fast"` (the
+/// built-in deployment's model), which is what the price book is keyed by.
+const MODEL: &str = "mock/fast";
+/// Prices per million tokens, with enough digits that any rounding would show.
+const INPUT_PER_MTOK: &str = "1.234567";
+const CACHED_PER_MTOK: &str = "0.3";
+const OUTPUT_PER_MTOK: &str = "9.87654321";
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Tokens one response reported.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    prompt: i64,
+    cached: i64,
+    completion: i64,
+}
+
+impl Usage {
+    fn cost(&self) -> Decimal {
+        (Decimal::from(self.prompt - self.cached) * dec(INPUT_PER_MTOK)
+            + Decimal::from(self.cached) * dec(CACHED_PER_MTOK)
+            + Decimal::from(self.completion) * dec(OUTPUT_PER_MTOK))
+            / Decimal::from(1_000_000)
+    }
+}
+
+/// What the test sent and expects the ledger to hold.
+#[derive(Debug, Default)]
+struct Expected {
+    requests: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost: Decimal,
+}
+
+impl Expected {
+    fn add(&mut self, u: Usage) {
+        self.requests += 1;
+        self.input_tokens += u.prompt;
+        self.output_tokens += u.completion;
+        self.cost += u.cost();
+    }
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = tollgate(args, &[]);
+    assert!(
+        out.status.success(),
+        "tollgate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Creates a tenant, its key and the model's price with the CLI; returns (tenant id, key).
+fn provision(data_dir: &Path) -> (String, String) {
+    let data = data_dir.to_str().unwrap();
+    let tenant = run_ok(&["--data-dir", data, "tenants", "create", "acme"]);
+    let key = run_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
+    run_ok(&[
+        "--data-dir",
+        data,
+        "prices",
+        "set",
+        "--model",
+        MODEL,
+        "--input",
+        INPUT_PER_MTOK,
+        "--cached-input",
+        CACHED_PER_MTOK,
+        "--output",
+        OUTPUT_PER_MTOK,
+        "--effective-from",
+        "2020-01-01T00:00:00Z",
+    ]);
+    (tenant, key)
+}
+
+async fn start(data_dir: &Path, log: &str) -> GatewayProcess {
+    GatewayProcess::start(
+        &["--data-dir", data_dir.to_str().unwrap()],
+        &[],
+        data_dir.join(log),
+    )
+    .await
+}
+
+fn usage_of(v: &Value) -> Usage {
+    let n = |p: &str| v.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    Usage {
+        prompt: n("/prompt_tokens"),
+        cached: n("/prompt_tokens_details/cached_tokens"),
+        completion: n("/completion_tokens"),
+    }
+}
+
+/// Sends request `i` (every third one streaming, with `include_usage`) and returns the usage
+/// the response reported.
+async fn complete(client: &reqwest::Client, base: &str, key: &str, i: usize) -> Usage {
+    let stream = i % 3 == 2;
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": format!("request {i}:{}", " tell me more".repeat(i))}],
+        "max_tokens": 3 + i % 11,
+        "stream": stream,
+    });
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let usage = if stream {
+        let events = sse_events(&text);
+        assert_eq!(
+            events.last().map(|e| e.1.as_str()),
+            Some("[DONE]"),
+            "{text}"
+        );
+        let with_usage: Vec<Value> = events
+            .iter()
+            .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+            .filter(|v| v["usage"].is_object())
+            .collect();
+        assert_eq!(with_usage.len(), 1, "{text}");
+        usage_of(&with_usage[0]["usage"])
+    } else {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        usage_of(&v["usage"])
+    };
+    assert!(usage.prompt > 0 && usage.completion > 0, "{text}");
+    usage
+}
+
+/// Sends requests `range` (a few at a time) and adds what they reported to `expected`.
+async fn send(base: &str, key: &str, range: std::ops::Range<usize>, expected: &mut Expected) {
+    let client = reqwest::Client::new();
+    let ids: Vec<usize> = range.collect();
+    for batch in ids.chunks(4) {
+        let usages =
+            futures_util::future::join_all(batch.iter().map(|&i| complete(&client, base, key, i)))
+                .await;
+        for u in usages {
+            expected.add(u);
+        }
+    }
+}
+
+async fn usage(base: &str, key: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Polls `/v1/usage` (≤ 20 s) until it shows `want.requests`, and returns it.
+async fn wait_for_usage(base: &str, key: &str, want: &Expected) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = usage(base, key).await;
+        if v["total"]["requests"].as_i64() >= Some(want.requests) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ledger did not reach {} requests in 20 s: {v}",
+            want.requests
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_totals(v: &Value, want: &Expected) {
+    let total = &v["total"];
+    assert_eq!(total["requests"].as_i64(), Some(want.requests), "{v}");
+    assert_eq!(
+        total["input_tokens"].as_i64(),
+        Some(want.input_tokens),
+        "{v}"
+    );
+    assert_eq!(
+        total["output_tokens"].as_i64(),
+        Some(want.output_tokens),
+        "{v}"
+    );
+    assert_eq!(dec(total["cost"].as_str().unwrap()), want.cost, "{v}");
+    assert_eq!(v["by_model"][0]["model"], MODEL, "{v}");
+    assert_eq!(v["currency"], "USD", "{v}");
+}
+
+async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn sqlite(path: &Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
+        .await
+        .unwrap()
+}
+
+/// Completion events in the local event log.
+async fn logged_completions(data_dir: &Path) -> i64 {
+    let pool = sqlite(&data_dir.join("events.sqlite")).await;
+    let n = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE topic = 'llm.completions'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test]
+async fn a_fresh_data_dir_bills_every_completion_at_the_exact_price() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tenant, key) = provision(dir.path());
+    let gw = start(dir.path(), "gw.log").await;
+    let mut want = Expected::default();
+    send(&gw.base_url, &key, 0..20, &mut want).await;
+
+    let v = wait_for_usage(&gw.base_url, &key, &want).await;
+    assert_totals(&v, &want);
+    assert_eq!(v["tenant_id"], tenant.as_str());
+    let m = metrics(&gw.base_url).await;
+    assert!(m.contains("tollgate_billing_pipeline_up 1"), "{m}");
+    assert!(
+        m.contains("tollgate_billing_pipeline_failures_total 0"),
+        "{m}"
+    );
+    assert!(
+        gw.log_text().contains("embedded billing pipeline started"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[tokio::test]
+async fn a_killed_gateway_resumes_its_ledger_without_double_counting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = provision(dir.path());
+    let mut want = Expected::default();
+
+    // Killed (SIGKILL) as soon as its completions are in the log, whether or not the ledger
+    // has committed them yet.
+    let gw = start(dir.path(), "gw1.log").await;
+    send(&gw.base_url, &key, 0..12, &mut want).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while logged_completions(dir.path()).await < want.requests {
+        assert!(
+            Instant::now() < deadline,
+            "completions never reached the log"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(gw);
+
+    // Killed again after its ledger has caught up: the restart replays the log's recent past
+    // (to rebuild the duplicate filter) and must count none of it again.
+    let gw = start(dir.path(), "gw2.log").await;
+    let v = wait_for_usage(&gw.base_url, &key, &want).await;
+    assert_totals(&v, &want);
+    send(&gw.base_url, &key, 12..18, &mut want).await;
+    assert_totals(&wait_for_usage(&gw.base_url, &key, &want).await, &want);
+    drop(gw);
+
+    let gw = start(dir.path(), "gw3.log").await;
+    send(&gw.base_url, &key, 18..25, &mut want).await;
+    let v = wait_for_usage(&gw.base_url, &key, &want).await;
+    assert_totals(&v, &want);
+    // A few more epochs change nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_totals(&usage(&gw.base_url, &key).await, &want);
+    assert_eq!(logged_completions(dir.path()).await, want.requests);
+}
+
+#[tokio::test]
+async fn a_graceful_stop_commits_everything_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tenant, key) = provision(dir.path());
+    // One-minute epochs (set through the environment overlay): nothing is committed before
+    // the stop, so whatever the ledger holds afterwards, the graceful stop committed.
+    let mut gw = GatewayProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[("TOLLGATE__BILLING__EPOCH_MS", "60000")],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let mut want = Expected::default();
+    send(&gw.base_url, &key, 0..16, &mut want).await;
+    let before = usage(&gw.base_url, &key).await;
+    assert_eq!(before["total"]["requests"], 0, "{before}");
+
+    // SIGTERM right after the last response: the open epoch is still to be committed.
+    let pid = gw.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}: {}", gw.log_text());
+
+    let pool = sqlite(&dir.path().join("tollgate.db")).await;
+    let rows: Vec<(String, i64, i64, i64, String)> = sqlx::query_as(
+        "SELECT period, requests, input_tokens, output_tokens, cost FROM usage_periods WHERE tenant_id = ?",
+    )
+    .bind(&tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one billing period: {rows:?}");
+    let (_, requests, input, output, cost) = &rows[0];
+    assert_eq!(*requests, want.requests);
+    assert_eq!(*input, want.input_tokens);
+    assert_eq!(*output, want.output_tokens);
+    assert_eq!(dec(cost), want.cost);
+    // The committed position is past the last completion in the log.
+    let next: i64 = sqlx::query_scalar("SELECT next_offset FROM pipeline_positions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let events = sqlite(&dir.path().join("events.sqlite")).await;
+    let last: i64 =
+        sqlx::query_scalar("SELECT max(log_offset) FROM event_log WHERE topic = 'llm.completions'")
+            .fetch_one(&events)
+            .await
+            .unwrap();
+    assert_eq!(next, last + 1);
+    assert_eq!(logged_completions(dir.path()).await, want.requests);
+    assert!(
+        gw.log_text().contains("embedded billing pipeline stopped"),
+        "{}",
+        gw.log_text()
+    );
+}
