@@ -186,7 +186,7 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         retries: 0,
         fallbacks: 0,
         cache_hit: false,
-        // TODO(issue 5): the price-book version used for the pre-flight estimate.
+        // TODO(issue 6): the price-book version used for the pre-flight estimate.
         price_book_version: None,
         received_at: format_event_time(r.received_at()),
     }
