@@ -168,6 +168,22 @@ pub struct PricedFact {
     pub price_from_ms: Option<i64>,
     /// Whether a tenant override (not the list price) applied.
     pub price_override: bool,
+    /// The unit prices applied (per million tokens; zero when unpriced).
+    #[serde(default)]
+    pub unit: UnitPrices,
+}
+
+/// Prices per million tokens, as applied to one completion.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct UnitPrices {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub input_per_mtok: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cached_input_per_mtok: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub output_per_mtok: Decimal,
 }
 
 /// The currency of unpriced completions.
@@ -181,6 +197,11 @@ impl PricedFact {
                 currency: p.currency.clone(),
                 price_from_ms: Some(p.effective_from_ms),
                 price_override: p.tenant_id.is_some(),
+                unit: UnitPrices {
+                    input_per_mtok: p.input_per_mtok,
+                    cached_input_per_mtok: p.cached_input_per_mtok,
+                    output_per_mtok: p.output_per_mtok,
+                },
                 fact,
             },
             None => PricedFact {
@@ -189,7 +210,22 @@ impl PricedFact {
                 currency: DEFAULT_CURRENCY.to_string(),
                 price_from_ms: None,
                 price_override: false,
+                unit: UnitPrices::default(),
             },
+        }
+    }
+
+    /// Key of the per tenant × billing period × model × price-in-force aggregate (invoice
+    /// lines: one per price that applied during the period).
+    pub fn line_key(&self) -> LineKey {
+        LineKey {
+            tenant_id: self.fact.tenant_id.clone(),
+            period: billing_period(self.fact.event_ms),
+            model: self.fact.model.clone(),
+            currency: self.currency.clone(),
+            price_from_ms: self.price_from_ms.unwrap_or(-1),
+            price_override: self.price_override,
+            unit: self.unit,
         }
     }
 
@@ -265,6 +301,21 @@ pub struct MinuteKey {
     /// Start of the minute, ms since the Unix epoch.
     pub minute_ms: i64,
     pub currency: String,
+}
+
+/// Per tenant × billing period (of the event) × model × price in force: what invoice lines
+/// are made of. The ledger books a line into a later period when its own is closed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LineKey {
+    pub tenant_id: String,
+    /// `YYYY-MM` of the completions' event time.
+    pub period: String,
+    pub model: String,
+    pub currency: String,
+    /// `effective_from` of the price row; -1 for unpriced completions.
+    pub price_from_ms: i64,
+    pub price_override: bool,
+    pub unit: UnitPrices,
 }
 
 /// Per tenant × billing period.

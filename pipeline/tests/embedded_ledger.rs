@@ -326,3 +326,88 @@ async fn malformed_messages_are_kept_as_rejects_not_billed() {
         .unwrap();
     assert_eq!(next, 3);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invoice_lines_split_by_price_and_late_events_of_a_closed_period_are_booked_later() {
+    let generated = generate(3000, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path()).await;
+    seed_prices(&pool, 3).await;
+    let mut by_p: HashMap<u32, Vec<_>> = HashMap::new();
+    for r in &generated.records {
+        by_p.entry(r.partition).or_default().push(r.clone());
+    }
+    let first: Vec<_> = by_p
+        .values()
+        .flat_map(|v| v.iter().take(v.len() / 2).cloned())
+        .collect();
+    let first_ids: std::collections::HashSet<Vec<u8>> =
+        first.iter().map(|r| r.payload.clone()).collect();
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || run(first, &path, 2))
+        .await
+        .unwrap();
+    // Close the period, then let the rest arrive: it is booked into the next period.
+    sqlx::query("INSERT INTO billing_periods (period, closed_at) VALUES ('2026-05', '2026-06-01T00:00:00Z')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let all = generated.records.clone();
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || run(all, &path, 2))
+        .await
+        .unwrap();
+
+    let mut first_cost = Decimal::ZERO;
+    let mut later_cost = Decimal::ZERO;
+    let mut seen = std::collections::HashSet::new();
+    let by_payload: HashMap<Vec<u8>, &Synthetic> =
+        generated.unique.iter().map(|s| (s.payload(), s)).collect();
+    for r in &generated.records {
+        let s = by_payload[&r.payload];
+        if !seen.insert(s.event_id.clone()) {
+            continue;
+        }
+        if first_ids.contains(&r.payload) {
+            first_cost += expected_cost(s);
+        } else {
+            later_cost += expected_cost(s);
+        }
+    }
+    let lines: Vec<(String, String, String, i64, String, i64)> = sqlx::query_as(
+        "SELECT period, event_period, model, price_from_ms, cost, requests FROM usage_price_lines",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sum = |period: &str| -> Decimal {
+        lines
+            .iter()
+            .filter(|l| l.0 == period)
+            .map(|l| dec(&l.4))
+            .sum()
+    };
+    assert_eq!(
+        sum("2026-05"),
+        first_cost,
+        "lines booked in the closed period"
+    );
+    assert_eq!(
+        sum("2026-06"),
+        later_cost,
+        "late lines booked into the next period"
+    );
+    assert!(lines
+        .iter()
+        .filter(|l| l.0 == "2026-06")
+        .all(|l| l.1 == "2026-05"));
+    // model-1 had two list prices during the period: two lines per booking period.
+    let model1: std::collections::HashSet<i64> = lines
+        .iter()
+        .filter(|l| l.2 == "model-1" && l.0 == "2026-05")
+        .map(|l| l.3)
+        .collect();
+    assert_eq!(model1.len(), 2, "{lines:?}");
+    let requests: i64 = lines.iter().map(|l| l.5).sum();
+    assert_eq!(requests, generated.unique.len() as i64);
+}

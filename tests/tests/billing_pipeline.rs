@@ -354,6 +354,19 @@ async fn check_all(
         "usage_minutes (late events must land in their minute)"
     );
 
+    // Invoice lines (per tenant × period × model × price in force), summed per tenant.
+    let mut lines: BTreeMap<String, (i64, Decimal)> = BTreeMap::new();
+    for r in sqlx::query("SELECT tenant_id, requests, cost FROM usage_price_lines")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    {
+        let e = lines.entry(r.get::<String, _>(0)).or_default();
+        e.0 += r.get::<i64, _>(1);
+        e.1 += r.get::<Decimal, _>(2);
+    }
+    assert_eq!(lines, expected.tenants, "usage_price_lines");
+
     // Redis balances.
     let balances = RedisBalances::connect(&s.redis, redis_prefix)
         .await

@@ -42,7 +42,7 @@ use timely::worker::Worker;
 use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::config::{AnalyticsSpec, BalanceSpec, LedgerSpec, PipelineConfig, SourceSpec};
-use crate::fact::{Fact, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals};
+use crate::fact::{Fact, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals};
 use crate::sink::committer::Committer;
 use crate::sink::{Analytics, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
 use crate::source::{Source, SourceError};
@@ -75,6 +75,7 @@ pub struct WorkerReport {
 pub enum SinkItem {
     Minute(MinuteKey, Totals),
     Period(PeriodKey, Totals),
+    Line(LineKey, Totals),
     Position(Position),
     Reject(Reject),
     Duplicates(u64),
@@ -165,6 +166,7 @@ fn open_source(
 struct Pending {
     minutes: HashMap<MinuteKey, Totals>,
     periods: HashMap<PeriodKey, Totals>,
+    lines: HashMap<LineKey, Totals>,
     positions: BTreeMap<u32, Position>,
     rejects: Vec<Reject>,
     facts: Vec<PricedFact>,
@@ -176,6 +178,7 @@ impl Pending {
         match item {
             SinkItem::Minute(k, t) => self.minutes.entry(k).or_default().add(&t),
             SinkItem::Period(k, t) => self.periods.entry(k).or_default().add(&t),
+            SinkItem::Line(k, t) => self.lines.entry(k).or_default().add(&t),
             SinkItem::Position(p) => {
                 let e = self
                     .positions
@@ -211,11 +214,18 @@ impl Pending {
             .filter(|(_, t)| !t.is_zero())
             .collect();
         periods.sort();
+        let mut lines: Vec<_> = self
+            .lines
+            .into_iter()
+            .filter(|(_, t)| !t.is_zero())
+            .collect();
+        lines.sort();
         LedgerBatch {
             seq,
             source: source.to_string(),
             minutes,
             periods,
+            lines,
             positions: self.positions.into_values().collect(),
             rejects: self.rejects,
             facts: self.facts,
@@ -309,8 +319,15 @@ pub fn run_worker(
             .consolidate_stream()
             .inner
             .map(|(k, _t, r)| SinkItem::Period(k, r));
+        let lines = priced
+            .clone()
+            .explode(|f: PricedFact| Some((f.line_key(), f.totals())))
+            .consolidate_stream()
+            .inner
+            .map(|(k, _t, r)| SinkItem::Line(k, r));
         let mut items = minutes
             .concat(periods)
+            .concat(lines)
             .concat(positions_in.to_stream(scope).map(SinkItem::Position))
             .concat(rejects.map(SinkItem::Reject))
             .concat(duplicates.map(SinkItem::Duplicates));

@@ -588,6 +588,7 @@ mod tests {
             currency: "USD".into(),
             price_from_ms: if cost == "0" { None } else { Some(1_000) },
             price_override: false,
+            unit: crate::fact::UnitPrices::default(),
         }
     }
 

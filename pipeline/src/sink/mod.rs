@@ -29,7 +29,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tollgate_schemas::pricing::PriceRow;
 
-use crate::fact::{MinuteKey, PeriodKey, PricedFact, Reject, Totals};
+use crate::fact::{LineKey, MinuteKey, PeriodKey, PricedFact, Reject, Totals};
 
 /// Errors of any sink.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ pub struct LedgerBatch {
     pub source: String,
     pub minutes: Vec<(MinuteKey, Totals)>,
     pub periods: Vec<(PeriodKey, Totals)>,
+    /// Invoice-line deltas (booked into the first open period at or after their own).
+    pub lines: Vec<(LineKey, Totals)>,
     pub positions: Vec<Position>,
     pub rejects: Vec<Reject>,
     /// Request facts for analytics; written to the outbox in the same transaction when an
@@ -121,6 +123,56 @@ pub trait Ledger: Send + Sync {
     async fn outbox(&self) -> Result<Vec<OutboxBatch>, SinkError>;
     /// Forgets an outbox batch once analytics has it.
     async fn ack_outbox(&self, seq: u64) -> Result<(), SinkError>;
+}
+
+/// The period after `period` (`YYYY-MM`), or `None` if it is malformed.
+pub fn next_period(period: &str) -> Option<String> {
+    let (y, m) = period.split_once('-')?;
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    if !(1..=12).contains(&m) {
+        return None;
+    }
+    Some(if m == 12 {
+        format!("{:04}-01", y + 1)
+    } else {
+        format!("{:04}-{:02}", y, m + 1)
+    })
+}
+
+/// Where a line of `period` is booked when the periods in `closed` are closed: its own
+/// period if open, else the first open one after it (an adjustment there).
+pub fn booking_period(period: &str, closed: &std::collections::HashSet<String>) -> String {
+    let mut p = period.to_string();
+    // At most as many steps as there are closed periods.
+    for _ in 0..=closed.len() {
+        if !closed.contains(&p) {
+            return p;
+        }
+        match next_period(&p) {
+            Some(n) => p = n,
+            None => return p,
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_of_closed_periods_go_to_the_first_open_one() {
+        assert_eq!(next_period("2026-12").as_deref(), Some("2027-01"));
+        assert_eq!(next_period("2026-02").as_deref(), Some("2026-03"));
+        assert_eq!(next_period("2026-13"), None);
+        let closed: std::collections::HashSet<String> = ["2026-10", "2026-11"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(booking_period("2026-09", &closed), "2026-09");
+        assert_eq!(booking_period("2026-10", &closed), "2026-12");
+        assert_eq!(booking_period("2026-11", &closed), "2026-12");
+    }
 }
 
 /// Live balances the gateway's budget checks read: Redis in production, memory embedded.

@@ -206,6 +206,60 @@ impl Ledger for PostgresLedger {
             }
         }
 
+        if !batch.lines.is_empty() {
+            // Closing a period takes an EXCLUSIVE lock on billing_periods: a period cannot be
+            // closed between reading it open here and committing lines into it.
+            sqlx::query("LOCK TABLE billing_periods IN SHARE MODE")
+                .execute(&mut *tx)
+                .await?;
+            let closed: std::collections::HashSet<String> =
+                sqlx::query_scalar("SELECT period FROM billing_periods")
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            for rows in batch.lines.chunks(CHUNK) {
+                let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "INSERT INTO usage_price_lines (tenant_id, period, event_period, model,
+                     currency, price_from_ms, price_override, input_per_mtok,
+                     cached_input_per_mtok, output_per_mtok, requests, input_tokens,
+                     cached_input_tokens, cache_write_input_tokens, output_tokens, cost,
+                     updated_seq) ",
+                );
+                q.push_values(rows, |mut b, (k, t)| {
+                    b.push_bind(&k.tenant_id)
+                        .push_bind(super::booking_period(&k.period, &closed))
+                        .push_bind(&k.period)
+                        .push_bind(&k.model)
+                        .push_bind(&k.currency)
+                        .push_bind(k.price_from_ms)
+                        .push_bind(k.price_override)
+                        .push_bind(k.unit.input_per_mtok)
+                        .push_bind(k.unit.cached_input_per_mtok)
+                        .push_bind(k.unit.output_per_mtok)
+                        .push_bind(t.requests)
+                        .push_bind(t.input_tokens)
+                        .push_bind(t.cached_input_tokens)
+                        .push_bind(t.cache_write_input_tokens)
+                        .push_bind(t.output_tokens)
+                        .push_bind(t.cost)
+                        .push_bind(seq);
+                });
+                q.push(
+                    " ON CONFLICT (tenant_id, period, event_period, model, currency,
+                      price_from_ms, price_override) DO UPDATE SET
+                      requests = usage_price_lines.requests + EXCLUDED.requests,
+                      input_tokens = usage_price_lines.input_tokens + EXCLUDED.input_tokens,
+                      cached_input_tokens = usage_price_lines.cached_input_tokens + EXCLUDED.cached_input_tokens,
+                      cache_write_input_tokens = usage_price_lines.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
+                      output_tokens = usage_price_lines.output_tokens + EXCLUDED.output_tokens,
+                      cost = usage_price_lines.cost + EXCLUDED.cost,
+                      updated_seq = EXCLUDED.updated_seq",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+        }
+
         for rows in batch.positions.chunks(CHUNK) {
             let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
                 "INSERT INTO pipeline_positions (source, partition, next_offset, max_event_ms) ",

@@ -133,6 +133,65 @@ async fn add_minute(
     Ok(())
 }
 
+async fn add_line(
+    tx: &mut Transaction<'_, Sqlite>,
+    k: &crate::fact::LineKey,
+    t: &Totals,
+    booked: &str,
+    seq: i64,
+) -> Result<(), SinkError> {
+    let old: Option<String> = sqlx::query_scalar(
+        "SELECT cost FROM usage_price_lines WHERE tenant_id = ? AND period = ? AND event_period = ?
+           AND model = ? AND currency = ? AND price_from_ms = ? AND price_override = ?",
+    )
+    .bind(&k.tenant_id)
+    .bind(booked)
+    .bind(&k.period)
+    .bind(&k.model)
+    .bind(&k.currency)
+    .bind(k.price_from_ms)
+    .bind(k.price_override)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let cost = old.as_deref().map(dec).transpose()?.unwrap_or_default() + t.cost;
+    sqlx::query(
+        "INSERT INTO usage_price_lines (tenant_id, period, event_period, model, currency,
+           price_from_ms, price_override, input_per_mtok, cached_input_per_mtok, output_per_mtok,
+           requests, input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
+           cost, updated_seq)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (tenant_id, period, event_period, model, currency, price_from_ms,
+           price_override) DO UPDATE SET
+           requests = requests + excluded.requests,
+           input_tokens = input_tokens + excluded.input_tokens,
+           cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
+           cache_write_input_tokens = cache_write_input_tokens + excluded.cache_write_input_tokens,
+           output_tokens = output_tokens + excluded.output_tokens,
+           cost = excluded.cost,
+           updated_seq = excluded.updated_seq",
+    )
+    .bind(&k.tenant_id)
+    .bind(booked)
+    .bind(&k.period)
+    .bind(&k.model)
+    .bind(&k.currency)
+    .bind(k.price_from_ms)
+    .bind(k.price_override)
+    .bind(k.unit.input_per_mtok.to_string())
+    .bind(k.unit.cached_input_per_mtok.to_string())
+    .bind(k.unit.output_per_mtok.to_string())
+    .bind(t.requests)
+    .bind(t.input_tokens)
+    .bind(t.cached_input_tokens)
+    .bind(t.cache_write_input_tokens)
+    .bind(t.output_tokens)
+    .bind(cost.to_string())
+    .bind(seq)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 async fn add_period(
     tx: &mut Transaction<'_, Sqlite>,
     k: &crate::fact::PeriodKey,
@@ -252,6 +311,35 @@ impl Ledger for SqliteLedger {
     ) -> Result<Vec<Balance>, SinkError> {
         let seq = seq_i64(batch.seq);
         let mut tx = self.pool.begin().await?;
+        // Write first: the transaction then holds SQLite's write lock, so the closed periods
+        // read below cannot change before it commits.
+        sqlx::query(
+            "INSERT INTO pipeline_commits (seq, events, duplicates, rejects) VALUES (?, ?, ?, ?)",
+        )
+        .bind(seq)
+        .bind(i64::try_from(batch.events).unwrap_or(i64::MAX))
+        .bind(i64::try_from(batch.duplicates).unwrap_or(i64::MAX))
+        .bind(i64::try_from(batch.rejects.len()).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        if !batch.lines.is_empty() {
+            let closed: std::collections::HashSet<String> =
+                sqlx::query_scalar("SELECT period FROM billing_periods")
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            for (k, t) in &batch.lines {
+                add_line(
+                    &mut tx,
+                    k,
+                    t,
+                    &super::booking_period(&k.period, &closed),
+                    seq,
+                )
+                .await?;
+            }
+        }
         for (k, t) in &batch.minutes {
             add_minute(&mut tx, k, t, seq).await?;
         }
@@ -301,15 +389,6 @@ impl Ledger for SqliteLedger {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
-            "INSERT INTO pipeline_commits (seq, events, duplicates, rejects) VALUES (?, ?, ?, ?)",
-        )
-        .bind(seq)
-        .bind(i64::try_from(batch.events).unwrap_or(i64::MAX))
-        .bind(i64::try_from(batch.duplicates).unwrap_or(i64::MAX))
-        .bind(i64::try_from(batch.rejects.len()).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(balances)
     }
