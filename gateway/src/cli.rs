@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tollgate_gateway::admin::Admin;
+use tollgate_gateway::invoices::render::{write_files, Format};
 use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV, OLD_MASTER_KEY_ENV};
 use tollgate_gateway::store::postgres::PostgresStore;
 use tollgate_gateway::store::sqlite::SqliteStore;
@@ -78,6 +79,11 @@ pub enum Command {
     Credentials {
         #[command(subcommand)]
         command: CredentialCommand,
+    },
+    /// Invoices per tenant and billing period (YYYY-MM, UTC months).
+    Invoices {
+        #[command(subcommand)]
+        command: InvoiceCommand,
     },
     /// The audit trail of admin actions, newest first.
     Audit {
@@ -231,6 +237,31 @@ pub enum DiscountCommand {
 }
 
 #[derive(Subcommand)]
+pub enum InvoiceCommand {
+    /// Write one file per invoice (`<number>.<ext>`) into a directory, all or nothing;
+    /// prints the paths written. The current period exports as drafts.
+    Export {
+        /// The billing period, YYYY-MM.
+        #[arg(long)]
+        period: String,
+        /// One tenant (id or name); default all.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// csv, json or html.
+        #[arg(long)]
+        format: Format,
+        /// Output directory (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Close a period that has ended: its invoices become final.
+    Close {
+        #[arg(long)]
+        period: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum CredentialCommand {
     /// Store a provider credential; the secret is read from stdin (never from arguments).
     Add {
@@ -270,6 +301,8 @@ pub enum CliError {
     Events(#[from] tollgate_gateway::events::EventsError),
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Invoices(#[from] tollgate_gateway::invoices::InvoiceError),
 }
 
 /// Opens the metadata store the flags select.
@@ -447,6 +480,21 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                     new.fingerprint()
                 ))
             }
+        },
+        Command::Invoices { command } => match command {
+            InvoiceCommand::Export {
+                period,
+                tenant,
+                format,
+                out,
+            } => {
+                let invoices = admin.invoices(&period, tenant.as_deref()).await?;
+                for path in write_files(&out, &invoices, format)? {
+                    print_line(&path.display().to_string())?;
+                }
+                Ok(())
+            }
+            InvoiceCommand::Close { period } => print_json(&[admin.close_period(&period).await?]),
         },
         Command::Audit { limit } => print_json(&admin.audit_log(limit).await?),
     }

@@ -17,6 +17,7 @@
 //! | [`relay`] | SSE relay, usage capture, completion record |
 //! | [`tokens`] | tiktoken counting (pre-flight estimate, fallback) |
 //! | [`events`] | event-sink seam: request, chunk and completion events to Kafka (spooled when it is down) or the local log |
+//! | [`invoices`] | invoices per tenant × period from the ledger's invoice lines; CSV/JSON/HTML |
 //! | [`billing`] | `[billing]` config; the billing pipeline embedded in the gateway process |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`config`] | configuration file and environment |
@@ -29,6 +30,7 @@ pub mod billing;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod invoices;
 pub mod metrics;
 pub mod providers;
 pub mod relay;

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use crate::auth::keys;
 use crate::error::GatewayError;
+use crate::invoices::{self, Invoice, InvoiceError, Period};
 use crate::secrets::MasterKey;
 use crate::store::{
     AuditEntry, Discount, KeyLimits, KeySummary, MetaStore, NewKey, Plan, Price, StoreError, Tenant,
@@ -24,6 +25,27 @@ impl From<StoreError> for GatewayError {
             other => GatewayError::Internal(other.to_string()),
         }
     }
+}
+
+impl From<InvoiceError> for GatewayError {
+    fn from(e: InvoiceError) -> Self {
+        match e {
+            InvoiceError::Store(e) => e.into(),
+            InvoiceError::MalformedPeriod(_)
+            | InvoiceError::FuturePeriod(_)
+            | InvoiceError::NotEnded { .. } => GatewayError::bad_param(e.to_string(), "period"),
+            InvoiceError::Output(m) => GatewayError::Internal(m),
+        }
+    }
+}
+
+/// A closed billing period.
+#[derive(Debug, Serialize)]
+pub struct ClosedPeriod {
+    pub period: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub closed_at: OffsetDateTime,
+    pub closed_by: String,
 }
 
 /// A key as created or rotated: the summary and the secret, shown this once.
@@ -433,6 +455,38 @@ impl Admin {
         )
         .await?;
         Ok(rotated.len())
+    }
+
+    /// The invoices of `period` (YYYY-MM), of one tenant (id or name) or all. The current
+    /// period gives drafts; a period that has not started is refused.
+    pub async fn invoices(
+        &self,
+        period: &str,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Invoice>, GatewayError> {
+        let p = Period::parse(period)?;
+        p.check_started(OffsetDateTime::now_utc())?;
+        let t = match tenant {
+            Some(t) => Some(self.tenant(t).await?),
+            None => None,
+        };
+        Ok(invoices::load(self.store.as_ref(), p, t.as_ref()).await?)
+    }
+
+    /// Closes a period that has ended: its invoices become final, and usage of it metered
+    /// later is booked into the next open period as adjustments.
+    pub async fn close_period(&self, period: &str) -> Result<ClosedPeriod, GatewayError> {
+        let p = Period::parse(period)?;
+        p.check_ended(OffsetDateTime::now_utc())?;
+        let label = p.to_string();
+        let closed_at = self.store.close_period(&label, &self.actor).await?;
+        self.record("billing_period.close", &label, json!({}))
+            .await?;
+        Ok(ClosedPeriod {
+            period: label,
+            closed_at,
+            closed_by: self.actor.clone(),
+        })
     }
 
     pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, GatewayError> {

@@ -40,6 +40,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/credentials", post(put_credential).get(list_credentials))
         .route("/credentials/{name}", delete(delete_credential))
         .route("/audit", get(audit))
+        .route("/invoices", get(list_invoices))
+        .route("/billing-periods/{period}/close", post(close_period))
 }
 
 type AdminResult = Result<Response, ApiError>;
@@ -571,6 +573,46 @@ async fn audit(
     list(
         admin(&s, &h)?
             .audit_log(q.limit.unwrap_or(100))
+            .await
+            .in_format(WireFormat::OpenAi)?,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    period: String,
+    tenant: Option<String>,
+}
+
+/// The invoices of a period: a JSON array of the objects `tollgate invoices export` writes.
+async fn list_invoices(
+    State(s): State<Arc<AppState>>,
+    h: HeaderMap,
+    q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> AdminResult {
+    let a = admin(&s, &h)?;
+    let Query(q) = q.map_err(|e| ApiError {
+        error: GatewayError::bad_param(e.body_text(), "period"),
+        format: WireFormat::OpenAi,
+    })?;
+    ok(
+        StatusCode::OK,
+        a.invoices(&q.period, q.tenant.as_deref())
+            .await
+            .in_format(WireFormat::OpenAi)?,
+    )
+}
+
+async fn close_period(
+    State(s): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(period): Path<String>,
+) -> AdminResult {
+    ok(
+        StatusCode::OK,
+        admin(&s, &h)?
+            .close_period(&period)
             .await
             .in_format(WireFormat::OpenAi)?,
     )

@@ -198,6 +198,33 @@ pub struct UsageRow {
     pub currency: String,
 }
 
+/// One invoice line of the ledger (`usage_price_lines`): a tenant's usage in a booking
+/// `period` (YYYY-MM) that happened in `event_period`, for one model at one price in force.
+/// `event_period != period` marks a late adjustment of an earlier, closed period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceLine {
+    pub tenant_id: String,
+    pub period: String,
+    pub event_period: String,
+    pub model: String,
+    pub currency: String,
+    /// When the applied price took effect (Unix ms); `-1`: unpriced.
+    pub price_from_ms: i64,
+    /// A tenant-specific override rather than the list price.
+    pub price_override: bool,
+    pub input_per_mtok: Decimal,
+    pub cached_input_per_mtok: Decimal,
+    pub output_per_mtok: Decimal,
+    pub requests: i64,
+    /// All prompt tokens (cached and cache-write included).
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_input_tokens: i64,
+    pub output_tokens: i64,
+    /// Exact cost, never rounded.
+    pub cost: Decimal,
+}
+
 /// Where a store's usage ledger lives: the billing pipeline writes it into the store's own
 /// database, and [`MetaStore::usage`] reads it back.
 #[derive(Clone, PartialEq, Eq)]
@@ -335,6 +362,21 @@ pub trait MetaStore: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Invoice lines booked into `period` (YYYY-MM), of one tenant or all, ordered by
+    /// tenant, currency, model, event period and price.
+    async fn price_lines(
+        &self,
+        period: &str,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<PriceLine>, StoreError>;
+
+    /// When `period` was closed, if it was.
+    async fn closed_period(&self, period: &str) -> Result<Option<OffsetDateTime>, StoreError>;
+
+    /// Closes `period`: the pipeline books its later lines into the next open period.
+    /// Closing a closed period is a [`StoreError::Conflict`]. Returns the close time.
+    async fn close_period(&self, period: &str, actor: &str) -> Result<OffsetDateTime, StoreError>;
 
     /// Where this store's usage ledger is written.
     fn ledger_location(&self) -> LedgerLocation;

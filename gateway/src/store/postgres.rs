@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
     Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
-    StoreError, StoredCredential, Tenant, UsageRow,
+    PriceLine, StoreError, StoredCredential, Tenant, UsageRow,
 };
 
 const CHANNEL: &str = "tollgate_invalidate";
@@ -593,6 +593,79 @@ impl MetaStore for PostgresStore {
                 currency: r.get("currency"),
             })
             .collect())
+    }
+
+    async fn price_lines(
+        &self,
+        period: &str,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<PriceLine>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, period, event_period, model, currency, price_from_ms, price_override, \
+               input_per_mtok, cached_input_per_mtok, output_per_mtok, requests, input_tokens, \
+               cached_input_tokens, cache_write_input_tokens, output_tokens, cost \
+             FROM usage_price_lines WHERE period = $1 AND ($2::TEXT IS NULL OR tenant_id = $2) \
+             ORDER BY tenant_id, currency, model, event_period, price_from_ms, price_override",
+        )
+        .bind(period)
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PriceLine {
+                tenant_id: r.get("tenant_id"),
+                period: r.get("period"),
+                event_period: r.get("event_period"),
+                model: r.get("model"),
+                currency: r.get("currency"),
+                price_from_ms: r.get("price_from_ms"),
+                price_override: r.get("price_override"),
+                input_per_mtok: r.get("input_per_mtok"),
+                cached_input_per_mtok: r.get("cached_input_per_mtok"),
+                output_per_mtok: r.get("output_per_mtok"),
+                requests: r.get("requests"),
+                input_tokens: r.get("input_tokens"),
+                cached_input_tokens: r.get("cached_input_tokens"),
+                cache_write_input_tokens: r.get("cache_write_input_tokens"),
+                output_tokens: r.get("output_tokens"),
+                cost: r.get("cost"),
+            })
+            .collect())
+    }
+
+    async fn closed_period(&self, period: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT closed_at FROM billing_periods WHERE period = $1")
+                .bind(period)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn close_period(&self, period: &str, actor: &str) -> Result<OffsetDateTime, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The pipeline's commit holds SHARE on billing_periods while it books lines: EXCLUSIVE
+        // waits for commits in flight, so no line lands in a period after it is closed.
+        sqlx::query("LOCK TABLE billing_periods IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let closed: Option<OffsetDateTime> = sqlx::query_scalar(
+            "INSERT INTO billing_periods (period, closed_at, closed_by) \
+             VALUES ($1, date_trunc('second', now()), $2) \
+             ON CONFLICT (period) DO NOTHING RETURNING closed_at",
+        )
+        .bind(period)
+        .bind(actor)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(closed) = closed else {
+            return Err(StoreError::Conflict(format!(
+                "billing period {period} is already closed"
+            )));
+        };
+        tx.commit().await?;
+        Ok(closed)
     }
 
     fn ledger_location(&self) -> LedgerLocation {

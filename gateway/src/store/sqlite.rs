@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
     Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
-    StoreError, StoredCredential, Tenant, UsageRow,
+    PriceLine, StoreError, StoredCredential, Tenant, UsageRow,
 };
 
 /// How often other processes' invalidations are polled.
@@ -689,6 +689,76 @@ impl MetaStore for SqliteStore {
                 currency: r.get("currency"),
             })
             .collect())
+    }
+
+    async fn price_lines(
+        &self,
+        period: &str,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<PriceLine>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, period, event_period, model, currency, price_from_ms, price_override, \
+               input_per_mtok, cached_input_per_mtok, output_per_mtok, requests, input_tokens, \
+               cached_input_tokens, cache_write_input_tokens, output_tokens, cost \
+             FROM usage_price_lines WHERE period = ? AND (? IS NULL OR tenant_id = ?) \
+             ORDER BY tenant_id, currency, model, event_period, price_from_ms, price_override",
+        )
+        .bind(period)
+        .bind(tenant_id)
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PriceLine {
+                tenant_id: r.get("tenant_id"),
+                period: r.get("period"),
+                event_period: r.get("event_period"),
+                model: r.get("model"),
+                currency: r.get("currency"),
+                price_from_ms: r.get("price_from_ms"),
+                price_override: r.get::<i64, _>("price_override") != 0,
+                input_per_mtok: get_dec(r, "input_per_mtok"),
+                cached_input_per_mtok: get_dec(r, "cached_input_per_mtok"),
+                output_per_mtok: get_dec(r, "output_per_mtok"),
+                requests: r.get("requests"),
+                input_tokens: r.get("input_tokens"),
+                cached_input_tokens: r.get("cached_input_tokens"),
+                cache_write_input_tokens: r.get("cache_write_input_tokens"),
+                output_tokens: r.get("output_tokens"),
+                cost: get_dec(r, "cost"),
+            })
+            .collect())
+    }
+
+    async fn closed_period(&self, period: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        let at: Option<String> =
+            sqlx::query_scalar("SELECT closed_at FROM billing_periods WHERE period = ?")
+                .bind(period)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(at.as_deref().and_then(parse_ts))
+    }
+
+    async fn close_period(&self, period: &str, actor: &str) -> Result<OffsetDateTime, StoreError> {
+        // One INSERT is its own write transaction: the pipeline's commit, which reads
+        // `billing_periods` inside its write transaction, sees the period either open or closed.
+        let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        sqlx::query("INSERT INTO billing_periods (period, closed_at, closed_by) VALUES (?, ?, ?)")
+            .bind(period)
+            .bind(ts(now))
+            .bind(actor)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("billing period {period} is already closed"))
+                } else {
+                    StoreError::Database(e)
+                }
+            })?;
+        Ok(now)
     }
 
     fn ledger_location(&self) -> LedgerLocation {
