@@ -156,24 +156,6 @@ pub fn booking_period(period: &str, closed: &std::collections::HashSet<String>) 
     p
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_of_closed_periods_go_to_the_first_open_one() {
-        assert_eq!(next_period("2026-12").as_deref(), Some("2027-01"));
-        assert_eq!(next_period("2026-02").as_deref(), Some("2026-03"));
-        assert_eq!(next_period("2026-13"), None);
-        let closed: std::collections::HashSet<String> = ["2026-10", "2026-11"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(booking_period("2026-09", &closed), "2026-09");
-        assert_eq!(booking_period("2026-10", &closed), "2026-12");
-        assert_eq!(booking_period("2026-11", &closed), "2026-12");
-    }
-}
 
 /// Live balances the gateway's budget checks read: Redis in production, memory embedded.
 #[async_trait::async_trait]
@@ -196,4 +178,23 @@ pub trait Analytics: Send + Sync {
     async fn prepare(&self) -> Result<(), SinkError>;
     /// Writes one committed batch; writing the same `seq` again changes nothing.
     async fn write(&self, batch: &OutboxBatch) -> Result<(), SinkError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_of_closed_periods_go_to_the_first_open_one() {
+        assert_eq!(next_period("2026-12").as_deref(), Some("2027-01"));
+        assert_eq!(next_period("2026-02").as_deref(), Some("2026-03"));
+        assert_eq!(next_period("2026-13"), None);
+        let closed: std::collections::HashSet<String> = ["2026-10", "2026-11"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(booking_period("2026-09", &closed), "2026-09");
+        assert_eq!(booking_period("2026-10", &closed), "2026-12");
+        assert_eq!(booking_period("2026-11", &closed), "2026-12");
+    }
 }
