@@ -85,6 +85,27 @@ pub enum Command {
         #[command(subcommand)]
         command: InvoiceCommand,
     },
+    /// Compares, per tenant × model, the completion events, the ledger, ClickHouse and the
+    /// invoices of a period; prints the differences and fails if there are any.
+    Reconcile {
+        /// The billing period, YYYY-MM (UTC).
+        #[arg(long)]
+        period: String,
+        /// Read the events from this Kafka cluster (else the local log in the data directory).
+        #[arg(long)]
+        kafka_bootstrap: Option<String>,
+        /// The completions topic.
+        #[arg(long, default_value = "llm.completions")]
+        topic: String,
+        /// Also compare ClickHouse's tables (HTTP URL).
+        #[arg(long)]
+        clickhouse_url: Option<String>,
+        #[arg(long, default_value = "default")]
+        clickhouse_database: String,
+        /// Print every row, not only the differing ones.
+        #[arg(long)]
+        all: bool,
+    },
     /// The audit trail of admin actions, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -303,6 +324,10 @@ pub enum CliError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Invoices(#[from] tollgate_gateway::invoices::InvoiceError),
+    #[error(transparent)]
+    Reconcile(#[from] tollgate_gateway::reconcile::ReconcileError),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Opens the metadata store the flags select.
@@ -321,6 +346,51 @@ fn print_json<T: serde::Serialize>(items: &[T]) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     for item in items {
         writeln!(out, "{}", serde_json::to_string(item)?)?;
+    }
+    Ok(())
+}
+
+/// `tollgate reconcile`: prints the report; an error when anything disagrees.
+pub async fn reconcile(
+    store: Arc<dyn MetaStore>,
+    data_dir: &std::path::Path,
+    command: Command,
+) -> Result<(), CliError> {
+    use tollgate_gateway::reconcile::{ClickHouseTarget, EventSource};
+    let Command::Reconcile {
+        period,
+        kafka_bootstrap,
+        topic,
+        clickhouse_url,
+        clickhouse_database,
+        all,
+    } = command
+    else {
+        return Err(CliError::Failed("not a reconcile command".into()));
+    };
+    let events = match kafka_bootstrap {
+        Some(bootstrap) => EventSource::Kafka { bootstrap, topic },
+        None => EventSource::LocalLog {
+            path: tollgate_gateway::events::local_log::LocalEventLog::default_path(data_dir),
+        },
+    };
+    let clickhouse = clickhouse_url.map(|url| ClickHouseTarget {
+        url,
+        database: clickhouse_database,
+    });
+    let report =
+        tollgate_gateway::reconcile::reconcile(&*store, &period, &events, clickhouse.as_ref())
+            .await?;
+    write!(
+        std::io::stdout().lock(),
+        "{}",
+        tollgate_gateway::reconcile::render(&report, all)
+    )?;
+    let differing = report.values().filter(|r| !r.agrees()).count();
+    if differing > 0 {
+        return Err(CliError::Failed(format!(
+            "{differing} tenant × model rows of {period} disagree"
+        )));
     }
     Ok(())
 }
@@ -497,5 +567,8 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
             InvoiceCommand::Close { period } => print_json(&[admin.close_period(&period).await?]),
         },
         Command::Audit { limit } => print_json(&admin.audit_log(limit).await?),
+        Command::Reconcile { .. } => Err(CliError::Failed(
+            "reconcile needs the data directory; run it through `tollgate reconcile`".into(),
+        )),
     }
 }

@@ -33,6 +33,7 @@ pub mod events;
 pub mod invoices;
 pub mod metrics;
 pub mod providers;
+pub mod reconcile;
 pub mod relay;
 pub mod routes;
 pub mod routing;

@@ -53,6 +53,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             )
             .await
         }
+        command @ Command::Reconcile { .. } => {
+            let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
+            cli::reconcile(store, &cli.data_dir, command).await
+        }
         command => {
             let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
             cli::run_admin(store, command).await

@@ -731,3 +731,127 @@ async fn a_two_process_cluster_writes_the_same_ledger_as_one_worker() {
         "cluster ledger equals the single worker's"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_agrees_and_then_reports_a_tampered_clickhouse_row() {
+    let Some(s) = services("reconcile_agrees_and_then_reports_a_tampered_clickhouse_row").await
+    else {
+        return;
+    };
+    let id = suffix();
+    let topic = format!("llm.completions.reconcile_{id}");
+    let ch_db = format!("tollgate_test_{id}");
+    create_topic(&s.kafka, &topic, 3).await;
+    clickhouse_database(&s.clickhouse, &ch_db, true).await;
+    tollgate_pipeline::sink::postgres::PostgresLedger::connect(&s.database_url)
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&s.database_url).await.unwrap();
+    let now = tollgate_schemas::events::unix_ms(SystemTime::now());
+    let book = Book {
+        change_ms: now - 60_000,
+    };
+    for k in 0..MODELS {
+        let model = format!("model-{k}");
+        insert_price(&pool, &model, "", 0, book.prices("ten_0", &model, 0)).await;
+    }
+    insert_price(
+        &pool,
+        "model-0",
+        "",
+        book.change_ms,
+        book.prices("ten_0", "model-0", book.change_ms),
+    )
+    .await;
+    let mut rng = Rng::new(9);
+    let p = producer(&s.kafka);
+    let mut events = Vec::new();
+    for i in 0..2000i64 {
+        let e = Synthetic::random(&mut rng, 4, MODELS, now - 120_000 + i * 50);
+        produce(&p, &topic, &e.tenant_id, e.event_ms, &e.payload());
+        if i % 50 == 0 {
+            produce(&p, &topic, &e.tenant_id, e.event_ms, &e.payload()); // a duplicate
+        }
+        events.push(e);
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let mut run = Pipeline::start(
+        &s,
+        &topic,
+        &format!("tollgate_test_{id}:"),
+        &ch_db,
+        &["--exit-when-idle-ms", "2000"],
+        &[],
+    );
+    let status = tokio::task::spawn_blocking(move || run.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+
+    let period = billing_period(now);
+    let reconcile = || {
+        Command::new(bin_dir().join("tollgate"))
+            .args([
+                "--database-url",
+                &s.database_url,
+                "reconcile",
+                "--period",
+                &period,
+                "--kafka-bootstrap",
+                &s.kafka,
+                "--topic",
+                &topic,
+                "--clickhouse-url",
+                &s.clickhouse,
+                "--clickhouse-database",
+                &ch_db,
+            ])
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let ok = reconcile();
+    let text = String::from_utf8_lossy(&ok.stdout).to_string();
+    println!("{text}");
+    assert!(
+        ok.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text.contains(", 0 with differences"), "{text}");
+
+    // Tamper with one ClickHouse rollup row: reconcile must fail and show that row.
+    let tamper = format!(
+        "INSERT INTO {ch_db}.usage_minutes (tenant_id, model, minute, currency, requests, cost, ttft_buckets, batch_seq) \
+         VALUES ('ten_0', 'model-1', toDateTime({}), 'USD', 1, 0.5, [0,0,0,0,0,0,0,0], 1)",
+        now / 1000
+    );
+    let r = reqwest::Client::new()
+        .post(&s.clickhouse)
+        .body(tamper)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let bad = reconcile();
+    let text = String::from_utf8_lossy(&bad.stdout).to_string();
+    println!("{text}");
+    assert!(
+        !bad.status.success(),
+        "a tampered row must fail the reconciliation"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("ten_0\tmodel-1\t"))
+        .unwrap_or_else(|| panic!("no differing row for ten_0/model-1: {text}"));
+    let cols: Vec<&str> = row.split('\t').collect();
+    let (events_n, events_cost) = cols[2].split_once(" / ").unwrap();
+    let (ch_n, ch_cost) = cols[6].split_once(" / ").unwrap();
+    assert_eq!(
+        ch_n.parse::<i64>().unwrap(),
+        events_n.parse::<i64>().unwrap() + 1
+    );
+    assert_eq!(dec(ch_cost), dec(events_cost) + dec("0.5"));
+    assert!(text.contains(", 1 with differences"), "{text}");
+    clickhouse_database(&s.clickhouse, &ch_db, false).await;
+}

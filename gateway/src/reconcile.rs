@@ -1,0 +1,459 @@
+//! `tollgate reconcile --period YYYY-MM`: proves that the raw completion events, the ledger,
+//! the analytics tables and the invoices agree, per tenant × model.
+//!
+//! | column | computed from |
+//! |---|---|
+//! | events | the completion events themselves (Kafka topic or the local log), duplicates (same `event_id`) counted once, priced here with the price book by the rules of `tollgate_schemas::pricing` |
+//! | minutes | ledger `usage_minutes` of the period |
+//! | lines | ledger `usage_price_lines` whose usage happened in the period (wherever booked) |
+//! | ch_facts, ch_minutes | ClickHouse `request_facts` and `usage_minutes` (when `--clickhouse-url` is given) |
+//! | invoice | the amounts of the period's invoice lines (adjustments booked into later periods included), compared with each ledger line's cost rounded by the invoice rule |
+//!
+//! Requests and exact costs must be equal in every column; any difference is printed and the
+//! command fails. A price inserted with an `effective_from` in the past after its events were
+//! billed shows up here as a difference (the ledger is never restated silently).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use sqlx::Row;
+use time::OffsetDateTime;
+use tollgate_schemas::events::{parse_event_time, topics, unix_ms, CompletionEvent};
+use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
+
+use crate::invoices::{round_money, LineKind, Period};
+use crate::store::{LedgerLocation, MetaStore};
+
+/// Errors of a reconciliation run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("ledger: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("clickhouse: {0}")]
+    ClickHouse(String),
+    #[error("events: {0}")]
+    Events(#[from] crate::events::EventsError),
+}
+
+/// Where the completion events are read.
+pub enum EventSource {
+    Kafka { bootstrap: String, topic: String },
+    LocalLog { path: std::path::PathBuf },
+}
+
+/// ClickHouse to compare with.
+pub struct ClickHouseTarget {
+    pub url: String,
+    pub database: String,
+}
+
+/// Requests and exact cost.
+pub type Figure = (i64, Decimal);
+
+/// Per (tenant, model): one figure per column (`None`: the column was not computed).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Row5 {
+    pub events: Figure,
+    pub minutes: Figure,
+    pub lines: Figure,
+    pub ch_facts: Option<Figure>,
+    pub ch_minutes: Option<Figure>,
+    /// (sum of invoice line amounts, sum of the ledger lines' costs rounded by the rule).
+    pub invoice: (Decimal, Decimal),
+}
+
+impl Row5 {
+    /// Whether every computed column agrees.
+    pub fn agrees(&self) -> bool {
+        let same = |f: &Option<Figure>| f.as_ref().is_none_or(|f| *f == self.events);
+        self.minutes == self.events
+            && self.lines == self.events
+            && same(&self.ch_facts)
+            && same(&self.ch_minutes)
+            && self.invoice.0 == self.invoice.1
+    }
+}
+
+/// The result: every (tenant, model) seen anywhere.
+pub type Report = BTreeMap<(String, String), Row5>;
+
+/// Runs the comparison for `period`.
+pub async fn reconcile(
+    store: &dyn MetaStore,
+    period: &str,
+    events: &EventSource,
+    clickhouse: Option<&ClickHouseTarget>,
+) -> Result<Report, ReconcileError> {
+    let p = Period::parse(period).map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+    p.check_started(OffsetDateTime::now_utc())
+        .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+    let (start_ms, end_ms) = (ms(p.start()), ms(p.end()));
+    let mut report = Report::new();
+
+    // Events, priced here.
+    let mut schedules: HashMap<String, Vec<PriceRow>> = HashMap::new();
+    for price in store.list_prices(None).await? {
+        schedules
+            .entry(price.model.clone())
+            .or_default()
+            .push(PriceRow {
+                model: price.model,
+                tenant_id: price.tenant_id,
+                effective_from_ms: ms(price.effective_from),
+                input_per_mtok: price.input_per_mtok,
+                cached_input_per_mtok: price.cached_input_per_mtok,
+                output_per_mtok: price.output_per_mtok,
+                currency: price.currency,
+            });
+    }
+    let schedules: HashMap<String, PriceSchedule> = schedules
+        .into_iter()
+        .map(|(m, rows)| (m, PriceSchedule::new(rows)))
+        .collect();
+    let mut seen = HashSet::new();
+    for payload in read_events(events).await? {
+        let Ok(e) = serde_json::from_slice::<CompletionEvent>(&payload) else {
+            continue; // kept by the pipeline as a reject, never billed
+        };
+        let Some(at) = parse_event_time(&e.event_time).map(unix_ms) else {
+            continue;
+        };
+        if at < start_ms || at >= end_ms || !seen.insert(e.event_id.clone()) {
+            continue;
+        }
+        let cost = schedules
+            .get(&e.upstream_model)
+            .and_then(|s| s.lookup(&e.tenant_id, at))
+            .map(|row| row.cost(&e.usage))
+            .unwrap_or_default();
+        let r = report.entry((e.tenant_id, e.upstream_model)).or_default();
+        r.events.0 += 1;
+        r.events.1 += cost;
+    }
+
+    // Ledger.
+    let (minutes, lines) = ledger(store.ledger_location(), period, start_ms, end_ms).await?;
+    for (k, f) in minutes {
+        report.entry(k).or_default().minutes = f;
+    }
+    for (k, (f, rounded)) in lines {
+        let r = report.entry(k).or_default();
+        r.lines = f;
+        r.invoice.1 = rounded;
+    }
+
+    // Invoices: the period's own and, for adjustments, every later one up to now.
+    let mut q = p;
+    let now = OffsetDateTime::now_utc();
+    loop {
+        let invoices = crate::invoices::load(store, q, None).await?;
+        for inv in invoices {
+            for line in inv.lines {
+                let usage = matches!(line.kind, LineKind::Usage | LineKind::Adjustment);
+                if !usage || line.event_period.as_deref() != Some(period) {
+                    continue;
+                }
+                let model = line.model.clone().unwrap_or_default();
+                report
+                    .entry((inv.tenant_id.clone(), model))
+                    .or_default()
+                    .invoice
+                    .0 += line.amount;
+            }
+        }
+        q = q.next();
+        if q.start() > now {
+            break;
+        }
+    }
+
+    if let Some(ch) = clickhouse {
+        let facts = clickhouse_sums(
+            ch,
+            &format!(
+                "SELECT tenant_id, model, count(), toString(sum(cost)) FROM {}.request_facts \
+                 WHERE event_ms >= {start_ms} AND event_ms < {end_ms} GROUP BY tenant_id, model",
+                ch.database
+            ),
+        )
+        .await?;
+        let rollups = clickhouse_sums(
+            ch,
+            &format!(
+                "SELECT tenant_id, model, sum(requests), toString(sum(cost)) FROM {}.usage_minutes \
+                 WHERE minute >= toDateTime({}) AND minute < toDateTime({}) GROUP BY tenant_id, model",
+                ch.database,
+                start_ms / 1000,
+                end_ms / 1000
+            ),
+        )
+        .await?;
+        for r in report.values_mut() {
+            r.ch_facts = Some((0, Decimal::ZERO));
+            r.ch_minutes = Some((0, Decimal::ZERO));
+        }
+        for (k, f) in facts {
+            report.entry(k).or_default().ch_facts = Some(f);
+        }
+        for (k, f) in rollups {
+            report.entry(k).or_default().ch_minutes = Some(f);
+        }
+        for r in report.values_mut() {
+            r.ch_facts.get_or_insert((0, Decimal::ZERO));
+            r.ch_minutes.get_or_insert((0, Decimal::ZERO));
+        }
+    }
+    Ok(report)
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn dec(s: &str) -> Result<Decimal, ReconcileError> {
+    Decimal::from_str(s.trim()).map_err(|e| ReconcileError::Invalid(format!("decimal {s:?}: {e}")))
+}
+
+type LedgerSums = (
+    BTreeMap<(String, String), Figure>,
+    BTreeMap<(String, String), (Figure, Decimal)>,
+);
+
+async fn ledger(
+    location: LedgerLocation,
+    period: &str,
+    start_ms: i64,
+    end_ms: i64,
+) -> Result<LedgerSums, ReconcileError> {
+    let mut minutes: BTreeMap<(String, String), Figure> = BTreeMap::new();
+    let mut lines: BTreeMap<(String, String), (Figure, Decimal)> = BTreeMap::new();
+    let mut add_line = |t: String, m: String, n: i64, c: Decimal| {
+        let e = lines.entry((t, m)).or_default();
+        e.0 .0 += n;
+        e.0 .1 += c;
+        e.1 += round_money(c);
+    };
+    match location {
+        LedgerLocation::Postgres { url } => {
+            let pool = sqlx::PgPool::connect(&url).await?;
+            for r in sqlx::query(
+                "SELECT tenant_id, model, sum(requests)::BIGINT, sum(cost) FROM usage_minutes
+                 WHERE minute >= to_timestamp($1::double precision / 1000)
+                   AND minute < to_timestamp($2::double precision / 1000)
+                 GROUP BY tenant_id, model",
+            )
+            .bind(start_ms as f64)
+            .bind(end_ms as f64)
+            .fetch_all(&pool)
+            .await?
+            {
+                minutes.insert(
+                    (r.try_get(0)?, r.try_get(1)?),
+                    (r.try_get(2)?, r.try_get(3)?),
+                );
+            }
+            for r in sqlx::query(
+                "SELECT tenant_id, model, requests, cost FROM usage_price_lines
+                 WHERE event_period = $1",
+            )
+            .bind(period)
+            .fetch_all(&pool)
+            .await?
+            {
+                add_line(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            }
+        }
+        LedgerLocation::Sqlite { data_dir } => {
+            let url = format!(
+                "sqlite://{}?mode=ro",
+                data_dir.join("tollgate.db").display()
+            );
+            let pool = sqlx::SqlitePool::connect(&url).await?;
+            let from = rfc3339(start_ms);
+            let to = rfc3339(end_ms);
+            for r in sqlx::query(
+                "SELECT tenant_id, model, requests, cost FROM usage_minutes
+                 WHERE minute >= ? AND minute < ?",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all(&pool)
+            .await?
+            {
+                let e = minutes.entry((r.try_get(0)?, r.try_get(1)?)).or_default();
+                e.0 += r.try_get::<i64, _>(2)?;
+                e.1 += dec(&r.try_get::<String, _>(3)?)?;
+            }
+            for r in sqlx::query(
+                "SELECT tenant_id, model, requests, cost FROM usage_price_lines
+                 WHERE event_period = ?",
+            )
+            .bind(period)
+            .fetch_all(&pool)
+            .await?
+            {
+                let cost = dec(&r.try_get::<String, _>(3)?)?;
+                add_line(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, cost);
+            }
+        }
+    }
+    Ok((minutes, lines))
+}
+
+fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+async fn read_events(source: &EventSource) -> Result<Vec<Vec<u8>>, ReconcileError> {
+    match source {
+        EventSource::LocalLog { path } => {
+            let log = crate::events::local_log::LocalEventLog::open(path).await?;
+            let mut out = Vec::new();
+            let mut offset = 0u64;
+            loop {
+                let batch = log.read_topic(topics::COMPLETIONS, offset, 10_000).await?;
+                let Some(last) = batch.last() else { break };
+                offset = last.offset + 1;
+                out.extend(batch.into_iter().map(|r| r.payload.into_bytes()));
+            }
+            Ok(out)
+        }
+        EventSource::Kafka { bootstrap, topic } => {
+            let (bootstrap, topic) = (bootstrap.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || read_kafka(&bootstrap, &topic))
+                .await
+                .map_err(|e| ReconcileError::Invalid(format!("kafka reader: {e}")))?
+        }
+    }
+}
+
+/// Every message of `topic`, from the beginning to the end it had when reading started.
+fn read_kafka(bootstrap: &str, topic: &str) -> Result<Vec<Vec<u8>>, ReconcileError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let timeout = Duration::from_secs(30);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "tollgate-reconcile")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(topic, *p, Offset::Offset(low))?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut done: HashSet<i32> = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while done.len() < ends.len() {
+        if std::time::Instant::now() > deadline {
+            return Err(ReconcileError::Invalid("timed out reading Kafka".into()));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        let end = ends.get(&m.partition()).copied().unwrap_or(0);
+        if m.offset() < end {
+            out.push(m.payload().map(<[u8]>::to_vec).unwrap_or_default());
+        }
+        // Transaction markers take offsets too: done once the next offset reaches the end.
+        if m.offset() + 1 >= end {
+            done.insert(m.partition());
+        }
+    }
+    Ok(out)
+}
+
+async fn clickhouse_sums(
+    ch: &ClickHouseTarget,
+    query: &str,
+) -> Result<BTreeMap<(String, String), Figure>, ReconcileError> {
+    let response = reqwest::Client::new()
+        .post(&ch.url)
+        .body(format!("{query} FORMAT TabSeparated"))
+        .send()
+        .await
+        .map_err(|e| ReconcileError::ClickHouse(e.to_string()))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| ReconcileError::ClickHouse(e.to_string()))?;
+    if !status.is_success() {
+        return Err(ReconcileError::ClickHouse(text.trim().to_string()));
+    }
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let [tenant, model, n, cost] = cols[..] else {
+            return Err(ReconcileError::ClickHouse(format!(
+                "unexpected row {line:?}"
+            )));
+        };
+        let n = n
+            .parse()
+            .map_err(|_| ReconcileError::ClickHouse(format!("unexpected count {n:?}")))?;
+        out.insert((tenant.to_string(), model.to_string()), (n, dec(cost)?));
+    }
+    Ok(out)
+}
+
+/// The report as a table: the rows that disagree (all rows with `all`), then a summary line.
+pub fn render(report: &Report, all: bool) -> String {
+    let fig = |f: &Figure| format!("{} / {}", f.0, f.1.normalize());
+    let opt = |f: &Option<Figure>| f.as_ref().map(fig).unwrap_or_else(|| "-".into());
+    let mut out = String::from(
+        "tenant\tmodel\tevents\tminutes\tlines\tch_facts\tch_minutes\tinvoice (lines rounded)\tstatus\n",
+    );
+    let mut differing = 0;
+    for ((tenant, model), r) in report {
+        let ok = r.agrees();
+        if !ok {
+            differing += 1;
+        }
+        if ok && !all {
+            continue;
+        }
+        out.push_str(&format!(
+            "{tenant}\t{model}\t{}\t{}\t{}\t{}\t{}\t{} ({})\t{}\n",
+            fig(&r.events),
+            fig(&r.minutes),
+            fig(&r.lines),
+            opt(&r.ch_facts),
+            opt(&r.ch_minutes),
+            r.invoice.0,
+            r.invoice.1,
+            if ok { "ok" } else { "DIFFERENT" }
+        ));
+    }
+    out.push_str(&format!(
+        "{} tenant × model rows, {differing} with differences\n",
+        report.len()
+    ));
+    out
+}
