@@ -156,7 +156,6 @@ pub fn booking_period(period: &str, closed: &std::collections::HashSet<String>) 
     p
 }
 
-
 /// Live balances the gateway's budget checks read: Redis in production, memory embedded.
 #[async_trait::async_trait]
 pub trait BalanceStore: Send + Sync {
