@@ -10,7 +10,7 @@ use tollgate_schemas::pricing::PriceRow;
 use tollgate_schemas::TokenUsage;
 
 /// One message read from a source partition.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SourceRecord {
     pub partition: u32,
     pub offset: i64,
@@ -248,6 +248,36 @@ impl PricedFact {
         }
     }
 
+    /// This completion's contribution to each aggregate (one pass: the totals and the billing
+    /// period are computed once).
+    pub fn aggregates(&self) -> [(AggKey, Totals); 3] {
+        let totals = self.totals();
+        let period = billing_period(self.fact.event_ms);
+        [
+            (AggKey::Minute(self.minute_key()), totals.clone()),
+            (
+                AggKey::Period(PeriodKey {
+                    tenant_id: self.fact.tenant_id.clone(),
+                    period: period.clone(),
+                    currency: self.currency.clone(),
+                }),
+                totals.clone(),
+            ),
+            (
+                AggKey::Line(LineKey {
+                    tenant_id: self.fact.tenant_id.clone(),
+                    period,
+                    model: self.fact.model.clone(),
+                    currency: self.currency.clone(),
+                    price_from_ms: self.price_from_ms.unwrap_or(-1),
+                    price_override: self.price_override,
+                    unit: self.unit,
+                }),
+                totals,
+            ),
+        ]
+    }
+
     /// This completion's contribution to any aggregate.
     pub fn totals(&self) -> Totals {
         let f = &self.fact;
@@ -301,6 +331,14 @@ pub struct MinuteKey {
     /// Start of the minute, ms since the Unix epoch.
     pub minute_ms: i64,
     pub currency: String,
+}
+
+/// The key of any aggregate the ledger keeps.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AggKey {
+    Minute(MinuteKey),
+    Period(PeriodKey),
+    Line(LineKey),
 }
 
 /// Per tenant × billing period (of the event) × model × price in force: what invoice lines

@@ -42,7 +42,9 @@ use timely::worker::Worker;
 use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::config::{AnalyticsSpec, BalanceSpec, LedgerSpec, PipelineConfig, SourceSpec};
-use crate::fact::{Fact, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals};
+use crate::fact::{
+    AggKey, Fact, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals,
+};
 use crate::sink::committer::Committer;
 use crate::sink::{Analytics, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
 use crate::source::{Source, SourceError};
@@ -307,27 +309,19 @@ pub fn run_worker(
             });
         let priced = pricing::price(unique, schedules.inner.broadcast()).as_collection();
 
-        let minutes = priced
+        // One explode into all three aggregates (per minute, per period, per invoice line):
+        // each completion is cloned and summed once, not once per aggregate.
+        let aggregates = priced
             .clone()
-            .explode(|f: PricedFact| Some((f.minute_key(), f.totals())))
+            .explode(|f: PricedFact| f.aggregates())
             .consolidate_stream()
             .inner
-            .map(|(k, _t, r)| SinkItem::Minute(k, r));
-        let periods = priced
-            .clone()
-            .explode(|f: PricedFact| Some((f.period_key(), f.totals())))
-            .consolidate_stream()
-            .inner
-            .map(|(k, _t, r)| SinkItem::Period(k, r));
-        let lines = priced
-            .clone()
-            .explode(|f: PricedFact| Some((f.line_key(), f.totals())))
-            .consolidate_stream()
-            .inner
-            .map(|(k, _t, r)| SinkItem::Line(k, r));
-        let mut items = minutes
-            .concat(periods)
-            .concat(lines)
+            .map(|(k, _t, r)| match k {
+                AggKey::Minute(k) => SinkItem::Minute(k, r),
+                AggKey::Period(k) => SinkItem::Period(k, r),
+                AggKey::Line(k) => SinkItem::Line(k, r),
+            });
+        let mut items = aggregates
             .concat(positions_in.to_stream(scope).map(SinkItem::Position))
             .concat(rejects.map(SinkItem::Reject))
             .concat(duplicates.map(SinkItem::Duplicates));

@@ -53,7 +53,8 @@ impl Source for MemorySource {
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError> {
         let end = (self.next + max).min(self.records.len());
-        out.extend(self.records[self.next..end].iter().cloned());
+        // Each record is handed out once: move it rather than copy it.
+        out.extend(self.records[self.next..end].iter_mut().map(std::mem::take));
         self.next = end;
         Ok(())
     }
