@@ -518,3 +518,126 @@ async fn invoices_export_the_exact_rounded_ledger_deterministically() {
     assert!(export(data, &period_of(previous), "json", &prev_out).is_empty());
     drop(gw);
 }
+
+/// A completion of an already closed period arrives late (as the gateway's spool replays it
+/// into the event log): the closed invoice does not change; the next invoice carries an
+/// adjustment line for it, and `reconcile` of the closed period still agrees.
+#[tokio::test]
+async fn a_late_completion_of_a_closed_period_becomes_an_adjustment_in_the_next_invoice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data = data_dir.to_str().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let period = period_of(now);
+    let previous_day = now.replace_day(1).unwrap() - time::Duration::days(1);
+    let previous = period_of(previous_day);
+
+    let tenant = run_ok(data, &["tenants", "create", "late"]);
+    let key = run_ok(data, &["keys", "create", "--tenant", &tenant]);
+    set_price(data, PRICE_A, "2020-01-01T00:00:00Z");
+    run_ok(data, &["invoices", "close", "--period", &previous]);
+    let out = dir.path().join("closed-before");
+    std::fs::create_dir_all(&out).unwrap();
+    let closed_before = export(data, &previous, "json", &out);
+
+    let gw = GatewayProcess::start(&["--data-dir", data], &[], dir.path().join("gw.log")).await;
+    let base = gw.base_url.clone();
+    let current = send(&base, &key, 3, PRICE_A).await;
+    wait_for_ledger(&base, &key, 3).await;
+
+    // The late event: the same shape the gateway writes, with an event time in the closed
+    // period, appended to the local log as a spool replay would.
+    let at = previous_day.replace_hour(12).unwrap();
+    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap();
+    let event_time = tollgate_schemas::events::format_event_time(at.into());
+    let (prompt, cached, completion) = (1234_i64, 200_i64, 567_i64);
+    let event = json!({
+        "schema_version": 1, "event_id": tollgate_schemas::events::new_event_id(),
+        "event_time": event_time, "request_id": "req_late", "tenant_id": tenant,
+        "key_id": "key_late", "route": "chat", "requested_model": MODEL, "model_alias": MODEL,
+        "deployment": "mock", "provider": "mock", "upstream_model": MODEL, "stream": false,
+        "status": "completed", "finish_reason": "stop", "error": null,
+        "usage": {"input_tokens": prompt, "cached_input_tokens": cached,
+                  "cache_write_input_tokens": 0, "output_tokens": completion, "source": "provider"},
+        "chunks": 0, "ttft_ms": 40, "latency_ms": 90, "gateway_overhead_us": 80, "retries": 0,
+        "fallbacks": 0, "cache_hit": false, "price_book_version": null, "received_at": event_time,
+    });
+    let log = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        data_dir.join("events.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO event_log (topic, event_key, event_id, timestamp_ms, payload) VALUES ('llm.completions', ?, ?, ?, ?)",
+    )
+    .bind(&tenant)
+    .bind(event["event_id"].as_str().unwrap())
+    .bind(ms)
+    .bind(event.to_string())
+    .execute(&log)
+    .await
+    .unwrap();
+    let late = cost(PRICE_A, prompt, cached, completion);
+
+    // Wait until the ledger booked it (into the open period, as an adjustment).
+    let ledger = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        data_dir.join("tollgate.db").display()
+    ))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM usage_price_lines WHERE period = ? AND event_period = ?",
+        )
+        .bind(&period)
+        .bind(&previous)
+        .fetch_one(&ledger)
+        .await
+        .unwrap();
+        if n > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late completion was not booked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The closed period's invoice is unchanged, byte for byte.
+    let after = dir.path().join("closed-after");
+    std::fs::create_dir_all(&after).unwrap();
+    let closed_after = export(data, &previous, "json", &after);
+    assert_eq!(closed_before, closed_after);
+    // The open period's invoice carries the usage and the adjustment.
+    let files = export(data, &period, "json", &dir.path().join("open"));
+    let invoices: Vec<Value> = files
+        .values()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect();
+    let inv = invoices
+        .iter()
+        .find(|i| i["tenant_id"] == tenant.as_str())
+        .expect("an invoice for the tenant");
+    let lines = inv["lines"].as_array().unwrap();
+    let adjustment: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "adjustment").collect();
+    assert_eq!(adjustment.len(), 1, "{lines:?}");
+    assert_eq!(adjustment[0]["event_period"], previous.as_str());
+    assert_eq!(dec(adjustment[0]["amount"].as_str().unwrap()), money(late));
+    assert_eq!(
+        dec(inv["total"].as_str().unwrap()),
+        money(current) + money(late),
+        "{inv}"
+    );
+    // Events, ledger and invoices of the closed period still agree.
+    drop(gw);
+    let report = run_ok(data, &["reconcile", "--period", &previous, "--all"]);
+    assert!(report.contains(", 0 with differences"), "{report}");
+    assert!(
+        report.contains(&format!("{tenant}\t{MODEL}\t1 / ")),
+        "{report}"
+    );
+}
