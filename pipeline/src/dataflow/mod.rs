@@ -70,6 +70,9 @@ pub struct WorkerReport {
     pub commits: u64,
     /// Completions committed (worker 0 only).
     pub events_committed: u64,
+    /// Time from the first poll to the last commit (opening the ledger and the source, and
+    /// building the dataflow, excluded).
+    pub running: Duration,
 }
 
 /// Everything the commit operator receives.
@@ -401,6 +404,7 @@ pub fn run_worker(
         index,
         ..WorkerReport::default()
     };
+    let running = Instant::now();
 
     loop {
         if let Some(e) = state.borrow_mut().error.take() {
@@ -495,6 +499,7 @@ pub fn run_worker(
     }
     report.commits = st.commits;
     report.events_committed = st.events;
+    report.running = running.elapsed();
     Ok(report)
 }
 

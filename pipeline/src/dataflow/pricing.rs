@@ -34,7 +34,9 @@ pub fn price<'s>(
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Fact>)> = BTreeMap::new();
             let mut updates: Vec<ScheduleUpdate> = Vec::new();
             // Accumulated schedule counts per model, as of the last epoch processed.
-            let mut book: HashMap<String, HashMap<PriceSchedule, isize>> = HashMap::new();
+            // A BTreeMap: a handful of models, compared by bytes, is cheaper than hashing the
+            // model name of every completion.
+            let mut book: BTreeMap<String, HashMap<PriceSchedule, isize>> = BTreeMap::new();
             move |(facts, facts_frontier), (prices, prices_frontier), output| {
                 let port = output.output_index();
                 prices.for_each(|_cap, data| updates.append(data));
