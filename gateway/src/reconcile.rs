@@ -20,7 +20,9 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use sqlx::Row;
 use time::OffsetDateTime;
-use tollgate_schemas::events::{parse_event_time, topics, unix_ms, CompletionEvent};
+use tollgate_schemas::events::{
+    offset_unix_ms, parse_event_time, rfc3339_from_unix_ms, topics, unix_ms, CompletionEvent,
+};
 use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::invoices::{round_money, LineKind, Period};
@@ -95,7 +97,7 @@ pub async fn reconcile(
     let p = Period::parse(period).map_err(|e| ReconcileError::Invalid(e.to_string()))?;
     p.check_started(OffsetDateTime::now_utc())
         .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
-    let (start_ms, end_ms) = (ms(p.start()), ms(p.end()));
+    let (start_ms, end_ms) = (offset_unix_ms(p.start()), offset_unix_ms(p.end()));
     let mut report = Report::new();
 
     // Events, priced here.
@@ -107,7 +109,7 @@ pub async fn reconcile(
             .push(PriceRow {
                 model: price.model,
                 tenant_id: price.tenant_id,
-                effective_from_ms: ms(price.effective_from),
+                effective_from_ms: offset_unix_ms(price.effective_from),
                 input_per_mtok: price.input_per_mtok,
                 cached_input_per_mtok: price.cached_input_per_mtok,
                 output_per_mtok: price.output_per_mtok,
@@ -214,10 +216,6 @@ pub async fn reconcile(
     Ok(report)
 }
 
-fn ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
 fn dec(s: &str) -> Result<Decimal, ReconcileError> {
     Decimal::from_str(s.trim()).map_err(|e| ReconcileError::Invalid(format!("decimal {s:?}: {e}")))
 }
@@ -277,8 +275,8 @@ async fn ledger(
                 data_dir.join("tollgate.db").display()
             );
             let pool = sqlx::SqlitePool::connect(&url).await?;
-            let from = rfc3339(start_ms);
-            let to = rfc3339(end_ms);
+            let from = rfc3339_from_unix_ms(start_ms);
+            let to = rfc3339_from_unix_ms(end_ms);
             for r in sqlx::query(
                 "SELECT tenant_id, model, requests, cost FROM usage_minutes
                  WHERE minute >= ? AND minute < ?",
@@ -306,13 +304,6 @@ async fn ledger(
         }
     }
     Ok((minutes, lines))
-}
-
-fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 async fn read_events(source: &EventSource) -> Result<Vec<Vec<u8>>, ReconcileError> {

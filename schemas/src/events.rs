@@ -92,6 +92,40 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// The embedded default's durable event log (`<data dir>/events.sqlite`): written by the
+/// gateway's local event sink, read by the embedded billing pipeline. Statements to create
+/// it, idempotent; whichever process opens the file first runs them.
+pub const LOCAL_EVENT_LOG_DDL: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS event_log (
+        log_offset INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        event_key TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        payload TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS event_log_by_topic ON event_log (topic, log_offset)",
+];
+
+/// Milliseconds since the Unix epoch of a calendar time (saturating).
+pub fn offset_unix_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// The calendar time (UTC) of milliseconds since the Unix epoch; the epoch itself when out
+/// of range.
+pub fn from_unix_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC), the text form SQLite columns hold.
+pub fn rfc3339_from_unix_ms(ms: i64) -> String {
+    from_unix_ms(ms)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// A new event id: a UUIDv7 string (time-ordered, monotonic within a process).
 pub fn new_event_id() -> String {
     uuid::Uuid::now_v7().hyphenated().to_string()

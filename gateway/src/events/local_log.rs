@@ -88,23 +88,9 @@ impl LocalEventLog {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS event_log (
-                log_offset INTEGER PRIMARY KEY AUTOINCREMENT,
-                topic TEXT NOT NULL,
-                event_key TEXT NOT NULL,
-                event_id TEXT NOT NULL,
-                timestamp_ms INTEGER NOT NULL,
-                payload TEXT NOT NULL
-            )",
-        )
-        .execute(&pool)
-        .await?;
-        sqlx::query(
-            "CREATE INDEX IF NOT EXISTS event_log_by_topic ON event_log (topic, log_offset)",
-        )
-        .execute(&pool)
-        .await?;
+        for statement in tollgate_schemas::events::LOCAL_EVENT_LOG_DDL {
+            sqlx::query(statement).execute(&pool).await?;
+        }
         Ok(LocalEventLog {
             pool,
             path: path.to_path_buf(),

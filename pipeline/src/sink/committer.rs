@@ -163,8 +163,22 @@ impl Committer {
                 self.balances_stale = true;
             }
         }
-        if with_outbox {
-            self.outbox_pending = true;
+        if let Some(outbox) = batch.outbox().filter(|_| with_outbox) {
+            if self.outbox_pending {
+                // Older batches wait in the outbox: they go first, this one with them.
+                self.recover();
+            } else if let Some(analytics) = self.analytics.clone() {
+                // Written straight from memory; the outbox row is only read back after a
+                // failure or a crash.
+                let written = self.runtime.block_on(async {
+                    analytics.write(&outbox).await?;
+                    ledger.ack_outbox(outbox.seq).await
+                });
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "analytics batch not written; left in the outbox");
+                    self.outbox_pending = true;
+                }
+            }
         }
         if self.balances_stale || self.outbox_pending {
             self.recover();

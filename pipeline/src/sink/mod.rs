@@ -78,6 +78,27 @@ pub struct LedgerBatch {
     pub duplicates: u64,
 }
 
+impl LedgerBatch {
+    /// The batch's analytics rows, as kept in the outbox; `None` when it has none.
+    pub fn outbox(&self) -> Option<OutboxBatch> {
+        (!self.facts.is_empty() || !self.minutes.is_empty()).then(|| OutboxBatch {
+            seq: self.seq,
+            facts: self.facts.clone(),
+            minutes: self.minutes.clone(),
+        })
+    }
+
+    /// [`LedgerBatch::outbox`] as the JSON the ledgers store.
+    pub fn outbox_payload(&self) -> Result<Option<String>, SinkError> {
+        self.outbox()
+            .map(|o| {
+                serde_json::to_string(&o)
+                    .map_err(|e| SinkError::Invalid(format!("outbox payload: {e}")))
+            })
+            .transpose()
+    }
+}
+
 /// A tenant's absolute usage in one billing period, as of ledger commit `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Balance {

@@ -9,7 +9,7 @@
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder, Row};
-use time::OffsetDateTime;
+use tollgate_schemas::events::{from_unix_ms, offset_unix_ms};
 use tollgate_schemas::pricing::PriceRow;
 
 use super::{Balance, Ledger, LedgerBatch, OutboxBatch, Position, SinkError};
@@ -34,15 +34,6 @@ impl PostgresLedger {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-}
-
-fn ms_to_time(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-fn time_to_ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 fn seq_i64(seq: u64) -> i64 {
@@ -104,7 +95,7 @@ impl Ledger for PostgresLedger {
                 Ok(PriceRow {
                     model: r.try_get(0)?,
                     tenant_id: (!tenant.is_empty()).then_some(tenant),
-                    effective_from_ms: time_to_ms(r.try_get(2)?),
+                    effective_from_ms: offset_unix_ms(r.try_get(2)?),
                     input_per_mtok: r.try_get(3)?,
                     cached_input_per_mtok: r.try_get(4)?,
                     output_per_mtok: r.try_get(5)?,
@@ -132,7 +123,7 @@ impl Ledger for PostgresLedger {
             q.push_values(rows, |mut b, (k, t)| {
                 b.push_bind(&k.tenant_id)
                     .push_bind(&k.model)
-                    .push_bind(ms_to_time(k.minute_ms))
+                    .push_bind(from_unix_ms(k.minute_ms))
                     .push_bind(&k.currency)
                     .push_bind(t.requests)
                     .push_bind(t.input_tokens)
@@ -294,13 +285,7 @@ impl Ledger for PostgresLedger {
             q.build().execute(&mut *tx).await?;
         }
 
-        if with_outbox && (!batch.facts.is_empty() || !batch.minutes.is_empty()) {
-            let payload = serde_json::to_string(&OutboxBatch {
-                seq: batch.seq,
-                facts: batch.facts.clone(),
-                minutes: batch.minutes.clone(),
-            })
-            .map_err(|e| SinkError::Invalid(format!("outbox payload: {e}")))?;
+        if let Some(payload) = batch.outbox_payload()?.filter(|_| with_outbox) {
             sqlx::query("INSERT INTO pipeline_outbox (seq, payload) VALUES ($1, $2)")
                 .bind(seq)
                 .bind(payload)

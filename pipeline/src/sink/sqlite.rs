@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Row, Sqlite, Transaction};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tollgate_schemas::events::{offset_unix_ms, rfc3339_from_unix_ms};
 use tollgate_schemas::pricing::PriceRow;
 
 use super::{Balance, Ledger, LedgerBatch, OutboxBatch, Position, SinkError};
@@ -44,16 +45,9 @@ impl SqliteLedger {
     }
 }
 
-fn rfc3339_ms(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
-
 fn parse_ms(s: &str) -> i64 {
     OffsetDateTime::parse(s, &Rfc3339)
-        .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+        .map(offset_unix_ms)
         .unwrap_or(0)
 }
 
@@ -71,7 +65,7 @@ async fn add_minute(
     t: &Totals,
     seq: i64,
 ) -> Result<(), SinkError> {
-    let minute = rfc3339_ms(k.minute_ms);
+    let minute = rfc3339_from_unix_ms(k.minute_ms);
     let old = sqlx::query(
         "SELECT cost, ttft_buckets FROM usage_minutes WHERE tenant_id = ? AND model = ? AND minute = ?",
     )
@@ -376,13 +370,7 @@ impl Ledger for SqliteLedger {
             .execute(&mut *tx)
             .await?;
         }
-        if with_outbox && (!batch.facts.is_empty() || !batch.minutes.is_empty()) {
-            let payload = serde_json::to_string(&OutboxBatch {
-                seq: batch.seq,
-                facts: batch.facts.clone(),
-                minutes: batch.minutes.clone(),
-            })
-            .map_err(|e| SinkError::Invalid(format!("outbox payload: {e}")))?;
+        if let Some(payload) = batch.outbox_payload()?.filter(|_| with_outbox) {
             sqlx::query("INSERT INTO pipeline_outbox (seq, payload) VALUES (?, ?)")
                 .bind(seq)
                 .bind(payload)

@@ -64,19 +64,9 @@ impl LocalLogSource {
                 .max_connections(1)
                 .connect_with(options)
                 .await?;
-            // The gateway creates the same table; whichever starts first wins.
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS event_log (
-                    log_offset INTEGER PRIMARY KEY AUTOINCREMENT,
-                    topic TEXT NOT NULL,
-                    event_key TEXT NOT NULL,
-                    event_id TEXT NOT NULL,
-                    timestamp_ms INTEGER NOT NULL,
-                    payload TEXT NOT NULL
-                )",
-            )
-            .execute(&pool)
-            .await?;
+            for statement in tollgate_schemas::events::LOCAL_EVENT_LOG_DDL {
+                sqlx::query(statement).execute(&pool).await?;
+            }
             Ok::<_, SourceError>(pool)
         })?;
         let (next, replay_until) = match committed(positions, 0) {
