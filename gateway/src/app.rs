@@ -41,6 +41,7 @@ use crate::billing::EmbeddedPipeline;
 use crate::config::{Config, DeploymentConfig};
 use crate::error::GatewayError;
 use crate::events::EventSink;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::routing::ModelRouter;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub store: Arc<dyn MetaStore>,
     pub auth: Arc<Authenticator>,
     pub router: ModelRouter,
+    /// Quotas and rate limits.
+    pub limiter: Arc<Limiter>,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
     /// The admin API's bearer token (`TOLLGATE_ADMIN_TOKEN`); `None` disables the admin API.
@@ -101,6 +104,12 @@ impl AppState {
         ));
         auth.follow().await?;
         let balances = MemoryBalances::new();
+        let limiter =
+            Limiter::start(config.limits.clone(), store.clone(), balances.clone()).await?;
+        metrics
+            .register(limiter.collectors())
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        limiter.spawn_recovery();
         let billing = match crate::billing::embedded_log_path(
             &config.billing,
             &config.events,
@@ -129,6 +138,7 @@ impl AppState {
             config,
             store,
             router,
+            limiter,
             metrics: Arc::new(metrics),
             sink,
             admin_token: admin_token.filter(|t| !t.is_empty()),

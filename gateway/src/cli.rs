@@ -13,7 +13,7 @@ use tollgate_gateway::invoices::render::{write_files, Format};
 use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV, OLD_MASTER_KEY_ENV};
 use tollgate_gateway::store::postgres::PostgresStore;
 use tollgate_gateway::store::sqlite::SqliteStore;
-use tollgate_gateway::store::{Discount, KeyLimits, MetaStore, Plan, Price};
+use tollgate_gateway::store::{Discount, Enforcement, KeyLimits, MetaStore, Plan, Price};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Tollgate LLM gateway")]
@@ -55,7 +55,7 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
-    /// Per-key limits and model allow-lists.
+    /// Limits: per key (with model allow-lists), per tenant and per tenant × model.
     Limits {
         #[command(subcommand)]
         command: LimitCommand,
@@ -136,23 +136,49 @@ pub struct LimitArgs {
     /// Models the key may use (comma-separated; `prefix/*` patterns allowed).
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
-    /// Requests per minute.
-    #[arg(long)]
-    pub rpm: Option<i64>,
-    /// Tokens per minute.
-    #[arg(long)]
-    pub tpm: Option<i64>,
-    /// Spend limit per billing period (decimal).
-    #[arg(long)]
-    pub spend: Option<Decimal>,
+    #[command(flatten)]
+    pub scope: ScopeLimitArgs,
 }
 
 impl LimitArgs {
+    fn limits(&self) -> KeyLimits {
+        self.scope.limits()
+    }
+}
+
+/// The limits of one scope (key, tenant, tenant × model).
+#[derive(Args, Default)]
+pub struct ScopeLimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<i64>,
+    /// Tokens (input + output) per minute.
+    #[arg(long)]
+    pub tpm: Option<i64>,
+    /// Spend limit per billing period (decimal, in the plan's currency).
+    #[arg(long)]
+    pub spend: Option<Decimal>,
+    /// Concurrent requests (streams included).
+    #[arg(long)]
+    pub max_concurrent: Option<i64>,
+    /// Soft limits: a stream that crosses the token or spend limit finishes, and the next
+    /// requests are refused (default: hard, the stream is cut).
+    #[arg(long)]
+    pub soft: bool,
+}
+
+impl ScopeLimitArgs {
     fn limits(&self) -> KeyLimits {
         KeyLimits {
             rpm_limit: self.rpm,
             tpm_limit: self.tpm,
             spend_limit: self.spend,
+            max_concurrent: self.max_concurrent,
+            enforcement: if self.soft {
+                Enforcement::Soft
+            } else {
+                Enforcement::Hard
+            },
         }
     }
 }
@@ -189,6 +215,27 @@ pub enum LimitCommand {
         key: String,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Set the limits of a tenant (by id or name), or of a tenant × model alias with
+    /// `--model`; unset ones are cleared. Without a tenant-wide row its plan's limits apply.
+    Tenant {
+        tenant: String,
+        /// A model alias as clients name it (default: `*`, the whole tenant).
+        #[arg(long, default_value = "*")]
+        model: String,
+        #[command(flatten)]
+        limits: ScopeLimitArgs,
+    },
+    /// Remove a tenant's (or tenant × model's) limit row.
+    Clear {
+        tenant: String,
+        #[arg(long, default_value = "*")]
+        model: String,
+    },
+    /// List tenant limit rows (JSON lines).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -455,11 +502,25 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
             KeyCommand::Revoke { key } => print_json(&[admin.revoke_key(&key).await?]),
             KeyCommand::Rotate { key } => print_line(&admin.rotate_key(&key).await?.secret),
         },
-        Command::Limits {
-            command: LimitCommand::Set { key, limits },
-        } => print_json(&[admin
-            .set_key_limits(&key, limits.models.clone(), limits.limits())
-            .await?]),
+        Command::Limits { command } => match command {
+            LimitCommand::Set { key, limits } => print_json(&[admin
+                .set_key_limits(&key, limits.models.clone(), limits.limits())
+                .await?]),
+            LimitCommand::Tenant {
+                tenant,
+                model,
+                limits,
+            } => print_json(&[admin
+                .set_tenant_limit(&tenant, &model, limits.limits())
+                .await?]),
+            LimitCommand::Clear { tenant, model } => {
+                admin.delete_tenant_limit(&tenant, &model).await?;
+                Ok(())
+            }
+            LimitCommand::List { tenant } => {
+                print_json(&admin.tenant_limits(tenant.as_deref()).await?)
+            }
+        },
         Command::Plans { command } => match command {
             PlanCommand::Create {
                 name,

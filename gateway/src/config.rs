@@ -10,6 +10,7 @@
 //! | `[store]` | the metadata store: PostgreSQL URL, else SQLite in the data directory |
 //! | `[events]` | the event sink, tagged by `type`: `local` (default), `kafka`, `log` |
 //! | `[billing]` | the embedded billing pipeline ([`crate::billing::BillingConfig`]) |
+//! | `[limits]` | quotas and rate limits: memory or Redis ([`crate::limits::LimitsConfig`]) |
 //! | `[[deployments]]`, `[[models]]` | provider deployments and the model aliases they serve |
 //!
 //! `[billing]` keys (`TOLLGATE__BILLING__PIPELINE=off` and the like override them):
@@ -51,6 +52,9 @@ pub struct Config {
     /// Whether this gateway runs the billing pipeline (embedded by default with local events).
     #[serde(default)]
     pub billing: crate::billing::BillingConfig,
+    /// Quotas and rate limits: where they are counted, how estimates are made.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     /// Provider deployments: one upstream endpoint + credential + upstream model each.
     #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
@@ -273,6 +277,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.billing.validate(&self.events)?;
+        self.limits.validate()?;
         let mut names = std::collections::HashSet::new();
         for d in &self.deployments {
             if !names.insert(d.name()) {

@@ -57,6 +57,18 @@ pub enum GatewayError {
     /// The provider answered with something that is not its documented wire format.
     #[error("Upstream provider sent an invalid response: {0}")]
     UpstreamProtocol(String),
+    /// A quota or rate limit of the caller refused the request (429).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        /// Which limit (`tenant_tokens_per_minute`...): the error's `param`.
+        limit: String,
+        /// A spend budget (OpenAI's `insufficient_quota`) rather than a rate.
+        quota: bool,
+        retry_after_s: u64,
+        /// `x-ratelimit-*` headers.
+        headers: Vec<(&'static str, String)>,
+    },
     /// A bug or an unavailable internal dependency (the key store, for example).
     #[error("Internal error: {0}")]
     Internal(String),
@@ -88,6 +100,7 @@ impl GatewayError {
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Upstream { status, .. } => match *status {
                 // The client's request was at fault: say so with the same status.
                 400 | 404 | 409 | 413 | 422 => {
@@ -128,6 +141,7 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Upstream { status: 429, .. } => "upstream_rate_limited",
             GatewayError::Upstream { status, .. } if *status >= 500 => "upstream_5xx",
             GatewayError::Upstream { .. } => "upstream_4xx",
@@ -149,6 +163,14 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
             }
+            GatewayError::RateLimited { quota: true, .. } => {
+                ("insufficient_quota", Some("insufficient_quota"))
+            }
+            // OpenAI's own rate-limit errors are typed `tokens` or `requests`.
+            GatewayError::RateLimited { limit, .. } if limit.ends_with("tokens_per_minute") => {
+                ("tokens", Some("rate_limit_exceeded"))
+            }
+            GatewayError::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
             GatewayError::Upstream { .. } => match self.status().as_u16() {
                 429 => ("rate_limit_error", Some("rate_limit_exceeded")),
                 s if s < 500 => ("invalid_request_error", None),
@@ -186,6 +208,9 @@ impl GatewayError {
                     GatewayError::BadRequest { param, .. } => {
                         (param.clone(), code.map(str::to_string))
                     }
+                    GatewayError::RateLimited { limit, .. } => {
+                        (Some(limit.clone()), code.map(str::to_string))
+                    }
                     GatewayError::Upstream {
                         param,
                         code: upstream_code,
@@ -220,6 +245,19 @@ impl GatewayError {
         } = &self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let GatewayError::RateLimited {
+            retry_after_s,
+            headers: lines,
+            ..
+        } = &self
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            for (name, value) in lines {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    headers.insert(*name, v);
+                }
+            }
         }
         if let GatewayError::PayloadTooLarge { .. } = &self {
             // The rest of the body is not read: the connection cannot be reused.

@@ -11,6 +11,7 @@
 //! | [`admin`] | admin actions shared by the admin API and the CLI |
 //! | [`secrets`] | provider credentials encrypted at rest (AES-256-GCM) |
 //! | [`api`] | OpenAI and Anthropic request/response types, validation |
+//! | [`limits`] | quotas and rate limits: pre-flight estimate, reserve/settle (Redis or memory) |
 //! | [`routing`] | model aliases → deployments, deployment choice |
 //! | [`providers`] | provider seam: OpenAI(-compatible), Anthropic, mock |
 //! | [`translate`] | OpenAI ↔ Anthropic translation (requests, responses, streams, usage) |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod invoices;
+pub mod limits;
 pub mod metrics;
 pub mod providers;
 pub mod reconcile;

@@ -146,6 +146,23 @@ impl ModelRouter {
         })
     }
 
+    /// The upstream models that may serve `model` (for pricing an estimate before a
+    /// deployment is chosen); empty for an unknown model.
+    pub fn candidate_models(&self, model: &str) -> Vec<String> {
+        let Some((alias, suffix)) = self.resolve(model) else {
+            return Vec::new();
+        };
+        alias
+            .deployments
+            .iter()
+            .map(|d| match (d.model.as_str(), suffix) {
+                ("*", Some(s)) => s.to_string(),
+                ("*", None) => model.to_string(),
+                (m, _) => m.to_string(),
+            })
+            .collect()
+    }
+
     /// Alias names a client may use (wildcards are not listed: their names are open-ended).
     pub fn model_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.exact.keys().cloned().collect();

@@ -36,6 +36,8 @@ pub enum Outcome {
     Completed,
     ClientDisconnected,
     UpstreamError,
+    /// Cut off by a hard limit of the caller (billed like a disconnect).
+    LimitExceeded,
 }
 
 impl Outcome {
@@ -44,6 +46,7 @@ impl Outcome {
             Outcome::Completed => "completed",
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::LimitExceeded => "limit_exceeded",
         }
     }
 }
@@ -54,6 +57,7 @@ impl From<CompletionStatus> for Outcome {
             CompletionStatus::Completed => Outcome::Completed,
             CompletionStatus::ClientDisconnected => Outcome::ClientDisconnected,
             CompletionStatus::UpstreamError => Outcome::UpstreamError,
+            CompletionStatus::LimitExceeded => Outcome::LimitExceeded,
         }
     }
 }

@@ -142,6 +142,9 @@ pub enum CompletionStatus {
     ClientDisconnected,
     /// The upstream failed, before or during the response.
     UpstreamError,
+    /// A hard quota or rate limit of the caller refused more tokens and the gateway cut the
+    /// stream off (with an error event). Billed for what was generated until then.
+    LimitExceeded,
 }
 
 /// `llm.requests`: a request the gateway accepted (authenticated, valid) and routed.
@@ -247,7 +250,7 @@ pub struct CompletionEvent {
     pub status: CompletionStatus,
     /// The finish/stop reason in the client's dialect (`stop`, `end_turn`, `tool_calls`...).
     pub finish_reason: Option<String>,
-    /// The upstream's error message when `status` is `upstream_error`.
+    /// The error message when `status` is `upstream_error` or `limit_exceeded`.
     pub error: Option<String>,
     /// Tokens billed: the provider's figures when it reported them (`usage.source =
     /// provider`), otherwise counted by the gateway (`counted`: prompt estimate plus tokens of

@@ -13,7 +13,8 @@ use crate::error::GatewayError;
 use crate::invoices::{self, Invoice, InvoiceError, Period};
 use crate::secrets::MasterKey;
 use crate::store::{
-    AuditEntry, Discount, KeyLimits, KeySummary, MetaStore, NewKey, Plan, Price, StoreError, Tenant,
+    AuditEntry, Discount, KeyLimits, KeySummary, MetaStore, NewKey, Plan, Price, StoreError,
+    Tenant, TenantLimit,
 };
 
 impl From<StoreError> for GatewayError {
@@ -164,6 +165,54 @@ impl Admin {
         self.tenant(&t.id).await
     }
 
+    /// Sets the limits of a tenant (`model` `*`) or of a tenant × model alias.
+    pub async fn set_tenant_limit(
+        &self,
+        tenant: &str,
+        model: &str,
+        limits: KeyLimits,
+    ) -> Result<TenantLimit, GatewayError> {
+        let t = self.tenant(tenant).await?;
+        if let Some(s) = limits.spend_limit {
+            check_money("spend_limit", s)?;
+        }
+        let model = model.trim();
+        if model.is_empty() || model.len() > 256 {
+            return Err(GatewayError::bad_param(
+                "model must be a model alias or `*` (at most 256 bytes)",
+                "model",
+            ));
+        }
+        let limit = TenantLimit {
+            tenant_id: t.id.clone(),
+            model: model.to_string(),
+            limits,
+        };
+        self.store.set_tenant_limit(&limit).await?;
+        self.record("tenant.limits", &t.id, json!(limit)).await?;
+        Ok(limit)
+    }
+
+    /// Removes the limits of a tenant (`model` `*`) or of a tenant × model alias.
+    pub async fn delete_tenant_limit(&self, tenant: &str, model: &str) -> Result<(), GatewayError> {
+        let t = self.tenant(tenant).await?;
+        self.store.delete_tenant_limit(&t.id, model).await?;
+        self.record("tenant.limits.delete", &t.id, json!({"model": model}))
+            .await
+    }
+
+    /// Limit rows of a tenant, or of every tenant.
+    pub async fn tenant_limits(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<TenantLimit>, GatewayError> {
+        let id = match tenant {
+            Some(t) => Some(self.tenant(t).await?.id),
+            None => None,
+        };
+        Ok(self.store.list_tenant_limits(id.as_deref()).await?)
+    }
+
     /// Creates a key for a tenant; the secret is in the result and nowhere else.
     pub async fn create_key(
         &self,
@@ -296,7 +345,7 @@ impl Admin {
         KeyLimits {
             rpm_limit: plan.rpm_limit,
             tpm_limit: plan.tpm_limit,
-            spend_limit: None,
+            ..KeyLimits::default()
         }
         .validate()?;
         let p = self.store.create_plan(&plan).await?;

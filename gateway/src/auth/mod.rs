@@ -22,7 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use time::OffsetDateTime;
 
 use crate::error::GatewayError;
-use crate::store::{Invalidation, KeyLimits, KeyRecord, MetaStore};
+use crate::store::{Invalidation, KeyLimits, KeyRecord, MetaStore, TenantLimit};
 
 /// Who is calling: attached to every authenticated request.
 #[derive(Debug, Clone)]
@@ -32,11 +32,34 @@ pub struct Caller {
     pub key_id: String,
     /// Models this key may use (`None`: all).
     pub allowed_models: Option<Vec<String>>,
+    /// The key's own limits.
     pub limits: KeyLimits,
+    /// The tenant's limit rows (`*` and per model alias).
+    pub tenant_limits: Vec<TenantLimit>,
+    /// The tenant's plan limits (apply without a `*` row).
+    pub plan_limits: Option<KeyLimits>,
+    /// Currency of the tenant's spend limits.
+    pub currency: String,
     expires_at: Option<OffsetDateTime>,
 }
 
 impl Caller {
+    /// A caller with no limits (tests).
+    #[cfg(test)]
+    pub fn for_tests(tenant_id: &str, key_id: &str) -> Caller {
+        Caller {
+            tenant_id: tenant_id.into(),
+            tenant_name: tenant_id.into(),
+            key_id: key_id.into(),
+            allowed_models: None,
+            limits: KeyLimits::default(),
+            tenant_limits: Vec::new(),
+            plan_limits: None,
+            currency: "USD".into(),
+            expires_at: None,
+        }
+    }
+
     /// Refuses a model the key is not allowed to use (exact names, or `prefix/*` patterns).
     pub fn ensure_model_allowed(&self, model: &str) -> Result<(), GatewayError> {
         let Some(allowed) = &self.allowed_models else {
@@ -255,6 +278,9 @@ fn check_record(record: Option<KeyRecord>) -> Result<Caller, GatewayError> {
         key_id: record.key_id,
         allowed_models: record.allowed_models,
         limits: record.limits,
+        tenant_limits: record.tenant_limits,
+        plan_limits: record.plan_limits,
+        currency: record.currency,
         expires_at: record.expires_at,
     })
 }
@@ -284,8 +310,7 @@ mod tests {
             tenant_name: "t".into(),
             key_id: "k".into(),
             allowed_models: models.map(|m| m.into_iter().map(String::from).collect()),
-            limits: KeyLimits::default(),
-            expires_at: None,
+            ..Caller::for_tests("t", "k")
         }
     }
 

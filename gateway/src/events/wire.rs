@@ -159,6 +159,7 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         Outcome::Completed => (CompletionStatus::Completed, None),
         Outcome::ClientDisconnected => (CompletionStatus::ClientDisconnected, None),
         Outcome::UpstreamError(e) => (CompletionStatus::UpstreamError, Some(e.clone())),
+        Outcome::LimitExceeded(e) => (CompletionStatus::LimitExceeded, Some(e.clone())),
     };
     CompletionEvent {
         schema_version: SCHEMA_VERSION,

@@ -23,6 +23,8 @@ pub enum Outcome {
     ClientDisconnected,
     /// The upstream failed (before or during the response).
     UpstreamError(String),
+    /// A hard limit of the caller refused more tokens: the gateway cut the stream off.
+    LimitExceeded(String),
 }
 
 impl Outcome {
@@ -31,6 +33,7 @@ impl Outcome {
             Outcome::Completed => "completed",
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::UpstreamError(_) => "upstream_error",
+            Outcome::LimitExceeded(_) => "limit_exceeded",
         }
     }
 }

@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
+use crate::limits::StreamAllowance;
 use crate::providers::BodyStream;
 
 /// Most bytes gathered from already-ready upstream reads before they are written out.
@@ -41,6 +42,9 @@ pub struct RelayStream {
     stream_info: Arc<StreamInfo>,
     /// Sequence number of the next chunk record.
     next_chunk: u64,
+    /// The request's reservation against its limits: grown as the stream runs, settled at
+    /// the end; a hard limit that refuses more cuts the stream.
+    allowance: Option<StreamAllowance>,
 }
 
 impl RelayStream {
@@ -56,7 +60,36 @@ impl RelayStream {
             done: false,
             first_upstream_at: None,
             post_processing: Duration::ZERO,
+            allowance: None,
         }
+    }
+
+    /// Holds `allowance` against the request's limits while the stream runs.
+    pub fn with_allowance(mut self, allowance: Option<StreamAllowance>) -> Self {
+        self.allowance = allowance;
+        self
+    }
+
+    /// Ends the stream with an error event when a hard limit refused more tokens.
+    fn enforce_limits(&mut self, cx: &mut Context<'_>) {
+        let events = self.adapter.state().chunks;
+        let Some(check) = self.allowance.as_mut().and_then(|a| a.check(events, cx)) else {
+            return;
+        };
+        let message = format!(
+            "The response was stopped: the {} limit ({}) of {} was reached.",
+            check.kind.label().replace('_', " "),
+            check.limit,
+            match check.scope {
+                crate::limits::Scope::Key => "this API key",
+                crate::limits::Scope::Tenant => "your organization",
+                crate::limits::Scope::TenantModel => "your organization on this model",
+            }
+        );
+        let from = self.out.len();
+        self.adapter.on_error(&message, &mut self.out);
+        self.record_chunks(from);
+        self.finish(Outcome::LimitExceeded(message));
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -71,6 +104,9 @@ impl RelayStream {
         };
         let adapter = &self.adapter;
         let usage = self.exchange.settle_usage(&state, || adapter.output_text());
+        if let Some(allowance) = self.allowance.as_mut() {
+            allowance.settle(&usage);
+        }
         self.exchange.finish(
             outcome,
             usage,
@@ -138,6 +174,12 @@ impl Stream for RelayStream {
                         this.adapter.on_frame(frame, &mut this.out);
                     }
                     this.record_chunks(from);
+                    if this.allowance.is_some() {
+                        this.enforce_limits(cx);
+                        if this.done {
+                            continue;
+                        }
+                    }
                     // Keep reading while the upstream has more ready (a burst of chunks
                     // becomes one write to the client instead of one per chunk); a real
                     // model's chunks arrive apart and still go out one by one, at once.

@@ -20,7 +20,7 @@ use crate::admin::Admin;
 use crate::api::{typed_from_value, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
-use crate::store::{Discount, Invalidation, KeyLimits, Plan, Price};
+use crate::store::{Discount, Enforcement, Invalidation, KeyLimits, Plan, Price, ALL_MODELS};
 
 /// The admin routes (nested under `/admin/v1`).
 pub fn routes() -> Router<Arc<AppState>> {
@@ -30,6 +30,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/tenants/{tenant}/suspend", post(suspend_tenant))
         .route("/tenants/{tenant}/activate", post(activate_tenant))
         .route("/tenants/{tenant}/plan", put(set_plan))
+        .route(
+            "/tenants/{tenant}/limits",
+            get(list_tenant_limits)
+                .put(set_tenant_limit)
+                .delete(delete_tenant_limit),
+        )
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/revoke", post(revoke_key))
         .route("/keys/rotate", post(rotate_key))
@@ -216,6 +222,10 @@ pub struct LimitsBody {
     pub tpm_limit: Option<i64>,
     #[serde(default, deserialize_with = "decimal::optional")]
     pub spend_limit: Option<Decimal>,
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+    #[serde(default)]
+    pub enforcement: Enforcement,
 }
 
 impl LimitsBody {
@@ -224,8 +234,93 @@ impl LimitsBody {
             rpm_limit: self.rpm_limit,
             tpm_limit: self.tpm_limit,
             spend_limit: self.spend_limit,
+            max_concurrent: self.max_concurrent,
+            enforcement: self.enforcement,
         }
     }
+}
+
+/// Limits of a tenant or tenant × model, as `PUT /tenants/{tenant}/limits` accepts them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantLimitBody {
+    /// A model alias, or `*` (the default) for the whole tenant.
+    #[serde(default = "all_models")]
+    model: String,
+    #[serde(default)]
+    rpm_limit: Option<i64>,
+    #[serde(default)]
+    tpm_limit: Option<i64>,
+    #[serde(default, deserialize_with = "decimal::optional")]
+    spend_limit: Option<Decimal>,
+    #[serde(default)]
+    max_concurrent: Option<i64>,
+    #[serde(default)]
+    enforcement: Enforcement,
+}
+
+fn all_models() -> String {
+    ALL_MODELS.to_string()
+}
+
+async fn set_tenant_limit(
+    State(s): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(t): Path<String>,
+    Json(v): Json<serde_json::Value>,
+) -> AdminResult {
+    let a = admin(&s, &h)?;
+    let b: TenantLimitBody = body(v)?;
+    let limits = KeyLimits {
+        rpm_limit: b.rpm_limit,
+        tpm_limit: b.tpm_limit,
+        spend_limit: b.spend_limit,
+        max_concurrent: b.max_concurrent,
+        enforcement: b.enforcement,
+    };
+    let limit = a
+        .set_tenant_limit(&t, &b.model, limits)
+        .await
+        .in_format(WireFormat::OpenAi)?;
+    s.auth.apply(&Invalidation::Tenant(limit.tenant_id.clone()));
+    ok(StatusCode::OK, limit)
+}
+
+#[derive(Deserialize)]
+struct LimitModelQuery {
+    #[serde(default = "all_models")]
+    model: String,
+}
+
+async fn delete_tenant_limit(
+    State(s): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(t): Path<String>,
+    Query(q): Query<LimitModelQuery>,
+) -> AdminResult {
+    let a = admin(&s, &h)?;
+    a.delete_tenant_limit(&t, &q.model)
+        .await
+        .in_format(WireFormat::OpenAi)?;
+    let tenant = a.tenant(&t).await.in_format(WireFormat::OpenAi)?;
+    s.auth.apply(&Invalidation::Tenant(tenant.id));
+    ok(
+        StatusCode::OK,
+        serde_json::json!({"deleted": true, "model": q.model}),
+    )
+}
+
+async fn list_tenant_limits(
+    State(s): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(t): Path<String>,
+) -> AdminResult {
+    list(
+        admin(&s, &h)?
+            .tenant_limits(Some(&t))
+            .await
+            .in_format(WireFormat::OpenAi)?,
+    )
 }
 
 #[derive(Deserialize)]
@@ -246,6 +341,10 @@ struct KeyBody {
     tpm_limit: Option<i64>,
     #[serde(default, deserialize_with = "decimal::optional")]
     spend_limit: Option<Decimal>,
+    #[serde(default)]
+    max_concurrent: Option<i64>,
+    #[serde(default)]
+    enforcement: Enforcement,
 }
 
 async fn create_key(
@@ -259,6 +358,8 @@ async fn create_key(
         rpm_limit: b.rpm_limit,
         tpm_limit: b.tpm_limit,
         spend_limit: b.spend_limit,
+        max_concurrent: b.max_concurrent,
+        enforcement: b.enforcement,
     };
     let issued = a
         .create_key(

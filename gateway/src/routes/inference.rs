@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::api::{anthropic, openai, parse_body, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
+use crate::limits::{Estimate, StreamAllowance};
 use crate::providers::{BodyStream, Endpoint, Forwarded};
 use crate::relay::exchange::Routed;
 use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
@@ -66,6 +67,17 @@ impl ClientRequest {
         match self {
             ClientRequest::OpenAi(_, r) => r.is_stream(),
             ClientRequest::Anthropic(_, r) => r.is_stream(),
+        }
+    }
+
+    /// Output tokens the request may produce (its cap, else `default`, times `n`).
+    fn output_estimate(&self, default: u64) -> u64 {
+        match self {
+            ClientRequest::OpenAi(_, r) => r
+                .output_cap()
+                .map_or(default, u64::from)
+                .saturating_mul(u64::from(r.n.unwrap_or(1).max(1))),
+            ClientRequest::Anthropic(_, r) => u64::from(r.max_tokens),
         }
     }
 
@@ -209,12 +221,25 @@ async fn serve_inner(
     let mut request = ClientRequest::parse(format, &bytes)?;
     caller.ensure_model_allowed(request.model())?;
     let target = state.router.pick(request.model(), false)?;
+    let prompt_estimate = request.prompt_estimate();
+    let admission = state
+        .limiter
+        .admit(&caller, request.model(), || Estimate {
+            prompt_tokens: prompt_estimate,
+            max_output_tokens: request
+                .output_estimate(state.config.limits.default_max_output_tokens),
+            models: state.router.candidate_models(request.model()),
+        })
+        .await?;
+    let (reservation, rate_headers) = match admission {
+        Some(a) => (Some(a.reservation), Some(a.headers)),
+        None => (None, None),
+    };
     let deployment = target.deployment.clone();
     let upstream_model = target.upstream_model.clone();
     let upstream_format = deployment.provider.format();
     let upstream_body = request.upstream_body(upstream_format, &upstream_model)?;
     let stream = request.is_stream();
-    let prompt_estimate = request.prompt_estimate();
     let provider = deployment.provider.label();
     let routed = Routed {
         route,
@@ -253,7 +278,20 @@ async fn serve_inner(
                 Box::new(OpenAiToAnthropic::new(&upstream_model, prompt_estimate))
             }
         };
-        let body = RelayStream::new(upstream.body, adapter, exchange.clone());
+        // OpenAI-style streams carry about one token per content event, Anthropic's a few.
+        let tokens_per_event = match upstream_format {
+            WireFormat::OpenAi => 1,
+            WireFormat::Anthropic => 2,
+        };
+        let allowance = reservation.map(|r| {
+            StreamAllowance::new(
+                Some(r),
+                tokens_per_event,
+                state.config.limits.stream_increment_tokens,
+            )
+        });
+        let body =
+            RelayStream::new(upstream.body, adapter, exchange.clone()).with_allowance(allowance);
         let mut r = Response::new(Body::from_stream(body));
         let h = r.headers_mut();
         h.insert(
@@ -281,6 +319,9 @@ async fn serve_inner(
                 return Err(e);
             }
         };
+        if let Some(r) = reservation {
+            r.settle(&usage);
+        }
         exchange.finish(
             Outcome::Completed,
             usage,
@@ -297,6 +338,9 @@ async fn serve_inner(
         r
     };
     let h = response.headers_mut();
+    if let Some(rate) = &rate_headers {
+        rate.apply(h);
+    }
     for (name, value) in [
         ("x-request-id", exchange.request_id.as_str()),
         ("x-tollgate-deployment", exchange.deployment.as_str()),

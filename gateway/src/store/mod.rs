@@ -46,19 +46,58 @@ pub struct Tenant {
     pub created_at: OffsetDateTime,
 }
 
-/// Per-key limits (enforced by the quota issue; stored and served here).
+/// Whether crossing a token or spend limit cuts a running stream (`hard`) or lets it finish
+/// and refuses the next requests (`soft`). Request and concurrency limits only ever refuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    #[default]
+    Hard,
+    Soft,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Hard => "hard",
+            Enforcement::Soft => "soft",
+        }
+    }
+
+    /// Parses the stored form; anything but `soft` is `hard` (the safe reading).
+    pub fn parse(s: &str) -> Enforcement {
+        if s == "soft" {
+            Enforcement::Soft
+        } else {
+            Enforcement::Hard
+        }
+    }
+}
+
+/// The limits of one scope (a key, a tenant, a tenant × model): requests and tokens (input +
+/// output) per minute, concurrent requests, and spend per billing period.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct KeyLimits {
+    #[serde(default)]
     pub rpm_limit: Option<i64>,
+    #[serde(default)]
     pub tpm_limit: Option<i64>,
     #[serde(with = "rust_decimal::serde::str_option", default)]
     pub spend_limit: Option<Decimal>,
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+    #[serde(default)]
+    pub enforcement: Enforcement,
 }
 
 impl KeyLimits {
-    /// Refuses non-positive request/token limits and negative spend.
+    /// Refuses non-positive request/token/concurrency limits and negative spend.
     pub fn validate(&self) -> Result<(), StoreError> {
-        for (name, v) in [("rpm_limit", self.rpm_limit), ("tpm_limit", self.tpm_limit)] {
+        for (name, v) in [
+            ("rpm_limit", self.rpm_limit),
+            ("tpm_limit", self.tpm_limit),
+            ("max_concurrent", self.max_concurrent),
+        ] {
             if matches!(v, Some(n) if n <= 0) {
                 return Err(StoreError::Invalid(format!(
                     "{name} must be a positive integer"
@@ -72,7 +111,28 @@ impl KeyLimits {
         }
         Ok(())
     }
+
+    /// Whether no limit is set.
+    pub fn is_empty(&self) -> bool {
+        self.rpm_limit.is_none()
+            && self.tpm_limit.is_none()
+            && self.spend_limit.is_none()
+            && self.max_concurrent.is_none()
+    }
 }
+
+/// Limits of a tenant (`model` `*`) or of a tenant × model alias.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TenantLimit {
+    pub tenant_id: String,
+    /// A model alias as clients name it, or `*` for the whole tenant.
+    pub model: String,
+    #[serde(flatten)]
+    pub limits: KeyLimits,
+}
+
+/// The model name of a tenant-wide limit row.
+pub const ALL_MODELS: &str = "*";
 
 /// What authentication needs to know about a key.
 #[derive(Debug, Clone)]
@@ -85,6 +145,12 @@ pub struct KeyRecord {
     pub tenant_status: String,
     pub allowed_models: Option<Vec<String>>,
     pub limits: KeyLimits,
+    /// The tenant's limit rows (tenant-wide `*` and per model).
+    pub tenant_limits: Vec<TenantLimit>,
+    /// The tenant's plan limits, which apply when there is no `*` row.
+    pub plan_limits: Option<KeyLimits>,
+    /// The currency of the tenant's spend limits (its plan's; `USD` without a plan).
+    pub currency: String,
 }
 
 /// A key as listed (never the secret, never the hash).
@@ -353,6 +419,18 @@ pub trait MetaStore: Send + Sync {
         details: &serde_json::Value,
     ) -> Result<(), StoreError>;
     async fn list_audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError>;
+
+    // Tenant limits.
+    /// Creates or replaces the limits of a tenant (`model` `*`) or tenant × model, publishing
+    /// an invalidation of the tenant.
+    async fn set_tenant_limit(&self, limit: &TenantLimit) -> Result<(), StoreError>;
+    /// Removes a limit row (NotFound if there is none), publishing an invalidation.
+    async fn delete_tenant_limit(&self, tenant_id: &str, model: &str) -> Result<(), StoreError>;
+    /// Limit rows, of one tenant or all, ordered by tenant and model.
+    async fn list_tenant_limits(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<TenantLimit>, StoreError>;
 
     // Ledger (read side).
     /// Ledger rows of a tenant in `[from, to)`.

@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
-    Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
-    PriceLine, StoreError, StoredCredential, Tenant, UsageRow,
+    Enforcement, Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey,
+    Plan, Price, PriceLine, StoreError, StoredCredential, Tenant, TenantLimit, UsageRow,
 };
 
 const CHANNEL: &str = "tollgate_invalidate";
@@ -72,8 +72,21 @@ fn limits_from(r: &PgRow) -> KeyLimits {
         rpm_limit: r.get("rpm_limit"),
         tpm_limit: r.get("tpm_limit"),
         spend_limit: r.get("spend_limit"),
+        max_concurrent: r.get("max_concurrent"),
+        enforcement: Enforcement::parse(r.get("enforcement")),
     }
 }
+
+fn tenant_limit_from(r: &PgRow) -> TenantLimit {
+    TenantLimit {
+        tenant_id: r.get("tenant_id"),
+        model: r.get("model"),
+        limits: limits_from(r),
+    }
+}
+
+const TENANT_LIMIT_COLUMNS: &str =
+    "tenant_id, model, rpm_limit, tpm_limit, max_concurrent, spend_limit, enforcement";
 
 fn key_summary_from(r: &PgRow) -> KeySummary {
     KeySummary {
@@ -92,7 +105,8 @@ fn key_summary_from(r: &PgRow) -> KeySummary {
 }
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, key_prefix, status, created_at, expires_at, \
-     last_used_at, allowed_models, rpm_limit, tpm_limit, spend_limit, metadata";
+     last_used_at, allowed_models, rpm_limit, tpm_limit, spend_limit, max_concurrent, \
+     enforcement, metadata";
 
 fn plan_from(r: &PgRow) -> Plan {
     Plan {
@@ -200,8 +214,8 @@ impl MetaStore for PostgresStore {
         key.limits.validate()?;
         let row = sqlx::query(&format!(
             "INSERT INTO api_keys (id, tenant_id, name, key_hash, key_prefix, expires_at, allowed_models, \
-             rpm_limit, tpm_limit, spend_limit, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
-             RETURNING {KEY_COLUMNS}"
+             rpm_limit, tpm_limit, spend_limit, max_concurrent, enforcement, metadata) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING {KEY_COLUMNS}"
         ))
         .bind(new_id("key"))
         .bind(&key.tenant_id)
@@ -213,6 +227,8 @@ impl MetaStore for PostgresStore {
         .bind(key.limits.rpm_limit)
         .bind(key.limits.tpm_limit)
         .bind(key.limits.spend_limit)
+        .bind(key.limits.max_concurrent)
+        .bind(key.limits.enforcement.as_str())
         .bind(if key.metadata.is_null() { serde_json::json!({}) } else { key.metadata.clone() })
         .fetch_one(&self.pool)
         .await
@@ -223,22 +239,39 @@ impl MetaStore for PostgresStore {
     async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT k.id AS key_id, k.status AS key_status, k.expires_at, k.allowed_models, \
-                    k.rpm_limit, k.tpm_limit, k.spend_limit, \
-                    t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status \
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1",
+                    k.rpm_limit, k.tpm_limit, k.spend_limit, k.max_concurrent, k.enforcement, \
+                    t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status, \
+                    p.id AS plan_id, p.currency AS plan_currency, p.rpm_limit AS plan_rpm, \
+                    p.tpm_limit AS plan_tpm, p.monthly_spend_limit AS plan_spend \
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             LEFT JOIN plans p ON p.id = t.plan_id WHERE k.key_hash = $1",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| KeyRecord {
+        let Some(r) = row else { return Ok(None) };
+        let tenant_id: String = r.get("tenant_id");
+        let tenant_limits = self.list_tenant_limits(Some(&tenant_id)).await?;
+        let has_plan = r.get::<Option<String>, _>("plan_id").is_some();
+        Ok(Some(KeyRecord {
             key_id: r.get("key_id"),
             key_status: r.get("key_status"),
             expires_at: r.get("expires_at"),
-            tenant_id: r.get("tenant_id"),
+            tenant_id,
             tenant_name: r.get("tenant_name"),
             tenant_status: r.get("tenant_status"),
             allowed_models: models_from(r.get("allowed_models")),
             limits: limits_from(&r),
+            tenant_limits,
+            plan_limits: has_plan.then(|| KeyLimits {
+                rpm_limit: r.get("plan_rpm"),
+                tpm_limit: r.get("plan_tpm"),
+                spend_limit: r.get("plan_spend"),
+                ..KeyLimits::default()
+            }),
+            currency: r
+                .get::<Option<String>, _>("plan_currency")
+                .unwrap_or_else(|| "USD".to_string()),
         }))
     }
 
@@ -337,14 +370,16 @@ impl MetaStore for PostgresStore {
         limits.validate()?;
         let mut tx = self.pool.begin().await?;
         let hash: Option<String> = sqlx::query_scalar(
-            "UPDATE api_keys SET allowed_models = $2, rpm_limit = $3, tpm_limit = $4, spend_limit = $5 \
-             WHERE id = $1 RETURNING key_hash",
+            "UPDATE api_keys SET allowed_models = $2, rpm_limit = $3, tpm_limit = $4, spend_limit = $5, \
+             max_concurrent = $6, enforcement = $7 WHERE id = $1 RETURNING key_hash",
         )
         .bind(key_id)
         .bind(allowed_models.map(|m| serde_json::json!(m)))
         .bind(limits.rpm_limit)
         .bind(limits.tpm_limit)
         .bind(limits.spend_limit)
+        .bind(limits.max_concurrent)
+        .bind(limits.enforcement.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let hash = hash.ok_or_else(|| StoreError::NotFound(format!("no key `{key_id}`")))?;
@@ -563,6 +598,65 @@ impl MetaStore for PostgresStore {
                 details: r.get("details"),
             })
             .collect())
+    }
+
+    async fn set_tenant_limit(&self, limit: &TenantLimit) -> Result<(), StoreError> {
+        limit.limits.validate()?;
+        let l = &limit.limits;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenant_limits (tenant_id, model, rpm_limit, tpm_limit, max_concurrent, \
+             spend_limit, enforcement, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7, now()) \
+             ON CONFLICT (tenant_id, model) DO UPDATE SET rpm_limit = EXCLUDED.rpm_limit, \
+             tpm_limit = EXCLUDED.tpm_limit, max_concurrent = EXCLUDED.max_concurrent, \
+             spend_limit = EXCLUDED.spend_limit, enforcement = EXCLUDED.enforcement, \
+             updated_at = now()",
+        )
+        .bind(&limit.tenant_id)
+        .bind(&limit.model)
+        .bind(l.rpm_limit)
+        .bind(l.tpm_limit)
+        .bind(l.max_concurrent)
+        .bind(l.spend_limit)
+        .bind(l.enforcement.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_write_error(e, String::new, "no such tenant"))?;
+        notify(&mut tx, &Invalidation::Tenant(limit.tenant_id.clone())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_tenant_limit(&self, tenant_id: &str, model: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM tenant_limits WHERE tenant_id = $1 AND model = $2")
+            .bind(tenant_id)
+            .bind(model)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no limits for tenant `{tenant_id}` and model `{model}`"
+            )));
+        }
+        notify(&mut tx, &Invalidation::Tenant(tenant_id.to_string())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_tenant_limits(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<TenantLimit>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_LIMIT_COLUMNS} FROM tenant_limits \
+             WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY tenant_id, model"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(tenant_limit_from).collect())
     }
 
     async fn usage(

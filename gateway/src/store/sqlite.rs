@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 
 use super::{
     check_name, is_foreign_key_violation, is_unique_violation, new_id, AuditEntry, Discount,
-    Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey, Plan, Price,
-    PriceLine, StoreError, StoredCredential, Tenant, UsageRow,
+    Enforcement, Invalidation, KeyLimits, KeyRecord, KeySummary, LedgerLocation, MetaStore, NewKey,
+    Plan, Price, PriceLine, StoreError, StoredCredential, Tenant, TenantLimit, UsageRow,
 };
 
 /// How often other processes' invalidations are polled.
@@ -124,6 +124,16 @@ fn limits_from(r: &SqliteRow) -> KeyLimits {
         rpm_limit: r.get("rpm_limit"),
         tpm_limit: r.get("tpm_limit"),
         spend_limit: get_opt_dec(r, "spend_limit"),
+        max_concurrent: r.get("max_concurrent"),
+        enforcement: Enforcement::parse(r.get("enforcement")),
+    }
+}
+
+fn tenant_limit_from(r: &SqliteRow) -> TenantLimit {
+    TenantLimit {
+        tenant_id: r.get("tenant_id"),
+        model: r.get("model"),
+        limits: limits_from(r),
     }
 }
 
@@ -132,7 +142,8 @@ fn models_from(r: &SqliteRow) -> Option<Vec<String>> {
 }
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, key_prefix, status, created_at, expires_at, \
-     last_used_at, allowed_models, rpm_limit, tpm_limit, spend_limit, metadata";
+     last_used_at, allowed_models, rpm_limit, tpm_limit, spend_limit, max_concurrent, \
+     enforcement, metadata";
 
 fn key_summary_from(r: &SqliteRow) -> KeySummary {
     KeySummary {
@@ -261,8 +272,8 @@ impl MetaStore for SqliteStore {
         let id = new_id("key");
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, name, key_hash, key_prefix, status, created_at, expires_at, \
-             allowed_models, rpm_limit, tpm_limit, spend_limit, metadata) \
-             VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+             allowed_models, rpm_limit, tpm_limit, spend_limit, max_concurrent, enforcement, metadata) \
+             VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&key.tenant_id)
@@ -275,6 +286,8 @@ impl MetaStore for SqliteStore {
         .bind(key.limits.rpm_limit)
         .bind(key.limits.tpm_limit)
         .bind(key.limits.spend_limit.map(|d| d.to_string()))
+        .bind(key.limits.max_concurrent)
+        .bind(key.limits.enforcement.as_str())
         .bind(if key.metadata.is_null() { "{}".to_string() } else { key.metadata.to_string() })
         .execute(&self.pool)
         .await
@@ -287,22 +300,39 @@ impl MetaStore for SqliteStore {
     async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT k.id AS key_id, k.status AS key_status, k.expires_at, k.allowed_models, \
-                    k.rpm_limit, k.tpm_limit, k.spend_limit, \
-                    t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status \
-             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = ?",
+                    k.rpm_limit, k.tpm_limit, k.spend_limit, k.max_concurrent, k.enforcement, \
+                    t.id AS tenant_id, t.name AS tenant_name, t.status AS tenant_status, \
+                    p.id AS plan_id, p.currency AS plan_currency, p.rpm_limit AS plan_rpm, \
+                    p.tpm_limit AS plan_tpm, p.monthly_spend_limit AS plan_spend \
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             LEFT JOIN plans p ON p.id = t.plan_id WHERE k.key_hash = ?",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| KeyRecord {
+        let Some(r) = row else { return Ok(None) };
+        let tenant_id: String = r.get("tenant_id");
+        let tenant_limits = self.list_tenant_limits(Some(&tenant_id)).await?;
+        let has_plan = r.get::<Option<String>, _>("plan_id").is_some();
+        Ok(Some(KeyRecord {
             key_id: r.get("key_id"),
             key_status: r.get("key_status"),
             expires_at: get_opt_ts(&r, "expires_at"),
-            tenant_id: r.get("tenant_id"),
+            tenant_id,
             tenant_name: r.get("tenant_name"),
             tenant_status: r.get("tenant_status"),
             allowed_models: models_from(&r),
             limits: limits_from(&r),
+            tenant_limits,
+            plan_limits: has_plan.then(|| KeyLimits {
+                rpm_limit: r.get("plan_rpm"),
+                tpm_limit: r.get("plan_tpm"),
+                spend_limit: get_opt_dec(&r, "plan_spend"),
+                ..KeyLimits::default()
+            }),
+            currency: r
+                .get::<Option<String>, _>("plan_currency")
+                .unwrap_or_else(|| "USD".to_string()),
         }))
     }
 
@@ -412,11 +442,16 @@ impl MetaStore for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let hash = hash.ok_or_else(|| StoreError::NotFound(format!("no key `{key_id}`")))?;
-        sqlx::query("UPDATE api_keys SET allowed_models = ?, rpm_limit = ?, tpm_limit = ?, spend_limit = ? WHERE id = ?")
+        sqlx::query(
+            "UPDATE api_keys SET allowed_models = ?, rpm_limit = ?, tpm_limit = ?, spend_limit = ?, \
+             max_concurrent = ?, enforcement = ? WHERE id = ?",
+        )
             .bind(models_json(&allowed_models))
             .bind(limits.rpm_limit)
             .bind(limits.tpm_limit)
             .bind(limits.spend_limit.map(|d| d.to_string()))
+            .bind(limits.max_concurrent)
+            .bind(limits.enforcement.as_str())
             .bind(key_id)
             .execute(&mut *tx)
             .await?;
@@ -659,6 +694,67 @@ impl MetaStore for SqliteStore {
                 details: get_json(r, "details"),
             })
             .collect())
+    }
+
+    async fn set_tenant_limit(&self, limit: &TenantLimit) -> Result<(), StoreError> {
+        limit.limits.validate()?;
+        let l = &limit.limits;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenant_limits (tenant_id, model, rpm_limit, tpm_limit, max_concurrent, \
+             spend_limit, enforcement, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant_id, model) DO UPDATE SET rpm_limit = excluded.rpm_limit, \
+             tpm_limit = excluded.tpm_limit, max_concurrent = excluded.max_concurrent, \
+             spend_limit = excluded.spend_limit, enforcement = excluded.enforcement, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&limit.tenant_id)
+        .bind(&limit.model)
+        .bind(l.rpm_limit)
+        .bind(l.tpm_limit)
+        .bind(l.max_concurrent)
+        .bind(l.spend_limit.map(|d| d.to_string()))
+        .bind(l.enforcement.as_str())
+        .bind(ts(OffsetDateTime::now_utc()))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_write_error(e, String::new, "no such tenant"))?;
+        publish(&mut tx, &Invalidation::Tenant(limit.tenant_id.clone())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_tenant_limit(&self, tenant_id: &str, model: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM tenant_limits WHERE tenant_id = ? AND model = ?")
+            .bind(tenant_id)
+            .bind(model)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no limits for tenant `{tenant_id}` and model `{model}`"
+            )));
+        }
+        publish(&mut tx, &Invalidation::Tenant(tenant_id.to_string())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_tenant_limits(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<TenantLimit>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, model, rpm_limit, tpm_limit, max_concurrent, spend_limit, enforcement \
+             FROM tenant_limits WHERE (? IS NULL OR tenant_id = ?) ORDER BY tenant_id, model",
+        )
+        .bind(tenant_id)
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(tenant_limit_from).collect())
     }
 
     async fn usage(

@@ -4,7 +4,8 @@
 //! One balance is one HASH at [`balance_key`] (`{prefix}balance:{tenant}:{period}:{currency}`,
 //! default prefix [`DEFAULT_KEY_PREFIX`]) with the fields `spend` (an exact decimal string,
 //! never a float), `requests`, `input_tokens`, `cached_input_tokens`, `output_tokens` and
-//! `version` (the ledger commit's sequence number).
+//! `version` (the ledger commit's sequence number), plus `updated_ms` (Redis's clock when it
+//! was written: the gateway's budget checks add what was settled since then).
 //!
 //! A publish runs one Lua script per balance (pipelined, by `EVALSHA`), which writes the hash
 //! only if the stored `version` is missing or strictly smaller than the new one. The check and
@@ -35,7 +36,9 @@ if cur then
     return 0
   end
 end
+local t = redis.call('TIME')
 redis.call('HSET', KEYS[1],
+  'updated_ms', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)),
   'version', new,
   'spend', ARGV[2],
   'requests', ARGV[3],
