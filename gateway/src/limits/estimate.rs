@@ -24,6 +24,9 @@ const REFRESH: Duration = Duration::from_secs(30);
 pub struct Estimate {
     pub prompt_tokens: u64,
     pub max_output_tokens: u64,
+    /// Whether the request itself caps its output at `max_output_tokens` (then the
+    /// reservation covers the whole response and a stream never needs more).
+    pub output_capped: bool,
     /// Upstream models that may serve the request (priced at the dearest).
     pub models: Vec<String>,
 }
@@ -203,6 +206,7 @@ mod tests {
         let e = Estimate {
             prompt_tokens: 1000,
             max_output_tokens: 500,
+            output_capped: true,
             models,
         };
         let cost = book.price("t2", &e.models).map(|p| p.cost(&e.usage()));

@@ -13,7 +13,7 @@ use super::scopes::{BalanceRef, Kind};
 use super::{Ask, LimitsConfig, Settlement, Verdict};
 
 const WINDOW_MS: u64 = 60_000;
-const BUCKET_MS: u64 = 10_000;
+const BUCKET_MS: u64 = 1_000;
 /// Operations between sweeps of expired entries.
 const SWEEP_EVERY: u64 = 10_000;
 
@@ -50,7 +50,7 @@ struct Spend {
     reserved: HashMap<String, (u64, u64)>,
     /// Counted spend (gateway-counted scopes).
     spent: u64,
-    /// Settled spend by 10 s bucket (ledger-backed scopes).
+    /// Settled spend by second (ledger-backed scopes).
     pending: BTreeMap<u64, u64>,
 }
 

@@ -93,7 +93,7 @@ impl Default for LimitsConfig {
             local_share: 1.0,
             default_max_output_tokens: 4096,
             lease_ms: 10 * 60 * 1000,
-            ledger_lag_ms: 10_000,
+            ledger_lag_ms: 2_000,
             stream_increment_tokens: 1024,
         }
     }
@@ -335,6 +335,7 @@ impl Limiter {
                 request_id: request_id.to_string(),
                 window: verdict.window,
                 prompt_tokens: estimate.prompt_tokens,
+                output_capped: estimate.output_capped,
                 tokens,
                 micros,
                 price,
@@ -441,6 +442,8 @@ pub struct Reservation {
     request_id: String,
     window: i64,
     prompt_tokens: u64,
+    /// The request caps its own output: the reservation covers it all.
+    output_capped: bool,
     /// Tokens reserved so far (estimate plus extensions).
     tokens: u64,
     /// Spend reserved so far (micro-units).
@@ -455,11 +458,14 @@ impl Reservation {
         self.tokens.saturating_sub(self.prompt_tokens)
     }
 
-    /// Whether any check could cut a stream (a hard token or spend limit).
+    /// Whether a stream can outgrow the reservation (its request sets no output cap) and a
+    /// hard token or spend limit could then cut it.
     fn has_hard_stream_limits(&self) -> bool {
-        self.checks
-            .iter()
-            .any(|c| !c.soft && matches!(c.kind, Kind::Tokens | Kind::Spend))
+        !self.output_capped
+            && self
+                .checks
+                .iter()
+                .any(|c| !c.soft && matches!(c.kind, Kind::Tokens | Kind::Spend))
     }
 
     /// Reserves `tokens` more output tokens; `Err` names the hard limit that refuses.

@@ -67,7 +67,7 @@ local function settled(base, kind, balkey)
   local sum = 0
   for j = 1, #pending, 2 do
     local bucket = tonumber(pending[j])
-    if cutoff and (bucket + 1) * 10000 <= cutoff then
+    if cutoff and (bucket + 1) * 1000 <= cutoff then
       redis.call('HDEL', base .. ':pending', pending[j])
     else
       sum = sum + tonumber(pending[j + 1])

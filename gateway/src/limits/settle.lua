@@ -34,7 +34,7 @@ for i = 1, n do
     end
     if micros > 0 then
       if kind == 'S' then
-        local bucket = tostring(math.floor(now / 10000))
+        local bucket = tostring(math.floor(now / 1000))
         redis.call('HINCRBY', base .. ':pending', bucket, micros)
         redis.call('PEXPIRE', base .. ':pending', keep)
       else

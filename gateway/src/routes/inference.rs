@@ -70,14 +70,17 @@ impl ClientRequest {
         }
     }
 
-    /// Output tokens the request may produce (its cap, else `default`, times `n`).
-    fn output_estimate(&self, default: u64) -> u64 {
+    /// Output tokens the request may produce (its cap, else `default`, times `n`), and
+    /// whether the request itself caps them.
+    fn output_estimate(&self, default: u64) -> (u64, bool) {
         match self {
-            ClientRequest::OpenAi(_, r) => r
-                .output_cap()
-                .map_or(default, u64::from)
-                .saturating_mul(u64::from(r.n.unwrap_or(1).max(1))),
-            ClientRequest::Anthropic(_, r) => u64::from(r.max_tokens),
+            ClientRequest::OpenAi(_, r) => (
+                r.output_cap()
+                    .map_or(default, u64::from)
+                    .saturating_mul(u64::from(r.n.unwrap_or(1).max(1))),
+                r.output_cap().is_some(),
+            ),
+            ClientRequest::Anthropic(_, r) => (u64::from(r.max_tokens), true),
         }
     }
 
@@ -224,11 +227,15 @@ async fn serve_inner(
     let prompt_estimate = request.prompt_estimate();
     let admission = state
         .limiter
-        .admit(&caller, request.model(), || Estimate {
-            prompt_tokens: prompt_estimate,
-            max_output_tokens: request
-                .output_estimate(state.config.limits.default_max_output_tokens),
-            models: state.router.candidate_models(request.model()),
+        .admit(&caller, request.model(), || {
+            let (max_output_tokens, output_capped) =
+                request.output_estimate(state.config.limits.default_max_output_tokens);
+            Estimate {
+                prompt_tokens: prompt_estimate,
+                max_output_tokens,
+                output_capped,
+                models: state.router.candidate_models(request.model()),
+            }
         })
         .await?;
     let (reservation, rate_headers) = match admission {
