@@ -126,7 +126,7 @@ fn usage_tokens(body: &str) -> u64 {
         .iter()
         .filter_map(|(_, data)| serde_json::from_str::<Value>(data).ok())
         .filter_map(|v| v["usage"]["total_tokens"].as_u64())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 
