@@ -167,6 +167,9 @@ async fn redis_two_gateways_hold_a_tenant_to_its_limits_and_spare_the_other_tena
         ("TOLLGATE__LIMITS__BACKEND", "redis"),
         ("TOLLGATE__LIMITS__REDIS_URL", redis.as_str()),
         ("TOLLGATE__LIMITS__KEY_PREFIX", prefix.as_str()),
+        // A loaded test machine must not make the gateways fall back to their local limiters
+        // (each would then admit its own share): this test measures the shared limits.
+        ("TOLLGATE__LIMITS__REDIS_TIMEOUT_MS", "5000"),
         ("TOLLGATE_CONFIG", cfg.as_str()),
     ];
     let args = ["--database-url", &db, "--data-dir", &data];
@@ -245,9 +248,19 @@ async fn redis_two_gateways_hold_a_tenant_to_its_limits_and_spare_the_other_tena
             other => panic!("unexpected status {other}: {body}"),
         }
     }
-    // Each admitted stream reserved prompt + 30 output tokens; what the provider reported
-    // may exceed that estimate by the estimate's error (a lorem word can be two tokens), and
-    // that error is the only way past the limit: the bound the README states.
+    for gw in [&a, &b] {
+        assert_eq!(
+            metric(&gw.base_url, "tollgate_limiter_transitions_total").await,
+            0.0,
+            "a gateway fell back to its local limiter: {}",
+            gw.log_text()
+        );
+    }
+    // Each admitted stream reserved its prompt estimate + 30 output tokens, and the admitted
+    // estimates never exceed the limit. What the provider reported can exceed that by the
+    // estimate's error (here the mock reports what the estimate counts: ±1 token), and the
+    // sliding window frees the previous minute's share as the current minute advances (a run
+    // straddling a minute boundary may admit up to a few percent more in a 60 s span).
     let overshoot = admitted_tokens as i64 - TPM as i64;
     println!(
         "two gateways, one Redis: {ok} streams admitted ({admitted_tokens} tokens reported, \
@@ -266,9 +279,8 @@ async fn redis_two_gateways_hold_a_tenant_to_its_limits_and_spare_the_other_tena
         conc_refusals > 0,
         "10 clients at once must cross 8 streams at once"
     );
-    let max_estimate_error_per_stream = 30;
     assert!(
-        admitted_tokens <= TPM + ok * max_estimate_error_per_stream,
+        admitted_tokens <= TPM + TPM / 20 + 2 * ok,
         "{admitted_tokens} tokens admitted against a limit of {TPM}"
     );
 }
@@ -586,4 +598,109 @@ async fn spend_budgets_refuse_with_insufficient_quota_in_each_api_shape() {
         .as_str()
         .unwrap()
         .contains("spend this billing period"));
+}
+
+#[tokio::test]
+async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
+    use tollgate_pipeline::sink::redis::RedisBalances;
+    use tollgate_pipeline::sink::{Balance, BalanceStore};
+    let Ok(redis) = std::env::var("TOLLGATE_REDIS_URL") else {
+        println!("SKIPPED redis_tenant_budgets: TOLLGATE_REDIS_URL is not set (run scripts/services.sh up redis)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let out = tollgate(
+        &[
+            "--data-dir",
+            &data,
+            "prices",
+            "set",
+            "--model",
+            "mock-slow",
+            "--input",
+            "100",
+            "--cached-input",
+            "0",
+            "--output",
+            "1000",
+            "--effective-from",
+            "2020-01-01T00:00:00Z",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prefix = unique_prefix();
+    let cfg = config(dir.path(), 20, 1);
+    let gw = GatewayProcess::start(
+        &["--data-dir", &data],
+        &[
+            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("TOLLGATE_CONFIG", cfg.as_str()),
+            ("TOLLGATE__LIMITS__BACKEND", "redis"),
+            ("TOLLGATE__LIMITS__REDIS_URL", redis.as_str()),
+            ("TOLLGATE__LIMITS__KEY_PREFIX", prefix.as_str()),
+        ],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let key = tenant(
+        &gw.base_url,
+        "ledgered",
+        Some(json!({"spend_limit": "1.0"})),
+    )
+    .await;
+    let (_, t) = admin(
+        &gw.base_url,
+        reqwest::Method::GET,
+        "/tenants/ledgered",
+        Value::Null,
+    )
+    .await;
+    let tenant_id = t["id"].as_str().unwrap().to_string();
+    let period = tollgate_pipeline::fact::billing_period(
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap(),
+    );
+    // The pipeline's publish path: its Lua script, its key, its prefix.
+    let balances = RedisBalances::connect(&redis, &prefix).await.unwrap();
+    let publish = |spend: &str, version: u64| Balance {
+        tenant_id: tenant_id.clone(),
+        period: period.clone(),
+        currency: "USD".into(),
+        spend: spend.parse().unwrap(),
+        requests: 1,
+        input_tokens: 0,
+        cached_input_tokens: 0,
+        output_tokens: 0,
+        version,
+    };
+    balances.publish(&[publish("0.99", 10)]).await.unwrap();
+    let client = reqwest::Client::new();
+    // ≈ 0.0214 estimated on top of 0.99 crosses 1.0.
+    let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
+    assert_eq!(s, 429, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used 0.99"),
+        "{body}"
+    );
+    // A newer balance (the ledger after, say, a credit) lets requests through again; an older
+    // one never moves it back.
+    balances.publish(&[publish("0.5", 11)]).await.unwrap();
+    balances.publish(&[publish("0.99", 9)]).await.unwrap();
+    let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
+    assert_eq!(s, 200, "{body}");
 }

@@ -89,7 +89,7 @@ impl Default for LimitsConfig {
             backend: Backend::Memory,
             redis_url: None,
             key_prefix: "tollgate:".to_string(),
-            redis_timeout_ms: 100,
+            redis_timeout_ms: 250,
             local_share: 1.0,
             default_max_output_tokens: 4096,
             lease_ms: 10 * 60 * 1000,
