@@ -704,3 +704,89 @@ async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
     let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
     assert_eq!(s, 200, "{body}");
 }
+
+#[tokio::test]
+async fn limit_rows_are_validated_listed_and_removed_through_the_api_and_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = embedded(dir.path(), 5, &[]).await;
+    let base = &gw.base_url;
+    tenant(base, "acme", None).await;
+    let put = |body: Value, t: &'static str| {
+        let base = base.clone();
+        async move {
+            admin(
+                &base,
+                reqwest::Method::PUT,
+                &format!("/tenants/{t}/limits"),
+                body,
+            )
+            .await
+        }
+    };
+    let (s, v) = put(json!({"rpm_limit": -1}), "acme").await;
+    assert_eq!(
+        (s, v["error"]["type"].as_str()),
+        (400, Some("invalid_request_error")),
+        "{v}"
+    );
+    let (s, v) = put(json!({"enforcement": "sometimes"}), "acme").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put(json!({"spend_limit": "-0.5"}), "acme").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = put(json!({"tpm_limit": 10}), "nobody").await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = put(
+        json!({"model": "slow", "tpm_limit": 10, "enforcement": "soft"}),
+        "acme",
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["enforcement"], "soft");
+    let (s, v) = put(json!({"max_concurrent": 3}), "acme").await;
+    assert_eq!(s, 200, "{v}");
+
+    let data = dir.path().to_str().unwrap();
+    let out = tollgate(
+        &["--data-dir", data, "limits", "list", "--tenant", "acme"],
+        &[],
+    );
+    assert!(out.status.success());
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let models: Vec<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(models, vec!["*", "slow"]);
+    assert_eq!(rows[0]["max_concurrent"], 3);
+
+    let (s, _) = admin(
+        base,
+        reqwest::Method::DELETE,
+        "/tenants/acme/limits?model=slow",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = admin(
+        base,
+        reqwest::Method::DELETE,
+        "/tenants/acme/limits?model=slow",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let out = tollgate(
+        &["--data-dir", data, "limits", "tenant", "acme", "--rpm", "0"],
+        &[],
+    );
+    assert!(!out.status.success(), "a zero limit must be refused");
+    let (_, v) = admin(
+        base,
+        reqwest::Method::GET,
+        "/tenants/acme/limits",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+}

@@ -43,7 +43,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge, Opts};
-use rust_decimal::Decimal;
 use serde::Deserialize;
 use tollgate_schemas::TokenUsage;
 
@@ -273,11 +272,6 @@ impl Limiter {
     /// Metrics to register with the gateway's registry.
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         self.metrics.collectors()
-    }
-
-    /// The price book estimates are priced with.
-    pub fn prices(&self) -> &PriceBook {
-        &self.prices
     }
 
     /// Whether limits are currently enforced per instance because Redis is unreachable.
@@ -633,9 +627,4 @@ impl StreamAllowance {
             }
         }
     }
-}
-
-/// A spend amount in whole micro-units, rounded up.
-pub fn micros_of(amount: Decimal) -> u64 {
-    estimate::micros(amount)
 }
