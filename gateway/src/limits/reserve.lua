@@ -117,26 +117,30 @@ if fail > 0 then
   return out
 end
 
+-- Expiries are set when a counter is created (its first increment), not on every call.
 for i = 1, n do
   local a = 7 + (i - 1) * 4
   local kind = ARGV[a + 1]
   local base = KEYS[i]
   if kind == 'r' and not extend then
-    redis.call('INCRBY', base .. ':' .. w, 1)
-    redis.call('PEXPIRE', base .. ':' .. w, 2 * W + 1000)
+    if redis.call('INCRBY', base .. ':' .. w, 1) == 1 then
+      redis.call('PEXPIRE', base .. ':' .. w, 2 * W + 1000)
+    end
   elseif kind == 't' and tokens > 0 then
-    redis.call('INCRBY', base .. ':' .. w, tokens)
-    redis.call('PEXPIRE', base .. ':' .. w, 2 * W + 1000)
+    if redis.call('INCRBY', base .. ':' .. w, tokens) == tokens then
+      redis.call('PEXPIRE', base .. ':' .. w, 2 * W + 1000)
+    end
   elseif kind == 'c' then
     redis.call('ZADD', base, now + lease, id)
     redis.call('PEXPIRE', base, lease + 1000)
   elseif (kind == 's' or kind == 'S') and micros > 0 then
     redis.call('HINCRBY', base .. ':res', id, micros)
     redis.call('ZADD', base .. ':rexp', now + lease, id)
-    redis.call('INCRBY', base .. ':rtotal', micros)
-    redis.call('PEXPIRE', base .. ':res', keep)
-    redis.call('PEXPIRE', base .. ':rexp', keep)
-    redis.call('PEXPIRE', base .. ':rtotal', keep)
+    if redis.call('INCRBY', base .. ':rtotal', micros) == micros then
+      redis.call('PEXPIRE', base .. ':res', keep)
+      redis.call('PEXPIRE', base .. ':rexp', keep)
+      redis.call('PEXPIRE', base .. ':rtotal', keep)
+    end
   end
 end
 out[1] = 1
