@@ -1,27 +1,63 @@
-//! Model aliases → deployments, and the choice of one deployment per request.
+//! Model aliases → deployments, and everything that decides where a request goes: the
+//! strategy, retries with backoff, fallbacks, circuit breakers, hedging and rate-limit
+//! steering.
 //!
 //! An alias is an exact name (`gpt-4o`) or a prefix wildcard (`openai/*`) whose matched suffix
-//! becomes the upstream model of deployments configured with `model = "*"`. Selection is
-//! weighted random across the alias's deployments. (Retries, fallbacks, breakers and the
-//! other strategies arrive with the issue "Model-agnostic routing and resilience".)
+//! becomes the upstream model of deployments configured with `model = "*"`.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | [`ModelRouter`]: deployments and aliases built from the config, alias lookup |
+//! | `config.rs` | the `[routing]` table, per-deployment and per-alias routing keys |
+//! | `dispatch.rs` | [`ModelRouter::dispatch`]: the attempt loop (pick, send, retry, fall back, hedge) and its [`RouteLog`] |
+//! | `strategy.rs` | which deployment next: the strategies, and who is unavailable |
+//! | `retry.rs` | error classification, backoff with full jitter, the deadline |
+//! | `breaker.rs` | the per-deployment circuit breaker state machine |
+//! | `hedge.rs` | racing a second request against a slow first one |
+//! | `health.rs` | per-deployment run-time state: in flight, TTFT estimate, upstream rate-limit headers, spend |
+//! | `limiter.rs` | local RPM/TPM accounting per deployment (the [`limiter::DeploymentLimiter`] seam) |
+//! | `vllm.rs` | polling a vLLM server's Prometheus metrics for load-aware routing |
+
+pub mod breaker;
+pub mod config;
+pub mod dispatch;
+pub mod health;
+pub mod hedge;
+pub mod limiter;
+pub mod retry;
+pub mod strategy;
+pub mod vllm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rust_decimal::Decimal;
 
 use crate::config::{
     Config, DeploymentConfig, HttpDeploymentConfig, MockDeploymentConfig, ModelAliasConfig,
 };
 use crate::error::GatewayError;
+use crate::metrics::RoutingMetrics;
 use crate::providers::anthropic::{AnthropicProvider, ANTHROPIC_BASE_URL};
 use crate::providers::http::{HttpUpstream, Secret};
 use crate::providers::mock::{MockProvider, MockStyle};
 use crate::providers::openai::{OpenAiProvider, OPENAI_BASE_URL};
 use crate::providers::Provider;
 
-/// One deployment: a provider endpoint plus the upstream model it serves.
+pub use config::{RoutingConfig, Strategy};
+pub use dispatch::{
+    Attempt, AttemptOutcome, DispatchFailure, DispatchRequest, Dispatched, HedgeLoser, Lease, Pins,
+    RouteLog, UpstreamBody,
+};
+use health::Health;
+use limiter::{DeploymentLimiter, MemoryLimiter};
+
+/// Most deployments one alias may list (a request's tried set is a 64-bit mask).
+pub const MAX_DEPLOYMENTS_PER_ALIAS: usize = 64;
+
+/// One deployment: a provider endpoint plus the upstream model it serves, its routing
+/// settings and its run-time health.
 pub struct Deployment {
     pub name: String,
     /// Upstream model name, or `*` to forward a wildcard alias's suffix.
@@ -29,13 +65,45 @@ pub struct Deployment {
     pub weight: u32,
     pub embeddings: bool,
     pub provider: Arc<dyn Provider>,
+    pub limits: config::DeploymentLimits,
+    pub price: Option<config::DeploymentPrice>,
+    pub monthly_commit: Option<Decimal>,
+    /// vLLM's Prometheus endpoint and how often to poll it.
+    pub metrics_url: Option<(String, Duration)>,
+    pub health: Arc<Health>,
 }
 
-/// An alias and its deployments.
+impl Deployment {
+    /// The model name sent upstream for a client's `model` (and the suffix a wildcard matched).
+    pub fn upstream_model(&self, requested: &str, suffix: Option<&str>) -> String {
+        match (self.model.as_str(), suffix) {
+            ("*", Some(s)) => s.to_string(),
+            ("*", None) => requested.to_string(),
+            (m, _) => m.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("name", &self.name)
+            .field("provider", &self.provider.label())
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An alias and its deployments, in fallback order.
 pub struct Alias {
     /// The configured name (the metrics label).
     pub name: String,
     pub deployments: Vec<Arc<Deployment>>,
+    pub strategy: Strategy,
+    pub context_window_fallback: Option<String>,
+    pub content_policy_fallback: Option<String>,
+    /// Hedge every request, not only high-priority ones.
+    pub hedge: bool,
 }
 
 /// A resolved request target.
@@ -45,11 +113,16 @@ pub struct Target<'a> {
     pub upstream_model: String,
 }
 
-/// All aliases.
+/// All aliases, and what routing needs beside them.
 pub struct ModelRouter {
     exact: HashMap<String, Alias>,
     /// (prefix without `*`, alias), longest prefix first.
     wildcards: Vec<(String, Alias)>,
+    /// Every deployment, in config order (admin API, metrics, vLLM pollers).
+    deployments: Vec<Arc<Deployment>>,
+    pub config: RoutingConfig,
+    limiter: Arc<dyn DeploymentLimiter>,
+    pub metrics: RoutingMetrics,
 }
 
 impl ModelRouter {
@@ -63,11 +136,11 @@ impl ModelRouter {
         let (mut deployments, mut aliases) = (config.deployments.clone(), config.models.clone());
         add_builtins(config, &mut deployments, &mut aliases);
         let mut built: HashMap<String, Arc<Deployment>> = HashMap::new();
+        let mut all = Vec::with_capacity(deployments.len());
         for d in &deployments {
-            built.insert(
-                d.name().to_string(),
-                Arc::new(build_deployment(d, credentials)?),
-            );
+            let d = Arc::new(build_deployment(d, credentials, &config.routing)?);
+            built.insert(d.name.clone(), d.clone());
+            all.push(d);
         }
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
@@ -78,7 +151,12 @@ impl ModelRouter {
                     .deployments
                     .iter()
                     .filter_map(|n| built.get(n).cloned())
+                    .take(MAX_DEPLOYMENTS_PER_ALIAS)
                     .collect(),
+                strategy: a.strategy.unwrap_or(config.routing.strategy),
+                context_window_fallback: a.context_window_fallback.clone(),
+                content_policy_fallback: a.content_policy_fallback.clone(),
+                hedge: a.hedge,
             };
             match a.name.strip_suffix('*') {
                 Some(prefix) => wildcards.push((prefix.to_string(), alias)),
@@ -88,7 +166,31 @@ impl ModelRouter {
             }
         }
         wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-        Ok(ModelRouter { exact, wildcards })
+        let limiter = Arc::new(MemoryLimiter::new(
+            all.iter()
+                .filter(|d| d.limits.rpm.is_some() || d.limits.tpm.is_some())
+                .map(|d| d.name.as_str()),
+        ));
+        let metrics = RoutingMetrics::new()
+            .map_err(|e| GatewayError::Internal(format!("routing metrics: {e}")))?;
+        Ok(ModelRouter {
+            exact,
+            wildcards,
+            deployments: all,
+            config: config.routing.clone(),
+            limiter,
+            metrics,
+        })
+    }
+
+    /// Starts the background work routing needs (vLLM metrics pollers); call once, inside the
+    /// runtime.
+    pub fn start_background(&self) {
+        for d in &self.deployments {
+            if let Some((url, every)) = &d.metrics_url {
+                vllm::spawn_poller(d.name.clone(), url.clone(), *every, d.health.clone());
+            }
+        }
     }
 
     /// The alias for `model` and the suffix a wildcard matched.
@@ -102,6 +204,34 @@ impl ModelRouter {
                 .filter(|rest| !rest.is_empty())
                 .map(|rest| (alias, Some(rest)))
         })
+    }
+
+    /// An exact alias by name.
+    fn alias(&self, name: &str) -> Option<&Alias> {
+        self.exact.get(name)
+    }
+
+    /// Every deployment, in config order.
+    pub fn deployments(&self) -> &[Arc<Deployment>] {
+        &self.deployments
+    }
+
+    /// Sets the per-deployment gauges from the current state (called before each scrape).
+    pub fn refresh_gauges(&self) {
+        let now = Instant::now();
+        for d in &self.deployments {
+            self.metrics.set_deployment(
+                &d.name,
+                d.health.breaker_state(now).gauge(),
+                d.health.in_flight(),
+                d.health.ttft_estimate(),
+            );
+        }
+    }
+
+    /// Usage of `deployment` over the last minute from the local limiter.
+    pub fn minute_usage(&self, deployment: &str) -> limiter::MinuteUsage {
+        self.limiter.usage(deployment, Instant::now())
     }
 
     /// Picks a deployment for `model` (weighted random), optionally only embedding-capable ones.
@@ -125,7 +255,7 @@ impl ModelRouter {
                 GatewayError::ModelNotFound(model.to_string())
             });
         }
-        let mut ticket = rand::thread_rng().gen_range(0..total);
+        let mut ticket = rand::Rng::gen_range(&mut rand::thread_rng(), 0..total);
         let mut chosen = candidates[0];
         for d in &candidates {
             if ticket < d.weight {
@@ -134,15 +264,10 @@ impl ModelRouter {
             }
             ticket -= d.weight;
         }
-        let upstream_model = match (chosen.model.as_str(), suffix) {
-            ("*", Some(s)) => s.to_string(),
-            ("*", None) => model.to_string(),
-            (m, _) => m.to_string(),
-        };
         Ok(Target {
             alias,
             deployment: chosen.clone(),
-            upstream_model,
+            upstream_model: chosen.upstream_model(model, suffix),
         })
     }
 
@@ -157,6 +282,7 @@ impl ModelRouter {
 fn build_deployment(
     d: &DeploymentConfig,
     credentials: &HashMap<String, String>,
+    routing: &RoutingConfig,
 ) -> Result<Deployment, GatewayError> {
     let http = |c: &HttpDeploymentConfig,
                 default_base: Option<&str>|
@@ -173,12 +299,15 @@ fn build_deployment(
             })?),
             None => Secret::from_env(c.api_key_env.as_deref()),
         };
-        HttpUpstream::new(
+        Ok(HttpUpstream::new(
             base,
             secret,
             Duration::from_millis(c.connect_timeout_ms),
             Duration::from_millis(c.first_byte_timeout_ms),
-        )
+        )?
+        .with_idle_timeout(
+            (c.idle_timeout_ms > 0).then(|| Duration::from_millis(c.idle_timeout_ms)),
+        ))
     };
     let (name, model, weight, embeddings, provider): (&str, &str, u32, bool, Arc<dyn Provider>) =
         match d {
@@ -233,12 +362,31 @@ fn build_deployment(
                 }),
             ),
         };
+    let (limits, price, monthly_commit, metrics_url) = match d {
+        DeploymentConfig::Openai(c)
+        | DeploymentConfig::OpenaiCompatible(c)
+        | DeploymentConfig::Vllm(c)
+        | DeploymentConfig::Anthropic(c) => (
+            c.limits.clone(),
+            c.price.clone(),
+            c.monthly_commit,
+            c.metrics_url
+                .clone()
+                .map(|u| (u, Duration::from_millis(c.metrics_poll_ms.max(100)))),
+        ),
+        DeploymentConfig::Mock(c) => (c.limits.clone(), c.price.clone(), c.monthly_commit, None),
+    };
     Ok(Deployment {
         name: name.to_string(),
         model: model.to_string(),
         weight,
         embeddings,
         provider,
+        limits,
+        price,
+        monthly_commit,
+        metrics_url,
+        health: Arc::new(Health::new(&routing.breaker)),
     })
 }
 
@@ -257,6 +405,10 @@ fn add_builtins(
         aliases.push(ModelAliasConfig {
             name: alias.to_string(),
             deployments: vec![deployment.name().to_string()],
+            strategy: None,
+            context_window_fallback: None,
+            content_policy_fallback: None,
+            hedge: false,
         });
         deployments.push(deployment);
     };
@@ -270,6 +422,9 @@ fn add_builtins(
                 chunks,
                 chunk_delay_ms: delay,
                 first_chunk_delay_ms: first,
+                limits: Default::default(),
+                price: None,
+                monthly_commit: None,
             })
         };
         add(
@@ -306,8 +461,14 @@ fn add_builtins(
             weight: 1,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 600_000,
+            idle_timeout_ms: 0,
             embeddings: true,
             anthropic_version: None,
+            limits: Default::default(),
+            price: None,
+            monthly_commit: None,
+            metrics_url: None,
+            metrics_poll_ms: 1_000,
         };
         if std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty()) {
             add(
