@@ -106,6 +106,34 @@ pub struct Alias {
     pub hedge: bool,
 }
 
+/// One deployment's run-time state, as `GET /admin/v1/deployments` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeploymentStatus {
+    pub name: String,
+    pub provider: &'static str,
+    pub model: String,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    pub in_flight: u64,
+    pub ttft_estimate_ms: Option<f64>,
+    pub upstream_requests_remaining: Option<u64>,
+    pub upstream_requests_reset_ms: Option<u64>,
+    pub upstream_tokens_remaining: Option<u64>,
+    pub upstream_tokens_reset_ms: Option<u64>,
+    /// Set while a 429's `retry-after` runs.
+    pub rate_limited_for_ms: Option<u64>,
+    pub rpm_limit: Option<u64>,
+    pub tpm_limit: Option<u64>,
+    pub requests_last_minute: u64,
+    pub tokens_last_minute: u64,
+    pub server_running: Option<u64>,
+    pub server_waiting: Option<u64>,
+    pub server_kv_cache_usage: Option<f64>,
+    /// Decimal strings.
+    pub monthly_commit: Option<String>,
+    pub spent_this_month: Option<String>,
+}
+
 /// A resolved request target.
 pub struct Target<'a> {
     pub alias: &'a Alias,
@@ -227,6 +255,48 @@ impl ModelRouter {
                 d.health.ttft_estimate(),
             );
         }
+    }
+
+    /// Every deployment's run-time state (admin API).
+    pub fn status(&self) -> Vec<DeploymentStatus> {
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        let ms_until = |t: Option<Instant>| {
+            t.filter(|t| *t > now)
+                .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX))
+        };
+        self.deployments
+            .iter()
+            .map(|d| {
+                let h = &d.health;
+                let upstream = h.upstream_limits();
+                let usage = self.limiter.usage(&d.name, now);
+                let load = *h.server_load.lock();
+                DeploymentStatus {
+                    name: d.name.clone(),
+                    provider: d.provider.label(),
+                    model: d.model.clone(),
+                    breaker: h.breaker_state(now).label(),
+                    in_flight: h.in_flight(),
+                    ttft_estimate_ms: h.ttft_estimate().map(|t| t.as_secs_f64() * 1000.0),
+                    upstream_requests_remaining: upstream.requests_remaining,
+                    upstream_requests_reset_ms: ms_until(upstream.requests_reset),
+                    upstream_tokens_remaining: upstream.tokens_remaining,
+                    upstream_tokens_reset_ms: ms_until(upstream.tokens_reset),
+                    rate_limited_for_ms: ms_until(upstream.blocked_until),
+                    rpm_limit: d.limits.rpm,
+                    tpm_limit: d.limits.tpm,
+                    requests_last_minute: usage.requests,
+                    tokens_last_minute: usage.tokens,
+                    server_running: load.map(|l| l.running),
+                    server_waiting: load.map(|l| l.waiting),
+                    server_kv_cache_usage: load.map(|l| l.kv_cache_usage),
+                    monthly_commit: d.monthly_commit.map(|c| c.to_string()),
+                    spent_this_month: (d.monthly_commit.is_some() || d.price.is_some())
+                        .then(|| h.spent_this_month(wall).to_string()),
+                }
+            })
+            .collect()
     }
 
     /// Usage of `deployment` over the last minute from the local limiter.

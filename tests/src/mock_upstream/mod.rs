@@ -156,9 +156,7 @@ impl Shared {
     }
 
     /// The latency, fault and success headers for the next chat request.
-    pub(crate) fn next_fault(
-        &self,
-    ) -> (Duration, Option<Fault>, Option<RateLimitHeaders>) {
+    pub(crate) fn next_fault(&self) -> (Duration, Option<Fault>, Option<RateLimitHeaders>) {
         let n = self.faultable.fetch_add(1, Ordering::Relaxed);
         let mut f = self.faults.lock();
         let fault = f.take(n);

@@ -169,7 +169,11 @@ async fn handle(
 }
 
 /// The answer to an injected status fault, in the route's wire format.
-fn faults_answer(anthropic_route: bool, status: u16, retry_after: Option<Duration>) -> Response<MockBody> {
+fn faults_answer(
+    anthropic_route: bool,
+    status: u16,
+    retry_after: Option<Duration>,
+) -> Response<MockBody> {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = Vec::new();
     if let Some(after) = retry_after {
@@ -234,27 +238,45 @@ fn faults_answer(anthropic_route: bool, status: u16, retry_after: Option<Duratio
 }
 
 /// Replaces the rate-limit headers of a successful answer.
-fn set_rate_limit_headers(response: &mut Response<MockBody>, anthropic_route: bool, h: RateLimitHeaders) {
+fn set_rate_limit_headers(
+    response: &mut Response<MockBody>,
+    anthropic_route: bool,
+    h: RateLimitHeaders,
+) {
     let reset_ms = h.reset.as_millis();
     let pairs: Vec<(&'static str, String)> = if anthropic_route {
         let reset = ids::rfc3339(ids::unix_now() + h.reset.as_secs().max(1));
         vec![
-            ("anthropic-ratelimit-requests-remaining", h.remaining_requests.to_string()),
+            (
+                "anthropic-ratelimit-requests-remaining",
+                h.remaining_requests.to_string(),
+            ),
             ("anthropic-ratelimit-requests-reset", reset.clone()),
-            ("anthropic-ratelimit-tokens-remaining", h.remaining_tokens.to_string()),
+            (
+                "anthropic-ratelimit-tokens-remaining",
+                h.remaining_tokens.to_string(),
+            ),
             ("anthropic-ratelimit-tokens-reset", reset),
         ]
     } else {
         vec![
-            ("x-ratelimit-remaining-requests", h.remaining_requests.to_string()),
+            (
+                "x-ratelimit-remaining-requests",
+                h.remaining_requests.to_string(),
+            ),
             ("x-ratelimit-reset-requests", format!("{reset_ms}ms")),
-            ("x-ratelimit-remaining-tokens", h.remaining_tokens.to_string()),
+            (
+                "x-ratelimit-remaining-tokens",
+                h.remaining_tokens.to_string(),
+            ),
             ("x-ratelimit-reset-tokens", format!("{reset_ms}ms")),
         ]
     };
     for (name, value) in pairs {
         if let Ok(v) = HeaderValue::try_from(value) {
-            response.headers_mut().insert(HeaderName::from_static(name), v);
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), v);
         }
     }
 }
