@@ -596,6 +596,14 @@ async fn a_high_priority_request_is_hedged_and_the_loser_is_recorded_not_billed(
     assert_eq!(event["hedge_cancelled"]["deployment"], "slow");
     assert_eq!(event["attempts"][0]["outcome"], "hedge_cancelled");
     assert_eq!(event["usage"]["output_tokens"], 20);
+    // The billing pipeline reads it as an ordinary completion of the winner.
+    let fact = tollgate_pipeline::fact::Fact::parse(&tollgate_pipeline::fact::SourceRecord {
+        payload: wire.payload.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(fact.deployment, "fast");
+    assert_eq!(fact.output_tokens, 20);
     // Without the priority header there is no hedge.
     let (_, deployment, _, _) = ask(&h, "m", &[]).await;
     assert_eq!(deployment, "slow");
