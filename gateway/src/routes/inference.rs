@@ -237,6 +237,7 @@ async fn serve_inner(
         prompt_tokens: prompt_estimate,
         expected_output_tokens: request.expected_output(),
         high_priority: high_priority(&headers),
+        stream,
     };
     let dispatched = match state.router.dispatch(&dispatch, &mut request).await {
         Ok(d) => d,

@@ -71,6 +71,8 @@ pub struct RetryConfig {
     pub base_backoff_ms: u64,
     pub max_backoff_ms: u64,
     /// Everything before the first byte reaches the client (attempts, waits) fits in this.
+    /// The default matches the default `first_byte_timeout_ms`: a non-streamed answer's first
+    /// byte only comes once the whole answer is generated.
     pub deadline_ms: u64,
     /// An upstream `retry-after` longer than this is not waited for: the deployment counts as
     /// exhausted and the next one is tried (or the 429 is returned).
@@ -87,7 +89,7 @@ impl Default for RetryConfig {
             max_attempts: 6,
             base_backoff_ms: 50,
             max_backoff_ms: 2_000,
-            deadline_ms: 60_000,
+            deadline_ms: 600_000,
             max_retry_after_ms: 10_000,
             retry_timeouts: false,
         }

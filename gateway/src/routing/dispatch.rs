@@ -63,6 +63,9 @@ pub struct DispatchRequest<'a> {
     pub expected_output_tokens: u64,
     /// Hedge this request (`x-tollgate-priority: high`).
     pub high_priority: bool,
+    /// Whether the response streams. Only streams are hedged: a non-streamed answer's first
+    /// byte comes with its last, so a hedge delay would fire on nearly every request.
+    pub stream: bool,
 }
 
 /// How one attempt ended.
@@ -424,7 +427,7 @@ impl ModelRouter {
             if let Some((e, _)) = &last {
                 self.metrics.fallback(&alias.name, e.label());
             }
-            let hedge = (req.high_priority || alias.hedge) && !log.hedged;
+            let hedge = (req.high_priority || alias.hedge) && req.stream && !log.hedged;
             let mut retry_n = 0u32;
             loop {
                 let admission = d.health.breaker.admit(Instant::now());

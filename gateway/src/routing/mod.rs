@@ -557,6 +557,8 @@ fn add_builtins(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn router(toml: &str) -> ModelRouter {
@@ -624,6 +626,133 @@ deployments = ["a", "b"]
             .count();
         // Expect about 3000; a binomial with n=4000, p=0.75 stays within ±200 essentially always.
         assert!((2800..3200).contains(&b), "{b}");
+    }
+
+    const THREE: &str = r#"
+[server]
+mock_models = false
+[[deployments]]
+type = "mock"
+name = "a"
+price = { input_per_mtok = "3", output_per_mtok = "15" }
+[[deployments]]
+type = "mock"
+name = "b"
+price = { input_per_mtok = "0.25", output_per_mtok = "1.25" }
+[[deployments]]
+type = "mock"
+name = "c"
+price = { input_per_mtok = "1", output_per_mtok = "2" }
+monthly_commit = "100"
+[[models]]
+name = "x"
+deployments = ["a", "b", "c"]
+"#;
+
+    fn input() -> strategy::RankInput {
+        strategy::RankInput {
+            prompt_tokens: 1000,
+            expected_output_tokens: 100,
+            now: Instant::now(),
+            wall: std::time::SystemTime::now(),
+            near_requests: 2,
+            near_tokens: 2000,
+            load_stale_after: Duration::from_secs(10),
+        }
+    }
+
+    fn pick_with(r: &ModelRouter, s: Strategy, tried: u64) -> strategy::Pick {
+        let alias = r.alias("x").unwrap();
+        strategy::pick(
+            s,
+            &alias.deployments,
+            tried,
+            &input(),
+            &*r.limiter,
+            &mut rand::thread_rng(),
+        )
+    }
+
+    #[test]
+    fn strategies_choose_as_documented() {
+        use strategy::Pick;
+        let r = router(THREE);
+        assert_eq!(pick_with(&r, Strategy::Ordered, 0), Pick::Deployment(0));
+        assert_eq!(pick_with(&r, Strategy::Ordered, 0b001), Pick::Deployment(1));
+        assert_eq!(pick_with(&r, Strategy::LowestCost, 0), Pick::Deployment(1));
+        assert_eq!(
+            pick_with(&r, Strategy::LowestCost, 0b010),
+            Pick::Deployment(2)
+        );
+        assert_eq!(pick_with(&r, Strategy::CommitAware, 0), Pick::Deployment(2));
+        // Commit spent: the cheapest.
+        let alias = r.alias("x").unwrap();
+        alias.deployments[2]
+            .health
+            .add_spend(Decimal::from(100), std::time::SystemTime::now());
+        assert_eq!(pick_with(&r, Strategy::CommitAware, 0), Pick::Deployment(1));
+        // Least in flight: the busy one is avoided, ties go to config order.
+        let _busy = alias.deployments[0].health.start();
+        assert_eq!(
+            pick_with(&r, Strategy::LeastInFlight, 0),
+            Pick::Deployment(1)
+        );
+        assert_eq!(pick_with(&r, Strategy::Ordered, 0b111), Pick::Exhausted);
+    }
+
+    #[test]
+    fn open_breakers_and_limits_make_deployments_unavailable() {
+        use strategy::{Pick, Unavailable};
+        let r = router(THREE);
+        let alias = r.alias("x").unwrap();
+        let now = Instant::now();
+        for d in &alias.deployments[..2] {
+            for _ in 0..5 {
+                d.health
+                    .breaker
+                    .record(now, breaker::CallResult::Failure, false);
+            }
+        }
+        assert_eq!(pick_with(&r, Strategy::LowestCost, 0), Pick::Deployment(2));
+        alias.deployments[2]
+            .health
+            .block_for(Some(Duration::from_secs(5)), now);
+        assert!(matches!(
+            pick_with(&r, Strategy::LowestCost, 0),
+            Pick::Unavailable(Unavailable::RateLimited(_))
+        ));
+        assert_eq!(
+            pick_with(&r, Strategy::LowestCost, 0b100),
+            Pick::Unavailable(Unavailable::BreakerOpen)
+        );
+    }
+
+    #[test]
+    fn the_route_log_counts_retries_and_fallbacks() {
+        let r = router(THREE);
+        let d = &r.alias("x").unwrap().deployments;
+        let mut log = RouteLog::default();
+        for (i, outcome) in [
+            (0, AttemptOutcome::Status(503)),
+            (0, AttemptOutcome::Status(503)),
+            (1, AttemptOutcome::BreakerOpen),
+            (2, AttemptOutcome::HedgeCancelled),
+            (1, AttemptOutcome::Timeout),
+            (2, AttemptOutcome::Ok),
+        ] {
+            log.attempts.push(Attempt {
+                deployment: d[i].clone(),
+                outcome,
+                elapsed: Duration::ZERO,
+            });
+        }
+        assert_eq!((log.retries(), log.fallbacks()), (1, 2));
+        assert_eq!(log.attempts_sent(), 5);
+        assert_eq!(
+            log.trace(),
+            "a:503,a:503,b:breaker_open,c:hedge_cancelled,b:timeout,c:ok"
+        );
+        assert!(log.is_eventful());
     }
 
     #[test]
