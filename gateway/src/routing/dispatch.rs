@@ -454,7 +454,12 @@ impl ModelRouter {
                     let second = || {
                         let (i, d2, admission) = self.hedge_candidate(alias, tried, req)?;
                         let model2 = d2.upstream_model(req.model, suffix);
-                        let bytes2 = body.body_for(d2.provider.format(), &model2).ok()?;
+                        let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
+                            if admission == Admission::Probe {
+                                d2.health.breaker.abandon_probe();
+                            }
+                            return None;
+                        };
                         second_idx = Some(i);
                         Some(self.attempt(
                             d2,

@@ -17,7 +17,7 @@ use super::config::BreakerConfig;
 /// Weight of a new sample in the time-to-first-byte estimate.
 const EWMA_ALPHA: f64 = 0.3;
 
-/// A rate-limit state older than this (past its reset) is forgotten.
+/// How long a 429 without `retry-after`, or a remaining count without a reset time, holds.
 const DEFAULT_BLOCK: Duration = Duration::from_secs(1);
 
 /// Run-time state of one deployment.
@@ -257,10 +257,13 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// RFC 3339 reset times, and `retry-after` (seconds) / `retry-after-ms`.
 pub fn parse_rate_headers(headers: &HeaderMap, now: Instant, wall: SystemTime) -> UpstreamLimits {
     let num = |name: &str| header(headers, name).and_then(|v| v.parse::<u64>().ok());
+    // A count without a reset time is trusted for a second.
     let openai_reset = |name: &str| {
-        header(headers, name)
-            .and_then(parse_go_duration)
-            .map(|d| now + d)
+        Some(
+            header(headers, name)
+                .and_then(parse_go_duration)
+                .map_or(now + DEFAULT_BLOCK, |d| now + d),
+        )
     };
     let anthropic_reset = |name: &str| {
         header(headers, name)
@@ -268,6 +271,7 @@ pub fn parse_rate_headers(headers: &HeaderMap, now: Instant, wall: SystemTime) -
                 time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok()
             })
             .map(|t| now + SystemTime::from(t).duration_since(wall).unwrap_or_default())
+            .or(Some(now + DEFAULT_BLOCK))
     };
     let mut l = UpstreamLimits::default();
     if let Some(r) = num("x-ratelimit-remaining-requests") {
@@ -282,13 +286,26 @@ pub fn parse_rate_headers(headers: &HeaderMap, now: Instant, wall: SystemTime) -
         l.tokens_reset = openai_reset("x-ratelimit-reset-tokens");
     } else {
         // Anthropic reports a combined and per-direction token limits: the tightest one binds.
-        for kind in ["tokens", "input-tokens", "output-tokens"] {
-            let Some(t) = num(&format!("anthropic-ratelimit-{kind}-remaining")) else {
+        for (remaining, reset) in [
+            (
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+            ),
+            (
+                "anthropic-ratelimit-input-tokens-remaining",
+                "anthropic-ratelimit-input-tokens-reset",
+            ),
+            (
+                "anthropic-ratelimit-output-tokens-remaining",
+                "anthropic-ratelimit-output-tokens-reset",
+            ),
+        ] {
+            let Some(t) = num(remaining) else {
                 continue;
             };
             if l.tokens_remaining.is_none_or(|cur| t < cur) {
                 l.tokens_remaining = Some(t);
-                l.tokens_reset = anthropic_reset(&format!("anthropic-ratelimit-{kind}-reset"));
+                l.tokens_reset = anthropic_reset(reset);
             }
         }
     }
@@ -382,6 +399,21 @@ mod tests {
         );
         assert_eq!(
             h.upstream_headroom(now + Duration::from_secs(3), 10, 2, 2000),
+            Headroom::Free
+        );
+    }
+
+    #[test]
+    fn a_count_without_a_reset_holds_for_a_second_only() {
+        let now = Instant::now();
+        let h = Health::new(&BreakerConfig::default());
+        h.observe_rate_headers(&headers(&[("x-ratelimit-remaining-requests", "0")]), now);
+        assert!(matches!(
+            h.upstream_headroom(now, 1, 2, 2000),
+            Headroom::Exhausted(_)
+        ));
+        assert_eq!(
+            h.upstream_headroom(now + Duration::from_millis(1_100), 1, 2, 2000),
             Headroom::Free
         );
     }
