@@ -176,6 +176,30 @@ impl Breaker {
         }
     }
 
+    /// Lets a call through whatever the state, as a probe (its outcome closes or re-opens
+    /// the breaker). For a request that no other deployment could take: a breaker moves load
+    /// to healthy deployments, it does not turn away requests nobody else can serve.
+    pub fn force_probe(&self) {
+        if !self.cfg.enabled {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        inner.state = match inner.state {
+            State::Closed => State::Closed,
+            State::Open { .. } => State::HalfOpen {
+                in_flight: 1,
+                successes: 0,
+            },
+            State::HalfOpen {
+                in_flight,
+                successes,
+            } => State::HalfOpen {
+                in_flight: in_flight + 1,
+                successes,
+            },
+        };
+    }
+
     /// A probe ended without an outcome (cancelled): frees its slot.
     pub fn abandon_probe(&self) {
         let mut inner = self.inner.lock();
@@ -321,6 +345,25 @@ mod tests {
         assert_eq!(b.admit(t1), Admission::Rejected);
         // Open for another open_ms from the failed probe.
         assert_eq!(b.admit(t1 + Duration::from_millis(1_001)), Admission::Probe);
+    }
+
+    #[test]
+    fn a_forced_probe_goes_through_an_open_breaker() {
+        let b = Breaker::new(&cfg());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.record(t0, CallResult::Failure, false);
+        }
+        assert_eq!(b.admit(t0), Admission::Rejected);
+        b.force_probe();
+        assert_eq!(
+            b.record(t0, CallResult::Failure, true),
+            Some(BreakerState::Open)
+        );
+        b.force_probe();
+        b.force_probe();
+        assert_eq!(b.record(t0, OK, true), None);
+        assert_eq!(b.record(t0, OK, true), Some(BreakerState::Closed));
     }
 
     #[test]

@@ -372,6 +372,7 @@ impl ModelRouter {
 
         'deployments: while attempts < retry.max_attempts && !deadline.passed() {
             let input = self.rank_input(req);
+            let mut forced = false;
             let picked = strategy::pick(
                 alias.strategy,
                 &alias.deployments,
@@ -408,6 +409,17 @@ impl ModelRouter {
                     }
                     break;
                 }
+                // Every deployment left has its breaker open and none has been tried for
+                // this request: rather than refuse, send it to one of them as a probe.
+                Pick::Unavailable(Unavailable::BreakerOpen) if last.is_none() => {
+                    match (0..alias.deployments.len().min(64)).find(|i| tried & (1u64 << i) == 0) {
+                        Some(i) => {
+                            forced = true;
+                            i
+                        }
+                        None => break,
+                    }
+                }
                 Pick::Unavailable(Unavailable::BreakerOpen) => {
                     if last.is_none() {
                         last = Some((
@@ -430,7 +442,12 @@ impl ModelRouter {
             let hedge = (req.high_priority || alias.hedge) && req.stream && !log.hedged;
             let mut retry_n = 0u32;
             loop {
-                let admission = d.health.breaker.admit(Instant::now());
+                let admission = if std::mem::take(&mut forced) {
+                    d.health.breaker.force_probe();
+                    Admission::Probe
+                } else {
+                    d.health.breaker.admit(Instant::now())
+                };
                 if admission == Admission::Rejected {
                     log.push(&d, AttemptOutcome::BreakerOpen, Duration::ZERO);
                     continue 'deployments;
