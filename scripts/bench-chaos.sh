@@ -8,6 +8,7 @@
 #   off             weighted random, one attempt per request, breakers off
 #   retries         weighted random with the default retries, fallbacks and breakers
 #   lowest_latency  the same, with the lowest-latency strategy
+#   hedged          lowest_latency, every request high priority (hedged after HEDGE_MS)
 # and prints a markdown table: client-visible success rate and time to first token.
 #
 # Usage: scripts/bench-chaos.sh            (from anywhere)
@@ -18,6 +19,7 @@
 #   FAIL_RATIO [0.3]  share of the flaky deployment's requests that fail
 #   FAIL_STATUS [503] their status
 #   SLOW_MS [300]     the slow deployment's delay before answering
+#   HEDGE_MS [50]     hedge delay of the hedged mode
 #   CHUNKS [20]       SSE chunks per response
 #   BUILD [1]         0: use already built release binaries
 #   KEEP_TMP [0]      1: keep the temporary directory (configs, logs, JSON results)
@@ -31,6 +33,7 @@ WARMUP=${WARMUP:-100}
 FAIL_RATIO=${FAIL_RATIO:-0.3}
 FAIL_STATUS=${FAIL_STATUS:-503}
 SLOW_MS=${SLOW_MS:-300}
+HEDGE_MS=${HEDGE_MS:-50}
 CHUNKS=${CHUNKS:-20}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -145,10 +148,11 @@ routing_for() {
     off) printf '[routing]\nstrategy = "weighted_random"\n[routing.retry]\nmax_retries = 0\nmax_attempts = 1\n[routing.breaker]\nenabled = false\n' ;;
     retries) printf '[routing]\nstrategy = "weighted_random"\n' ;;
     lowest_latency) printf '[routing]\nstrategy = "lowest_latency"\n' ;;
+    hedged) printf '[routing]\nstrategy = "lowest_latency"\n[routing.hedge]\ndelay_ms = %s\n' "$HEDGE_MS" ;;
     esac
 }
 
-MODES=(off retries lowest_latency)
+MODES=(off retries lowest_latency hedged)
 for mode in "${MODES[@]}"; do
     dir="$TMP/$mode"
     mkdir -p "$dir/data"
@@ -172,7 +176,9 @@ for mode in "${MODES[@]}"; do
     gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
     wait_for "gateway ($mode)" "$gw" "$dir/gateway.log" gateway_ready
     log "$mode: $REQUESTS requests at concurrency $CONCURRENCY"
-    "$LOAD_BIN" --url "http://127.0.0.1:$port/v1/chat/completions" --api-key "$key" --model chaos \
+    extra=()
+    if [[ $mode == hedged ]]; then extra=(-H "x-tollgate-priority: high"); fi
+    "$LOAD_BIN" "${extra[@]}" --url "http://127.0.0.1:$port/v1/chat/completions" --api-key "$key" --model chaos \
         --concurrency "$CONCURRENCY" --requests "$REQUESTS" --warmup "$WARMUP" --duration-s 300 \
         --json >"$dir/result.json" 2>"$dir/load.err" || true
     kill "$gw" 2>/dev/null || true
