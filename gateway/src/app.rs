@@ -4,8 +4,9 @@
 //! 1. `CatchPanicLayer`: a bug becomes a 500 in OpenAI's error shape, never a dropped
 //!    connection (no input is expected to panic; this is the last line of defence).
 //! 2. The route's handler (`routes/`), which authenticates ([`crate::auth`]), reads the body
-//!    within `server.max_body_bytes`, validates it ([`crate::api`]), picks a deployment
-//!    ([`crate::routing`]), calls the provider ([`crate::providers`]) and relays the answer
+//!    within `server.max_body_bytes`, validates it ([`crate::api`]), dispatches it to a
+//!    deployment (strategy, retries, fallbacks, breakers, hedging: [`crate::routing`]) through
+//!    the provider ([`crate::providers`]) and relays the answer
 //!    ([`crate::relay`], [`crate::translate`]); every request ends in one completion record
 //!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
 //!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
@@ -98,6 +99,10 @@ impl AppState {
         metrics
             .register(sink.collectors())
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        metrics
+            .register(router.metrics.collectors())
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        router.start_background();
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             Duration::from_millis(config.server.key_cache_ttl_ms),

@@ -12,6 +12,7 @@
 //! | `[billing]` | the embedded billing pipeline ([`crate::billing::BillingConfig`]) |
 //! | `[limits]` | quotas and rate limits: memory or Redis ([`crate::limits::LimitsConfig`]) |
 //! | `[[deployments]]`, `[[models]]` | provider deployments and the model aliases they serve |
+//! | `[routing]` | strategy, retries, breakers, hedging, rate-limit steering ([`crate::routing::config`]) |
 //!
 //! `[billing]` keys (`TOLLGATE__BILLING__PIPELINE=off` and the like override them):
 //! - `pipeline = "embedded" | "off"`: run the billing pipeline inside the gateway, over the
@@ -23,7 +24,10 @@
 
 use std::path::Path;
 
+use rust_decimal::Decimal;
 use serde::Deserialize;
+
+use crate::routing::config::{DeploymentLimits, DeploymentPrice, RoutingConfig, Strategy};
 
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,9 @@ pub struct Config {
     /// Model aliases: the names clients use, each served by one or more deployments.
     #[serde(default)]
     pub models: Vec<ModelAliasConfig>,
+    /// How aliases choose among their deployments, retry, fall back and hedge.
+    #[serde(default)]
+    pub routing: RoutingConfig,
 }
 
 /// HTTP server settings.
@@ -181,15 +188,35 @@ pub struct HttpDeploymentConfig {
     /// Connect timeout.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Time allowed until the response headers arrive.
+    /// Time allowed until the response headers and the first body byte arrive (the
+    /// time-to-first-token timeout).
     #[serde(default = "default_first_byte_timeout_ms")]
     pub first_byte_timeout_ms: u64,
+    /// Longest pause allowed between two body chunks once streaming; 0 (default): none.
+    #[serde(default)]
+    pub idle_timeout_ms: u64,
     /// Whether this deployment serves `/v1/embeddings`.
     #[serde(default)]
     pub embeddings: bool,
     /// `anthropic-version` header for Anthropic deployments when the client sends none.
     #[serde(default)]
     pub anthropic_version: Option<String>,
+    /// Local requests/tokens-per-minute limits of this deployment's provider key.
+    #[serde(default)]
+    pub limits: DeploymentLimits,
+    /// Price per million tokens (for `lowest_cost` and `commit_aware` routing).
+    #[serde(default)]
+    pub price: Option<DeploymentPrice>,
+    /// Spend committed per calendar month (same currency as `price`), for `commit_aware`.
+    #[serde(default, deserialize_with = "crate::routing::config::decimal_opt")]
+    pub monthly_commit: Option<Decimal>,
+    /// vLLM: its Prometheus endpoint (`http://host:8000/metrics`), polled for load-aware
+    /// routing (running/waiting requests, KV-cache usage).
+    #[serde(default)]
+    pub metrics_url: Option<String>,
+    /// How often `metrics_url` is polled.
+    #[serde(default = "default_metrics_poll_ms")]
+    pub metrics_poll_ms: u64,
 }
 
 /// The simulated provider.
@@ -214,6 +241,13 @@ pub struct MockDeploymentConfig {
     /// Pause before the first chunk.
     #[serde(default)]
     pub first_chunk_delay_ms: u64,
+    /// As for HTTP deployments.
+    #[serde(default)]
+    pub limits: DeploymentLimits,
+    #[serde(default)]
+    pub price: Option<DeploymentPrice>,
+    #[serde(default, deserialize_with = "crate::routing::config::decimal_opt")]
+    pub monthly_commit: Option<Decimal>,
 }
 
 /// A model alias.
@@ -222,8 +256,20 @@ pub struct MockDeploymentConfig {
 pub struct ModelAliasConfig {
     /// The name clients send; a trailing `/*` makes it a prefix wildcard.
     pub name: String,
-    /// Deployment names serving it.
+    /// Deployment names serving it, in fallback order.
     pub deployments: Vec<String>,
+    /// How to choose among them (default: `[routing] strategy`).
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    /// Alias to use when every deployment reports the prompt is over its context window.
+    #[serde(default)]
+    pub context_window_fallback: Option<String>,
+    /// Alias to use when the upstream refuses the request under its content policy.
+    #[serde(default)]
+    pub content_policy_fallback: Option<String>,
+    /// Hedge every request of this alias, not only high-priority ones.
+    #[serde(default)]
+    pub hedge: bool,
 }
 
 fn one() -> u32 {
@@ -243,6 +289,9 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_first_byte_timeout_ms() -> u64 {
     600_000
+}
+fn default_metrics_poll_ms() -> u64 {
+    1_000
 }
 
 impl Config {
@@ -323,6 +372,45 @@ impl Config {
                     )));
                 }
             }
+            if m.deployments.len() > crate::routing::MAX_DEPLOYMENTS_PER_ALIAS {
+                return Err(ConfigError::Invalid(format!(
+                    "model alias `{}` has more than {} deployments",
+                    m.name,
+                    crate::routing::MAX_DEPLOYMENTS_PER_ALIAS
+                )));
+            }
+        }
+        for m in &self.models {
+            for (key, target) in [
+                ("context_window_fallback", &m.context_window_fallback),
+                ("content_policy_fallback", &m.content_policy_fallback),
+            ] {
+                if let Some(t) = target {
+                    if !aliases.contains(t.as_str()) || t.ends_with('*') || *t == m.name {
+                        return Err(ConfigError::Invalid(format!(
+                            "model alias `{}`: {key} `{t}` must name another exact alias",
+                            m.name
+                        )));
+                    }
+                }
+            }
+        }
+        let b = &self.routing.breaker;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return Err(ConfigError::Invalid(
+                "routing.breaker.failure_ratio must be in (0, 1]".to_string(),
+            ));
+        }
+        if b.consecutive_failures == 0 || b.half_open_probes == 0 {
+            return Err(ConfigError::Invalid(
+                "routing.breaker: consecutive_failures and half_open_probes must be at least 1"
+                    .to_string(),
+            ));
+        }
+        if self.routing.retry.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "routing.retry.max_attempts must be at least 1".to_string(),
+            ));
         }
         Ok(())
     }

@@ -12,7 +12,7 @@
 //! | [`secrets`] | provider credentials encrypted at rest (AES-256-GCM) |
 //! | [`api`] | OpenAI and Anthropic request/response types, validation |
 //! | [`limits`] | quotas and rate limits: pre-flight estimate, reserve/settle (Redis or memory) |
-//! | [`routing`] | model aliases → deployments, deployment choice |
+//! | [`routing`] | model aliases → deployments; strategy, retries, fallbacks, breakers, hedging, rate-limit steering |
 //! | [`providers`] | provider seam: OpenAI(-compatible), Anthropic, mock |
 //! | [`translate`] | OpenAI ↔ Anthropic translation (requests, responses, streams, usage) |
 //! | [`relay`] | SSE relay, usage capture, completion record |

@@ -208,3 +208,137 @@ pub struct BillingMetrics {
     /// `tollgate_billing_pipeline_failures_total`.
     pub failures: IntCounter,
 }
+
+/// Routing metrics: per-deployment state (set before each scrape) and counters of retries,
+/// fallbacks, hedges, attempts and breaker transitions. Labels are alias patterns, deployment
+/// names (both from the config) and bounded outcome labels.
+#[derive(Clone)]
+pub struct RoutingMetrics {
+    breaker_state: IntGaugeVec,
+    deployment_in_flight: IntGaugeVec,
+    ttft_estimate: prometheus::GaugeVec,
+    retries: IntCounterVec,
+    fallbacks: IntCounterVec,
+    hedges: IntCounterVec,
+    attempts: IntCounterVec,
+    breaker_transitions: IntCounterVec,
+}
+
+impl RoutingMetrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        Ok(RoutingMetrics {
+            breaker_state: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_deployment_breaker_state",
+                    "Circuit breaker of each deployment: 0 closed, 1 open, 2 half-open",
+                ),
+                &["deployment"],
+            )?,
+            deployment_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_deployment_in_flight_requests",
+                    "Requests this gateway has in flight to each deployment",
+                ),
+                &["deployment"],
+            )?,
+            ttft_estimate: prometheus::GaugeVec::new(
+                Opts::new(
+                    "tollgate_deployment_ttft_estimate_seconds",
+                    "Moving estimate of each deployment's time to first byte (0 until measured)",
+                ),
+                &["deployment"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_routing_retries_total",
+                    "Attempts repeated on the same deployment",
+                ),
+                &["model", "deployment"],
+            )?,
+            fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_routing_fallbacks_total",
+                    "Moves to another deployment or alias, by the reason (the last error's kind)",
+                ),
+                &["model", "reason"],
+            )?,
+            hedges: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_routing_hedges_total",
+                    "Hedged requests, by how the race ended",
+                ),
+                &["model", "outcome"],
+            )?,
+            attempts: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_routing_attempts_total",
+                    "Upstream attempts, by deployment and outcome",
+                ),
+                &["deployment", "outcome"],
+            )?,
+            breaker_transitions: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_breaker_transitions_total",
+                    "Circuit breaker state changes, by the state entered",
+                ),
+                &["deployment", "state"],
+            )?,
+        })
+    }
+
+    /// The collectors, for [`Metrics::register`].
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.breaker_state.clone()),
+            Box::new(self.deployment_in_flight.clone()),
+            Box::new(self.ttft_estimate.clone()),
+            Box::new(self.retries.clone()),
+            Box::new(self.fallbacks.clone()),
+            Box::new(self.hedges.clone()),
+            Box::new(self.attempts.clone()),
+            Box::new(self.breaker_transitions.clone()),
+        ]
+    }
+
+    pub fn set_deployment(
+        &self,
+        deployment: &str,
+        breaker: i64,
+        in_flight: u64,
+        ttft: Option<std::time::Duration>,
+    ) {
+        self.breaker_state
+            .with_label_values(&[deployment])
+            .set(breaker);
+        self.deployment_in_flight
+            .with_label_values(&[deployment])
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        self.ttft_estimate
+            .with_label_values(&[deployment])
+            .set(ttft.map_or(0.0, |t| t.as_secs_f64()));
+    }
+
+    pub fn retry(&self, model: &str, deployment: &str) {
+        self.retries.with_label_values(&[model, deployment]).inc();
+    }
+
+    pub fn fallback(&self, model: &str, reason: &str) {
+        self.fallbacks.with_label_values(&[model, reason]).inc();
+    }
+
+    pub fn hedge(&self, model: &str, outcome: &str) {
+        self.hedges.with_label_values(&[model, outcome]).inc();
+    }
+
+    pub fn attempt(&self, deployment: &str, outcome: &str) {
+        self.attempts
+            .with_label_values(&[deployment, outcome])
+            .inc();
+    }
+
+    pub fn breaker_transition(&self, deployment: &str, state: &str) {
+        self.breaker_transitions
+            .with_label_values(&[deployment, state])
+            .inc();
+    }
+}

@@ -279,6 +279,64 @@ pub struct CompletionEvent {
     pub received_at: String,
 }
 
+/// Optional routing details of a completion, published beside the [`CompletionEvent`] fields
+/// in the same JSON object (added within version 1: readers that do not know them, such as
+/// the billing pipeline, ignore them). Present when routing did more than send the request
+/// once to the strategy's first pick: a retry, a fallback, a pin or a hedge.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct CompletionRouting {
+    /// The alias's routing strategy (`weighted_random`, `least_in_flight`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_strategy: Option<String>,
+    /// Why the route left the normal path: `pinned`, `context_window_fallback`,
+    /// `content_policy_fallback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_reason: Option<String>,
+    /// Every attempt, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<RouteAttempt>>,
+    /// The hedged request that lost the race and was cancelled. Not billed (the pipeline
+    /// bills the completion's own `usage` only); recorded so that its cost is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge_cancelled: Option<HedgeCancelled>,
+}
+
+/// One upstream attempt of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RouteAttempt {
+    pub deployment: String,
+    pub provider: String,
+    /// `ok`, an HTTP status (`503`), `timeout`, `unreachable`, `protocol`, `breaker_open`
+    /// (skipped), `hedge_cancelled` or `error`.
+    pub outcome: String,
+    /// From sending to the first byte or the error, in milliseconds.
+    pub latency_ms: u64,
+}
+
+/// The cancelled side of a hedged request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HedgeCancelled {
+    pub deployment: String,
+    pub provider: String,
+    pub upstream_model: String,
+    /// Estimated (`source: counted`): the prompt the upstream received, no output.
+    pub usage: TokenUsage,
+    /// `usage` at the deployment's configured price (a decimal string); `null` when the
+    /// deployment has no price.
+    pub estimated_cost: Option<String>,
+}
+
+/// A `llm.completions` event as published: the [`CompletionEvent`] fields and, flattened into
+/// the same object, the optional [`CompletionRouting`] fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "llm.completions event")]
+pub struct PublishedCompletion {
+    #[serde(flatten)]
+    pub event: CompletionEvent,
+    #[serde(flatten)]
+    pub routing: CompletionRouting,
+}
+
 /// The JSON Schema (draft 2020-12) of each topic's events: `(default topic name, schema)`.
 pub fn json_schemas() -> [(&'static str, serde_json::Value); 3] {
     [
@@ -292,7 +350,7 @@ pub fn json_schemas() -> [(&'static str, serde_json::Value); 3] {
         ),
         (
             topics::COMPLETIONS,
-            header_first(schemars::schema_for!(CompletionEvent)),
+            header_first(schemars::schema_for!(PublishedCompletion)),
         ),
     ]
 }

@@ -122,11 +122,23 @@ impl Harness {
     }
 
     async fn launch(opts: MockOptions, extra: &str, configured_sink: bool) -> Harness {
-        SET_KEY.call_once(|| std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY));
         let upstream = MockUpstream::start(opts)
             .await
             .expect("mock upstream starts");
-        let config = Config::from_toml(&mock_config(&upstream.base_url(), extra)).expect("config");
+        let config = mock_config(&upstream.base_url(), extra);
+        Harness::launch_with(upstream, &config, configured_sink).await
+    }
+
+    /// Starts the gateway with exactly `config` (TOML whose deployments point at mock
+    /// upstreams the test started, reading their key from [`UPSTREAM_KEY_ENV`]); `upstream`
+    /// becomes [`Harness::upstream`].
+    pub async fn start_with_config(upstream: MockUpstream, config: &str) -> Harness {
+        Harness::launch_with(upstream, config, false).await
+    }
+
+    async fn launch_with(upstream: MockUpstream, config: &str, configured_sink: bool) -> Harness {
+        SET_KEY.call_once(|| std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY));
+        let config = Config::from_toml(config).expect("config");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
         let tenant = store.create_tenant("acme", None).await.expect("tenant");
@@ -217,6 +229,24 @@ impl Harness {
     /// The data directory of this gateway (event log, spool).
     pub fn data_dir(&self) -> &std::path::Path {
         self._dir.path()
+    }
+
+    /// POSTs JSON to `path` with the tenant key and extra request headers.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.key)
+            .header("anthropic-version", "2023-06-01")
+            .json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request sent")
     }
 
     /// POSTs JSON to `path` with the tenant key as a bearer token.

@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tollgate_schemas::events::{
-    format_event_time, new_event_id, unix_ms, ChunkEvent, CompletionEvent, CompletionStatus,
-    RequestEvent, SCHEMA_VERSION,
+    format_event_time, new_event_id, unix_ms, ChunkEvent, CompletionEvent, CompletionRouting,
+    CompletionStatus, HedgeCancelled, PublishedCompletion, RequestEvent, RouteAttempt,
+    SCHEMA_VERSION,
 };
 
 use super::Topics;
@@ -104,11 +105,19 @@ impl Record {
                     serde_json::to_vec(&chunk_event(c, event_id.clone()))?,
                 )
             }
-            Record::Completion(r) => (
-                &r.tenant_id,
-                r.ended_at,
-                serde_json::to_vec(&completion_event(r, event_id.clone()))?,
-            ),
+            Record::Completion(r) => {
+                let event = completion_event(r, event_id.clone());
+                // The routing fields ride along only when routing did something worth telling
+                // (the common first-try success serializes the plain event, without flatten).
+                let payload = match r.route_log.as_deref().filter(|route| route.is_eventful()) {
+                    Some(route) => serde_json::to_vec(&PublishedCompletion {
+                        event,
+                        routing: completion_routing(route),
+                    })?,
+                    None => serde_json::to_vec(&event)?,
+                };
+                (&r.tenant_id, r.ended_at, payload)
+            }
         };
         Ok(WireMessage {
             topic: self.topic(),
@@ -183,13 +192,39 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         ttft_ms: r.time_to_first_token.map(|t| saturating_u64(t.as_millis())),
         latency_ms: saturating_u64(r.duration.as_millis()),
         gateway_overhead_us: saturating_u64(r.gateway_overhead.as_micros()),
-        // The router neither retries nor falls back yet, and there is no response cache.
-        retries: 0,
-        fallbacks: 0,
+        retries: r.route_log.as_ref().map_or(0, |route| route.retries()),
+        fallbacks: r.route_log.as_ref().map_or(0, |route| route.fallbacks()),
+        // There is no response cache yet.
         cache_hit: false,
         // TODO(issue 6): the price-book version used for the pre-flight estimate.
         price_book_version: None,
         received_at: format_event_time(r.received_at()),
+    }
+}
+
+fn completion_routing(route: &crate::routing::RouteLog) -> CompletionRouting {
+    CompletionRouting {
+        route_strategy: Some(route.strategy.to_string()),
+        route_reason: route.reason.map(str::to_string),
+        attempts: Some(
+            route
+                .attempts
+                .iter()
+                .map(|a| RouteAttempt {
+                    deployment: a.deployment.name.clone(),
+                    provider: a.deployment.provider.label().to_string(),
+                    outcome: a.outcome.label(),
+                    latency_ms: saturating_u64(a.elapsed.as_millis()),
+                })
+                .collect(),
+        ),
+        hedge_cancelled: route.hedge_loser.as_ref().map(|h| HedgeCancelled {
+            deployment: h.deployment.name.clone(),
+            provider: h.deployment.provider.label().to_string(),
+            upstream_model: h.upstream_model.clone(),
+            usage: h.usage,
+            estimated_cost: h.cost.map(|c| c.normalize().to_string()),
+        }),
     }
 }
 
@@ -319,6 +354,7 @@ pub(crate) mod tests {
             gateway_overhead: Duration::from_micros(70),
             started_at: SystemTime::now(),
             ended_at: SystemTime::now(),
+            route_log: None,
         }
     }
 

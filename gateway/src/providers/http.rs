@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use std::future::Future as _;
 
 use super::http1::Http1Client;
 use super::{BodyStream, UpstreamResponse};
@@ -97,6 +98,8 @@ pub struct HttpUpstream {
     pub base_url: String,
     pub secret: Secret,
     pub first_byte_timeout: Duration,
+    /// Longest pause between body chunks once the first arrived (`None`: unbounded).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl HttpUpstream {
@@ -140,7 +143,14 @@ impl HttpUpstream {
             base_url,
             secret,
             first_byte_timeout,
+            idle_timeout: None,
         })
+    }
+
+    /// Bounds the pause between body chunks (a stalled stream ends with an error).
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle_timeout = idle;
+        self
     }
 
     /// Whether requests go through the lean HTTP/1.1 client (plain `http://` upstreams).
@@ -254,7 +264,13 @@ impl HttpUpstream {
             Ok(Some(Err(e))) => return Err(e),
             Ok(first) => first,
         };
-        let body: BodyStream = Box::pin(futures_util::stream::iter(first).chain(body));
+        let body: BodyStream = match self.idle_timeout {
+            None => Box::pin(futures_util::stream::iter(first).chain(body)),
+            Some(idle) => Box::pin(IdleTimeout::new(
+                futures_util::stream::iter(first).chain(body),
+                idle,
+            )),
+        };
         Ok(UpstreamResponse { headers, body })
     }
 
@@ -265,6 +281,59 @@ impl HttpUpstream {
             GatewayError::UpstreamTimeout(text)
         } else {
             GatewayError::UpstreamUnavailable(text)
+        }
+    }
+}
+
+/// A body that fails with [`GatewayError::UpstreamTimeout`] when no chunk arrives for `idle`.
+struct IdleTimeout<S> {
+    inner: S,
+    idle: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: bool,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            expired: false,
+        }
+    }
+}
+
+impl<S> Stream for IdleTimeout<S>
+where
+    S: Stream<Item = Result<Bytes, GatewayError>> + Unpin,
+{
+    type Item = Result<Bytes, GatewayError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(item)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.expired = true;
+                    Poll::Ready(Some(Err(GatewayError::UpstreamTimeout(format!(
+                        "no data for {} ms mid-response",
+                        self.idle.as_millis()
+                    )))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }

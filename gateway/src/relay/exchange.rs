@@ -12,6 +12,7 @@ use crate::api::WireFormat;
 use crate::auth::Caller;
 use crate::events::EventSink;
 use crate::metrics::Metrics;
+use crate::routing::{Lease, RouteLog};
 use crate::tokens;
 
 /// How a request ended.
@@ -61,6 +62,12 @@ pub struct Exchange {
     pub started_at: SystemTime,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
+    /// How the router got to the deployment (attempts, reasons); `None` for routes that pick
+    /// directly.
+    pub route_log: Option<Arc<RouteLog>>,
+    /// The deployment's lease: in flight until the last clone of the exchange is gone, settled
+    /// at the end.
+    pub lease: Option<Arc<Lease>>,
 }
 
 /// A request accepted and routed (before the upstream call).
@@ -142,6 +149,8 @@ pub struct CompletionRecord {
     pub started_at: SystemTime,
     /// Wall-clock time the request ended (the event time).
     pub ended_at: SystemTime,
+    /// How the request was routed (retries, fallbacks, attempts, hedge loser).
+    pub route_log: Option<Arc<RouteLog>>,
 }
 
 impl CompletionRecord {
@@ -161,6 +170,9 @@ pub struct Routed<'a> {
     pub requested_model: &'a str,
     pub stream: bool,
     pub prompt_estimate: u64,
+    /// The router's log and lease when it dispatched the request.
+    pub route_log: Option<RouteLog>,
+    pub lease: Option<Lease>,
 }
 
 impl Exchange {
@@ -172,6 +184,12 @@ impl Exchange {
         received_at: Instant,
     ) -> Exchange {
         let target = routed.target;
+        let now = Instant::now();
+        let upstream_sent_at = routed
+            .route_log
+            .as_ref()
+            .and_then(|r| r.first_sent_at)
+            .unwrap_or(now);
         Exchange {
             request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
             caller,
@@ -185,10 +203,12 @@ impl Exchange {
             stream: routed.stream,
             prompt_estimate: routed.prompt_estimate,
             received_at,
-            upstream_sent_at: Instant::now(),
+            upstream_sent_at,
             started_at: SystemTime::now(),
             metrics: state.metrics.clone(),
             sink: state.sink.clone(),
+            route_log: routed.route_log.map(Arc::new),
+            lease: routed.lease.map(Arc::new),
         }
     }
 
@@ -289,6 +309,10 @@ impl Exchange {
             output_tokens = usage.output_tokens,
             "request finished"
         );
+        if let Some(lease) = &self.lease {
+            let failed_midstream = matches!(outcome, Outcome::UpstreamError(_)) && chunks > 0;
+            lease.settle(&usage, failed_midstream);
+        }
         let now = Instant::now();
         let record = CompletionRecord {
             request_id: self.request_id.clone(),
@@ -311,6 +335,7 @@ impl Exchange {
                 + post_processing,
             started_at: self.started_at,
             ended_at: SystemTime::now(),
+            route_log: self.route_log.clone(),
         };
         self.metrics.observe_completion(&record);
         self.sink.record_completion(record);

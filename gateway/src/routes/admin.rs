@@ -46,6 +46,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/credentials", post(put_credential).get(list_credentials))
         .route("/credentials/{name}", delete(delete_credential))
         .route("/audit", get(audit))
+        .route("/deployments", get(deployments))
         .route("/invoices", get(list_invoices))
         .route("/billing-periods/{period}/close", post(close_period))
 }
@@ -664,6 +665,13 @@ async fn delete_credential(
 #[derive(Deserialize)]
 struct AuditQuery {
     limit: Option<i64>,
+}
+
+/// `GET /admin/v1/deployments`: each deployment's breaker, in-flight count, latency
+/// estimate, rate-limit state and spend, as this gateway instance sees them.
+async fn deployments(State(s): State<Arc<AppState>>, h: HeaderMap) -> AdminResult {
+    admin(&s, &h)?;
+    list(s.router.status())
 }
 
 async fn audit(

@@ -51,6 +51,8 @@ async fn serve(
         requested_model: &req.model,
         stream: false,
         prompt_estimate: 0,
+        route_log: None,
+        lease: None,
     };
     let exchange = Exchange::begin(state, caller, routed, received_at);
     exchange.record_request();

@@ -29,6 +29,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.router.refresh_gauges();
     (
         [(
             header::CONTENT_TYPE,

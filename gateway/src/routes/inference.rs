@@ -1,6 +1,7 @@
 //! The path every chat request takes, whichever dialect the client speaks:
-//! authenticate → read body (bounded) → validate → pick a deployment → translate the request
-//! to the deployment's dialect → call upstream → relay (stream) or translate (non-stream).
+//! authenticate → read body (bounded) → validate → dispatch (the router picks deployments,
+//! translates the request to each one's dialect, retries and falls back until a first byte
+//! arrives) → relay (stream) or translate (non-stream).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +21,7 @@ use crate::providers::{BodyStream, Endpoint, Forwarded};
 use crate::relay::exchange::Routed;
 use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
 use crate::relay::{Exchange, Outcome, RelayStream, StreamAdapter};
+use crate::routing::{DispatchRequest, Pins, RouteLog, UpstreamBody};
 use crate::translate::{self, stream::AnthropicToOpenAi, stream::OpenAiToAnthropic};
 use crate::{tokens, translate::usage};
 
@@ -91,32 +93,47 @@ impl ClientRequest {
         }
     }
 
+    /// Output tokens to expect (the client's cap, else a typical reply), for cost routing
+    /// and token limits.
+    fn expected_output(&self) -> u64 {
+        const TYPICAL_REPLY_TOKENS: u64 = 256;
+        match self {
+            ClientRequest::OpenAi(_, r) => r.output_cap().map_or(TYPICAL_REPLY_TOKENS, u64::from),
+            ClientRequest::Anthropic(_, r) => u64::from(r.max_tokens),
+        }
+        .min(64 * 1024)
+    }
+}
+
+impl UpstreamBody for ClientRequest {
     /// The body for `upstream` in its dialect, for `model`. A same-dialect body is the
-    /// client's JSON itself (taken, not copied), with the model replaced.
-    fn upstream_body(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
+    /// client's JSON itself, with the model set in place (no copy); it stays in the request,
+    /// so a retry or fallback builds it again.
+    fn body_for(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
+        let translated;
         let value = match (self, upstream) {
             (ClientRequest::OpenAi(v, r), WireFormat::OpenAi) => {
-                let mut v = std::mem::take(v);
                 v["model"] = Value::from(model);
                 if r.is_stream() {
                     // Always ask for usage; the relay strips it if the client did not.
                     v["stream_options"] = serde_json::json!({"include_usage": true});
                 }
-                v
+                &*v
             }
             (ClientRequest::OpenAi(_, r), WireFormat::Anthropic) => {
-                translate::request::openai_to_anthropic(r, model)?
+                translated = translate::request::openai_to_anthropic(r, model)?;
+                &translated
             }
             (ClientRequest::Anthropic(v, _), WireFormat::Anthropic) => {
-                let mut v = std::mem::take(v);
                 v["model"] = Value::from(model);
-                v
+                &*v
             }
             (ClientRequest::Anthropic(_, r), WireFormat::OpenAi) => {
-                translate::request::anthropic_to_openai(r, model)
+                translated = translate::request::anthropic_to_openai(r, model);
+                &translated
             }
         };
-        serde_json::to_vec(&value)
+        serde_json::to_vec(value)
             .map(Bytes::from)
             .map_err(|e| GatewayError::Internal(format!("cannot serialize upstream body: {e}")))
     }
@@ -223,18 +240,25 @@ async fn serve_inner(
     let (caller, bytes) = admit(state, &headers, body).await?;
     let mut request = ClientRequest::parse(format, &bytes)?;
     caller.ensure_model_allowed(request.model())?;
-    let target = state.router.pick(request.model(), false)?;
+    let stream = request.is_stream();
     let prompt_estimate = request.prompt_estimate();
+    let requested_model = request.model().to_string();
+    // Quotas: the request's worst case (prompt + output cap) is reserved against every limit
+    // of its key and tenant before any provider is called; an unknown model is not counted.
+    let candidates = state
+        .router
+        .candidate_models(&requested_model)
+        .ok_or_else(|| GatewayError::ModelNotFound(requested_model.clone()))?;
     let admission = state
         .limiter
-        .admit(&caller, request.model(), || {
+        .admit(&caller, &requested_model, || {
             let (max_output_tokens, output_capped) =
                 request.output_estimate(state.config.limits.default_max_output_tokens);
             Estimate {
                 prompt_tokens: prompt_estimate,
                 max_output_tokens,
                 output_capped,
-                models: state.router.candidate_models(request.model()),
+                models: candidates,
             }
         })
         .await?;
@@ -242,33 +266,59 @@ async fn serve_inner(
         Some(a) => (Some(a.reservation), Some(a.headers)),
         None => (None, None),
     };
+    let forwarded = forwarded_headers(&headers);
+    let dispatch = DispatchRequest {
+        model: &requested_model,
+        endpoint: Endpoint::Chat,
+        forwarded: &forwarded,
+        pins: pins(&headers),
+        prompt_tokens: prompt_estimate,
+        expected_output_tokens: request.expected_output(),
+        high_priority: high_priority(&headers),
+        stream,
+    };
+    let dispatched = match state.router.dispatch(&dispatch, &mut request).await {
+        Ok(d) => d,
+        Err(failure) => {
+            // A request that reached no upstream is recorded against the last deployment
+            // tried; one that never got that far (unknown model, bad pin) is not recorded.
+            if let Some(target) = &failure.target {
+                let routed = Routed {
+                    route,
+                    client_format: format,
+                    target,
+                    requested_model: &requested_model,
+                    stream,
+                    prompt_estimate,
+                    route_log: Some(failure.route),
+                    lease: None,
+                };
+                let exchange = Exchange::begin(state, caller, routed, received_at);
+                exchange.record_request();
+                exchange.fail(&failure.error);
+            }
+            return Err(failure.error);
+        }
+    };
+    let route_headers = RouteHeaders::of(&dispatched.route);
+    let target = dispatched.target;
+    let upstream = dispatched.upstream;
     let deployment = target.deployment.clone();
     let upstream_model = target.upstream_model.clone();
     let upstream_format = deployment.provider.format();
-    let upstream_body = request.upstream_body(upstream_format, &upstream_model)?;
-    let stream = request.is_stream();
     let provider = deployment.provider.label();
     let routed = Routed {
         route,
         client_format: format,
         target: &target,
-        requested_model: request.model(),
+        requested_model: &requested_model,
         stream,
         prompt_estimate,
+        route_log: Some(dispatched.route),
+        lease: Some(dispatched.lease),
     };
     let exchange = Exchange::begin(state, caller, routed, received_at);
     exchange.record_request();
-    let upstream = deployment
-        .provider
-        .send(Endpoint::Chat, upstream_body, &forwarded_headers(&headers))
-        .await;
-    let upstream = match upstream {
-        Ok(u) => u,
-        Err(e) => {
-            exchange.fail(&e);
-            return Err(e);
-        }
-    };
 
     let mut response = if stream {
         let adapter: Box<dyn StreamAdapter> = match (&request, upstream_format) {
@@ -352,12 +402,59 @@ async fn serve_inner(
         ("x-request-id", exchange.request_id.as_str()),
         ("x-tollgate-deployment", exchange.deployment.as_str()),
         ("x-tollgate-provider", provider),
+        ("x-tollgate-route", route_headers.trace.as_str()),
     ] {
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);
         }
     }
+    h.insert(
+        "x-tollgate-attempts",
+        HeaderValue::from(route_headers.attempts),
+    );
     Ok(response)
+}
+
+/// Request header pinning a deployment by name.
+pub const PIN_DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
+/// Request header pinning a provider kind (`openai`, `anthropic`, `vllm`...).
+pub const PIN_PROVIDER_HEADER: &str = "x-tollgate-provider";
+/// Request header marking a request high priority (`high`): it is hedged.
+pub const PRIORITY_HEADER: &str = "x-tollgate-priority";
+
+fn pins(headers: &HeaderMap) -> Pins<'_> {
+    let get = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    Pins {
+        deployment: get(PIN_DEPLOYMENT_HEADER),
+        provider: get(PIN_PROVIDER_HEADER),
+    }
+}
+
+fn high_priority(headers: &HeaderMap) -> bool {
+    headers
+        .get(PRIORITY_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"high"))
+}
+
+/// The route response headers, taken from the log before it moves into the exchange.
+struct RouteHeaders {
+    trace: String,
+    attempts: usize,
+}
+
+impl RouteHeaders {
+    fn of(route: &RouteLog) -> RouteHeaders {
+        RouteHeaders {
+            trace: route.trace(),
+            attempts: route.attempts_sent(),
+        }
+    }
 }
 
 /// The client's body, the usage to bill, and the finish reason of a non-streaming response.

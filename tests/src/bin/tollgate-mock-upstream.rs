@@ -5,6 +5,14 @@
 //! tollgate-mock-upstream --listen 127.0.0.1:9100 --chunks 20 --chunk-delay-ms 0 --first-chunk-delay-ms 0
 //! ```
 //!
+//! Fault injection (chat and messages routes; see `mock_upstream::faults`):
+//!
+//! ```text
+//! --latency-ms 300                      pause before every answer
+//! --fail-ratio 0.3 --fail-kind status --fail-status 503
+//! --fail-kind rate-limited --retry-after-ms 1000 | reset | hang | drop-midstream
+//! ```
+//!
 //! Prints exactly one line to stdout, `listening on ADDR`, once the socket is bound; logs go
 //! to stderr (`RUST_LOG`). Runs until interrupted.
 
@@ -14,7 +22,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tollgate_tests::mock_upstream::{MockOptions, MockUpstream, Recording};
+use tollgate_tests::mock_upstream::{Fault, Faults, MockOptions, MockUpstream, Recording};
 use tracing_subscriber::EnvFilter;
 
 /// Protocol-faithful OpenAI and Anthropic mock upstream server.
@@ -40,6 +48,30 @@ struct Args {
     /// Worker threads of the tokio runtime (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Pause before answering every chat/messages request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Share of chat/messages requests (0..=1, evenly spread) that fail with --fail-kind.
+    #[arg(long, default_value_t = 0.0)]
+    fail_ratio: f64,
+    /// How injected failures fail.
+    #[arg(long, value_enum, default_value_t = FailKind::Status)]
+    fail_kind: FailKind,
+    /// HTTP status of `--fail-kind status` failures.
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    /// `retry-after` of `--fail-kind rate-limited` failures, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    retry_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FailKind {
+    Status,
+    RateLimited,
+    Reset,
+    Hang,
+    DropMidstream,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +116,19 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.latency_ms > 0 || args.fail_ratio > 0.0 {
+        let fault = match args.fail_kind {
+            FailKind::Status => Fault::Status(args.fail_status),
+            FailKind::RateLimited => Fault::RateLimited(Duration::from_millis(args.retry_after_ms)),
+            FailKind::Reset => Fault::Reset,
+            FailKind::Hang => Fault::Hang,
+            FailKind::DropMidstream => Fault::DropMidstream,
+        };
+        server.set_faults(
+            Faults::ratio(fault, args.fail_ratio)
+                .with_latency(Duration::from_millis(args.latency_ms)),
+        );
+    }
     // The one line a launcher waits for; stdout carries nothing else.
     let mut stdout = std::io::stdout().lock();
     if writeln!(stdout, "listening on {}", server.addr())

@@ -69,7 +69,7 @@ fn success_headers(request_id: String) -> Vec<(&'static str, String)> {
 }
 
 /// An Anthropic error response: `{"type":"error","error":{"type","message"},"request_id"}`.
-fn error(
+pub(crate) fn error(
     status: StatusCode,
     request_id: String,
     kind: &str,
@@ -159,11 +159,18 @@ fn scenario_error(scenario: Scenario, request_id: &str) -> Option<Response<MockB
             "messages: roles must alternate between \"user\" and \"assistant\", but found multiple \"user\" roles in a row",
             Vec::new(),
         )),
+        Scenario::ContextLengthExceeded => Some(error(
+            StatusCode::BAD_REQUEST,
+            rid,
+            "invalid_request_error",
+            "prompt is too long: 208476 tokens > 200000 maximum",
+            Vec::new(),
+        )),
         _ => None,
     }
 }
 
-fn overloaded(request_id: String) -> Response<MockBody> {
+pub(crate) fn overloaded(request_id: String) -> Response<MockBody> {
     let status = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     error(
         status,
@@ -305,7 +312,10 @@ pub(crate) async fn messages(shared: Arc<Shared>, request: MockRequest) -> Respo
     let Some(max_tokens) = body.get("max_tokens").and_then(Value::as_u64) else {
         return field_required(request_id, "max_tokens");
     };
-    let scenario = match Scenario::from_model(model) {
+    let scenario = match request
+        .scenario
+        .unwrap_or_else(|| Scenario::from_model(model))
+    {
         Scenario::UsageInLastChoiceChunk => Scenario::Normal,
         other => other,
     };

@@ -16,11 +16,13 @@
 //! | `sse.rs` | SSE framing, pacing, the `split-frames` mangling |
 //! | `body.rs` | the scripted response body and cancellation detection |
 //! | `scenario.rs` | model name → behaviour |
+//! | `faults.rs` | injected faults per server: latency, error statuses, 429s, resets, hangs, drops |
 //! | `text.rs` | reply text, tool arguments, token counting rules |
 //! | `ids.rs` | realistic ids and timestamps |
 
 mod anthropic;
 mod body;
+pub mod faults;
 mod ids;
 mod openai;
 mod scenario;
@@ -29,7 +31,7 @@ mod sse;
 mod text;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use anthropic::SPLIT_EXTRA_INPUT_TOKENS;
+pub use faults::{Fault, Faults, RateLimitHeaders};
 pub use openai::EMBEDDING_DIMENSIONS;
 pub use scenario::Scenario;
 pub use sse::SPLIT_PIECE_DELAY;
@@ -132,6 +135,9 @@ pub(crate) struct Shared {
     pub(crate) cancelled: Mutex<Vec<CancelledStream>>,
     pub(crate) prerendered: openai::Prerendered,
     pub(crate) anthropic_prerendered: anthropic::Prerendered,
+    faults: Mutex<Faults>,
+    /// Chat requests seen by the fault injector (spreads ratio faults).
+    faultable: AtomicU64,
 }
 
 impl Shared {
@@ -144,7 +150,17 @@ impl Shared {
             requests: Mutex::new(Vec::new()),
             request_count: AtomicUsize::new(0),
             cancelled: Mutex::new(Vec::new()),
+            faults: Mutex::new(Faults::default()),
+            faultable: AtomicU64::new(0),
         }
+    }
+
+    /// The latency, fault and success headers for the next chat request.
+    pub(crate) fn next_fault(&self) -> (Duration, Option<Fault>, Option<RateLimitHeaders>) {
+        let n = self.faultable.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.faults.lock();
+        let fault = f.take(n);
+        (f.latency, fault, f.rate_limit_headers)
     }
 
     pub(crate) fn record(&self, request: impl FnOnce() -> RecordedRequest) {
@@ -204,6 +220,16 @@ impl MockUpstream {
     /// Responses whose client went away before they finished, in the order noticed.
     pub fn cancelled_streams(&self) -> Vec<CancelledStream> {
         self.shared.cancelled.lock().clone()
+    }
+
+    /// Replaces the fault settings (from the next request on).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.shared.faults.lock() = faults;
+    }
+
+    /// Queues a one-shot fault for the next request that has none queued before it.
+    pub fn push_fault(&self, fault: Fault) {
+        self.shared.faults.lock().next.push_back(fault);
     }
 
     /// The options the server was started with.

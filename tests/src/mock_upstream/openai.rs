@@ -80,7 +80,7 @@ fn success_headers(request_id: String) -> Vec<(&'static str, String)> {
 }
 
 /// An OpenAI error response: `{"error":{"message","type","param","code"}}`.
-fn error(
+pub(crate) fn error(
     status: StatusCode,
     request_id: String,
     message: &str,
@@ -210,6 +210,15 @@ fn scenario_error(scenario: Scenario, model: &str, request_id: &str) -> Option<R
             Some("decimal_above_max_value"),
             Vec::new(),
         )),
+        Scenario::ContextLengthExceeded => Some(error(
+            StatusCode::BAD_REQUEST,
+            rid,
+            &format!("This model's maximum context length is 128000 tokens. However, your messages resulted in 131072 tokens. Please reduce the length of the messages. ({model})"),
+            "invalid_request_error",
+            Some("messages"),
+            Some("context_length_exceeded"),
+            Vec::new(),
+        )),
         _ => None,
     }
 }
@@ -335,7 +344,10 @@ pub(crate) async fn chat(shared: Arc<Shared>, request: MockRequest) -> Response<
             Vec::new(),
         );
     }
-    let scenario = match Scenario::from_model(model) {
+    let scenario = match request
+        .scenario
+        .unwrap_or_else(|| Scenario::from_model(model))
+    {
         Scenario::AnthropicUsageSplit => Scenario::Normal,
         other => other,
     };

@@ -18,6 +18,7 @@
 //! | `bad-request` | 400 `invalid_request_error`, `param: temperature` | 400 `invalid_request_error` |
 //! | `hang` | streaming: headers only, then nothing; otherwise nothing at all | same |
 //! | `slow` | normal, at least 50 ms between content chunks | same |
+//! | `context-length-exceeded` | 400 `invalid_request_error`, `code: context_length_exceeded`, `param: messages` | 400 `invalid_request_error` "prompt is too long: … tokens > 200000 maximum" |
 //! | `drop-midstream` | 3 content chunks, then the connection is aborted (no terminating chunk); non-streaming: half the body under a full `content-length`, then abort | same |
 //!
 //! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too.
@@ -56,11 +57,13 @@ pub enum Scenario {
     Slow,
     /// `drop-midstream`: three content chunks, then the connection is dropped.
     DropMidstream,
+    /// `context-length-exceeded`: HTTP 400, the prompt is over the model's context window.
+    ContextLengthExceeded,
 }
 
 impl Scenario {
     /// Every scenario, in declaration order.
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::Normal,
         Scenario::Cached,
         Scenario::UsageInLastChoiceChunk,
@@ -75,6 +78,7 @@ impl Scenario {
         Scenario::Hang,
         Scenario::Slow,
         Scenario::DropMidstream,
+        Scenario::ContextLengthExceeded,
     ];
 
     /// The scenario a model name selects; unknown names are [`Scenario::Normal`].
@@ -93,6 +97,7 @@ impl Scenario {
             "hang" => Scenario::Hang,
             "slow" => Scenario::Slow,
             "drop-midstream" => Scenario::DropMidstream,
+            "context-length-exceeded" => Scenario::ContextLengthExceeded,
             _ => Scenario::Normal,
         }
     }
@@ -115,6 +120,7 @@ impl Scenario {
             Scenario::Hang => "hang",
             Scenario::Slow => "slow",
             Scenario::DropMidstream => "drop-midstream",
+            Scenario::ContextLengthExceeded => "context-length-exceeded",
         }
     }
 }

@@ -4,7 +4,6 @@
 //! It is a plain hyper server rather than an axum router: four routes do not need one, and
 //! the benchmark server should spend as little CPU per request as possible.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::body::{MockBody, Step, StreamGuard};
+use super::faults::{Fault, RateLimitHeaders};
+use super::ids;
 use super::scenario::Scenario;
 use super::sse::{self, Pace, SseFrame};
 use super::{anthropic, openai, RecordedRequest, Shared, SLOW_MIN_CHUNK_DELAY};
@@ -53,7 +54,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(handle(shared, request).await) }
+        async move { handle(shared, request).await }
     });
     if let Err(err) = http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
@@ -68,9 +69,26 @@ pub(crate) struct MockRequest {
     pub(crate) headers: HeaderMap,
     /// `None` when the body was not valid JSON; `Some(Value::Null)` when it was empty.
     pub(crate) body: Option<Value>,
+    /// A scenario an injected fault imposes, whatever the model says.
+    pub(crate) scenario: Option<Scenario>,
 }
 
-async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<MockBody> {
+/// The error a [`Fault::Reset`] answers with: hyper closes the connection without a response.
+#[derive(Debug)]
+pub(crate) struct InjectedReset;
+
+impl std::fmt::Display for InjectedReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mock upstream: injected connection reset")
+    }
+}
+
+impl std::error::Error for InjectedReset {}
+
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, InjectedReset> {
     let (parts, body) = request.into_parts();
     let bytes = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -102,11 +120,34 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Moc
         received_at,
     });
 
-    let request = MockRequest {
+    let mut request = MockRequest {
         headers: parts.headers,
         body: parsed,
+        scenario: None,
     };
-    match (&parts.method, path.as_str()) {
+    let chat = parts.method == Method::POST
+        && matches!(path.as_str(), "/v1/chat/completions" | "/v1/messages");
+    let anthropic_route = path == "/v1/messages";
+    let mut success_headers = None;
+    if chat {
+        let (latency, fault, headers) = shared.next_fault();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        success_headers = headers;
+        if let Some(fault) = fault {
+            match fault {
+                Fault::Reset => return Err(InjectedReset),
+                Fault::Hang => std::future::pending::<()>().await,
+                Fault::Status(status) => return Ok(faults_answer(anthropic_route, status, None)),
+                Fault::RateLimited(after) => {
+                    return Ok(faults_answer(anthropic_route, 429, Some(after)))
+                }
+                Fault::DropMidstream | Fault::ContextLength => request.scenario = fault.scenario(),
+            }
+        }
+    }
+    let mut response = match (&parts.method, path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => openai::chat(shared, request).await,
         (&Method::POST, "/v1/embeddings") => openai::embeddings(shared, request).await,
         (&Method::GET, "/v1/models") => openai::models(request),
@@ -119,6 +160,123 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Moc
             } else {
                 openai::not_found(method, path)
             }
+        }
+    };
+    if let Some(h) = success_headers.filter(|_| response.status().is_success()) {
+        set_rate_limit_headers(&mut response, anthropic_route, h);
+    }
+    Ok(response)
+}
+
+/// The answer to an injected status fault, in the route's wire format.
+fn faults_answer(
+    anthropic_route: bool,
+    status: u16,
+    retry_after: Option<Duration>,
+) -> Response<MockBody> {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = Vec::new();
+    if let Some(after) = retry_after {
+        let ms = after.as_millis();
+        headers.push(("retry-after", ms.div_ceil(1000).to_string()));
+        headers.push(("retry-after-ms", ms.to_string()));
+        if anthropic_route {
+            headers.push(("anthropic-ratelimit-requests-remaining", "0".to_owned()));
+            headers.push((
+                "anthropic-ratelimit-requests-reset",
+                ids::rfc3339(ids::unix_now() + after.as_secs().max(1)),
+            ));
+        } else {
+            headers.push(("x-ratelimit-remaining-requests", "0".to_owned()));
+            headers.push(("x-ratelimit-reset-requests", format!("{ms}ms")));
+        }
+    }
+    match (anthropic_route, status) {
+        (true, 429) => anthropic::error(
+            code,
+            ids::anthropic_request_id(),
+            "rate_limit_error",
+            "This request would exceed the rate limit for your organization. Please try again later.",
+            headers,
+        ),
+        (true, 503 | 529) => anthropic::overloaded(ids::anthropic_request_id()),
+        (true, _) => anthropic::error(
+            code,
+            ids::anthropic_request_id(),
+            "api_error",
+            "Internal server error",
+            headers,
+        ),
+        (false, 429) => openai::error(
+            code,
+            ids::openai_request_id(),
+            "Rate limit reached for requests per min (RPM). Please try again later.",
+            "requests",
+            None,
+            Some("rate_limit_exceeded"),
+            headers,
+        ),
+        (false, 503) => openai::error(
+            code,
+            ids::openai_request_id(),
+            "The engine is currently overloaded, please try again later.",
+            "server_error",
+            None,
+            None,
+            headers,
+        ),
+        (false, _) => openai::error(
+            code,
+            ids::openai_request_id(),
+            "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+            None,
+            None,
+            headers,
+        ),
+    }
+}
+
+/// Replaces the rate-limit headers of a successful answer.
+fn set_rate_limit_headers(
+    response: &mut Response<MockBody>,
+    anthropic_route: bool,
+    h: RateLimitHeaders,
+) {
+    let reset_ms = h.reset.as_millis();
+    let pairs: Vec<(&'static str, String)> = if anthropic_route {
+        let reset = ids::rfc3339(ids::unix_now() + h.reset.as_secs().max(1));
+        vec![
+            (
+                "anthropic-ratelimit-requests-remaining",
+                h.remaining_requests.to_string(),
+            ),
+            ("anthropic-ratelimit-requests-reset", reset.clone()),
+            (
+                "anthropic-ratelimit-tokens-remaining",
+                h.remaining_tokens.to_string(),
+            ),
+            ("anthropic-ratelimit-tokens-reset", reset),
+        ]
+    } else {
+        vec![
+            (
+                "x-ratelimit-remaining-requests",
+                h.remaining_requests.to_string(),
+            ),
+            ("x-ratelimit-reset-requests", format!("{reset_ms}ms")),
+            (
+                "x-ratelimit-remaining-tokens",
+                h.remaining_tokens.to_string(),
+            ),
+            ("x-ratelimit-reset-tokens", format!("{reset_ms}ms")),
+        ]
+    };
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), v);
         }
     }
 }

@@ -1,0 +1,893 @@
+//! [`ModelRouter::dispatch`]: from a client's model name to an upstream response whose first
+//! byte has arrived, trying deployments in the order the alias's strategy gives, retrying and
+//! falling back as the errors allow, all within one deadline. Nothing has reached the client
+//! while this runs, so every attempt is free to fail.
+//!
+//! ```text
+//! pick (strategy; breaker, rate limits) ─▶ send ─▶ first byte? ─▶ done
+//!    ▲                                        │ error
+//!    │        next deployment ◀── 429, 401/403/404, timeout, retries spent
+//!    │        same deployment ◀── 5xx, connection error (backoff with full jitter, retry-after)
+//!    └─ other alias ◀── context window / content policy (alias fallbacks)
+//!                   answer the client ◀── 4xx that is the client's fault
+//! ```
+//!
+//! High-priority requests (and aliases with `hedge = true`) race a second deployment after
+//! `[routing.hedge] delay_ms` without a first byte (`hedge.rs`).
+//!
+//! The single-deployment, first-try path costs one pick (no allocation), one breaker check,
+//! one attempt record and the deadline timer around the upstream call.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+use tollgate_schemas::{TokenUsage, UsageSource};
+
+use super::breaker::{Admission, Breaker};
+use super::health::InFlightGuard;
+use super::hedge::{self, Raced};
+use super::limiter::DeploymentLimiter;
+use super::retry::{self, Deadline, Disposition};
+use super::strategy::{self, Pick, RankInput, Unavailable};
+use super::{Alias, Deployment, ModelRouter, Strategy, Target};
+use crate::api::WireFormat;
+use crate::error::GatewayError;
+use crate::providers::{Endpoint, Forwarded, UpstreamResponse};
+
+/// Builds the upstream body for each attempt, in the attempt's dialect and model (a request
+/// may be sent several times, to providers of either dialect).
+pub trait UpstreamBody: Send {
+    fn body_for(&mut self, format: WireFormat, model: &str) -> Result<Bytes, GatewayError>;
+}
+
+/// A request's pins (`x-tollgate-deployment`, `x-tollgate-provider`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pins<'a> {
+    pub deployment: Option<&'a str>,
+    pub provider: Option<&'a str>,
+}
+
+/// What the router needs to know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchRequest<'a> {
+    /// The model the client asked for.
+    pub model: &'a str,
+    pub endpoint: Endpoint,
+    pub forwarded: &'a Forwarded,
+    pub pins: Pins<'a>,
+    /// Pre-flight prompt estimate and expected output (for cost and token limits).
+    pub prompt_tokens: u64,
+    pub expected_output_tokens: u64,
+    /// Hedge this request (`x-tollgate-priority: high`).
+    pub high_priority: bool,
+    /// Whether the response streams. Only streams are hedged: a non-streamed answer's first
+    /// byte comes with its last, so a hedge delay would fire on nearly every request.
+    pub stream: bool,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// First byte received: this attempt serves the request.
+    Ok,
+    /// The upstream answered this status.
+    Status(u16),
+    /// No first byte in time (deployment timeout or the routing deadline).
+    Timeout,
+    /// Connection refused, reset, DNS, TLS.
+    Unreachable,
+    /// Not the provider's wire format.
+    Protocol,
+    /// Skipped: its breaker opened between the pick and the send.
+    BreakerOpen,
+    /// A hedged attempt that lost the race and was cancelled.
+    HedgeCancelled,
+    /// Anything else (a translation error, for instance).
+    Error,
+}
+
+impl AttemptOutcome {
+    fn of(e: &GatewayError) -> AttemptOutcome {
+        match e {
+            GatewayError::Upstream { status, .. } => AttemptOutcome::Status(*status),
+            GatewayError::UpstreamTimeout(_) => AttemptOutcome::Timeout,
+            GatewayError::UpstreamUnavailable(_) => AttemptOutcome::Unreachable,
+            GatewayError::UpstreamProtocol(_) => AttemptOutcome::Protocol,
+            _ => AttemptOutcome::Error,
+        }
+    }
+
+    /// Short text for the `x-tollgate-route` header and the completion event.
+    pub fn write_label(&self, out: &mut String) {
+        let _ = match self {
+            AttemptOutcome::Ok => out.write_str("ok"),
+            AttemptOutcome::Status(s) => write!(out, "{s}"),
+            AttemptOutcome::Timeout => out.write_str("timeout"),
+            AttemptOutcome::Unreachable => out.write_str("unreachable"),
+            AttemptOutcome::Protocol => out.write_str("protocol"),
+            AttemptOutcome::BreakerOpen => out.write_str("breaker_open"),
+            AttemptOutcome::HedgeCancelled => out.write_str("hedge_cancelled"),
+            AttemptOutcome::Error => out.write_str("error"),
+        };
+    }
+
+    pub fn label(&self) -> String {
+        let mut s = String::new();
+        self.write_label(&mut s);
+        s
+    }
+}
+
+/// One attempt of a request.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub deployment: Arc<Deployment>,
+    pub outcome: AttemptOutcome,
+    /// From sending to the first byte or the error.
+    pub elapsed: Duration,
+}
+
+/// The hedged attempt that lost: cancelled, not billed, its estimated cost recorded.
+#[derive(Debug, Clone)]
+pub struct HedgeLoser {
+    pub deployment: Arc<Deployment>,
+    pub upstream_model: String,
+    /// Estimated: the prompt (the upstream had it), no output.
+    pub usage: TokenUsage,
+    /// `usage` at the deployment's configured price; `None` when it has none.
+    pub cost: Option<Decimal>,
+}
+
+/// How a request was routed: every attempt, and why.
+#[derive(Debug, Clone, Default)]
+pub struct RouteLog {
+    /// The alias's strategy label.
+    pub strategy: &'static str,
+    /// Why the route left the normal path: `pinned`, `context_window_fallback`,
+    /// `content_policy_fallback`.
+    pub reason: Option<&'static str>,
+    pub attempts: Vec<Attempt>,
+    /// When the first attempt was sent (the end of the gateway's own pre-processing).
+    pub first_sent_at: Option<Instant>,
+    /// Whether a hedge request was sent.
+    pub hedged: bool,
+    pub hedge_loser: Option<HedgeLoser>,
+}
+
+impl RouteLog {
+    fn push(&mut self, deployment: &Arc<Deployment>, outcome: AttemptOutcome, elapsed: Duration) {
+        self.attempts.push(Attempt {
+            deployment: deployment.clone(),
+            outcome,
+            elapsed,
+        });
+    }
+
+    /// Attempts repeated on the deployment just tried (hedge losers and skips not counted).
+    pub fn retries(&self) -> u32 {
+        let (mut retries, mut prev): (u32, Option<&str>) = (0, None);
+        for a in self.sent() {
+            if prev == Some(a.deployment.name.as_str()) {
+                retries += 1;
+            }
+            prev = Some(a.deployment.name.as_str());
+        }
+        retries
+    }
+
+    /// Moves to another deployment after a failure (hedge losers and skips not counted).
+    pub fn fallbacks(&self) -> u32 {
+        let (mut fallbacks, mut prev): (u32, Option<&str>) = (0, None);
+        for a in self.sent() {
+            if prev.is_some_and(|p| p != a.deployment.name) {
+                fallbacks += 1;
+            }
+            prev = Some(a.deployment.name.as_str());
+        }
+        fallbacks
+    }
+
+    fn sent(&self) -> impl Iterator<Item = &Attempt> {
+        self.attempts.iter().filter(|a| {
+            !matches!(
+                a.outcome,
+                AttemptOutcome::HedgeCancelled | AttemptOutcome::BreakerOpen
+            )
+        })
+    }
+
+    /// Attempts actually sent upstream (`x-tollgate-attempts`).
+    pub fn attempts_sent(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.outcome != AttemptOutcome::BreakerOpen)
+            .count()
+    }
+
+    /// `deployment:outcome` per attempt, comma-separated (`x-tollgate-route`).
+    pub fn trace(&self) -> String {
+        let mut out = String::with_capacity(self.attempts.len() * 24);
+        for (i, a) in self.attempts.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&a.deployment.name);
+            out.push(':');
+            a.outcome.write_label(&mut out);
+        }
+        out
+    }
+
+    /// Whether anything beyond a first-try success on a strategy's pick happened.
+    pub fn is_eventful(&self) -> bool {
+        self.reason.is_some() || self.hedged || self.attempts.len() > 1
+    }
+}
+
+/// The chosen deployment for as long as the response lasts: counts it in flight, and settles
+/// what the request used when it ends.
+pub struct Lease {
+    deployment: Arc<Deployment>,
+    _in_flight: InFlightGuard,
+    limiter: Arc<dyn DeploymentLimiter>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("deployment", &self.deployment.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Records what the request used once it ended: tokens for the local TPM accounting,
+    /// spend for commit-aware routing, and a stream that failed after it started as a breaker
+    /// failure.
+    pub fn settle(&self, usage: &TokenUsage, failed_midstream: bool) {
+        let d = &self.deployment;
+        let now = Instant::now();
+        if d.limits.tpm.is_some() {
+            self.limiter
+                .record_tokens(&d.name, usage.input_tokens + usage.output_tokens, now);
+        }
+        if d.monthly_commit.is_some() {
+            if let Some(cost) = price_of(d, usage) {
+                d.health.add_spend(cost, SystemTime::now());
+            }
+        }
+        if failed_midstream {
+            d.health
+                .breaker
+                .record(now, super::breaker::CallResult::Failure, false);
+        }
+    }
+
+    pub fn deployment(&self) -> &Arc<Deployment> {
+        &self.deployment
+    }
+}
+
+/// `usage` at `d`'s configured price (cached input at the input price).
+pub fn price_of(d: &Deployment, usage: &TokenUsage) -> Option<Decimal> {
+    d.price.as_ref().map(|p| {
+        (Decimal::from(usage.input_tokens) * p.input_per_mtok
+            + Decimal::from(usage.cache_write_input_tokens) * p.input_per_mtok
+            + Decimal::from(usage.output_tokens) * p.output_per_mtok)
+            / Decimal::from(1_000_000u32)
+    })
+}
+
+/// A dispatched request: the upstream response (first byte arrived) and how it got there.
+pub struct Dispatched<'r> {
+    pub target: Target<'r>,
+    pub upstream: UpstreamResponse,
+    pub route: RouteLog,
+    pub lease: Lease,
+}
+
+/// A request no deployment served; `target` is the last one tried (or the alias's first when
+/// none could be), for the completion record.
+pub struct DispatchFailure<'r> {
+    pub error: GatewayError,
+    pub target: Option<Target<'r>>,
+    pub route: RouteLog,
+}
+
+/// The result of one attempt.
+struct AttemptDone {
+    deployment: Arc<Deployment>,
+    upstream_model: String,
+    result: Result<UpstreamResponse, GatewayError>,
+    guard: InFlightGuard,
+    elapsed: Duration,
+}
+
+/// Frees a half-open breaker's probe slot if the attempt is dropped before it ends.
+struct ProbeSlot<'a> {
+    breaker: &'a Breaker,
+    armed: bool,
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.abandon_probe();
+        }
+    }
+}
+
+fn target<'r>(alias: &'r Alias, d: &Arc<Deployment>, upstream_model: String) -> Target<'r> {
+    Target {
+        alias,
+        deployment: d.clone(),
+        upstream_model,
+    }
+}
+
+impl ModelRouter {
+    /// Sends the request to the alias's deployments until one answers with a first byte, or
+    /// nothing is left to try (see the module docs).
+    pub async fn dispatch<'r>(
+        &'r self,
+        req: &DispatchRequest<'_>,
+        body: &mut dyn UpstreamBody,
+    ) -> Result<Dispatched<'r>, Box<DispatchFailure<'r>>> {
+        let started = Instant::now();
+        let mut log = RouteLog::default();
+        let failure = |error, target, route| {
+            Box::new(DispatchFailure {
+                error,
+                target,
+                route,
+            })
+        };
+        let Some((mut alias, mut suffix)) = self
+            .resolve(req.model)
+            .filter(|(a, _)| !a.deployments.is_empty())
+        else {
+            return Err(failure(
+                GatewayError::ModelNotFound(req.model.to_string()),
+                None,
+                log,
+            ));
+        };
+        log.strategy = alias.strategy.label();
+        let mut tried = match excluded(alias, req, true) {
+            Ok(mask) => mask,
+            Err(e) => return Err(failure(e, None, log)),
+        };
+        if req.pins.deployment.is_some() || req.pins.provider.is_some() {
+            log.reason = Some("pinned");
+        }
+        let retry = &self.config.retry;
+        let deadline = Deadline::after(started, retry.deadline_ms);
+        let max_retry_after = Duration::from_millis(retry.max_retry_after_ms);
+        let mut last: Option<(GatewayError, Target<'r>)> = None;
+        let mut attempts = 0u32;
+        let mut alias_switches = 0u32;
+
+        'deployments: while attempts < retry.max_attempts && !deadline.passed() {
+            let input = self.rank_input(req);
+            let mut forced = false;
+            let picked = strategy::pick(
+                alias.strategy,
+                &alias.deployments,
+                tried,
+                &input,
+                &*self.limiter,
+                &mut rand::thread_rng(),
+            );
+            let idx = match picked {
+                Pick::Deployment(i) => i,
+                Pick::Exhausted => break,
+                Pick::Unavailable(Unavailable::RateLimited(until)) => {
+                    // Every deployment left is at its limit: wait for the first reset if it
+                    // is near enough, else answer 429.
+                    let wait = until.saturating_duration_since(Instant::now());
+                    if wait <= max_retry_after && deadline.allows_wait(wait) {
+                        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                        continue;
+                    }
+                    if last.is_none() {
+                        last = Some((
+                            GatewayError::Upstream {
+                                status: 429,
+                                message: format!(
+                                    "Every deployment of `{}` is at its rate limit.",
+                                    alias.name
+                                ),
+                                retry_after_s: Some(wait.as_secs().max(1)),
+                                param: None,
+                                code: None,
+                            },
+                            self.first_target(alias, req.model, suffix),
+                        ));
+                    }
+                    break;
+                }
+                // Every deployment left has its breaker open and none has been tried for
+                // this request: rather than refuse, send it to one of them as a probe.
+                Pick::Unavailable(Unavailable::BreakerOpen) if last.is_none() => {
+                    match (0..alias.deployments.len().min(64)).find(|i| tried & (1u64 << i) == 0) {
+                        Some(i) => {
+                            forced = true;
+                            i
+                        }
+                        None => break,
+                    }
+                }
+                Pick::Unavailable(Unavailable::BreakerOpen) => {
+                    if last.is_none() {
+                        last = Some((
+                            GatewayError::UpstreamUnavailable(format!(
+                                "every deployment of `{}` is failing (circuit breakers open)",
+                                alias.name
+                            )),
+                            self.first_target(alias, req.model, suffix),
+                        ));
+                    }
+                    break;
+                }
+            };
+            tried |= 1u64 << idx;
+            let d = alias.deployments[idx].clone();
+            let model = d.upstream_model(req.model, suffix);
+            if let Some((e, _)) = &last {
+                self.metrics.fallback(&alias.name, e.label());
+            }
+            let hedge = (req.high_priority || alias.hedge) && req.stream && !log.hedged;
+            let mut retry_n = 0u32;
+            loop {
+                let admission = if std::mem::take(&mut forced) {
+                    d.health.breaker.force_probe();
+                    Admission::Probe
+                } else {
+                    d.health.breaker.admit(Instant::now())
+                };
+                if admission == Admission::Rejected {
+                    log.push(&d, AttemptOutcome::BreakerOpen, Duration::ZERO);
+                    continue 'deployments;
+                }
+                let probe = admission == Admission::Probe;
+                let bytes = match body.body_for(d.provider.format(), &model) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if probe {
+                            d.health.breaker.abandon_probe();
+                        }
+                        return Err(failure(e, Some(target(alias, &d, model)), log));
+                    }
+                };
+                attempts += 1;
+                log.first_sent_at.get_or_insert_with(Instant::now);
+                let first = self.attempt(d.clone(), model.clone(), req, bytes, probe, deadline);
+                let done = if hedge && retry_n == 0 && req.endpoint == Endpoint::Chat {
+                    let delay = Duration::from_millis(self.config.hedge.delay_ms);
+                    let mut second_idx = None;
+                    let second = || {
+                        let (i, d2, admission) = self.hedge_candidate(alias, tried, req)?;
+                        let model2 = d2.upstream_model(req.model, suffix);
+                        let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
+                            if admission == Admission::Probe {
+                                d2.health.breaker.abandon_probe();
+                            }
+                            return None;
+                        };
+                        second_idx = Some(i);
+                        Some(self.attempt(
+                            d2,
+                            model2,
+                            req,
+                            bytes2,
+                            admission == Admission::Probe,
+                            deadline,
+                        ))
+                    };
+                    let raced =
+                        hedge::race(first, second, delay, |a: &AttemptDone| a.result.is_ok()).await;
+                    if let Some(i) = second_idx {
+                        tried |= 1u64 << i;
+                        attempts += 1;
+                        log.hedged = true;
+                    }
+                    match raced {
+                        Raced::Alone(done) => done,
+                        Raced::Won { winner, result } => {
+                            let loser_idx = if winner == 0 { second_idx } else { Some(idx) };
+                            if let Some(li) = loser_idx {
+                                let loser = alias.deployments[li].clone();
+                                let loser_model = loser.upstream_model(req.model, suffix);
+                                self.record_hedge_loser(&mut log, &loser, loser_model, req);
+                            }
+                            self.metrics.hedge(
+                                &alias.name,
+                                if winner == 0 {
+                                    "first_won"
+                                } else {
+                                    "hedge_won"
+                                },
+                            );
+                            result
+                        }
+                        Raced::Both([a, b]) => {
+                            // The first to finish failed; take the one that succeeded, if any.
+                            let (ok, failed) = if b.result.is_ok() { (b, a) } else { (a, b) };
+                            let e = match &failed.result {
+                                Err(e) => e.clone(),
+                                Ok(_) => GatewayError::Internal("hedge".to_string()),
+                            };
+                            log.push(&failed.deployment, AttemptOutcome::of(&e), failed.elapsed);
+                            self.metrics.hedge(&alias.name, "one_failed");
+                            if ok.result.is_err() {
+                                // Both failed: classify by the first deployment's error.
+                                let (first_done, other) = if ok.deployment.name == d.name {
+                                    (ok, failed)
+                                } else {
+                                    (failed, ok)
+                                };
+                                drop(other);
+                                first_done
+                            } else {
+                                ok
+                            }
+                        }
+                    }
+                } else {
+                    first.await
+                };
+                let AttemptDone {
+                    deployment: served_by,
+                    upstream_model,
+                    result,
+                    guard,
+                    elapsed,
+                } = done;
+                match result {
+                    Ok(upstream) => {
+                        log.push(&served_by, AttemptOutcome::Ok, elapsed);
+                        let lease = Lease {
+                            deployment: served_by.clone(),
+                            _in_flight: guard,
+                            limiter: self.limiter.clone(),
+                        };
+                        return Ok(Dispatched {
+                            target: target(alias, &served_by, upstream_model),
+                            upstream,
+                            route: log,
+                            lease,
+                        });
+                    }
+                    Err(e) => {
+                        drop(guard);
+                        log.push(&served_by, AttemptOutcome::of(&e), elapsed);
+                        let disposition = retry::classify(&e, retry.retry_timeouts);
+                        match disposition {
+                            Disposition::Fatal => {
+                                return Err(failure(
+                                    e,
+                                    Some(target(alias, &served_by, upstream_model)),
+                                    log,
+                                ));
+                            }
+                            Disposition::ContextWindow | Disposition::ContentPolicy => {
+                                let (next, reason) = if disposition == Disposition::ContextWindow {
+                                    (&alias.context_window_fallback, "context_window_fallback")
+                                } else {
+                                    (&alias.content_policy_fallback, "content_policy_fallback")
+                                };
+                                match next.as_deref().and_then(|n| self.alias(n)) {
+                                    Some(next) if alias_switches < 2 => {
+                                        self.metrics.fallback(&alias.name, reason);
+                                        alias_switches += 1;
+                                        alias = next;
+                                        suffix = None;
+                                        tried = excluded(alias, req, false).unwrap_or(0);
+                                        log.reason = Some(reason);
+                                        last = None;
+                                        continue 'deployments;
+                                    }
+                                    _ => {
+                                        return Err(failure(
+                                            e,
+                                            Some(target(alias, &served_by, upstream_model)),
+                                            log,
+                                        ))
+                                    }
+                                }
+                            }
+                            Disposition::Retry => {
+                                let retry_after = retry_after(&e);
+                                let wait = retry::backoff(retry, retry_n, &mut rand::thread_rng())
+                                    .max(retry_after.unwrap_or_default());
+                                let may_retry = retry_n < retry.max_retries
+                                    && attempts < retry.max_attempts
+                                    && served_by.name == d.name
+                                    && retry_after.is_none_or(|r| r <= max_retry_after)
+                                    && d.health.breaker.would_admit(Instant::now())
+                                    && deadline.allows_wait(wait);
+                                last = Some((e, target(alias, &served_by, upstream_model)));
+                                if may_retry {
+                                    self.metrics.retry(&alias.name, &d.name);
+                                    tokio::time::sleep(wait).await;
+                                    retry_n += 1;
+                                    continue;
+                                }
+                                continue 'deployments;
+                            }
+                            Disposition::NextDeployment => {
+                                // A 429 with nowhere else to go: wait as the upstream asked
+                                // and try the same deployment again.
+                                let wait = retry_after(&e).unwrap_or(Duration::from_secs(1));
+                                let is_429 =
+                                    matches!(e, GatewayError::Upstream { status: 429, .. });
+                                let elsewhere = matches!(
+                                    strategy::pick(
+                                        Strategy::Ordered,
+                                        &alias.deployments,
+                                        tried,
+                                        &self.rank_input(req),
+                                        &*self.limiter,
+                                        &mut rand::thread_rng(),
+                                    ),
+                                    Pick::Deployment(_)
+                                );
+                                let may_wait = is_429
+                                    && !elsewhere
+                                    && served_by.name == d.name
+                                    && retry_n < retry.max_retries
+                                    && attempts < retry.max_attempts
+                                    && wait <= max_retry_after
+                                    && deadline.allows_wait(wait);
+                                last = Some((e, target(alias, &served_by, upstream_model)));
+                                if may_wait {
+                                    self.metrics.retry(&alias.name, &d.name);
+                                    tokio::time::sleep(wait).await;
+                                    retry_n += 1;
+                                    continue;
+                                }
+                                continue 'deployments;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let (error, last_target) = match last {
+            Some((e, t)) => (e, Some(t)),
+            None if deadline.passed() => (
+                GatewayError::UpstreamTimeout(format!(
+                    "no deployment answered within the routing deadline of {} ms",
+                    retry.deadline_ms
+                )),
+                Some(self.first_target(alias, req.model, suffix)),
+            ),
+            None => (
+                GatewayError::UpstreamUnavailable(format!(
+                    "no deployment of `{}` could take the request",
+                    alias.name
+                )),
+                Some(self.first_target(alias, req.model, suffix)),
+            ),
+        };
+        Err(failure(error, last_target, log))
+    }
+
+    fn rank_input(&self, req: &DispatchRequest<'_>) -> RankInput {
+        let limits = &self.config.rate_limits;
+        RankInput {
+            prompt_tokens: req.prompt_tokens,
+            expected_output_tokens: req.expected_output_tokens,
+            now: Instant::now(),
+            wall: SystemTime::now(),
+            near_requests: limits.near_limit_requests,
+            near_tokens: limits.near_limit_tokens,
+            load_stale_after: Duration::from_secs(10),
+        }
+    }
+
+    fn first_target<'r>(
+        &'r self,
+        alias: &'r Alias,
+        model: &str,
+        suffix: Option<&str>,
+    ) -> Target<'r> {
+        let d = &alias.deployments[0];
+        target(alias, d, d.upstream_model(model, suffix))
+    }
+
+    /// The deployment a hedge goes to: the strategy's next pick, admitted by its breaker.
+    fn hedge_candidate(
+        &self,
+        alias: &Alias,
+        tried: u64,
+        req: &DispatchRequest<'_>,
+    ) -> Option<(usize, Arc<Deployment>, Admission)> {
+        let input = self.rank_input(req);
+        let Pick::Deployment(i) = strategy::pick(
+            alias.strategy,
+            &alias.deployments,
+            tried,
+            &input,
+            &*self.limiter,
+            &mut rand::thread_rng(),
+        ) else {
+            return None;
+        };
+        let d = alias.deployments[i].clone();
+        match d.health.breaker.admit(Instant::now()) {
+            Admission::Rejected => None,
+            a => Some((i, d, a)),
+        }
+    }
+
+    fn record_hedge_loser(
+        &self,
+        log: &mut RouteLog,
+        loser: &Arc<Deployment>,
+        upstream_model: String,
+        req: &DispatchRequest<'_>,
+    ) {
+        log.push(loser, AttemptOutcome::HedgeCancelled, Duration::ZERO);
+        let usage = TokenUsage {
+            input_tokens: req.prompt_tokens,
+            source: UsageSource::Counted,
+            ..TokenUsage::default()
+        };
+        log.hedge_loser = Some(HedgeLoser {
+            deployment: loser.clone(),
+            upstream_model,
+            cost: price_of(loser, &usage),
+            usage,
+        });
+    }
+
+    /// One attempt on `d`: counts it, sends, waits (bounded by the deadline) for the first
+    /// byte, and feeds the outcome to the deployment's health and breaker.
+    async fn attempt(
+        &self,
+        d: Arc<Deployment>,
+        upstream_model: String,
+        req: &DispatchRequest<'_>,
+        bytes: Bytes,
+        probe: bool,
+        deadline: Deadline,
+    ) -> AttemptDone {
+        let mut slot = ProbeSlot {
+            breaker: &d.health.breaker,
+            armed: probe,
+        };
+        let sent = Instant::now();
+        if d.limits.rpm.is_some() || d.limits.tpm.is_some() {
+            self.limiter.record_request(&d.name, sent);
+        }
+        let guard = d.health.start();
+        let send = d.provider.send(req.endpoint, bytes, req.forwarded);
+        let result = match tokio::time::timeout(deadline.remaining(), send).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::UpstreamTimeout(format!(
+                "no first byte within the routing deadline of {} ms",
+                self.config.retry.deadline_ms
+            ))),
+        };
+        let elapsed = sent.elapsed();
+        slot.armed = false;
+        drop(slot);
+        self.observe(&d, &result, elapsed, probe);
+        AttemptDone {
+            deployment: d,
+            upstream_model,
+            result,
+            guard,
+            elapsed,
+        }
+    }
+
+    fn observe(
+        &self,
+        d: &Deployment,
+        result: &Result<UpstreamResponse, GatewayError>,
+        elapsed: Duration,
+        probe: bool,
+    ) {
+        use super::breaker::CallResult;
+        let now = Instant::now();
+        let breaker = &d.health.breaker;
+        let transition = match result {
+            Ok(response) => {
+                if self.config.rate_limits.follow_upstream_headers {
+                    d.health.observe_rate_headers(&response.headers, now);
+                }
+                d.health.observe_ttft(elapsed);
+                let slow_ms = self.config.breaker.slow_call_ms;
+                let slow = slow_ms > 0 && elapsed > Duration::from_millis(slow_ms);
+                self.metrics.attempt(&d.name, "ok");
+                breaker.record(now, CallResult::Success { slow }, probe)
+            }
+            Err(e) => {
+                self.metrics.attempt(&d.name, e.label());
+                match e {
+                    GatewayError::Upstream { status: 429, .. } => {
+                        // Rate limits say nothing about health.
+                        d.health.block_for(retry_after(e), now);
+                        if probe {
+                            breaker.abandon_probe();
+                        }
+                        None
+                    }
+                    _ => match retry::classify(e, true) {
+                        Disposition::Fatal
+                        | Disposition::ContextWindow
+                        | Disposition::ContentPolicy => {
+                            breaker.record(now, CallResult::Success { slow: false }, probe)
+                        }
+                        _ => breaker.record(now, CallResult::Failure, probe),
+                    },
+                }
+            }
+        };
+        if let Some(state) = transition {
+            tracing::warn!(deployment = %d.name, state = state.label(), "circuit breaker changed state");
+            self.metrics.breaker_transition(&d.name, state.label());
+        }
+    }
+}
+
+/// An upstream error's `retry-after`.
+fn retry_after(e: &GatewayError) -> Option<Duration> {
+    match e {
+        GatewayError::Upstream {
+            retry_after_s: Some(s),
+            ..
+        } => Some(Duration::from_secs(*s)),
+        _ => None,
+    }
+}
+
+/// Deployments of `alias` the request may not use (bit i set): pinned away, or (for
+/// embeddings) not serving the endpoint.
+fn excluded(alias: &Alias, req: &DispatchRequest<'_>, pins: bool) -> Result<u64, GatewayError> {
+    let mut mask = 0u64;
+    for (i, d) in alias.deployments.iter().enumerate().take(64) {
+        let pinned_away = pins
+            && (req.pins.deployment.is_some_and(|p| p != d.name)
+                || req.pins.provider.is_some_and(|p| p != d.provider.label()));
+        let wrong_endpoint = req.endpoint == Endpoint::Embeddings && !d.embeddings;
+        if pinned_away || wrong_endpoint {
+            mask |= 1u64 << i;
+        }
+    }
+    let all = if alias.deployments.len() >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << alias.deployments.len()) - 1
+    };
+    if mask == all {
+        return Err(if let Some(p) = req.pins.deployment.filter(|_| pins) {
+            GatewayError::bad_param(
+                format!(
+                    "The deployment `{p}` does not serve the model `{}`.",
+                    req.model
+                ),
+                "x-tollgate-deployment",
+            )
+        } else if let Some(p) = req.pins.provider.filter(|_| pins) {
+            GatewayError::bad_param(
+                format!(
+                    "No deployment of provider `{p}` serves the model `{}`.",
+                    req.model
+                ),
+                "x-tollgate-provider",
+            )
+        } else {
+            GatewayError::bad_param(
+                format!("The model `{}` does not serve embeddings.", req.model),
+                "model",
+            )
+        });
+    }
+    Ok(mask)
+}

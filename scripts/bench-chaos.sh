@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Chaos benchmark: one alias over three deployments, each its own mock upstream process:
+#   healthy   answers normally
+#   flaky     fails FAIL_RATIO of its requests (HTTP FAIL_STATUS before any byte)
+#   slow      waits SLOW_MS before every answer
+# The same streaming load runs through the gateway in three routing modes, each on a fresh
+# gateway process (no state carried over):
+#   off             weighted random, one attempt per request, breakers off
+#   retries         weighted random with the default retries, fallbacks and breakers
+#   lowest_latency  the same, with the lowest-latency strategy
+#   hedged          lowest_latency, every request high priority (hedged after HEDGE_MS)
+# and prints a markdown table: client-visible success rate and time to first token.
+#
+# Usage: scripts/bench-chaos.sh            (from anywhere)
+# Environment (defaults in brackets):
+#   REQUESTS [3000]   measured requests per mode
+#   CONCURRENCY [16]  concurrent client connections
+#   WARMUP [100]      unmeasured requests first (they also train the latency estimates)
+#   FAIL_RATIO [0.3]  share of the flaky deployment's requests that fail
+#   FAIL_STATUS [503] their status
+#   SLOW_MS [300]     the slow deployment's delay before answering
+#   HEDGE_MS [50]     hedge delay of the hedged mode
+#   CHUNKS [20]       SSE chunks per response
+#   BUILD [1]         0: use already built release binaries
+#   KEEP_TMP [0]      1: keep the temporary directory (configs, logs, JSON results)
+#   MOCK_BIN, GATEWAY_BIN, LOAD_BIN   override the binaries' paths
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-3000}
+CONCURRENCY=${CONCURRENCY:-16}
+WARMUP=${WARMUP:-100}
+FAIL_RATIO=${FAIL_RATIO:-0.3}
+FAIL_STATUS=${FAIL_STATUS:-503}
+SLOW_MS=${SLOW_MS:-300}
+HEDGE_MS=${HEDGE_MS:-50}
+CHUNKS=${CHUNKS:-20}
+BUILD=${BUILD:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+export RUST_LOG=${RUST_LOG:-warn}
+
+RELEASE_DIR="${CARGO_TARGET_DIR:-target}/release"
+MOCK_BIN=${MOCK_BIN:-$RELEASE_DIR/tollgate-mock-upstream}
+GATEWAY_BIN=${GATEWAY_BIN:-$RELEASE_DIR/tollgate}
+LOAD_BIN=${LOAD_BIN:-$RELEASE_DIR/tollgate-load}
+
+log() { echo "chaos: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-chaos.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP_TMP == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [[ $BUILD == 1 ]]; then
+    cargo build --release --locked -p tollgate-tests --bins -p tollgate-gateway >&2
+fi
+for bin in "$MOCK_BIN" "$LOAD_BIN" "$GATEWAY_BIN"; do
+    [[ -x $bin ]] || die "$bin not found (build it or set BUILD=1)"
+done
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local port tries=0
+    while ((tries < 100)); do
+        port=$((20000 + RANDOM % 40000))
+        if ! port_in_use "$port"; then
+            echo "$port"
+            return 0
+        fi
+        tries=$((tries + 1))
+    done
+    die "no free port found"
+}
+http_status() {
+    local port=$1 path=$2 line=""
+    {
+        exec 3<>"/dev/tcp/127.0.0.1/$port" &&
+            printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n' "$path" "$port" >&3 &&
+            IFS= read -r -t 2 line <&3
+        exec 3<&- 3>&-
+    } 2>/dev/null || true
+    line=${line%$'\r'}
+    [[ $line == HTTP/* ]] && echo "${line#* }" | cut -d' ' -f1
+    return 0
+}
+wait_for() {
+    local what=$1 pid=$2 logfile=$3
+    shift 3
+    local i
+    for ((i = 0; i < 600; i++)); do
+        if "$@"; then return 0; fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "$what exited before it was ready"
+        fi
+        sleep 0.1
+    done
+    die "$what not ready after 60 s"
+}
+json_num() {
+    local file=$1 key=$2
+    if [[ $key == *.* ]]; then
+        sed -n "s/.*\"${key%%.*}\":{[^}]*\"${key#*.}\":\\([-0-9.eE+]*\\).*/\\1/p" "$file"
+    else
+        sed -n "s/.*\"$key\":\\([-0-9.eE+]*\\).*/\\1/p" "$file"
+    fi
+}
+calc() { awk "BEGIN { printf \"$1\", $2 }"; }
+
+# ---------------------------------------------------------------------------- upstreams
+# start_mock NAME ARGS...: starts a mock upstream; its port is left in MOCK_PORT.
+start_mock() {
+    local name=$1 pid
+    shift
+    MOCK_PORT=$(free_port)
+    "$MOCK_BIN" --listen "127.0.0.1:$MOCK_PORT" --chunks "$CHUNKS" "$@" >"$TMP/mock-$name.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_for "mock $name" "$pid" "$TMP/mock-$name.log" grep -q "listening on" "$TMP/mock-$name.log"
+}
+start_mock healthy
+PORT_HEALTHY=$MOCK_PORT
+start_mock flaky --fail-ratio "$FAIL_RATIO" --fail-kind status --fail-status "$FAIL_STATUS"
+PORT_FLAKY=$MOCK_PORT
+start_mock slow --latency-ms "$SLOW_MS"
+PORT_SLOW=$MOCK_PORT
+log "upstreams: healthy :$PORT_HEALTHY, flaky :$PORT_FLAKY ($FAIL_RATIO × $FAIL_STATUS), slow :$PORT_SLOW (${SLOW_MS} ms)"
+export CHAOS_UPSTREAM_KEY=x
+
+# ---------------------------------------------------------------------------- modes
+routing_for() {
+    case $1 in
+    off) printf '[routing]\nstrategy = "weighted_random"\n[routing.retry]\nmax_retries = 0\nmax_attempts = 1\n[routing.breaker]\nenabled = false\n' ;;
+    retries) printf '[routing]\nstrategy = "weighted_random"\n' ;;
+    lowest_latency) printf '[routing]\nstrategy = "lowest_latency"\n' ;;
+    hedged) printf '[routing]\nstrategy = "lowest_latency"\n[routing.hedge]\ndelay_ms = %s\n' "$HEDGE_MS" ;;
+    esac
+}
+
+MODES=(off retries lowest_latency hedged)
+for mode in "${MODES[@]}"; do
+    dir="$TMP/$mode"
+    mkdir -p "$dir/data"
+    {
+        for d in healthy:$PORT_HEALTHY flaky:$PORT_FLAKY slow:$PORT_SLOW; do
+            printf '[[deployments]]\ntype = "openai"\nname = "%s"\nmodel = "gpt"\nbase_url = "http://127.0.0.1:%s/v1"\napi_key_env = "CHAOS_UPSTREAM_KEY"\n\n' "${d%%:*}" "${d#*:}"
+        done
+        printf '[[models]]\nname = "chaos"\ndeployments = ["healthy", "flaky", "slow"]\n\n[events]\ntype = "log"\n\n'
+        routing_for "$mode"
+    } >"$dir/gateway.toml"
+    if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$dir/data" 2>&1); then
+        [[ $out == *"exist"* ]] || die "tenants create failed: $out"
+    fi
+    key=$("$GATEWAY_BIN" keys create --tenant default --data-dir "$dir/data" | awk 'NF { k = $0 } END { print k }')
+    key=${key//[[:space:]]/}
+    port=$(free_port)
+    "$GATEWAY_BIN" serve --config "$dir/gateway.toml" --data-dir "$dir/data" --listen "127.0.0.1:$port" \
+        >"$dir/gateway.log" 2>&1 &
+    gw=$!
+    PIDS+=("$gw")
+    gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
+    wait_for "gateway ($mode)" "$gw" "$dir/gateway.log" gateway_ready
+    log "$mode: $REQUESTS requests at concurrency $CONCURRENCY"
+    extra=()
+    if [[ $mode == hedged ]]; then extra=(-H "x-tollgate-priority: high"); fi
+    "$LOAD_BIN" "${extra[@]}" --url "http://127.0.0.1:$port/v1/chat/completions" --api-key "$key" --model chaos \
+        --concurrency "$CONCURRENCY" --requests "$REQUESTS" --warmup "$WARMUP" --duration-s 300 \
+        --json >"$dir/result.json" 2>"$dir/load.err" || true
+    kill "$gw" 2>/dev/null || true
+    wait "$gw" 2>/dev/null || true
+done
+
+# ---------------------------------------------------------------------------- report
+echo
+echo "## Chaos benchmark"
+echo
+echo "3 deployments behind one alias: healthy; flaky ($FAIL_RATIO of requests answer $FAIL_STATUS);" \
+    "slow (${SLOW_MS} ms before every answer). $REQUESTS streamed requests per mode at concurrency" \
+    "$CONCURRENCY, $CHUNKS chunks each; TTFT of successful requests, in ms."
+echo
+echo "| routing | ok | errors | success rate | TTFT p50 | TTFT p90 | TTFT p99 |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for mode in "${MODES[@]}"; do
+    f="$TMP/$mode/result.json"
+    ok=$(json_num "$f" requests_ok)
+    errors=$(json_num "$f" errors)
+    [[ -n $ok ]] || die "$mode: no result ($(cat "$TMP/$mode/load.err"))"
+    printf '| %s | %s | %s | %s %% | %s | %s | %s |\n' "$mode" "$ok" "$errors" \
+        "$(calc "%.2f" "100 * $ok / ($ok + $errors)")" \
+        "$(calc "%.1f" "$(json_num "$f" ttft_us.p50) / 1000")" \
+        "$(calc "%.1f" "$(json_num "$f" ttft_us.p90) / 1000")" \
+        "$(calc "%.1f" "$(json_num "$f" ttft_us.p99) / 1000")"
+done
