@@ -269,6 +269,7 @@ async fn serve_inner(
     let forwarded = forwarded_headers(&headers);
     let dispatch = DispatchRequest {
         model: &requested_model,
+        tenant: std::sync::Arc::from(caller.tenant_id.as_str()),
         endpoint: Endpoint::Chat,
         forwarded: &forwarded,
         pins: pins(&headers),

@@ -51,10 +51,12 @@ pub struct Pins<'a> {
 }
 
 /// What the router needs to know about a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DispatchRequest<'a> {
     /// The model the client asked for.
     pub model: &'a str,
+    /// The caller's tenant (its fair share of saturated deployments).
+    pub tenant: Arc<str>,
     pub endpoint: Endpoint,
     pub forwarded: &'a Forwarded,
     pub pins: Pins<'a>,
@@ -231,6 +233,7 @@ impl RouteLog {
 /// what the request used when it ends.
 pub struct Lease {
     deployment: Arc<Deployment>,
+    tenant: Arc<str>,
     _in_flight: InFlightGuard,
     limiter: Arc<dyn DeploymentLimiter>,
 }
@@ -251,8 +254,12 @@ impl Lease {
         let d = &self.deployment;
         let now = Instant::now();
         if d.limits.tpm.is_some() {
-            self.limiter
-                .record_tokens(&d.name, usage.input_tokens + usage.output_tokens, now);
+            self.limiter.record_tokens(
+                &d.name,
+                &self.tenant,
+                usage.input_tokens + usage.output_tokens,
+                now,
+            );
         }
         if d.monthly_commit.is_some() {
             if let Some(cost) = price_of(d, usage) {
@@ -551,6 +558,7 @@ impl ModelRouter {
                         log.push(&served_by, AttemptOutcome::Ok, elapsed);
                         let lease = Lease {
                             deployment: served_by.clone(),
+                            tenant: req.tenant.clone(),
                             _in_flight: guard,
                             limiter: self.limiter.clone(),
                         };
@@ -679,6 +687,7 @@ impl ModelRouter {
     fn rank_input(&self, req: &DispatchRequest<'_>) -> RankInput {
         let limits = &self.config.rate_limits;
         RankInput {
+            tenant: req.tenant.clone(),
             prompt_tokens: req.prompt_tokens,
             expected_output_tokens: req.expected_output_tokens,
             now: Instant::now(),
@@ -762,7 +771,7 @@ impl ModelRouter {
         };
         let sent = Instant::now();
         if d.limits.rpm.is_some() || d.limits.tpm.is_some() {
-            self.limiter.record_request(&d.name, sent);
+            self.limiter.record_request(&d.name, &req.tenant, sent);
         }
         let guard = d.health.start();
         let send = d.provider.send(req.endpoint, bytes, req.forwarded);

@@ -7,6 +7,12 @@
 //! the key's limits, or back the trait with a shared store). The window is a sliding minute
 //! approximated from two fixed one-minute buckets (the previous one weighted by how much of
 //! it the sliding minute still covers).
+//!
+//! Fair share: once a deployment has used [`FAIR_SHARE_FROM`] of its RPM or TPM within the
+//! minute, a tenant that already used more than its share of the limit (the limit divided
+//! by the tenants using the deployment this minute, the asking one included) is steered to
+//! another deployment, so that one tenant cannot take a saturated provider key's capacity
+//! from the others.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,6 +23,10 @@ use super::config::DeploymentLimits;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// Share of a deployment's limit used within the minute from which tenants are held to their
+/// fair share.
+pub const FAIR_SHARE_FROM: f64 = 0.8;
+
 /// Requests and tokens of one deployment in the last minute.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MinuteUsage {
@@ -26,19 +36,20 @@ pub struct MinuteUsage {
 
 /// Per-deployment RPM/TPM accounting.
 pub trait DeploymentLimiter: Send + Sync {
-    /// `Ok` if `deployment` can take one more request of about `tokens` tokens now, else the
-    /// instant it probably can.
+    /// `Ok` if `deployment` can take one more request of about `tokens` tokens from `tenant`
+    /// now, else the instant it probably can.
     fn check(
         &self,
         deployment: &str,
+        tenant: &str,
         limits: &DeploymentLimits,
         tokens: u64,
         now: Instant,
     ) -> Result<(), Instant>;
-    /// Counts a request sent to `deployment`.
-    fn record_request(&self, deployment: &str, now: Instant);
-    /// Counts tokens `deployment` used (input + output, once known).
-    fn record_tokens(&self, deployment: &str, tokens: u64, now: Instant);
+    /// Counts a request `tenant` sent to `deployment`.
+    fn record_request(&self, deployment: &str, tenant: &str, now: Instant);
+    /// Counts tokens `tenant` used on `deployment` (input + output, once known).
+    fn record_tokens(&self, deployment: &str, tenant: &str, tokens: u64, now: Instant);
     /// Usage over the last minute.
     fn usage(&self, deployment: &str, now: Instant) -> MinuteUsage;
 }
@@ -83,10 +94,40 @@ impl Window {
     }
 }
 
+/// One deployment's window and its tenants' windows (in the same buckets).
+#[derive(Debug, Default)]
+struct Usage {
+    total: Window,
+    tenants: HashMap<String, Window>,
+}
+
+impl Usage {
+    fn roll(&mut self, now: Instant) {
+        self.total.roll(now);
+        for w in self.tenants.values_mut() {
+            w.roll(now);
+        }
+        self.tenants.retain(|_, w| {
+            w.current != MinuteUsage::default() || w.previous != MinuteUsage::default()
+        });
+    }
+
+    /// A tenant's window, started on the deployment's bucket boundary.
+    fn tenant(&mut self, tenant: &str, now: Instant) -> &mut Window {
+        let start = self.total.start.or(Some(now));
+        self.tenants
+            .entry(tenant.to_string())
+            .or_insert_with(|| Window {
+                start,
+                ..Window::default()
+            })
+    }
+}
+
 /// In-memory [`DeploymentLimiter`] for one gateway instance.
 #[derive(Debug, Default)]
 pub struct MemoryLimiter {
-    windows: HashMap<String, Mutex<Window>>,
+    windows: HashMap<String, Mutex<Usage>>,
 }
 
 impl MemoryLimiter {
@@ -95,7 +136,7 @@ impl MemoryLimiter {
         MemoryLimiter {
             windows: deployments
                 .into_iter()
-                .map(|d| (d.to_string(), Mutex::new(Window::default())))
+                .map(|d| (d.to_string(), Mutex::new(Usage::default())))
                 .collect(),
         }
     }
@@ -105,6 +146,7 @@ impl DeploymentLimiter for MemoryLimiter {
     fn check(
         &self,
         deployment: &str,
+        tenant: &str,
         limits: &DeploymentLimits,
         tokens: u64,
         now: Instant,
@@ -112,35 +154,57 @@ impl DeploymentLimiter for MemoryLimiter {
         if limits.rpm.is_none() && limits.tpm.is_none() {
             return Ok(());
         }
-        let Some(w) = self.windows.get(deployment) else {
+        let Some(u) = self.windows.get(deployment) else {
             return Ok(());
         };
-        let mut w = w.lock();
-        w.roll(now);
-        let (used, bucket_end) = w.estimate(now);
-        let over_requests = limits.rpm.is_some_and(|rpm| used.requests >= rpm);
-        let over_tokens = limits
-            .tpm
-            .is_some_and(|tpm| used.tokens.saturating_add(tokens) > tpm && used.tokens > 0);
-        if over_requests || over_tokens {
+        let mut u = u.lock();
+        u.roll(now);
+        let (used, bucket_end) = u.total.estimate(now);
+        let over = |used: MinuteUsage, rpm: Option<f64>, tpm: Option<f64>| {
+            rpm.is_some_and(|rpm| used.requests as f64 >= rpm)
+                || tpm.is_some_and(|tpm| {
+                    used.tokens.saturating_add(tokens) as f64 > tpm && used.tokens > 0
+                })
+        };
+        let (rpm, tpm) = (limits.rpm.map(|n| n as f64), limits.tpm.map(|n| n as f64));
+        if over(used, rpm, tpm) {
+            return Err(bucket_end);
+        }
+        let saturation = f64::max(
+            rpm.map_or(0.0, |rpm| used.requests as f64 / rpm),
+            tpm.map_or(0.0, |tpm| used.tokens as f64 / tpm),
+        );
+        if saturation < FAIR_SHARE_FROM {
+            return Ok(());
+        }
+        let others = u.tenants.keys().filter(|t| t.as_str() != tenant).count();
+        let share = 1.0 / (others + 1) as f64;
+        let mine = u
+            .tenants
+            .get(tenant)
+            .map_or_else(MinuteUsage::default, |w| w.estimate(now).0);
+        if over(mine, rpm.map(|r| r * share), tpm.map(|t| t * share)) {
             Err(bucket_end)
         } else {
             Ok(())
         }
     }
 
-    fn record_request(&self, deployment: &str, now: Instant) {
-        if let Some(w) = self.windows.get(deployment) {
-            let mut w = w.lock();
-            w.roll(now);
-            w.current.requests += 1;
+    fn record_request(&self, deployment: &str, tenant: &str, now: Instant) {
+        if let Some(u) = self.windows.get(deployment) {
+            let mut u = u.lock();
+            u.roll(now);
+            u.total.current.requests += 1;
+            u.tenant(tenant, now).current.requests += 1;
         }
     }
 
-    fn record_tokens(&self, deployment: &str, tokens: u64, now: Instant) {
-        if let Some(w) = self.windows.get(deployment) {
-            let mut w = w.lock();
-            w.roll(now);
+    fn record_tokens(&self, deployment: &str, tenant: &str, tokens: u64, now: Instant) {
+        if let Some(u) = self.windows.get(deployment) {
+            let mut u = u.lock();
+            u.roll(now);
+            u.total.current.tokens = u.total.current.tokens.saturating_add(tokens);
+            let w = u.tenant(tenant, now);
             w.current.tokens = w.current.tokens.saturating_add(tokens);
         }
     }
@@ -148,10 +212,10 @@ impl DeploymentLimiter for MemoryLimiter {
     fn usage(&self, deployment: &str, now: Instant) -> MinuteUsage {
         self.windows
             .get(deployment)
-            .map_or_else(MinuteUsage::default, |w| {
-                let mut w = w.lock();
-                w.roll(now);
-                w.estimate(now).0
+            .map_or_else(MinuteUsage::default, |u| {
+                let mut u = u.lock();
+                u.roll(now);
+                u.total.estimate(now).0
             })
     }
 }
@@ -169,16 +233,38 @@ mod tests {
         };
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(l.check("a", &limits, 10, t0), Ok(()));
-            l.record_request("a", t0);
+            assert_eq!(l.check("a", "t", &limits, 10, t0), Ok(()));
+            l.record_request("a", "t", t0);
         }
-        assert_eq!(l.check("a", &limits, 10, t0), Err(t0 + MINUTE));
+        assert_eq!(l.check("a", "t", &limits, 10, t0), Err(t0 + MINUTE));
         // Half a minute into the next bucket, half the previous minute still counts (2 of 3).
         let t1 = t0 + MINUTE + MINUTE / 2;
         assert_eq!(l.usage("a", t1).requests, 2);
-        assert_eq!(l.check("a", &limits, 10, t1), Ok(()));
+        assert_eq!(l.check("a", "t", &limits, 10, t1), Ok(()));
         // Two minutes later nothing counts.
         assert_eq!(l.usage("a", t0 + MINUTE * 3).requests, 0);
+    }
+
+    #[test]
+    fn a_saturated_deployment_holds_each_tenant_to_its_share() {
+        let l = MemoryLimiter::new(["a"]);
+        let limits = DeploymentLimits {
+            rpm: Some(10),
+            tpm: None,
+        };
+        let t0 = Instant::now();
+        // Alone, a tenant may use the whole limit.
+        for _ in 0..8 {
+            assert_eq!(l.check("a", "big", &limits, 1, t0), Ok(()));
+            l.record_request("a", "big", t0);
+        }
+        // 80% used: a second tenant still gets in...
+        assert_eq!(l.check("a", "small", &limits, 1, t0), Ok(()));
+        l.record_request("a", "small", t0);
+        // ...and the first, holding 8 of 10 against a share of 5, is steered away while the
+        // second may take the last request.
+        assert!(l.check("a", "big", &limits, 1, t0).is_err());
+        assert_eq!(l.check("a", "small", &limits, 1, t0), Ok(()));
     }
 
     #[test]
@@ -190,14 +276,14 @@ mod tests {
         };
         let t0 = Instant::now();
         // A first request is never refused for its size alone.
-        assert_eq!(l.check("a", &limits, 5_000, t0), Ok(()));
-        l.record_tokens("a", 900, t0);
-        assert_eq!(l.check("a", &limits, 50, t0), Ok(()));
-        assert!(l.check("a", &limits, 200, t0).is_err());
+        assert_eq!(l.check("a", "t", &limits, 5_000, t0), Ok(()));
+        l.record_tokens("a", "t", 900, t0);
+        assert_eq!(l.check("a", "t", &limits, 50, t0), Ok(()));
+        assert!(l.check("a", "t", &limits, 200, t0).is_err());
         // Unknown deployments and deployments without limits are never limited.
-        assert_eq!(l.check("b", &limits, 1_000_000, t0), Ok(()));
+        assert_eq!(l.check("b", "t", &limits, 1_000_000, t0), Ok(()));
         assert_eq!(
-            l.check("a", &DeploymentLimits::default(), 1_000_000, t0),
+            l.check("a", "t", &DeploymentLimits::default(), 1_000_000, t0),
             Ok(())
         );
     }

@@ -664,6 +664,7 @@ deployments = ["a", "b", "c"]
 
     fn input() -> strategy::RankInput {
         strategy::RankInput {
+            tenant: std::sync::Arc::from("t"),
             prompt_tokens: 1000,
             expected_output_tokens: 100,
             now: Instant::now(),

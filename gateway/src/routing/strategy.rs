@@ -7,6 +7,7 @@
 //! within the best non-empty tier. Nothing here allocates: an alias has at most 64 deployments
 //! and "tried" is a bit mask.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
@@ -22,8 +23,10 @@ use super::Deployment;
 const EXPLORE_ONE_IN: u32 = 20;
 
 /// What a pick needs to know about the request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RankInput {
+    /// The tenant asking (for its fair share of a saturated deployment).
+    pub tenant: Arc<str>,
     pub prompt_tokens: u64,
     pub expected_output_tokens: u64,
     pub now: Instant,
@@ -169,7 +172,7 @@ fn tier(
     if !d.health.breaker.would_admit(input.now) {
         return Err(Unavailable::BreakerOpen);
     }
-    if let Err(until) = limiter.check(&d.name, &d.limits, tokens, input.now) {
+    if let Err(until) = limiter.check(&d.name, &input.tenant, &d.limits, tokens, input.now) {
         return Err(Unavailable::RateLimited(until));
     }
     match d
