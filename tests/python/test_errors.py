@@ -458,3 +458,50 @@ def test_connection_usable_or_closed_explicitly_after_early_error(gateway, case:
                 f"dropped the connection: the next request on it failed ({err!r})"
             )
         assert second.startswith("HTTP/1.1 200 "), second
+
+
+# ---------------------------------------------------------------------------------------
+# Quotas: a tenant over its requests-per-minute limit
+# ---------------------------------------------------------------------------------------
+
+
+def test_rate_limited_tenant_gets_each_sdks_rate_limit_error(
+    gateway, make_openai, make_anthropic
+) -> None:
+    """A tenant limited to one request per minute: the second request raises the SDK's own
+    RateLimitError, with retry-after and x-ratelimit-* headers and the limit named."""
+    data_dir = gateway.log_path.parent / "data"
+    tenant = f"sdk-limited-{secrets.token_hex(4)}"
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN_DIR / "tollgate"), "--data-dir", str(data_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    cli("tenants", "create", tenant)
+    cli("limits", "tenant", tenant, "--rpm", "1")
+    key = cli("keys", "create", "--tenant", tenant)
+    oai = make_openai(api_key=key)
+
+    ok = oai.chat.completions.with_raw_response.create(model="oa/gpt-4o", messages=MESSAGES)
+    assert ok.headers["x-ratelimit-limit-requests"] == "1"
+    assert ok.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(oai, "oa/gpt-4o")
+    e = refused.value
+    assert e.status_code == 429
+    assert e.code == "rate_limit_exceeded"
+    assert e.param == "tenant_requests_per_minute"
+    assert "requests per minute" in e.message
+    assert 1 <= int(e.response.headers["retry-after"]) <= 60
+    assert e.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+    with pytest.raises(anthropic.RateLimitError) as refused_a:
+        message(make_anthropic(api_key=key), "an/claude-sonnet-4-5")
+    assert refused_a.value.status_code == 429
+    assert refused_a.value.body["error"]["type"] == "rate_limit_error"
