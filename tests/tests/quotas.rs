@@ -422,6 +422,36 @@ async fn redis_outage_mid_load_fails_open_and_the_limiter_recovers() {
     assert_eq!(s, 200);
 }
 
+/// Prices the slow model in the store of `data_dir` (before a gateway starts: it reads the
+/// price book at start and every 30 s): 100 per million input tokens, 1 000 per million
+/// output tokens, so a 20-token reply costs 0.02 plus its prompt.
+fn price_the_slow_model(data_dir: &Path) {
+    let out = tollgate(
+        &[
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "prices",
+            "set",
+            "--model",
+            "mock-slow",
+            "--input",
+            "100",
+            "--cached-input",
+            "0",
+            "--output",
+            "1000",
+            "--effective-from",
+            "2020-01-01T00:00:00Z",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An embedded gateway (memory limiter) serving the slow model.
 async fn embedded(dir: &Path, chunks: usize, extra_env: &[(&str, &str)]) -> GatewayProcess {
     let cfg = config(dir, chunks, 1);
@@ -506,35 +536,7 @@ async fn a_hard_token_limit_cuts_a_running_stream_and_a_soft_one_lets_it_finish(
 #[tokio::test]
 async fn spend_budgets_refuse_with_insufficient_quota_in_each_api_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = embedded(dir.path(), 20, &[]).await;
-    let data = dir.path().to_str().unwrap().to_string();
-    // 1 000 per million output tokens: a 20-token reply costs 0.02 plus its prompt.
-    let out = tollgate(
-        &[
-            "--data-dir",
-            &data,
-            "prices",
-            "set",
-            "--model",
-            "mock-slow",
-            "--input",
-            "100",
-            "--cached-input",
-            "0",
-            "--output",
-            "1000",
-            "--effective-from",
-            "2020-01-01T00:00:00Z",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Prices are re-read every 30 s: restart so this one is in force.
-    drop(gw);
+    price_the_slow_model(dir.path());
     let gw = embedded(dir.path(), 20, &[]).await;
     let key = tenant(&gw.base_url, "budget", Some(json!({"spend_limit": "0.1"}))).await;
     let client = reqwest::Client::new();
@@ -610,30 +612,7 @@ async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
-    let out = tollgate(
-        &[
-            "--data-dir",
-            &data,
-            "prices",
-            "set",
-            "--model",
-            "mock-slow",
-            "--input",
-            "100",
-            "--cached-input",
-            "0",
-            "--output",
-            "1000",
-            "--effective-from",
-            "2020-01-01T00:00:00Z",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    price_the_slow_model(dir.path());
     let prefix = unique_prefix();
     let cfg = config(dir.path(), 20, 1);
     let gw = GatewayProcess::start(
