@@ -245,10 +245,9 @@ async fn serve_inner(
     let requested_model = request.model().to_string();
     // Quotas: the request's worst case (prompt + output cap) is reserved against every limit
     // of its key and tenant before any provider is called; an unknown model is not counted.
-    let candidates = state
-        .router
-        .candidate_models(&requested_model)
-        .ok_or_else(|| GatewayError::ModelNotFound(requested_model.clone()))?;
+    if !state.router.knows(&requested_model) {
+        return Err(GatewayError::ModelNotFound(requested_model));
+    }
     let admission = state
         .limiter
         .admit(&caller, &requested_model, || {
@@ -258,7 +257,10 @@ async fn serve_inner(
                 prompt_tokens: prompt_estimate,
                 max_output_tokens,
                 output_capped,
-                models: candidates,
+                models: state
+                    .router
+                    .candidate_models(&requested_model)
+                    .unwrap_or_default(),
             }
         })
         .await?;

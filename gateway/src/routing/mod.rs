@@ -234,6 +234,11 @@ impl ModelRouter {
         })
     }
 
+    /// Whether `model` names an alias (exact or wildcard).
+    pub fn knows(&self, model: &str) -> bool {
+        self.resolve(model).is_some()
+    }
+
     /// The upstream models that may serve `model` (for pricing an estimate before a
     /// deployment is chosen); `None` for an unknown model.
     pub fn candidate_models(&self, model: &str) -> Option<Vec<String>> {
