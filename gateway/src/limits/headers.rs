@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Ask, Check, Kind, Verdict};
+use super::{Asked, Check, Kind, Verdict};
 use crate::error::GatewayError;
 
 /// One figure: limit, remaining after this request, time until it resets.
@@ -32,7 +32,7 @@ fn ms_to_next_minute() -> u64 {
 
 impl RateHeaders {
     /// The tightest requests and tokens figures of a reserve.
-    pub(crate) fn from_verdict(checks: &[Check], v: &Verdict, ask: &Ask<'_>) -> Self {
+    pub(crate) fn from_verdict(checks: &[Check], v: &Verdict, ask: &Asked) -> Self {
         let reset_ms = ms_to_next_minute();
         let mut h = RateHeaders::default();
         for (i, c) in checks.iter().enumerate() {
@@ -121,7 +121,7 @@ fn secs_to_next_period() -> u64 {
 }
 
 /// The 429 for a request `check` refused.
-pub(crate) fn refusal(check: &Check, used: u64, ask: &Ask<'_>, h: &RateHeaders) -> GatewayError {
+pub(crate) fn refusal(check: &Check, used: u64, ask: &Asked, h: &RateHeaders) -> GatewayError {
     let scope = match check.scope {
         super::Scope::Key => "this API key".to_string(),
         super::Scope::Tenant => "your organization".to_string(),

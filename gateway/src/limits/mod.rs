@@ -122,6 +122,17 @@ pub enum Backend {
     Redis,
 }
 
+/// Output tokens an uncapped request is admitted with when the default allowance does not
+/// fit its limits.
+const MIN_UNCAPPED_OUTPUT_TOKENS: u64 = 16;
+
+/// The amounts of an [`Ask`], without its borrowed ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    pub tokens: u64,
+    pub micros: u64,
+}
+
 /// What one reserve (or extension) asks for.
 #[derive(Debug)]
 pub(crate) struct Ask<'a> {
@@ -295,22 +306,24 @@ impl Limiter {
         if checks.is_empty() {
             return Ok(None);
         }
-        let estimate = estimate();
+        let mut estimate = estimate();
         let request_id = format!("res_{}", uuid::Uuid::now_v7().simple());
-        let request_id = request_id.as_str();
         let price = self.prices.price(&caller.tenant_id, &estimate.models);
-        let micros = price
-            .as_ref()
-            .map_or(0, |p| estimate::micros(p.cost(&estimate.usage())));
-        let ask = Ask {
-            request_id,
-            checks: &checks,
-            tokens: estimate.total_tokens(),
-            micros,
-            extend: false,
-        };
-        let tokens = ask.tokens;
-        let (holder, verdict) = self.reserve(&ask).await;
+        let (mut holder, mut verdict, mut ask) = self
+            .try_reserve(&request_id, &checks, &estimate, price.as_ref())
+            .await;
+        // A request without an output cap that does not fit with the default allowance is
+        // admitted with a small one: a stream then reserves more as it runs (and a hard
+        // limit cuts it); a whole answer settles what it used.
+        let refused_for_size = verdict
+            .failed
+            .is_some_and(|i| matches!(checks[i].kind, Kind::Tokens | Kind::Spend));
+        if refused_for_size && !estimate.output_capped {
+            estimate.max_output_tokens = estimate.max_output_tokens.min(MIN_UNCAPPED_OUTPUT_TOKENS);
+            (holder, verdict, ask) = self
+                .try_reserve(&request_id, &checks, &estimate, price.as_ref())
+                .await;
+        }
         let headers = RateHeaders::from_verdict(&checks, &verdict, &ask);
         if let Some(i) = verdict.failed {
             let check = &checks[i];
@@ -325,17 +338,45 @@ impl Limiter {
             reservation: Reservation {
                 limiter: self.clone(),
                 holder,
-                checks,
-                request_id: request_id.to_string(),
+                request_id,
                 window: verdict.window,
                 prompt_tokens: estimate.prompt_tokens,
                 output_capped: estimate.output_capped,
-                tokens,
-                micros,
+                tokens: ask.tokens,
+                micros: ask.micros,
+                checks,
                 price,
                 settled: false,
             },
         }))
+    }
+
+    /// One reserve of `estimate`; returns where it was made, the verdict, and what was asked
+    /// (tokens and spend; the ids are the caller's).
+    async fn try_reserve(
+        &self,
+        request_id: &str,
+        checks: &[Check],
+        estimate: &Estimate,
+        price: Option<&tollgate_schemas::pricing::PriceRow>,
+    ) -> (Holder, Verdict, Asked) {
+        let micros = price.map_or(0, |p| estimate::micros(p.cost(&estimate.usage())));
+        let ask = Ask {
+            request_id,
+            checks,
+            tokens: estimate.total_tokens(),
+            micros,
+            extend: false,
+        };
+        let (holder, verdict) = self.reserve(&ask).await;
+        (
+            holder,
+            verdict,
+            Asked {
+                tokens: ask.tokens,
+                micros,
+            },
+        )
     }
 
     /// Reserves on Redis, or locally when Redis is not configured or does not answer.
