@@ -769,3 +769,25 @@ async fn limit_rows_are_validated_listed_and_removed_through_the_api_and_cli() {
     .await;
     assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
 }
+
+#[tokio::test]
+async fn embeddings_count_against_the_same_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = embedded(dir.path(), 5, &[]).await;
+    let key = tenant(&gw.base_url, "embedder", Some(json!({"rpm_limit": 1}))).await;
+    let client = reqwest::Client::new();
+    let embed = || {
+        client
+            .post(format!("{}/v1/embeddings", gw.base_url))
+            .bearer_auth(&key)
+            .json(&json!({"model": "mock/embed", "input": ["one text", "another text"]}))
+            .send()
+    };
+    let ok = embed().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(ok.headers()["x-ratelimit-remaining-requests"], "0");
+    let refused = embed().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "tenant_requests_per_minute");
+}

@@ -13,9 +13,11 @@ use super::inference::{admit, collect_upstream};
 use crate::api::{openai, parse_body, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
+use crate::limits::Estimate;
 use crate::providers::{Endpoint, Forwarded};
 use crate::relay::exchange::Routed;
 use crate::relay::{Exchange, Outcome};
+use crate::tokens;
 
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
@@ -41,6 +43,21 @@ async fn serve(
     let (mut value, req) = parse_body::<openai::EmbeddingsRequest>(&bytes)?;
     caller.ensure_model_allowed(&req.model)?;
     let target = state.router.pick(&req.model, true)?;
+    // Quotas: the input's tokens are reserved (an embedding has no output), settled with what
+    // the upstream reports.
+    let admission = state
+        .limiter
+        .admit(&caller, &req.model, || Estimate {
+            prompt_tokens: input_tokens(&req.input, &target.upstream_model),
+            max_output_tokens: 0,
+            output_capped: true,
+            models: vec![target.upstream_model.clone()],
+        })
+        .await?;
+    let (reservation, rate_headers) = match admission {
+        Some(a) => (Some(a.reservation), Some(a.headers)),
+        None => (None, None),
+    };
     value["model"] = Value::from(target.upstream_model.as_str());
     let upstream_body =
         serde_json::to_vec(&value).map_err(|e| GatewayError::Internal(e.to_string()))?;
@@ -86,6 +103,9 @@ async fn serve(
         input_tokens,
         ..Default::default()
     };
+    if let Some(r) = reservation {
+        r.settle(&usage);
+    }
     exchange.finish(
         Outcome::Completed,
         usage,
@@ -99,5 +119,18 @@ async fn serve(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Some(rate) = &rate_headers {
+        rate.apply(r.headers_mut());
+    }
     Ok(r)
+}
+
+/// Tokens of an embeddings input (token arrays count as given).
+fn input_tokens(input: &openai::EmbeddingsInput, model: &str) -> u64 {
+    match input {
+        openai::EmbeddingsInput::One(s) => tokens::count_text(model, s),
+        openai::EmbeddingsInput::Many(v) => v.iter().map(|s| tokens::count_text(model, s)).sum(),
+        openai::EmbeddingsInput::Tokens(t) => t.len() as u64,
+        openai::EmbeddingsInput::TokenBatches(b) => b.iter().map(|t| t.len() as u64).sum(),
+    }
 }
