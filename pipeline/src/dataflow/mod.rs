@@ -20,6 +20,7 @@
 //! number). The commit operator waits until every worker has closed an epoch, then writes
 //! everything of the closed epochs, positions included, in one ledger transaction.
 
+pub mod aggregate;
 pub mod dedup;
 pub mod pricing;
 
@@ -31,7 +32,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use differential_dataflow::input::InputSession;
-use differential_dataflow::AsCollection;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::core::{Concat, OkErr, Probe};
@@ -43,7 +43,7 @@ use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::config::{AnalyticsSpec, BalanceSpec, LedgerSpec, PipelineConfig, SourceSpec};
 use crate::fact::{
-    AggKey, Fact, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals,
+    Completion, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals,
 };
 use crate::sink::committer::Committer;
 use crate::sink::{Analytics, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
@@ -285,18 +285,17 @@ pub fn run_worker(
     let sink_state = Rc::clone(&state);
     let sink_source = source_id.clone();
     worker.dataflow::<u64, _, _>(|scope| {
-        let (facts, rejects) =
-            records_in
-                .to_stream(scope)
-                .ok_err(|r: SourceRecord| match Fact::parse(&r) {
-                    Ok(f) => Ok((f, r.replay_only)),
-                    Err(reason) => Err(Reject {
-                        partition: r.partition,
-                        offset: r.offset,
-                        reason,
-                        payload: String::from_utf8_lossy(&r.payload).into_owned(),
-                    }),
-                });
+        let (facts, rejects) = records_in.to_stream(scope).ok_err(move |r: SourceRecord| {
+            match Completion::parse(&r, with_facts) {
+                Ok(c) => Ok((c, r.replay_only)),
+                Err(reason) => Err(Reject {
+                    partition: r.partition,
+                    offset: r.offset,
+                    reason,
+                    payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                }),
+            }
+        });
         let (unique, duplicates) =
             dedup::dedup(facts, options.dedup_horizon_ms).ok_err(|d: dedup::Deduped| d);
 
@@ -310,27 +309,13 @@ pub fn run_worker(
                     .map(|(r, _)| (*r).clone());
                 out.push((PriceSchedule::new(live), 1isize));
             });
-        let priced = pricing::price(unique, schedules.inner.broadcast()).as_collection();
-
-        // One explode into all three aggregates (per minute, per period, per invoice line):
-        // each completion is cloned and summed once, not once per aggregate.
-        let aggregates = priced
-            .clone()
-            .explode(|f: PricedFact| f.aggregates())
-            .consolidate_stream()
-            .inner
-            .map(|(k, _t, r)| match k {
-                AggKey::Minute(k) => SinkItem::Minute(k, r),
-                AggKey::Period(k) => SinkItem::Period(k, r),
-                AggKey::Line(k) => SinkItem::Line(k, r),
-            });
-        let mut items = aggregates
+        // Priced and summed per epoch on the worker that deduplicated them: one record per
+        // aggregate key and epoch leaves (plus, with analytics, each priced fact).
+        let priced = pricing::price_and_sum(unique, schedules.inner.broadcast(), with_facts);
+        let items = priced
             .concat(positions_in.to_stream(scope).map(SinkItem::Position))
             .concat(rejects.map(SinkItem::Reject))
             .concat(duplicates.map(SinkItem::Duplicates));
-        if with_facts {
-            items = items.concat(priced.inner.map(|(f, _t, _d)| SinkItem::Fact(f)));
-        }
 
         let mut pending: BTreeMap<u64, Vec<SinkItem>> = BTreeMap::new();
         items.probe_with(&probe).sink(
