@@ -503,8 +503,8 @@ pub struct PeriodKey {
     pub currency: String,
 }
 
-/// Sums over completions: the difference type of the aggregate collections (a commutative
-/// group, so differential dataflow can add, retract and consolidate them).
+/// Sums over completions: what every aggregate keeps. A commutative group, so it can also
+/// serve as a differential dataflow difference (added, retracted, consolidated).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: i64,

@@ -1,18 +1,25 @@
 //! The billing dataflow and the loop that drives it, one per worker.
 //!
 //! ```text
-//! source records ──parse──▶ facts ──Dedup (by event id)──▶ unique facts ──PriceLookup──▶ priced
-//!      │                                                           ▲
-//!      │                          price rows ──reduce by model──▶ schedules (broadcast)
+//! source records ──parse──▶ completions ──Dedup (by event id)──▶ unique ──PriceAndSum──▶ sums
+//!      │                                                                 ▲
+//!      │                               price rows ──reduce by model──▶ schedules (broadcast)
 //!      │
 //!      ├─ rejects ───────────────────────────────────────────────────────────────┐
 //!      └─ positions (per partition, per epoch) ──────────────────────────────────┤
-//! priced ──explode──▶ Σ per tenant×model×minute (Totals) ──consolidate──▶────────┤
-//! priced ──explode──▶ Σ per tenant×billing period (Totals) ──consolidate──▶──────┤
-//! priced (only with analytics) ──────────────────────────────────────────────────┤
+//! sums: per epoch and worker, Σ per tenant×model×minute, per tenant×billing      │
+//!       period and per invoice line (Totals), one record per key ────────────────┤
+//! priced facts (only with analytics) ────────────────────────────────────────────┤
 //!                                                                                ▼
 //!                                     LedgerCommit on worker 0, once per closed epoch(s)
 //! ```
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | building the dataflow, the worker loop (epochs, back-pressure), the commit |
+//! | `dedup.rs` | `Dedup`: first copy of each event id wins, ids remembered for the horizon |
+//! | `pricing.rs` | `PriceAndSum`: the price book per epoch, each completion priced and summed |
+//! | `aggregate.rs` | an epoch's sums and their roll-up into the ledger's three aggregates |
 //!
 //! Time is an epoch number: each worker reads for `epoch_ms`, then reports how far it read
 //! in every partition and advances to the next epoch (numbered from the wall clock, so the
@@ -383,7 +390,8 @@ pub fn run_worker(
     let mut next_price_refresh = Instant::now() + Duration::from_millis(options.price_refresh_ms);
     let mut epoch_started = Instant::now();
     let mut last_record = Instant::now();
-    let mut moved: HashMap<u32, Position> = HashMap::new();
+    // A worker reads a handful of partitions: a B-tree beats hashing every record's partition.
+    let mut moved: BTreeMap<u32, Position> = BTreeMap::new();
     let mut buffer: Vec<SourceRecord> = Vec::new();
     let mut report = WorkerReport {
         index,
@@ -446,7 +454,7 @@ pub fn run_worker(
                 .is_some_and(|ms| last_record.elapsed() >= Duration::from_millis(ms));
 
         if stop || epoch_started.elapsed() >= Duration::from_millis(epoch_ms) {
-            for (_, p) in moved.drain() {
+            for (_, p) in std::mem::take(&mut moved) {
                 positions_in.send(p);
             }
             if stop {

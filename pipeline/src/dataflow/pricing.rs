@@ -223,3 +223,108 @@ pub fn price_and_sum<'s>(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::str::FromStr;
+
+    use super::*;
+    use crate::fact::Outcome;
+
+    fn row(model: &str, from: i64, input: &str) -> PriceRow {
+        PriceRow {
+            model: model.into(),
+            tenant_id: None,
+            effective_from_ms: from,
+            input_per_mtok: Decimal::from_str(input).unwrap(),
+            cached_input_per_mtok: Decimal::ZERO,
+            output_per_mtok: Decimal::ZERO,
+            currency: "USD".into(),
+        }
+    }
+
+    fn schedule(rows: &[PriceRow]) -> (String, PriceSchedule) {
+        (
+            rows[0].model.clone(),
+            PriceSchedule::new(rows.iter().cloned()),
+        )
+    }
+
+    fn frontier_at(t: u64) -> MutableAntichain<u64> {
+        let mut f = MutableAntichain::new();
+        let _ = f.update_iter([(t, 1)]);
+        f
+    }
+
+    fn completion(model: &str, event_ms: i64) -> Completion {
+        Completion {
+            event_id: 1,
+            event_ms,
+            tenant_id: "t".into(),
+            model: model.into(),
+            outcome: Outcome::Completed,
+            input_tokens: 1_000_000,
+            cached_input_tokens: 0,
+            cache_write_input_tokens: 0,
+            output_tokens: 0,
+            usage_counted: false,
+            ttft_ms: None,
+            details: None,
+        }
+    }
+
+    fn input_price(book: &PriceBook, epoch: u64, c: &Completion) -> Option<Decimal> {
+        lookup(book.at(epoch), c).map(|(id, r)| {
+            assert_eq!(&book.rows.rows[id as usize], r);
+            r.input_per_mtok
+        })
+    }
+
+    /// Each epoch is priced with the book as of that epoch, whatever was applied since, and
+    /// versions are forgotten only once no open epoch can use them.
+    #[test]
+    fn the_book_of_each_epoch_applies_until_no_epoch_needs_it() {
+        let v1 = [row("m", 0, "1")];
+        let v2 = [row("m", 0, "1"), row("m", 1_000, "2")];
+        let mut updates = vec![
+            (schedule(&v1), 5, 1),
+            (schedule(&v1), 9, -1),
+            (schedule(&v2), 9, 1),
+            (schedule(&[row("n", 0, "7")]), 12, 1),
+        ];
+        let mut book = PriceBook::default();
+        book.apply(&mut updates, &frontier_at(10));
+        assert_eq!(updates.len(), 1, "epoch 12 is still open");
+        let late = completion("m", 2_000);
+        assert_eq!(
+            input_price(&book, 4, &late),
+            None,
+            "no price before epoch 5"
+        );
+        assert_eq!(input_price(&book, 5, &late), Some(Decimal::ONE));
+        assert_eq!(input_price(&book, 8, &late), Some(Decimal::ONE));
+        assert_eq!(input_price(&book, 9, &late), Some(Decimal::TWO));
+        // Effective-dated within a version: the event time picks the row.
+        assert_eq!(
+            input_price(&book, 9, &completion("m", 999)),
+            Some(Decimal::ONE)
+        );
+        assert_eq!(input_price(&book, 9, &completion("n", 0)), None);
+
+        book.forget_before(8);
+        assert_eq!(input_price(&book, 8, &late), Some(Decimal::ONE));
+        book.apply(&mut updates, &frontier_at(13));
+        assert!(updates.is_empty());
+        assert_eq!(
+            input_price(&book, 12, &completion("n", 0)),
+            Some(Decimal::from(7))
+        );
+        book.forget_before(12);
+        assert_eq!(book.versions.len(), 1);
+        assert_eq!(input_price(&book, 12, &late), Some(Decimal::TWO));
+        // Three distinct rows were ever published.
+        assert_eq!(book.rows.rows.len(), 3);
+    }
+}
