@@ -2,6 +2,8 @@
 //! need ([`Fact`]), the same with its price ([`PricedFact`]), and the monoid the aggregates
 //! add up ([`Totals`]).
 
+use std::borrow::Cow;
+
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -62,7 +64,8 @@ impl From<CompletionStatus> for Outcome {
     }
 }
 
-/// A completion event as billing sees it.
+/// A billed completion with every dimension analytics keeps: one `request_facts` row (and
+/// the shape of the facts in the ledger's analytics outbox, so it must stay compatible).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fact {
     /// The event id (UUIDv7) as a number: duplicates share it.
@@ -94,8 +97,77 @@ pub struct Fact {
 }
 
 impl Fact {
-    /// Parses a `llm.completions` message; `Err` says why it cannot be billed.
-    pub fn parse(record: &SourceRecord) -> Result<Fact, String> {
+    pub fn usage(&self) -> TokenUsage {
+        usage(
+            [
+                self.input_tokens,
+                self.cached_input_tokens,
+                self.cache_write_input_tokens,
+                self.output_tokens,
+            ],
+            self.usage_counted,
+        )
+    }
+}
+
+fn usage(tokens: [u64; 4], counted: bool) -> TokenUsage {
+    TokenUsage {
+        input_tokens: tokens[0],
+        cached_input_tokens: tokens[1],
+        cache_write_input_tokens: tokens[2],
+        output_tokens: tokens[3],
+        source: if counted {
+            tollgate_schemas::UsageSource::Counted
+        } else {
+            tollgate_schemas::UsageSource::Provider
+        },
+    }
+}
+
+/// A completion event as the dataflow carries it: only what billing reads (two strings, ~130
+/// bytes), so that parsing allocates little and moving it between operators is cheap. The
+/// dimensions only analytics reads ride along in `details`, parsed only when an analytics
+/// sink is configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The event id (UUIDv7) as a number: duplicates share it.
+    pub event_id: u128,
+    pub event_ms: i64,
+    pub tenant_id: String,
+    /// The model priced and reported: the model name the upstream served.
+    pub model: String,
+    pub outcome: Outcome,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_input_tokens: u64,
+    pub output_tokens: u64,
+    pub usage_counted: bool,
+    pub ttft_ms: Option<u64>,
+    pub details: Option<Box<Details>>,
+}
+
+/// The dimensions of a completion that only analytics reads (see [`Fact`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Details {
+    pub received_ms: i64,
+    pub key_id: String,
+    pub request_id: String,
+    pub route: String,
+    pub requested_model: String,
+    pub provider: String,
+    pub deployment: String,
+    pub stream: bool,
+    pub latency_ms: u64,
+    pub retries: u32,
+    pub fallbacks: u32,
+    pub partition: u32,
+    pub offset: i64,
+}
+
+impl Completion {
+    /// Parses a `llm.completions` message, with its [`Details`] if `with_details`; `Err` says
+    /// why it cannot be billed (the same checks either way).
+    pub fn parse(record: &SourceRecord, with_details: bool) -> Result<Completion, String> {
         let event: CompletionWire<'_> = serde_json::from_slice(&record.payload)
             .map_err(|e| format!("not a completion event: {e}"))?;
         if event.schema_version != tollgate_schemas::events::SCHEMA_VERSION {
@@ -118,19 +190,28 @@ impl Fact {
             return Err("tenant_id is empty".into());
         }
         let u = event.usage;
-        Ok(Fact {
+        let details = with_details.then(|| {
+            Box::new(Details {
+                received_ms,
+                key_id: event.key_id.into_owned(),
+                request_id: event.request_id.into_owned(),
+                route: event.route.into_owned(),
+                requested_model: event.requested_model.into_owned(),
+                provider: event.provider.into_owned(),
+                deployment: event.deployment.into_owned(),
+                stream: event.stream,
+                latency_ms: event.latency_ms,
+                retries: event.retries,
+                fallbacks: event.fallbacks,
+                partition: record.partition,
+                offset: record.offset,
+            })
+        });
+        Ok(Completion {
             event_id,
             event_ms,
-            received_ms,
-            tenant_id: event.tenant_id,
-            key_id: event.key_id,
-            request_id: event.request_id,
-            route: event.route,
-            requested_model: event.requested_model,
-            model: event.upstream_model,
-            provider: event.provider,
-            deployment: event.deployment,
-            stream: event.stream,
+            tenant_id: event.tenant_id.into_owned(),
+            model: event.upstream_model.into_owned(),
             outcome: event.status.into(),
             input_tokens: u.input_tokens,
             cached_input_tokens: u.cached_input_tokens,
@@ -138,49 +219,83 @@ impl Fact {
             output_tokens: u.output_tokens,
             usage_counted: u.source == tollgate_schemas::UsageSource::Counted,
             ttft_ms: event.ttft_ms,
-            latency_ms: event.latency_ms,
-            retries: event.retries,
-            fallbacks: event.fallbacks,
-            partition: record.partition,
-            offset: record.offset,
+            details,
         })
     }
 
     pub fn usage(&self) -> TokenUsage {
-        TokenUsage {
+        usage(self.tokens(), self.usage_counted)
+    }
+
+    fn tokens(&self) -> [u64; 4] {
+        [
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.cache_write_input_tokens,
+            self.output_tokens,
+        ]
+    }
+
+    /// The whole [`Fact`] (for analytics), if this completion was parsed with its details.
+    pub fn into_fact(self) -> Option<Fact> {
+        let d = *self.details?;
+        Some(Fact {
+            event_id: self.event_id,
+            event_ms: self.event_ms,
+            received_ms: d.received_ms,
+            tenant_id: self.tenant_id,
+            key_id: d.key_id,
+            request_id: d.request_id,
+            route: d.route,
+            requested_model: d.requested_model,
+            model: self.model,
+            provider: d.provider,
+            deployment: d.deployment,
+            stream: d.stream,
+            outcome: self.outcome,
             input_tokens: self.input_tokens,
             cached_input_tokens: self.cached_input_tokens,
             cache_write_input_tokens: self.cache_write_input_tokens,
             output_tokens: self.output_tokens,
-            source: if self.usage_counted {
-                tollgate_schemas::UsageSource::Counted
-            } else {
-                tollgate_schemas::UsageSource::Provider
-            },
-        }
+            usage_counted: self.usage_counted,
+            ttft_ms: self.ttft_ms,
+            latency_ms: d.latency_ms,
+            retries: d.retries,
+            fallbacks: d.fallbacks,
+            partition: d.partition,
+            offset: d.offset,
+        })
     }
 }
 
 /// The fields of a `llm.completions` event that billing reads ([`tollgate_schemas::events::CompletionEvent`] is the
-/// full contract): strings that are only parsed or checked are borrowed from the message
-/// when they contain no escapes, which saves an allocation each on the hot path.
+/// full contract), all required. Strings are borrowed from the message when they contain no
+/// escapes: only the ones kept are copied (two without analytics).
 #[derive(Deserialize)]
 struct CompletionWire<'a> {
     schema_version: u32,
     #[serde(borrow)]
-    event_id: std::borrow::Cow<'a, str>,
+    event_id: Cow<'a, str>,
     #[serde(borrow)]
-    event_time: std::borrow::Cow<'a, str>,
+    event_time: Cow<'a, str>,
     #[serde(borrow)]
-    received_at: std::borrow::Cow<'a, str>,
-    tenant_id: String,
-    key_id: String,
-    request_id: String,
-    route: String,
-    requested_model: String,
-    upstream_model: String,
-    provider: String,
-    deployment: String,
+    received_at: Cow<'a, str>,
+    #[serde(borrow)]
+    tenant_id: Cow<'a, str>,
+    #[serde(borrow)]
+    key_id: Cow<'a, str>,
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    #[serde(borrow)]
+    route: Cow<'a, str>,
+    #[serde(borrow)]
+    requested_model: Cow<'a, str>,
+    #[serde(borrow)]
+    upstream_model: Cow<'a, str>,
+    #[serde(borrow)]
+    provider: Cow<'a, str>,
+    #[serde(borrow)]
+    deployment: Cow<'a, str>,
     stream: bool,
     status: CompletionStatus,
     usage: TokenUsage,
@@ -259,22 +374,35 @@ pub struct UnitPrices {
     pub output_per_mtok: Decimal,
 }
 
+impl UnitPrices {
+    /// The unit prices of a price-book row.
+    pub fn of(p: &PriceRow) -> UnitPrices {
+        UnitPrices {
+            input_per_mtok: p.input_per_mtok,
+            cached_input_per_mtok: p.cached_input_per_mtok,
+            output_per_mtok: p.output_per_mtok,
+        }
+    }
+}
+
 /// The currency of unpriced completions.
 pub const DEFAULT_CURRENCY: &str = "USD";
 
 impl PricedFact {
     pub fn new(fact: Fact, price: Option<&PriceRow>) -> PricedFact {
+        let cost = price.map_or(Decimal::ZERO, |p| p.cost(&fact.usage()));
+        PricedFact::with_cost(fact, price, cost)
+    }
+
+    /// [`PricedFact::new`] with the cost already computed (`price`'s cost of its usage).
+    pub fn with_cost(fact: Fact, price: Option<&PriceRow>, cost: Decimal) -> PricedFact {
         match price {
             Some(p) => PricedFact {
-                cost: p.cost(&fact.usage()),
+                cost,
                 currency: p.currency.clone(),
                 price_from_ms: Some(p.effective_from_ms),
                 price_override: p.tenant_id.is_some(),
-                unit: UnitPrices {
-                    input_per_mtok: p.input_per_mtok,
-                    cached_input_per_mtok: p.cached_input_per_mtok,
-                    output_per_mtok: p.output_per_mtok,
-                },
+                unit: UnitPrices::of(p),
                 fact,
             },
             None => PricedFact {
@@ -288,20 +416,6 @@ impl PricedFact {
         }
     }
 
-    /// Key of the per tenant × billing period × model × price-in-force aggregate (invoice
-    /// lines: one per price that applied during the period).
-    pub fn line_key(&self) -> LineKey {
-        LineKey {
-            tenant_id: self.fact.tenant_id.clone(),
-            period: billing_period(self.fact.event_ms),
-            model: self.fact.model.clone(),
-            currency: self.currency.clone(),
-            price_from_ms: self.price_from_ms.unwrap_or(-1),
-            price_override: self.price_override,
-            unit: self.unit,
-        }
-    }
-
     /// Key of the per tenant × model × minute aggregate.
     pub fn minute_key(&self) -> MinuteKey {
         MinuteKey {
@@ -312,65 +426,22 @@ impl PricedFact {
         }
     }
 
-    /// Key of the per tenant × billing period aggregate.
-    pub fn period_key(&self) -> PeriodKey {
-        PeriodKey {
-            tenant_id: self.fact.tenant_id.clone(),
-            period: billing_period(self.fact.event_ms),
-            currency: self.currency.clone(),
-        }
-    }
-
-    /// This completion's contribution to each aggregate (one pass: the totals and the billing
-    /// period are computed once).
-    pub fn aggregates(&self) -> [(AggKey, Totals); 3] {
-        let totals = self.totals();
-        let period = billing_period(self.fact.event_ms);
-        [
-            (AggKey::Minute(self.minute_key()), totals.clone()),
-            (
-                AggKey::Period(PeriodKey {
-                    tenant_id: self.fact.tenant_id.clone(),
-                    period: period.clone(),
-                    currency: self.currency.clone(),
-                }),
-                totals.clone(),
-            ),
-            (
-                AggKey::Line(LineKey {
-                    tenant_id: self.fact.tenant_id.clone(),
-                    period,
-                    model: self.fact.model.clone(),
-                    currency: self.currency.clone(),
-                    price_from_ms: self.price_from_ms.unwrap_or(-1),
-                    price_override: self.price_override,
-                    unit: self.unit,
-                }),
-                totals,
-            ),
-        ]
-    }
-
     /// This completion's contribution to any aggregate.
     pub fn totals(&self) -> Totals {
         let f = &self.fact;
-        let mut t = Totals {
-            requests: 1,
-            input_tokens: to_i64(f.input_tokens),
-            cached_input_tokens: to_i64(f.cached_input_tokens),
-            cache_write_input_tokens: to_i64(f.cache_write_input_tokens),
-            output_tokens: to_i64(f.output_tokens),
-            cost: self.cost,
-            errors: i64::from(f.outcome == Outcome::UpstreamError),
-            client_disconnects: i64::from(f.outcome == Outcome::ClientDisconnected),
-            unpriced: i64::from(self.price_from_ms.is_none()),
-            ..Totals::default()
-        };
-        if let Some(ms) = f.ttft_ms {
-            t.ttft_count = 1;
-            t.ttft_sum_ms = to_i64(ms);
-            t.ttft_buckets[ttft_bucket(ms)] = 1;
-        }
+        let mut t = Totals::default();
+        t.count(
+            [
+                f.input_tokens,
+                f.cached_input_tokens,
+                f.cache_write_input_tokens,
+                f.output_tokens,
+            ],
+            f.outcome,
+            f.ttft_ms,
+            &self.cost,
+            self.price_from_ms.is_some(),
+        );
         t
     }
 }
@@ -381,9 +452,15 @@ fn to_i64(v: u64) -> i64 {
 
 /// The billing period of an instant: its calendar month in UTC, `YYYY-MM`.
 pub fn billing_period(ms: i64) -> String {
+    let (year, month) = year_month(ms);
+    format!("{year:04}-{month:02}")
+}
+
+/// The calendar month (UTC) of an instant: (year, 1..=12).
+pub fn year_month(ms: i64) -> (i32, u8) {
     let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
+    (t.year(), u8::from(t.month()))
 }
 
 /// Upper bounds (inclusive, ms) of the time-to-first-token buckets; the last bucket is open.
@@ -404,14 +481,6 @@ pub struct MinuteKey {
     /// Start of the minute, ms since the Unix epoch.
     pub minute_ms: i64,
     pub currency: String,
-}
-
-/// The key of any aggregate the ledger keeps.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum AggKey {
-    Minute(MinuteKey),
-    Period(PeriodKey),
-    Line(LineKey),
 }
 
 /// Per tenant × billing period (of the event) × model × price in force: what invoice lines
@@ -438,8 +507,8 @@ pub struct PeriodKey {
     pub currency: String,
 }
 
-/// Sums over completions: the difference type of the aggregate collections (a commutative
-/// group, so differential dataflow can add, retract and consolidate them).
+/// Sums over completions: what every aggregate keeps. A commutative group, so it can also
+/// serve as a differential dataflow difference (added, retracted, consolidated).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: i64,
@@ -474,6 +543,32 @@ impl Totals {
         self.ttft_sum_ms += other.ttft_sum_ms;
         for (a, b) in self.ttft_buckets.iter_mut().zip(other.ttft_buckets.iter()) {
             *a += b;
+        }
+    }
+
+    /// Adds one completion: its tokens (input, cached input, cache-write input, output), how
+    /// it ended, its time to first token, its cost and whether a price applied.
+    pub fn count(
+        &mut self,
+        tokens: [u64; 4],
+        outcome: Outcome,
+        ttft_ms: Option<u64>,
+        cost: &Decimal,
+        priced: bool,
+    ) {
+        self.requests += 1;
+        self.input_tokens += to_i64(tokens[0]);
+        self.cached_input_tokens += to_i64(tokens[1]);
+        self.cache_write_input_tokens += to_i64(tokens[2]);
+        self.output_tokens += to_i64(tokens[3]);
+        self.cost += cost;
+        self.errors += i64::from(outcome == Outcome::UpstreamError);
+        self.client_disconnects += i64::from(outcome == Outcome::ClientDisconnected);
+        self.unpriced += i64::from(!priced);
+        if let Some(ms) = ttft_ms {
+            self.ttft_count += 1;
+            self.ttft_sum_ms += to_i64(ms);
+            self.ttft_buckets[ttft_bucket(ms)] += 1;
         }
     }
 

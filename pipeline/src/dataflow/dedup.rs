@@ -15,10 +15,10 @@ use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use crate::fact::Fact;
+use crate::fact::Completion;
 
 /// Ok: a first occurrence; Err(n): n duplicates were dropped in this epoch.
-pub type Deduped = Result<Fact, u64>;
+pub type Deduped = Result<Completion, u64>;
 
 /// Hashes event ids by their low 64 bits: UUIDv7's random part, already uniform, so the
 /// default SipHash would only add cost (it was ~5% of the dataflow's time).
@@ -42,16 +42,17 @@ impl std::hash::Hasher for IdHasher {
 
 type Ids = HashMap<u128, i64, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// Records of one epoch, with the capability to emit at it.
-type Epochs = BTreeMap<u64, (Capability<u64>, Vec<(Fact, bool)>)>;
+/// Records of one epoch, with the capability to emit at it; kept in the batches they arrived
+/// in (moved, not copied into one growing vector).
+type Epochs = BTreeMap<u64, (Capability<u64>, Vec<Vec<(Completion, bool)>>)>;
 
-fn route(f: &(Fact, bool)) -> u64 {
+fn route(f: &(Completion, bool)) -> u64 {
     // UUIDv7's low bits are random.
     f.0.event_id as u64
 }
 
 pub fn dedup<'s>(
-    facts: Stream<'s, u64, Vec<(Fact, bool)>>,
+    facts: Stream<'s, u64, Vec<(Completion, bool)>>,
     horizon_ms: i64,
 ) -> Stream<'s, u64, Vec<Deduped>> {
     facts.unary_frontier(Exchange::new(route), "Dedup", move |_cap, _info| {
@@ -69,18 +70,18 @@ pub fn dedup<'s>(
                     .entry(*cap.time())
                     .or_insert_with(|| (cap, Vec::new()))
                     .1
-                    .append(data);
+                    .push(std::mem::take(data));
             });
             while let Some((&time, _)) = pending.first_key_value() {
                 if frontier.less_equal(&time) {
                     break;
                 }
-                let Some((_, (cap, records))) = pending.pop_first() else {
+                let Some((_, (cap, batches))) = pending.pop_first() else {
                     break;
                 };
                 let mut session = output.session(&cap);
                 let mut duplicates = 0u64;
-                for (fact, replay_only) in records {
+                for (fact, replay_only) in batches.into_iter().flatten() {
                     newest = newest.max(fact.event_ms);
                     if seen.contains_key(&fact.event_id) {
                         if !replay_only {

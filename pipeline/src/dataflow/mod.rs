@@ -1,18 +1,25 @@
 //! The billing dataflow and the loop that drives it, one per worker.
 //!
 //! ```text
-//! source records ──parse──▶ facts ──Dedup (by event id)──▶ unique facts ──PriceLookup──▶ priced
-//!      │                                                           ▲
-//!      │                          price rows ──reduce by model──▶ schedules (broadcast)
+//! source records ──parse──▶ completions ──Dedup (by event id)──▶ unique ──PriceAndSum──▶ sums
+//!      │                                                                 ▲
+//!      │                               price rows ──reduce by model──▶ schedules (broadcast)
 //!      │
 //!      ├─ rejects ───────────────────────────────────────────────────────────────┐
 //!      └─ positions (per partition, per epoch) ──────────────────────────────────┤
-//! priced ──explode──▶ Σ per tenant×model×minute (Totals) ──consolidate──▶────────┤
-//! priced ──explode──▶ Σ per tenant×billing period (Totals) ──consolidate──▶──────┤
-//! priced (only with analytics) ──────────────────────────────────────────────────┤
+//! sums: per epoch and worker, Σ per tenant×model×minute, per tenant×billing      │
+//!       period and per invoice line (Totals), one record per key ────────────────┤
+//! priced facts (only with analytics) ────────────────────────────────────────────┤
 //!                                                                                ▼
 //!                                     LedgerCommit on worker 0, once per closed epoch(s)
 //! ```
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | building the dataflow, the worker loop (epochs, back-pressure), the commit |
+//! | `dedup.rs` | `Dedup`: first copy of each event id wins, ids remembered for the horizon |
+//! | `pricing.rs` | `PriceAndSum`: the price book per epoch, each completion priced and summed |
+//! | `aggregate.rs` | an epoch's sums and their roll-up into the ledger's three aggregates |
 //!
 //! Time is an epoch number: each worker reads for `epoch_ms`, then reports how far it read
 //! in every partition and advances to the next epoch (numbered from the wall clock, so the
@@ -20,6 +27,7 @@
 //! number). The commit operator waits until every worker has closed an epoch, then writes
 //! everything of the closed epochs, positions included, in one ledger transaction.
 
+pub mod aggregate;
 pub mod dedup;
 pub mod pricing;
 
@@ -31,7 +39,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use differential_dataflow::input::InputSession;
-use differential_dataflow::AsCollection;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::core::{Concat, OkErr, Probe};
@@ -43,7 +50,7 @@ use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::config::{AnalyticsSpec, BalanceSpec, LedgerSpec, PipelineConfig, SourceSpec};
 use crate::fact::{
-    AggKey, Fact, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals,
+    Completion, LineKey, MinuteKey, PeriodKey, PricedFact, Reject, SourceRecord, Totals,
 };
 use crate::sink::committer::Committer;
 use crate::sink::{Analytics, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
@@ -285,18 +292,17 @@ pub fn run_worker(
     let sink_state = Rc::clone(&state);
     let sink_source = source_id.clone();
     worker.dataflow::<u64, _, _>(|scope| {
-        let (facts, rejects) =
-            records_in
-                .to_stream(scope)
-                .ok_err(|r: SourceRecord| match Fact::parse(&r) {
-                    Ok(f) => Ok((f, r.replay_only)),
-                    Err(reason) => Err(Reject {
-                        partition: r.partition,
-                        offset: r.offset,
-                        reason,
-                        payload: String::from_utf8_lossy(&r.payload).into_owned(),
-                    }),
-                });
+        let (facts, rejects) = records_in.to_stream(scope).ok_err(move |r: SourceRecord| {
+            match Completion::parse(&r, with_facts) {
+                Ok(c) => Ok((c, r.replay_only)),
+                Err(reason) => Err(Reject {
+                    partition: r.partition,
+                    offset: r.offset,
+                    reason,
+                    payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                }),
+            }
+        });
         let (unique, duplicates) =
             dedup::dedup(facts, options.dedup_horizon_ms).ok_err(|d: dedup::Deduped| d);
 
@@ -310,27 +316,13 @@ pub fn run_worker(
                     .map(|(r, _)| (*r).clone());
                 out.push((PriceSchedule::new(live), 1isize));
             });
-        let priced = pricing::price(unique, schedules.inner.broadcast()).as_collection();
-
-        // One explode into all three aggregates (per minute, per period, per invoice line):
-        // each completion is cloned and summed once, not once per aggregate.
-        let aggregates = priced
-            .clone()
-            .explode(|f: PricedFact| f.aggregates())
-            .consolidate_stream()
-            .inner
-            .map(|(k, _t, r)| match k {
-                AggKey::Minute(k) => SinkItem::Minute(k, r),
-                AggKey::Period(k) => SinkItem::Period(k, r),
-                AggKey::Line(k) => SinkItem::Line(k, r),
-            });
-        let mut items = aggregates
+        // Priced and summed per epoch on the worker that deduplicated them: one record per
+        // aggregate key and epoch leaves (plus, with analytics, each priced fact).
+        let priced = pricing::price_and_sum(unique, schedules.inner.broadcast(), with_facts);
+        let items = priced
             .concat(positions_in.to_stream(scope).map(SinkItem::Position))
             .concat(rejects.map(SinkItem::Reject))
             .concat(duplicates.map(SinkItem::Duplicates));
-        if with_facts {
-            items = items.concat(priced.inner.map(|(f, _t, _d)| SinkItem::Fact(f)));
-        }
 
         let mut pending: BTreeMap<u64, Vec<SinkItem>> = BTreeMap::new();
         items.probe_with(&probe).sink(
@@ -398,7 +390,8 @@ pub fn run_worker(
     let mut next_price_refresh = Instant::now() + Duration::from_millis(options.price_refresh_ms);
     let mut epoch_started = Instant::now();
     let mut last_record = Instant::now();
-    let mut moved: HashMap<u32, Position> = HashMap::new();
+    // A worker reads a handful of partitions: a B-tree beats hashing every record's partition.
+    let mut moved: BTreeMap<u32, Position> = BTreeMap::new();
     let mut buffer: Vec<SourceRecord> = Vec::new();
     let mut report = WorkerReport {
         index,
@@ -461,7 +454,7 @@ pub fn run_worker(
                 .is_some_and(|ms| last_record.elapsed() >= Duration::from_millis(ms));
 
         if stop || epoch_started.elapsed() >= Duration::from_millis(epoch_ms) {
-            for (_, p) in moved.drain() {
+            for (_, p) in std::mem::take(&mut moved) {
                 positions_in.send(p);
             }
             if stop {
