@@ -597,12 +597,15 @@ async fn a_high_priority_request_is_hedged_and_the_loser_is_recorded_not_billed(
     assert_eq!(event["attempts"][0]["outcome"], "hedge_cancelled");
     assert_eq!(event["usage"]["output_tokens"], 20);
     // The billing pipeline reads it as an ordinary completion of the winner.
-    let fact = tollgate_pipeline::fact::Fact::parse(&tollgate_pipeline::fact::SourceRecord {
-        payload: wire.payload.clone(),
-        ..Default::default()
-    })
+    let fact = tollgate_pipeline::fact::Completion::parse(
+        &tollgate_pipeline::fact::SourceRecord {
+            payload: wire.payload.clone(),
+            ..Default::default()
+        },
+        true,
+    )
     .unwrap();
-    assert_eq!(fact.deployment, "fast");
+    assert_eq!(fact.details.as_ref().unwrap().deployment, "fast");
     assert_eq!(fact.output_tokens, 20);
     // Without the priority header there is no hedge.
     let (_, deployment, _, _) = ask(&h, "m", &[]).await;
