@@ -623,6 +623,8 @@ async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
             ("TOLLGATE__LIMITS__BACKEND", "redis"),
             ("TOLLGATE__LIMITS__REDIS_URL", redis.as_str()),
             ("TOLLGATE__LIMITS__KEY_PREFIX", prefix.as_str()),
+            // The balances below stand for a pipeline with no lag.
+            ("TOLLGATE__LIMITS__LEDGER_LAG_MS", "0"),
         ],
         dir.path().join("gw.log"),
     )
@@ -682,6 +684,24 @@ async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
     balances.publish(&[publish("0.99", 9)]).await.unwrap();
     let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
     assert_eq!(s, 200, "{body}");
+    // Until the ledger holds that request, its settled cost counts on top of the balance...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
+    assert_eq!(s, 200, "{body}");
+    // ...and once a balance written after it arrives, only the balance counts: the settled
+    // seconds it covers are dropped (here the balance says 0.98, so 0.98 + 0.02 > 1.0).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    balances.publish(&[publish("0.98", 12)]).await.unwrap();
+    let (s, _, body) = stream(&client, &gw.base_url, &key, Some(20)).await;
+    assert_eq!(s, 429, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used 0.98,"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

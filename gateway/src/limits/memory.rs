@@ -50,8 +50,9 @@ struct Spend {
     reserved: HashMap<String, (u64, u64)>,
     /// Counted spend (gateway-counted scopes).
     spent: u64,
-    /// Settled spend by second (ledger-backed scopes).
+    /// Settled spend by second (ledger-backed scopes), and its sum.
     pending: BTreeMap<u64, u64>,
+    pending_total: u64,
 }
 
 impl Spend {
@@ -163,12 +164,14 @@ impl MemoryLimiter {
                     let spend = state.spend.entry(c.key.clone()).or_default();
                     let settled = if c.balance.is_some() {
                         if let Some(updated) = updated {
-                            let cutoff = updated.saturating_sub(self.lag_ms);
-                            spend
-                                .pending
-                                .retain(|bucket, _| (bucket + 1) * BUCKET_MS > cutoff);
+                            // Buckets the balance already holds: those ending by the cutoff.
+                            let first_kept = updated.saturating_sub(self.lag_ms) / BUCKET_MS;
+                            let kept = spend.pending.split_off(&first_kept);
+                            let dropped: u64 =
+                                std::mem::replace(&mut spend.pending, kept).values().sum();
+                            spend.pending_total = spend.pending_total.saturating_sub(dropped);
                         }
-                        authority + spend.pending.values().sum::<u64>()
+                        authority + spend.pending_total
                     } else {
                         spend.spent
                     };
@@ -257,6 +260,7 @@ impl MemoryLimiter {
                     if s.micros > 0 {
                         if c.balance.is_some() {
                             *spend.pending.entry(now / BUCKET_MS).or_default() += s.micros;
+                            spend.pending_total += s.micros;
                         } else {
                             spend.spent += s.micros;
                         }

@@ -55,25 +55,25 @@ local function reserved(base)
 end
 
 -- Settled spend: the pipeline's balance plus what the gateways settled since its last update
--- (less the lag allowance), or the gateways' own count.
+-- (less the lag allowance), or the gateways' own count. Settlements are kept per second
+-- (`:pending` amounts, `:pidx` their seconds, `:ptotal` their sum); those the balance already
+-- holds are dropped here, so each call reads a sum instead of every bucket.
 local function settled(base, kind, balkey)
   if kind ~= 'S' then
     return tonumber(redis.call('GET', base .. ':spent') or '0')
   end
   local bal = redis.call('HMGET', balkey, 'spend', 'updated_ms')
-  local cutoff = nil
-  if bal[2] then cutoff = tonumber(bal[2]) - lag end
-  local pending = redis.call('HGETALL', base .. ':pending')
-  local sum = 0
-  for j = 1, #pending, 2 do
-    local bucket = tonumber(pending[j])
-    if cutoff and (bucket + 1) * 1000 <= cutoff then
-      redis.call('HDEL', base .. ':pending', pending[j])
-    else
-      sum = sum + tonumber(pending[j + 1])
+  if bal[2] then
+    local last_covered = math.floor((tonumber(bal[2]) - lag) / 1000) - 1
+    local old = redis.call('ZRANGEBYSCORE', base .. ':pidx', '-inf', last_covered)
+    for _, bucket in ipairs(old) do
+      local amt = tonumber(redis.call('HGET', base .. ':pending', bucket) or '0')
+      redis.call('HDEL', base .. ':pending', bucket)
+      redis.call('ZREM', base .. ':pidx', bucket)
+      redis.call('DECRBY', base .. ':ptotal', amt)
     end
   end
-  return to_micros(bal[1]) + sum
+  return to_micros(bal[1]) + tonumber(redis.call('GET', base .. ':ptotal') or '0')
 end
 
 local out = {0, 0, w}

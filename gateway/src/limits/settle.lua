@@ -34,9 +34,13 @@ for i = 1, n do
     end
     if micros > 0 then
       if kind == 'S' then
-        local bucket = tostring(math.floor(now / 1000))
+        local bucket = math.floor(now / 1000)
         redis.call('HINCRBY', base .. ':pending', bucket, micros)
-        redis.call('PEXPIRE', base .. ':pending', keep)
+        redis.call('ZADD', base .. ':pidx', bucket, bucket)
+        redis.call('INCRBY', base .. ':ptotal', micros)
+        for _, k in ipairs({':pending', ':pidx', ':ptotal'}) do
+          redis.call('PEXPIRE', base .. k, keep)
+        end
       else
         redis.call('INCRBY', base .. ':spent', micros)
         redis.call('PEXPIRE', base .. ':spent', keep)
