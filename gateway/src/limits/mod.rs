@@ -14,6 +14,7 @@
 //! | `scopes.rs` | which limits apply to a request, from the key, its tenant and the plan |
 //! | `estimate.rs` | pre-flight tokens and price (the price book, refreshed from the store) |
 //! | `redis.rs` + `reserve.lua`, `settle.lua` | the shared limiter: one Lua call per reserve/settle |
+//! | `resp.rs` | the minimal Redis client it uses (pooled plain connections, RESP2) |
 //! | `memory.rs` | the in-process limiter: the embedded default, and the fallback when Redis is down |
 //! | `headers.rs` | `x-ratelimit-*` headers and the 429 error |
 //!
@@ -33,6 +34,7 @@ mod estimate;
 mod headers;
 mod memory;
 mod redis;
+mod resp;
 mod scopes;
 
 use std::future::Future;

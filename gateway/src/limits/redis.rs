@@ -6,100 +6,111 @@
 
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-use tokio::sync::Mutex;
-
+use super::resp::{Pool, Reply, Target};
 use super::{Ask, LimitsConfig, Settlement, Unavailable, Verdict};
 
 const RESERVE_LUA: &str = include_str!("reserve.lua");
 const SETTLE_LUA: &str = include_str!("settle.lua");
 
+/// A script and its SHA-1 (what `EVALSHA` names it by).
+struct Script {
+    text: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(text: &'static str) -> Script {
+        Script {
+            text,
+            sha: ::redis::Script::new(text).get_hash().to_string(),
+        }
+    }
+}
+
 /// Limits counted in Redis.
 pub struct RedisLimiter {
-    client: ::redis::Client,
-    /// Connected on first use, then reconnecting by itself.
-    conn: Mutex<Option<ConnectionManager>>,
+    pool: Pool,
     timeout: Duration,
-    lease_ms: u64,
-    lag_ms: u64,
-    reserve: ::redis::Script,
-    settle: ::redis::Script,
+    lease_ms: String,
+    lag_ms: String,
+    reserve: Script,
+    settle: Script,
+}
+
+fn ints(reply: Reply) -> Result<Vec<i64>, Unavailable> {
+    match reply {
+        Reply::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Reply::Int(n) => Ok(n),
+                other => Err(Unavailable(format!("unexpected reply item {other:?}"))),
+            })
+            .collect(),
+        Reply::Error(e) => Err(Unavailable(format!("script failed: {e}"))),
+        other => Err(Unavailable(format!("unexpected reply {other:?}"))),
+    }
 }
 
 impl RedisLimiter {
-    pub fn new(url: &str, config: &LimitsConfig) -> Result<Self, ::redis::RedisError> {
+    pub fn new(url: &str, config: &LimitsConfig) -> Result<Self, String> {
         Ok(RedisLimiter {
-            client: ::redis::Client::open(url)?,
-            conn: Mutex::new(None),
+            pool: Pool::new(Target::parse(url)?),
             timeout: Duration::from_millis(config.redis_timeout_ms.max(1)),
-            lease_ms: config.lease_ms,
-            lag_ms: config.ledger_lag_ms,
-            reserve: ::redis::Script::new(RESERVE_LUA),
-            settle: ::redis::Script::new(SETTLE_LUA),
+            lease_ms: config.lease_ms.to_string(),
+            lag_ms: config.ledger_lag_ms.to_string(),
+            reserve: Script::new(RESERVE_LUA),
+            settle: Script::new(SETTLE_LUA),
         })
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let c = tokio::time::timeout(
-            self.timeout * 4,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| Unavailable("connecting to Redis timed out".to_string()))?
-        .map_err(|e| Unavailable(e.to_string()))?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
     /// Runs `script` within the timeout.
-    async fn run<T: ::redis::FromRedisValue>(
+    async fn run(
         &self,
-        invocation: ::redis::ScriptInvocation<'_>,
-    ) -> Result<T, Unavailable> {
-        let mut conn = self.connection().await?;
-        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| Unavailable("Redis did not answer in time".to_string()))?
-            .map_err(|e| Unavailable(e.to_string()))
-    }
-
-    pub async fn ping(&self) -> Result<(), Unavailable> {
-        let mut conn = self.connection().await?;
+        script: &Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Result<Reply, Unavailable> {
         tokio::time::timeout(
             self.timeout,
-            ::redis::cmd("PING").query_async::<String>(&mut conn),
+            self.pool.eval(&script.sha, script.text, keys, args),
         )
         .await
         .map_err(|_| Unavailable("Redis did not answer in time".to_string()))?
-        .map(drop)
-        .map_err(|e| Unavailable(e.to_string()))
+    }
+
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        match tokio::time::timeout(self.timeout, self.pool.call(&[b"PING"])).await {
+            Ok(Ok(Reply::Simple(_))) => Ok(()),
+            Ok(Ok(other)) => Err(Unavailable(format!("unexpected PING reply {other:?}"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Unavailable("Redis did not answer in time".to_string())),
+        }
     }
 
     pub async fn reserve(&self, ask: &Ask<'_>) -> Result<Verdict, Unavailable> {
-        let mut inv = self.reserve.prepare_invoke();
-        inv.arg(ask.request_id)
-            .arg(self.lease_ms)
-            .arg(ask.tokens)
-            .arg(ask.micros)
-            .arg(self.lag_ms)
-            .arg(ask.checks.len())
-            .arg(if ask.extend { "extend" } else { "admit" });
-        for c in ask.checks {
-            inv.key(&c.key)
-                .arg(c.kind.code(c.balance.is_some()))
-                .arg(c.limit)
-                .arg(if c.soft { "1" } else { "0" })
-                .arg(c.balance.as_ref().map_or("", |b| b.key.as_str()));
+        let numbers = [
+            ask.tokens.to_string(),
+            ask.micros.to_string(),
+            ask.checks.len().to_string(),
+        ];
+        let limits: Vec<String> = ask.checks.iter().map(|c| c.limit.to_string()).collect();
+        let mut args: Vec<&[u8]> = vec![
+            ask.request_id.as_bytes(),
+            self.lease_ms.as_bytes(),
+            numbers[0].as_bytes(),
+            numbers[1].as_bytes(),
+            self.lag_ms.as_bytes(),
+            numbers[2].as_bytes(),
+            if ask.extend { b"extend" } else { b"admit" },
+        ];
+        for (c, limit) in ask.checks.iter().zip(&limits) {
+            args.push(c.kind.code(c.balance.is_some()).as_bytes());
+            args.push(limit.as_bytes());
+            args.push(if c.soft { b"1" } else { b"0" });
+            args.push(c.balance.as_ref().map_or(&b""[..], |b| b.key.as_bytes()));
         }
-        let out: Vec<i64> = self.run(inv).await?;
+        let keys: Vec<&[u8]> = ask.checks.iter().map(|c| c.key.as_bytes()).collect();
+        let out = ints(self.run(&self.reserve, &keys, &args).await?)?;
         if out.len() != 3 + 2 * ask.checks.len() {
             return Err(Unavailable(format!(
                 "unexpected reply of {} values from the reserve script",
@@ -121,16 +132,21 @@ impl RedisLimiter {
     }
 
     pub async fn settle(&self, s: &Settlement<'_>) -> Result<(), Unavailable> {
-        let mut inv = self.settle.prepare_invoke();
-        inv.arg(s.request_id)
-            .arg(s.tokens_delta)
-            .arg(s.window)
-            .arg(s.micros)
-            .arg(s.checks.len());
+        let numbers = [
+            s.tokens_delta.to_string(),
+            s.window.to_string(),
+            s.micros.to_string(),
+            s.checks.len().to_string(),
+        ];
+        let mut args: Vec<&[u8]> = vec![s.request_id.as_bytes()];
+        args.extend(numbers.iter().map(|n| n.as_bytes()));
         for c in s.checks {
-            inv.key(&c.key).arg(c.kind.code(c.balance.is_some()));
+            args.push(c.kind.code(c.balance.is_some()).as_bytes());
         }
-        let _: i64 = self.run(inv).await?;
-        Ok(())
+        let keys: Vec<&[u8]> = s.checks.iter().map(|c| c.key.as_bytes()).collect();
+        match self.run(&self.settle, &keys, &args).await? {
+            Reply::Error(e) => Err(Unavailable(format!("settle script failed: {e}"))),
+            _ => Ok(()),
+        }
     }
 }
