@@ -23,7 +23,6 @@ use time::OffsetDateTime;
 use tollgate_schemas::events::{
     offset_unix_ms, parse_event_time, rfc3339_from_unix_ms, topics, unix_ms, CompletionEvent,
 };
-use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 
 use crate::invoices::{round_money, LineKind, Period};
 use crate::store::{LedgerLocation, MetaStore};
@@ -101,25 +100,7 @@ pub async fn reconcile(
     let mut report = Report::new();
 
     // Events, priced here.
-    let mut schedules: HashMap<String, Vec<PriceRow>> = HashMap::new();
-    for price in store.list_prices(None).await? {
-        schedules
-            .entry(price.model.clone())
-            .or_default()
-            .push(PriceRow {
-                model: price.model,
-                tenant_id: price.tenant_id,
-                effective_from_ms: offset_unix_ms(price.effective_from),
-                input_per_mtok: price.input_per_mtok,
-                cached_input_per_mtok: price.cached_input_per_mtok,
-                output_per_mtok: price.output_per_mtok,
-                currency: price.currency,
-            });
-    }
-    let schedules: HashMap<String, PriceSchedule> = schedules
-        .into_iter()
-        .map(|(m, rows)| (m, PriceSchedule::new(rows)))
-        .collect();
+    let schedules = crate::store::price_schedules(store.list_prices(None).await?);
     let mut seen = HashSet::new();
     for payload in read_events(events).await? {
         let Ok(e) = serde_json::from_slice::<CompletionEvent>(&payload) else {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
-use time::OffsetDateTime;
 use tollgate_schemas::pricing::{PriceRow, PriceSchedule};
 use tollgate_schemas::TokenUsage;
 
@@ -75,47 +74,27 @@ impl PriceBook {
         Ok(book)
     }
 
-    /// A book from rows (tests and benchmarks).
-    pub fn from_rows(rows: Vec<PriceRow>) -> PriceBook {
-        let book = PriceBook {
-            by_model: Arc::default(),
-        };
-        book.replace(rows);
-        book
+    /// A book from rows.
+    #[cfg(test)]
+    fn from_rows(rows: Vec<PriceRow>) -> PriceBook {
+        let mut by_model: HashMap<String, Vec<PriceRow>> = HashMap::new();
+        for r in rows {
+            by_model.entry(r.model.clone()).or_default().push(r);
+        }
+        let book = by_model
+            .into_iter()
+            .map(|(m, rows)| (m, PriceSchedule::new(rows)))
+            .collect();
+        PriceBook {
+            by_model: Arc::new(RwLock::new(book)),
+        }
     }
 
     /// Re-reads the book from the store.
     pub async fn refresh(&self, store: &dyn MetaStore) -> Result<(), GatewayError> {
-        let prices = store.list_prices(None).await?;
-        let rows = prices
-            .into_iter()
-            .map(|p| PriceRow {
-                model: p.model,
-                tenant_id: p.tenant_id,
-                effective_from_ms: i64::try_from(
-                    p.effective_from.unix_timestamp_nanos() / 1_000_000,
-                )
-                .unwrap_or(i64::MAX),
-                input_per_mtok: p.input_per_mtok,
-                cached_input_per_mtok: p.cached_input_per_mtok,
-                output_per_mtok: p.output_per_mtok,
-                currency: p.currency,
-            })
-            .collect();
-        self.replace(rows);
-        Ok(())
-    }
-
-    fn replace(&self, rows: Vec<PriceRow>) {
-        let mut grouped: HashMap<String, Vec<PriceRow>> = HashMap::new();
-        for r in rows {
-            grouped.entry(r.model.clone()).or_default().push(r);
-        }
-        let book = grouped
-            .into_iter()
-            .map(|(m, rows)| (m, PriceSchedule::new(rows)))
-            .collect();
+        let book = crate::store::price_schedules(store.list_prices(None).await?);
         *self.by_model.write() = book;
+        Ok(())
     }
 
     /// The dearest row in force now for `tenant_id` among `models` (compared on the
@@ -134,7 +113,7 @@ impl PriceBook {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+    tollgate_schemas::events::unix_ms(std::time::SystemTime::now())
 }
 
 /// The billing period (UTC month) now, as the pipeline names it.
@@ -144,17 +123,16 @@ pub fn current_period() -> String {
 
 /// `amount` in whole micro-units, rounded up (never under-counts spend).
 pub fn micros(amount: Decimal) -> u64 {
-    let scaled = (amount * Decimal::from(1_000_000u32)).ceil();
-    scaled.to_u64().unwrap_or(if scaled.is_sign_negative() {
-        0
-    } else {
-        u64::MAX
-    })
+    whole_micros((amount * Decimal::from(1_000_000u32)).ceil())
 }
 
 /// A limit in whole micro-units, rounded down (never allows more than the limit).
 pub fn micros_floor(amount: Decimal) -> u64 {
-    let scaled = (amount * Decimal::from(1_000_000u32)).floor();
+    whole_micros((amount * Decimal::from(1_000_000u32)).floor())
+}
+
+/// A whole number of micro-units; negative amounts are none, huge ones saturate.
+fn whole_micros(scaled: Decimal) -> u64 {
     scaled.to_u64().unwrap_or(if scaled.is_sign_negative() {
         0
     } else {

@@ -1,7 +1,7 @@
 //! `x-ratelimit-*` headers (OpenAI's names: limit, remaining and reset for requests and for
 //! tokens, the tightest scope of each) and the 429 a refused request gets.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -24,10 +24,8 @@ pub struct RateHeaders {
 }
 
 fn ms_to_next_minute() -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    u64::try_from(60_000 - now % 60_000).unwrap_or(60_000)
+    let now = u64::try_from(tollgate_schemas::events::unix_ms(SystemTime::now())).unwrap_or(0);
+    60_000 - now % 60_000
 }
 
 impl RateHeaders {

@@ -4,7 +4,7 @@
 //! `limits.local_share`; spend then starts from what this instance last saw).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use parking_lot::Mutex;
 use tollgate_pipeline::sink::memory::MemoryBalances;
@@ -82,9 +82,7 @@ pub struct MemoryLimiter {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    u64::try_from(tollgate_schemas::events::unix_ms(SystemTime::now())).unwrap_or(0)
 }
 
 impl MemoryLimiter {

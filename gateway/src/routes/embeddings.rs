@@ -54,10 +54,7 @@ async fn serve(
             models: vec![target.upstream_model.clone()],
         })
         .await?;
-    let (reservation, rate_headers) = match admission {
-        Some(a) => (Some(a.reservation), Some(a.headers)),
-        None => (None, None),
-    };
+    let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
     value["model"] = Value::from(target.upstream_model.as_str());
     let upstream_body =
         serde_json::to_vec(&value).map_err(|e| GatewayError::Internal(e.to_string()))?;

@@ -264,10 +264,7 @@ async fn serve_inner(
             }
         })
         .await?;
-    let (reservation, rate_headers) = match admission {
-        Some(a) => (Some(a.reservation), Some(a.headers)),
-        None => (None, None),
-    };
+    let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
     let forwarded = forwarded_headers(&headers);
     let dispatch = DispatchRequest {
         model: &requested_model,

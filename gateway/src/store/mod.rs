@@ -216,6 +216,31 @@ pub struct Price {
     pub currency: String,
 }
 
+/// The price book by model, as billing applies it: store entries turned into
+/// [`PriceSchedule`]s (one per model, every tenant override and effective date included).
+pub fn price_schedules(
+    prices: Vec<Price>,
+) -> std::collections::HashMap<String, tollgate_schemas::pricing::PriceSchedule> {
+    let mut rows: std::collections::HashMap<String, Vec<tollgate_schemas::pricing::PriceRow>> =
+        std::collections::HashMap::new();
+    for p in prices {
+        rows.entry(p.model.clone())
+            .or_default()
+            .push(tollgate_schemas::pricing::PriceRow {
+                model: p.model,
+                tenant_id: p.tenant_id,
+                effective_from_ms: tollgate_schemas::events::offset_unix_ms(p.effective_from),
+                input_per_mtok: p.input_per_mtok,
+                cached_input_per_mtok: p.cached_input_per_mtok,
+                output_per_mtok: p.output_per_mtok,
+                currency: p.currency,
+            });
+    }
+    rows.into_iter()
+        .map(|(model, rows)| (model, tollgate_schemas::pricing::PriceSchedule::new(rows)))
+        .collect()
+}
+
 /// A percentage discount for a tenant (all models when `model` is `None`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Discount {
