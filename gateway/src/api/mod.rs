@@ -10,9 +10,12 @@
 //! fields these types do not know are passed through, not dropped.
 
 pub mod anthropic;
+pub mod body;
 pub mod openai;
 
 use serde::de::DeserializeOwned;
+
+pub use body::RequestBody;
 
 use crate::error::GatewayError;
 

@@ -14,12 +14,13 @@
 //! at 128, throughput at 128 from 0.15 to about 0.5 of the upstream's own. reqwest stays for
 //! `https://`, where TLS makes the client's own costs a smaller share.
 //!
-//! Connections are kept alive in a pool per upstream and per thread: a connection is reused
-//! by the thread that last finished a body on it (with one single-threaded runtime per core,
-//! that would keep it on the runtime it is registered with). A pooled connection is checked before reuse (closed by the server, or
-//! holding unread bytes: discarded) and, because the server may close it just as the request
-//! is sent (the keep-alive race), a request that fails on a pooled connection before any
-//! response byte is sent again, once, on a fresh connection. A body that ends cleanly returns
+//! Connections are kept alive in one pool per upstream, shared by the runtime's threads (a
+//! request's task may move between workers, and a connection pooled where its body ended must
+//! still be found by the next request, wherever it runs). A pooled connection is checked
+//! before reuse (closed by the server, or holding unread bytes: discarded) and, because the
+//! server may close it just as the request is sent (the keep-alive race), a request that
+//! fails on a pooled connection before any response byte is sent again, once, on a fresh
+//! connection. A body that ends cleanly returns
 //! its connection to the pool; one dropped early (the client went away) closes it, which the
 //! upstream sees at once: that is the cancellation.
 //!
@@ -27,11 +28,9 @@
 //! [`MAX_HEAD_BYTES`], chunk-size lines within [`MAX_CHUNK_LINE_BYTES`], trailers within
 //! [`MAX_TRAILER_BYTES`], and malformed framing is a [`GatewayError::UpstreamProtocol`].
 
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -52,8 +51,8 @@ const MAX_HEADERS: usize = 128;
 pub const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 /// Largest trailer section accepted.
 pub const MAX_TRAILER_BYTES: usize = 64 * 1024;
-/// Most idle connections kept per upstream on one thread.
-const MAX_IDLE_PER_THREAD: usize = 512;
+/// Most idle connections kept per upstream.
+const MAX_IDLE: usize = 512;
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Room made in the read buffer before each read.
@@ -68,9 +67,9 @@ pub struct Http1Client {
     /// The base URL's path, without a trailing `/` (`/v1`, or empty).
     base_path: String,
     connect_timeout: Duration,
-    pool: PoolKey,
-    /// Keeps [`PoolKey::alive`] alive: pooled connections of a dropped client are discarded.
-    _alive: Arc<()>,
+    /// Idle connections; bodies return theirs through a `Weak`, so a dropped client's pool
+    /// (and its connections) goes with it.
+    pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Http1Client {
@@ -121,17 +120,12 @@ impl Http1Client {
         } else {
             format!("{authority}:80")
         };
-        let alive = Arc::new(());
         Some(Http1Client {
             connect_to,
             host: authority.to_string(),
             base_path: path.trim_end_matches('/').to_string(),
             connect_timeout,
-            pool: PoolKey {
-                id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
-                alive: Arc::downgrade(&alive),
-            },
-            _alive: alive,
+            pool: Arc::new(Pool::default()),
         })
     }
 
@@ -145,7 +139,7 @@ impl Http1Client {
         body: &Bytes,
     ) -> Result<Http1Response, GatewayError> {
         let head = self.request_head(path, headers, body.len())?;
-        if let Some(conn) = checkout(&self.pool) {
+        if let Some(conn) = self.pool.checkout() {
             match self.exchange(conn, &head, body).await {
                 Ok(response) => return Ok(response),
                 // The server closed the idle connection as the request went out: it cannot
@@ -163,17 +157,9 @@ impl Http1Client {
         }
     }
 
-    /// Idle connections to this upstream pooled on the current thread.
+    /// Idle connections to this upstream.
     pub fn idle_connections(&self) -> usize {
-        POOLS
-            .try_with(|pools| {
-                pools
-                    .try_borrow()
-                    .ok()
-                    .and_then(|p| p.get(&self.pool.id).map(|slot| slot.idle.len()))
-                    .unwrap_or(0)
-            })
-            .unwrap_or(0)
+        self.pool.idle.lock().len()
     }
 
     /// The request line and headers, ready to write.
@@ -258,7 +244,7 @@ impl Http1Client {
             conn: Some(conn),
             decoder: head.decoder,
             keep_alive: head.keep_alive,
-            pool: self.pool.clone(),
+            pool: Arc::downgrade(&self.pool),
         };
         if body.decoder.is_done() {
             body.release();
@@ -270,8 +256,6 @@ impl Http1Client {
         })
     }
 }
-
-static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// An `UpstreamUnavailable` for a connection that failed.
 fn lost(detail: &str) -> GatewayError {
@@ -480,7 +464,7 @@ pub struct Http1Body {
     conn: Option<Conn>,
     decoder: Decoder,
     keep_alive: bool,
-    pool: PoolKey,
+    pool: Weak<Pool>,
 }
 
 impl Http1Body {
@@ -488,7 +472,9 @@ impl Http1Body {
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             if self.keep_alive && conn.buf.is_empty() {
-                checkin(&self.pool, conn);
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.checkin(conn);
+                }
             }
         }
     }
@@ -823,86 +809,43 @@ impl Conn {
     }
 }
 
-/// Which upstream a pooled connection belongs to.
-#[derive(Clone)]
-struct PoolKey {
-    id: u64,
-    /// Dead once the client is dropped.
-    alive: Weak<()>,
+/// One upstream's idle connections, most recently used last.
+#[derive(Default)]
+struct Pool {
+    idle: parking_lot::Mutex<VecDeque<Conn>>,
 }
 
-/// One upstream's idle connections on one thread, most recently used last.
-struct Slot {
-    alive: Weak<()>,
-    idle: VecDeque<Conn>,
-}
-
-thread_local! {
-    /// Idle connections per upstream client on this thread: no lock on the hot path, and
-    /// ready for one runtime per core (a connection then stays on the runtime it is
-    /// registered with). Each thread keeps at most [`MAX_IDLE_PER_THREAD`] per upstream and
-    /// drops expired ones whenever it checks one in or out.
-    static POOLS: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
-}
-
-/// The most recently used idle connection to `key`'s upstream that is still usable.
-fn checkout(key: &PoolKey) -> Option<Conn> {
-    POOLS
-        .try_with(|pools| {
-            let mut pools = pools.try_borrow_mut().ok()?;
-            let slot = pools.get_mut(&key.id)?;
-            while let Some(conn) = slot.idle.pop_back() {
-                if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
-                    // The rest are older still.
-                    slot.idle.clear();
-                    return None;
-                }
-                if conn.is_usable() {
-                    return Some(conn);
-                }
+impl Pool {
+    /// The most recently used idle connection that is still usable.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock();
+        while let Some(conn) = idle.pop_back() {
+            if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
+                // The rest are older still.
+                idle.clear();
+                return None;
             }
-            None
-        })
-        .ok()
-        .flatten()
-}
-
-/// Pools `conn` for `key`'s upstream (dropped, so closed, when the pool is full or the client
-/// is gone).
-fn checkin(key: &PoolKey, mut conn: Conn) {
-    if key.alive.strong_count() == 0 {
-        return;
-    }
-    conn.idle_since = Instant::now();
-    let _ = POOLS.try_with(|pools| {
-        let Ok(mut pools) = pools.try_borrow_mut() else {
-            return;
-        };
-        if !pools.contains_key(&key.id) {
-            // A new upstream on this thread: forget those whose clients are gone.
-            pools.retain(|_, slot| slot.alive.strong_count() > 0);
-            pools.insert(
-                key.id,
-                Slot {
-                    alive: key.alive.clone(),
-                    idle: VecDeque::new(),
-                },
-            );
+            if conn.is_usable() {
+                return Some(conn);
+            }
         }
-        let Some(slot) = pools.get_mut(&key.id) else {
-            return;
-        };
-        while slot
-            .idle
+        None
+    }
+
+    /// Pools `conn` (dropped, so closed, when the pool is full); expired ones are dropped.
+    fn checkin(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock();
+        while idle
             .front()
             .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
         {
-            slot.idle.pop_front();
+            idle.pop_front();
         }
-        if slot.idle.len() < MAX_IDLE_PER_THREAD {
-            slot.idle.push_back(conn);
+        if idle.len() < MAX_IDLE {
+            idle.push_back(conn);
         }
-    });
+    }
 }
 
 #[cfg(test)]
@@ -911,7 +854,7 @@ mod tests {
 
     use super::*;
     use futures_util::StreamExt;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
     // ------------------------------------------------------------------ decoder

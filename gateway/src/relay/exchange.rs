@@ -242,7 +242,11 @@ impl Exchange {
 
     /// Hands the request event to the sink: call once, right after routing.
     pub fn record_request(&self) {
-        let routed_at = SystemTime::now();
+        self.record_request_at(SystemTime::now());
+    }
+
+    /// Hands the request event, routed at `routed_at`, to the sink (once per request).
+    pub fn record_request_at(&self, routed_at: SystemTime) {
         self.sink.record_request(RequestRecord {
             request_id: self.request_id.clone(),
             tenant_id: self.caller.tenant_id.clone(),

@@ -41,6 +41,21 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
+/// The members of an OpenAI chunk that decide what happens to a usage chunk.
+#[derive(serde::Deserialize)]
+struct UsageChunk<'a> {
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    choices: Option<&'a serde_json::value::RawValue>,
+}
+
+/// Whether raw JSON is an array with at least one element.
+fn is_non_empty_array(raw: &str) -> bool {
+    raw.strip_prefix('[')
+        .is_some_and(|rest| !rest.trim_start().starts_with(']'))
+}
+
 /// OpenAI client, OpenAI-style upstream.
 pub struct OpenAiPassthrough {
     client_wants_usage: bool,
@@ -94,19 +109,17 @@ impl StreamAdapter for OpenAiPassthrough {
             return;
         }
         if has_usage_object(trimmed) {
-            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(trimmed) {
-                if let Some(u) = v
-                    .get("usage")
-                    .and_then(|u| serde_json::from_value::<openai::Usage>(u.clone()).ok())
+            // Read as raw members: the usage is parsed, the rest only looked at.
+            if let Ok(chunk) = serde_json::from_slice::<UsageChunk<'_>>(trimmed) {
+                if let Some(u) = chunk
+                    .usage
+                    .and_then(|u| serde_json::from_str::<openai::Usage>(u.get()).ok())
                 {
                     self.state.usage = Some(usage::from_openai(&u));
                     self.state.usage_final = true;
                     self.relayed.clear();
                 }
-                let has_choices = v
-                    .get("choices")
-                    .and_then(|c| c.as_array())
-                    .is_some_and(|c| !c.is_empty());
+                let has_choices = chunk.choices.is_some_and(|c| is_non_empty_array(c.get()));
                 if has_choices {
                     self.note_finish(trimmed);
                     self.state.chunks += 1;
@@ -115,12 +128,16 @@ impl StreamAdapter for OpenAiPassthrough {
                     if !has_choices {
                         return;
                     }
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.remove("usage");
+                    // Usage riding on a chunk with choices: remove it (rare, so the chunk
+                    // is rebuilt as a value).
+                    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(trimmed) {
+                        if let Some(obj) = v.as_object_mut() {
+                            obj.remove("usage");
+                        }
+                        self.mark_output();
+                        write_data(out, v.to_string().as_bytes());
+                        return;
                     }
-                    self.mark_output();
-                    write_data(out, v.to_string().as_bytes());
-                    return;
                 }
             }
             self.mark_output();
@@ -382,6 +399,14 @@ mod tests {
             "{out}"
         );
         assert_eq!(a.state().usage.unwrap().output_tokens, 2);
+    }
+
+    #[test]
+    fn choices_are_told_apart_without_parsing_them() {
+        assert!(is_non_empty_array("[{}]") && is_non_empty_array("[ 1 ]"));
+        for empty in ["[]", "[ \n ]", "null", "{}", "\"[x]\""] {
+            assert!(!is_non_empty_array(empty), "{empty}");
+        }
     }
 
     #[test]

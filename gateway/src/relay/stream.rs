@@ -11,20 +11,32 @@
 //! adapter just wrote for blank lines, which costs a `memchr` over bytes already in cache and
 //! no parsing; the record shares the stream's ids through one `Arc`, so it allocates nothing.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
+use crate::events::EventSink;
 use crate::limits::StreamAllowance;
 use crate::providers::BodyStream;
 
 /// Most bytes gathered from already-ready upstream reads before they are written out.
 const COALESCE_LIMIT_BYTES: usize = 64 * 1024;
+
+/// Streams being relayed by this process (the load signal for [`RelayStream::first_alone`]).
+static OPEN_STREAMS: AtomicUsize = AtomicUsize::new(0);
+
+/// Streams at or under which the first output of a burst is written on its own.
+fn light_load_streams() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
 
 /// The body of a streaming response.
 pub struct RelayStream {
@@ -45,10 +57,34 @@ pub struct RelayStream {
     /// The request's reservation against its limits: grown as the stream runs, settled at
     /// the end; a hard limit that refuses more cuts the stream.
     allowance: Option<StreamAllowance>,
+    /// The first output went out on its own; the rest of its burst is relayed on the next
+    /// poll, after the server has written it.
+    first_sent: FirstOutput,
+    /// Complete frames were left in the parser when the first output went out alone.
+    frames_held: bool,
+    /// The request record, held until the first output has gone out: when it was routed, and
+    /// how to count its prompt.
+    request_record: Option<(SystemTime, PromptCount)>,
+    /// Chunk records (offset, bytes) relayed before the request record was: they follow it.
+    held_chunks: Vec<(Duration, u64)>,
+}
+
+/// Counts a request's prompt tokens (the pre-flight estimate, taken late).
+type PromptCount = Box<dyn FnOnce() -> u64 + Send>;
+
+/// Where the stream is with its first output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstOutput {
+    Pending,
+    /// Handed to the server; the next poll yields once so that the server writes it before
+    /// the rest of the burst is processed.
+    Handed,
+    Done,
 }
 
 impl RelayStream {
     pub fn new(upstream: BodyStream, adapter: Box<dyn StreamAdapter>, exchange: Exchange) -> Self {
+        OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
         RelayStream {
             stream_info: exchange.stream_info(),
             next_chunk: 0,
@@ -61,6 +97,10 @@ impl RelayStream {
             first_upstream_at: None,
             post_processing: Duration::ZERO,
             allowance: None,
+            first_sent: FirstOutput::Pending,
+            frames_held: false,
+            request_record: None,
+            held_chunks: Vec::new(),
         }
     }
 
@@ -68,6 +108,30 @@ impl RelayStream {
     pub fn with_allowance(mut self, allowance: Option<StreamAllowance>) -> Self {
         self.allowance = allowance;
         self
+    }
+
+    /// Holds the request record back until the first output has been handed to the server
+    /// (or the stream ends): `count` gives its prompt estimate then, off the path to the
+    /// first token.
+    pub fn with_request_record(
+        mut self,
+        routed_at: SystemTime,
+        count: impl FnOnce() -> u64 + Send + 'static,
+    ) -> Self {
+        self.request_record = Some((routed_at, Box::new(count)));
+        self
+    }
+
+    fn record_request(&mut self) {
+        let Some((routed_at, count)) = self.request_record.take() else {
+            return;
+        };
+        self.exchange.prompt_estimate = count();
+        self.exchange.record_request_at(routed_at);
+        let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
+        for (offset, bytes) in self.held_chunks.drain(..) {
+            record_chunk(sink.as_ref(), info, next, offset, bytes);
+        }
     }
 
     /// Ends the stream with an error event when a hard limit refused more tokens.
@@ -97,6 +161,7 @@ impl RelayStream {
             return;
         }
         self.done = true;
+        self.record_request();
         let state = self.adapter.state().clone();
         let outcome = match (outcome, &state.upstream_error) {
             (Outcome::Completed, Some(e)) => Outcome::UpstreamError(e.clone()),
@@ -123,17 +188,44 @@ impl RelayStream {
             return;
         }
         let offset = self.stream_info.received_at.elapsed();
+        if self.request_record.is_some() {
+            // The request record goes first; these wait for it (sizes only).
+            let held = &mut self.held_chunks;
+            for_each_data_event(&self.out[from..], |bytes| held.push((offset, bytes)));
+            return;
+        }
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
         for_each_data_event(&self.out[from..], |bytes| {
-            sink.record_chunk(ChunkRecord {
-                stream: info.clone(),
-                sequence: *next,
-                offset,
-                bytes,
-                tokens: None,
-            });
-            *next += 1;
+            record_chunk(sink.as_ref(), info, next, offset, bytes);
         });
+    }
+
+    /// Relays the complete frames the parser holds. Under light load the first output of
+    /// the stream stops the loop so that it reaches the client without waiting for the rest
+    /// of its burst (time to first token); returns whether it did.
+    fn relay_frames(&mut self) -> bool {
+        let first_alone = self.first_sent == FirstOutput::Pending
+            && OPEN_STREAMS.load(Ordering::Relaxed) <= light_load_streams();
+        let from = self.out.len();
+        let mut stopped = false;
+        while let Some(frame) = self.parser.next_frame() {
+            self.adapter.on_frame(frame, &mut self.out);
+            if first_alone && self.adapter.state().first_output_at.is_some() {
+                stopped = !self.out.is_empty();
+                break;
+            }
+        }
+        if self.adapter.state().first_output_at.is_some() && self.first_sent == FirstOutput::Pending
+        {
+            self.first_sent = if stopped {
+                FirstOutput::Handed
+            } else {
+                FirstOutput::Done
+            };
+        }
+        self.record_chunks(from);
+        self.frames_held = stopped;
+        stopped
     }
 
     fn take_out(&mut self) -> Option<Bytes> {
@@ -152,6 +244,25 @@ impl Stream for RelayStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        match this.first_sent {
+            FirstOutput::Pending | FirstOutput::Done => {}
+            FirstOutput::Handed => {
+                // Let the server write the first output now; the rest of its burst (still in
+                // the parser) follows on the next poll. Yielding through tokio (not waking
+                // this task by hand) brings the task back on this thread once the write is
+                // done, without waking another worker to steal it.
+                this.first_sent = FirstOutput::Done;
+                let yielded = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                debug_assert!(yielded.is_pending());
+                return Poll::Pending;
+            }
+        }
+        if this.first_sent == FirstOutput::Done {
+            this.record_request();
+        }
+        if std::mem::take(&mut this.frames_held) {
+            this.relay_frames();
+        }
         loop {
             if this.done {
                 return Poll::Ready(this.take_out().map(Ok));
@@ -169,11 +280,9 @@ impl Stream for RelayStream {
                         this.first_upstream_at = Some(Instant::now());
                     }
                     this.parser.push(&bytes);
-                    let from = this.out.len();
-                    while let Some(frame) = this.parser.next_frame() {
-                        this.adapter.on_frame(frame, &mut this.out);
+                    if this.relay_frames() {
+                        return Poll::Ready(this.take_out().map(Ok));
                     }
-                    this.record_chunks(from);
                     if this.allowance.is_some() {
                         this.enforce_limits(cx);
                         if this.done {
@@ -219,8 +328,27 @@ impl Stream for RelayStream {
 
 impl Drop for RelayStream {
     fn drop(&mut self) {
+        OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
         self.finish(Outcome::ClientDisconnected);
     }
+}
+
+/// Hands the stream's next chunk record to the sink.
+fn record_chunk(
+    sink: &dyn EventSink,
+    stream: &Arc<StreamInfo>,
+    next: &mut u64,
+    offset: Duration,
+    bytes: u64,
+) {
+    sink.record_chunk(ChunkRecord {
+        stream: stream.clone(),
+        sequence: *next,
+        offset,
+        bytes,
+        tokens: None,
+    });
+    *next += 1;
 }
 
 /// Calls `f(len)` for each SSE event in `buf` that carries a `data` field, with the event's

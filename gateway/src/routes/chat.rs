@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Request, State};
 use axum::response::Response;
 
 use super::inference;
@@ -15,17 +13,25 @@ use crate::error::ApiError;
 /// OpenAI Chat Completions.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    inference::serve(state, headers, body, WireFormat::OpenAi, "chat").await
+    // The request is taken whole: a `HeaderMap` extractor would copy the headers.
+    let (parts, body) = request.into_parts();
+    inference::serve(state, parts.headers, body, WireFormat::OpenAi, "chat").await
 }
 
 /// Anthropic Messages.
 pub async fn messages(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    inference::serve(state, headers, body, WireFormat::Anthropic, "messages").await
+    let (parts, body) = request.into_parts();
+    inference::serve(
+        state,
+        parts.headers,
+        body,
+        WireFormat::Anthropic,
+        "messages",
+    )
+    .await
 }

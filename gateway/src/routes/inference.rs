@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::api::{anthropic, openai, parse_body, WireFormat};
+use crate::api::{anthropic, openai, RequestBody, WireFormat};
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
 use crate::limits::{Estimate, StreamAllowance};
@@ -28,34 +28,37 @@ use crate::{tokens, translate::usage};
 /// A validated client request in its own dialect: the JSON as sent (forwarded to a
 /// same-dialect upstream) and its typed view.
 pub enum ClientRequest {
-    OpenAi(Value, Box<openai::ChatRequest>),
-    Anthropic(Value, Box<anthropic::MessagesRequest>),
+    OpenAi(RequestBody, Box<openai::ChatRequest>),
+    Anthropic(RequestBody, Box<anthropic::MessagesRequest>),
 }
 
 impl ClientRequest {
-    fn parse(format: WireFormat, body: &[u8]) -> Result<Self, GatewayError> {
+    fn parse(format: WireFormat, body: Bytes) -> Result<Self, GatewayError> {
+        let no_messages =
+            || GatewayError::bad_param("`messages` must contain at least one message.", "messages");
         Ok(match format {
             WireFormat::OpenAi => {
-                let (v, r) = parse_body::<openai::ChatRequest>(body)?;
+                let (raw, r) = RequestBody::parse::<openai::ChatRequest>(body)?;
                 if r.messages.is_empty() {
-                    return Err(GatewayError::bad_param(
-                        "`messages` must contain at least one message.",
-                        "messages",
-                    ));
+                    return Err(no_messages());
                 }
-                ClientRequest::OpenAi(v, Box::new(r))
+                ClientRequest::OpenAi(raw, Box::new(r))
             }
             WireFormat::Anthropic => {
-                let (v, r) = parse_body::<anthropic::MessagesRequest>(body)?;
+                let (raw, r) = RequestBody::parse::<anthropic::MessagesRequest>(body)?;
                 if r.messages.is_empty() {
-                    return Err(GatewayError::bad_param(
-                        "`messages` must contain at least one message.",
-                        "messages",
-                    ));
+                    return Err(no_messages());
                 }
-                ClientRequest::Anthropic(v, Box::new(r))
+                ClientRequest::Anthropic(raw, Box::new(r))
             }
         })
+    }
+
+    fn format(&self) -> WireFormat {
+        match self {
+            ClientRequest::OpenAi(..) => WireFormat::OpenAi,
+            ClientRequest::Anthropic(..) => WireFormat::Anthropic,
+        }
     }
 
     fn model(&self) -> &str {
@@ -105,38 +108,76 @@ impl ClientRequest {
     }
 }
 
-impl UpstreamBody for ClientRequest {
+impl ClientRequest {
     /// The body for `upstream` in its dialect, for `model`. A same-dialect body is the
-    /// client's JSON itself, with the model set in place (no copy); it stays in the request,
-    /// so a retry or fallback builds it again.
+    /// client's JSON as sent, with the model (and, for OpenAI streams, `include_usage`) set in
+    /// place; the request keeps it, so a retry or fallback builds it again.
     fn body_for(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
-        let translated;
-        let value = match (self, upstream) {
-            (ClientRequest::OpenAi(v, r), WireFormat::OpenAi) => {
-                v["model"] = Value::from(model);
-                if r.is_stream() {
-                    // Always ask for usage; the relay strips it if the client did not.
-                    v["stream_options"] = serde_json::json!({"include_usage": true});
+        let model_json = serde_json::to_vec(model)
+            .map_err(|e| GatewayError::Internal(format!("cannot serialize the model: {e}")))?;
+        let translated = match (&*self, upstream) {
+            (ClientRequest::OpenAi(raw, r), WireFormat::OpenAi) => {
+                if !r.is_stream() {
+                    return Ok(raw.with(&[("model", &model_json)]).into());
                 }
-                &*v
+                // Always ask for usage; the relay strips it if the client did not.
+                let options = stream_options_with_usage(raw.get("stream_options"));
+                return Ok(raw
+                    .with(&[("model", &model_json), ("stream_options", &options)])
+                    .into());
+            }
+            (ClientRequest::Anthropic(raw, _), WireFormat::Anthropic) => {
+                return Ok(raw.with(&[("model", &model_json)]).into());
             }
             (ClientRequest::OpenAi(_, r), WireFormat::Anthropic) => {
-                translated = translate::request::openai_to_anthropic(r, model)?;
-                &translated
-            }
-            (ClientRequest::Anthropic(v, _), WireFormat::Anthropic) => {
-                v["model"] = Value::from(model);
-                &*v
+                translate::request::openai_to_anthropic(r, model)?
             }
             (ClientRequest::Anthropic(_, r), WireFormat::OpenAi) => {
-                translated = translate::request::anthropic_to_openai(r, model);
-                &translated
+                translate::request::anthropic_to_openai(r, model)
             }
         };
-        serde_json::to_vec(value)
+        serde_json::to_vec(&translated)
             .map(Bytes::from)
             .map_err(|e| GatewayError::Internal(format!("cannot serialize upstream body: {e}")))
     }
+}
+
+/// A request on its way upstream: its body in each dialect, and its prompt counted once, the
+/// first time something needs it.
+struct Outbound {
+    request: ClientRequest,
+    prompt_tokens: Option<u64>,
+}
+
+impl Outbound {
+    fn prompt_tokens(&mut self) -> u64 {
+        let request = &self.request;
+        *self
+            .prompt_tokens
+            .get_or_insert_with(|| request.prompt_estimate())
+    }
+}
+
+impl UpstreamBody for Outbound {
+    fn body_for(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
+        self.request.body_for(upstream, model)
+    }
+
+    fn prompt_tokens(&mut self) -> u64 {
+        Outbound::prompt_tokens(self)
+    }
+}
+
+/// The client's `stream_options` (its other options kept) with `include_usage` on.
+fn stream_options_with_usage(sent: Option<&[u8]>) -> Vec<u8> {
+    const USAGE_ONLY: &[u8] = br#"{"include_usage":true}"#;
+    let Some(mut options) =
+        sent.and_then(|raw| serde_json::from_slice::<serde_json::Map<String, Value>>(raw).ok())
+    else {
+        return USAGE_ONLY.to_vec();
+    };
+    options.insert("include_usage".to_string(), Value::Bool(true));
+    serde_json::to_vec(&options).unwrap_or_else(|_| USAGE_ONLY.to_vec())
 }
 
 /// Reads the request body, refusing more than `limit` bytes with a 413.
@@ -238,23 +279,28 @@ async fn serve_inner(
     let received_at = Instant::now();
     let _in_flight = state.metrics.in_flight(route);
     let (caller, bytes) = admit(state, &headers, body).await?;
-    let mut request = ClientRequest::parse(format, &bytes)?;
+    let request = ClientRequest::parse(format, bytes)?;
     caller.ensure_model_allowed(request.model())?;
     let stream = request.is_stream();
-    let prompt_estimate = request.prompt_estimate();
     let requested_model = request.model().to_string();
     // Quotas: the request's worst case (prompt + output cap) is reserved against every limit
     // of its key and tenant before any provider is called; an unknown model is not counted.
     if !state.router.knows(&requested_model) {
         return Err(GatewayError::ModelNotFound(requested_model));
     }
+    let expected_output_tokens = request.expected_output();
+    let mut outbound = Outbound {
+        request,
+        prompt_tokens: None,
+    };
     let admission = state
         .limiter
         .admit(&caller, &requested_model, || {
-            let (max_output_tokens, output_capped) =
-                request.output_estimate(state.config.limits.default_max_output_tokens);
+            let (max_output_tokens, output_capped) = outbound
+                .request
+                .output_estimate(state.config.limits.default_max_output_tokens);
             Estimate {
-                prompt_tokens: prompt_estimate,
+                prompt_tokens: outbound.prompt_tokens(),
                 max_output_tokens,
                 output_capped,
                 models: state
@@ -272,12 +318,11 @@ async fn serve_inner(
         endpoint: Endpoint::Chat,
         forwarded: &forwarded,
         pins: pins(&headers),
-        prompt_tokens: prompt_estimate,
-        expected_output_tokens: request.expected_output(),
+        expected_output_tokens,
         high_priority: high_priority(&headers),
         stream,
     };
-    let dispatched = match state.router.dispatch(&dispatch, &mut request).await {
+    let dispatched = match state.router.dispatch(&dispatch, &mut outbound).await {
         Ok(d) => d,
         Err(failure) => {
             // A request that reached no upstream is recorded against the last deployment
@@ -289,7 +334,7 @@ async fn serve_inner(
                     target,
                     requested_model: &requested_model,
                     stream,
-                    prompt_estimate,
+                    prompt_estimate: outbound.prompt_tokens(),
                     route_log: Some(failure.route),
                     lease: None,
                 };
@@ -307,21 +352,32 @@ async fn serve_inner(
     let upstream_model = target.upstream_model.clone();
     let upstream_format = deployment.provider.format();
     let provider = deployment.provider.label();
+    // A same-dialect stream counts its prompt (for the request record) once its first
+    // output has gone to the client: nothing before that needs it.
+    let defer_count = stream && outbound.request.format() == upstream_format;
     let routed = Routed {
         route,
         client_format: format,
         target: &target,
         requested_model: &requested_model,
         stream,
-        prompt_estimate,
+        prompt_estimate: match outbound.prompt_tokens {
+            Some(n) => n,
+            None if defer_count => 0,
+            None => outbound.prompt_tokens(),
+        },
         route_log: Some(dispatched.route),
         lease: Some(dispatched.lease),
     };
     let exchange = Exchange::begin(state, caller, routed, received_at);
-    exchange.record_request();
+    let routed_at = std::time::SystemTime::now();
+    if !defer_count {
+        exchange.record_request_at(routed_at);
+    }
 
     let mut response = if stream {
-        let adapter: Box<dyn StreamAdapter> = match (&request, upstream_format) {
+        let prompt_estimate = exchange.prompt_estimate;
+        let adapter: Box<dyn StreamAdapter> = match (&outbound.request, upstream_format) {
             (ClientRequest::OpenAi(_, r), WireFormat::OpenAi) => {
                 Box::new(OpenAiPassthrough::new(r.wants_stream_usage()))
             }
@@ -347,8 +403,11 @@ async fn serve_inner(
                 state.config.limits.stream_increment_tokens,
             )
         });
-        let body =
+        let mut body =
             RelayStream::new(upstream.body, adapter, exchange.clone()).with_allowance(allowance);
+        if defer_count {
+            body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
+        }
         let mut r = Response::new(Body::from_stream(body));
         let h = r.headers_mut();
         h.insert(
@@ -369,7 +428,7 @@ async fn serve_inner(
             }
         };
         let done_at = Instant::now();
-        let (body, usage, finish) = match non_stream_body(&request, upstream_format, raw) {
+        let (body, usage, finish) = match non_stream_body(&outbound.request, upstream_format, raw) {
             Ok(x) => x,
             Err(e) => {
                 exchange.fail(&e);

@@ -41,6 +41,10 @@ use crate::providers::{Endpoint, Forwarded, UpstreamResponse};
 /// may be sent several times, to providers of either dialect).
 pub trait UpstreamBody: Send {
     fn body_for(&mut self, format: WireFormat, model: &str) -> Result<Bytes, GatewayError>;
+    /// The pre-flight prompt estimate. Counting costs time before the upstream call, so the
+    /// router asks only when a decision depends on it (cost ranking, token limits, token
+    /// headroom an upstream reported, a hedge's cancelled cost); implementations count once.
+    fn prompt_tokens(&mut self) -> u64;
 }
 
 /// A request's pins (`x-tollgate-deployment`, `x-tollgate-provider`).
@@ -60,8 +64,7 @@ pub struct DispatchRequest<'a> {
     pub endpoint: Endpoint,
     pub forwarded: &'a Forwarded,
     pub pins: Pins<'a>,
-    /// Pre-flight prompt estimate and expected output (for cost and token limits).
-    pub prompt_tokens: u64,
+    /// Expected output (for cost and token limits; the prompt is counted by the body).
     pub expected_output_tokens: u64,
     /// Hedge this request (`x-tollgate-priority: high`).
     pub high_priority: bool,
@@ -378,7 +381,7 @@ impl ModelRouter {
         let mut alias_switches = 0u32;
 
         'deployments: while attempts < retry.max_attempts && !deadline.passed() {
-            let input = self.rank_input(req);
+            let input = self.rank_input(req, alias, body);
             let mut forced = false;
             let picked = strategy::pick(
                 alias.strategy,
@@ -476,7 +479,8 @@ impl ModelRouter {
                     let delay = Duration::from_millis(self.config.hedge.delay_ms);
                     let mut second_idx = None;
                     let second = || {
-                        let (i, d2, admission) = self.hedge_candidate(alias, tried, req)?;
+                        let (i, d2, admission) =
+                            self.hedge_candidate(alias, tried, req, &mut *body)?;
                         let model2 = d2.upstream_model(req.model, suffix);
                         let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
                             if admission == Admission::Probe {
@@ -508,7 +512,13 @@ impl ModelRouter {
                             if let Some(li) = loser_idx {
                                 let loser = alias.deployments[li].clone();
                                 let loser_model = loser.upstream_model(req.model, suffix);
-                                self.record_hedge_loser(&mut log, &loser, loser_model, req);
+                                let prompt_tokens = body.prompt_tokens();
+                                self.record_hedge_loser(
+                                    &mut log,
+                                    &loser,
+                                    loser_model,
+                                    prompt_tokens,
+                                );
                             }
                             self.metrics.hedge(
                                 &alias.name,
@@ -637,7 +647,7 @@ impl ModelRouter {
                                         Strategy::Ordered,
                                         &alias.deployments,
                                         tried,
-                                        &self.rank_input(req),
+                                        &self.rank_input(req, alias, body),
                                         &*self.limiter,
                                         &mut rand::thread_rng(),
                                     ),
@@ -684,13 +694,30 @@ impl ModelRouter {
         Err(failure(error, last_target, log))
     }
 
-    fn rank_input(&self, req: &DispatchRequest<'_>) -> RankInput {
+    /// What the strategy ranks with; the prompt is counted only if `alias`'s ranking or
+    /// limits can depend on it.
+    fn rank_input(
+        &self,
+        req: &DispatchRequest<'_>,
+        alias: &Alias,
+        body: &mut dyn UpstreamBody,
+    ) -> RankInput {
         let limits = &self.config.rate_limits;
+        let now = Instant::now();
+        let counts_tokens = matches!(alias.strategy, Strategy::LowestCost | Strategy::CommitAware)
+            || alias
+                .deployments
+                .iter()
+                .any(|d| d.limits.tpm.is_some() || d.health.upstream_token_headroom_known(now));
         RankInput {
             tenant: req.tenant.clone(),
-            prompt_tokens: req.prompt_tokens,
+            prompt_tokens: if counts_tokens {
+                body.prompt_tokens()
+            } else {
+                0
+            },
             expected_output_tokens: req.expected_output_tokens,
-            now: Instant::now(),
+            now,
             wall: SystemTime::now(),
             near_requests: limits.near_limit_requests,
             near_tokens: limits.near_limit_tokens,
@@ -714,8 +741,9 @@ impl ModelRouter {
         alias: &Alias,
         tried: u64,
         req: &DispatchRequest<'_>,
+        body: &mut dyn UpstreamBody,
     ) -> Option<(usize, Arc<Deployment>, Admission)> {
-        let input = self.rank_input(req);
+        let input = self.rank_input(req, alias, body);
         let Pick::Deployment(i) = strategy::pick(
             alias.strategy,
             &alias.deployments,
@@ -738,11 +766,11 @@ impl ModelRouter {
         log: &mut RouteLog,
         loser: &Arc<Deployment>,
         upstream_model: String,
-        req: &DispatchRequest<'_>,
+        prompt_tokens: u64,
     ) {
         log.push(loser, AttemptOutcome::HedgeCancelled, Duration::ZERO);
         let usage = TokenUsage {
-            input_tokens: req.prompt_tokens,
+            input_tokens: prompt_tokens,
             source: UsageSource::Counted,
             ..TokenUsage::default()
         };

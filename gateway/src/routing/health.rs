@@ -170,6 +170,13 @@ impl Health {
         }
     }
 
+    /// Whether the upstream reported its remaining tokens and that figure still holds (a
+    /// request's prompt size then matters to [`Health::upstream_headroom`]).
+    pub fn upstream_token_headroom_known(&self, now: Instant) -> bool {
+        let l = self.upstream.lock();
+        l.tokens_remaining.is_some() && l.tokens_reset.is_none_or(|r| r > now)
+    }
+
     /// The current upstream rate-limit state (admin API).
     pub fn upstream_limits(&self) -> UpstreamLimits {
         *self.upstream.lock()
