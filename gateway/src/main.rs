@@ -14,6 +14,11 @@ use tollgate_gateway::config::Config;
 use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV};
 use tollgate_gateway::store::KeyLimits;
 
+/// glibc's allocator took about an eighth of the gateway's CPU time under load (every request
+/// allocates its parsed body, headers, records); mimalloc's per-thread pages cost a fraction.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
