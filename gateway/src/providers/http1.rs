@@ -1238,6 +1238,30 @@ mod tests {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
     const LENGTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_pooled_on_one_thread_is_reused_from_another() {
+        let s = server(|_| {
+            vec![
+                Act::Read,
+                Act::Write(CHUNKED_OK),
+                Act::Read,
+                Act::Write(CHUNKED_OK),
+            ]
+        })
+        .await;
+        let c = Arc::new(client(&s));
+        let body = Bytes::from_static(b"{}");
+        let r = c.post("/chat", &[], &body).await.unwrap();
+        // The body ends (and its connection is pooled) on a thread of its own.
+        let rt = tokio::runtime::Handle::current();
+        let ended = std::thread::spawn(move || rt.block_on(body_of(r)));
+        assert_eq!(ended.join().unwrap().unwrap(), b"abcde");
+        assert_eq!(c.idle_connections(), 1);
+        let r = c.post("/chat", &[], &body).await.unwrap();
+        assert_eq!(body_of(r).await.unwrap(), b"abcde");
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn connections_are_reused_after_clean_bodies() {
         let s = server(|_| {

@@ -416,3 +416,133 @@ mod tests {
         assert_eq!(lengths(b"data: a\n\ndata: b\n"), vec![9, 8]);
     }
 }
+
+#[cfg(test)]
+mod relay_tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use std::sync::atomic::AtomicBool;
+    use std::task::Waker;
+
+    use futures_util::StreamExt;
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::api::WireFormat;
+    use crate::auth::Caller;
+    use crate::relay::passthrough::OpenAiPassthrough;
+    use crate::relay::{CompletionRecord, RequestRecord};
+
+    /// Remembers the order records arrive in.
+    #[derive(Default)]
+    struct Ordered(Mutex<Vec<String>>);
+
+    impl EventSink for Ordered {
+        fn record_request(&self, r: RequestRecord) {
+            self.0.lock().push(format!("request {}", r.prompt_estimate));
+        }
+        fn record_chunk(&self, r: ChunkRecord) {
+            self.0.lock().push(format!("chunk {}", r.sequence));
+        }
+        fn record_completion(&self, _: CompletionRecord) {
+            self.0.lock().push("completion".to_string());
+        }
+    }
+
+    const BURST: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn relay(sink: Arc<Ordered>, counted: Arc<AtomicBool>) -> RelayStream {
+        let now = Instant::now();
+        let exchange = Exchange {
+            request_id: "req_1".into(),
+            caller: Caller::for_tests("t", "k"),
+            route: "chat",
+            client_format: WireFormat::OpenAi,
+            model_label: "m".into(),
+            requested_model: "m".into(),
+            deployment: "d".into(),
+            provider: "openai",
+            upstream_model: "m".into(),
+            stream: true,
+            prompt_estimate: 0,
+            received_at: now,
+            upstream_sent_at: now,
+            started_at: SystemTime::now(),
+            metrics: Arc::new(crate::metrics::Metrics::new().unwrap()),
+            sink,
+            route_log: None,
+            lease: None,
+        };
+        let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
+            BURST.as_bytes(),
+        ))]));
+        RelayStream::new(upstream, Box::new(OpenAiPassthrough::new(false)), exchange)
+            .with_request_record(SystemTime::now(), move || {
+                counted.store(true, Ordering::SeqCst);
+                42
+            })
+    }
+
+    fn poll(s: &mut RelayStream) -> Poll<Option<String>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        s.poll_next_unpin(&mut cx)
+            .map(|o| o.map(|r| String::from_utf8(r.unwrap().to_vec()).unwrap()))
+    }
+
+    #[test]
+    fn a_bursts_first_output_goes_out_alone_and_its_records_stay_in_order() {
+        let (sink, counted) = (
+            Arc::new(Ordered::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut s = relay(sink.clone(), counted.clone());
+        let first = BURST.split_inclusive("\n\n").next().unwrap();
+        assert_eq!(poll(&mut s), Poll::Ready(Some(first.to_string())));
+        // The prompt is counted, and the request recorded, only after the first output.
+        assert!(!counted.load(Ordering::SeqCst));
+        assert!(sink.0.lock().is_empty());
+        assert_eq!(
+            poll(&mut s),
+            Poll::Pending,
+            "yields so the server writes it"
+        );
+        assert_eq!(
+            poll(&mut s),
+            Poll::Ready(Some(BURST[first.len()..].to_string()))
+        );
+        assert!(counted.load(Ordering::SeqCst));
+        assert_eq!(poll(&mut s), Poll::Ready(None));
+        drop(s);
+        let order = sink.0.lock().clone();
+        assert_eq!(
+            order,
+            [
+                "request 42",
+                "chunk 0",
+                "chunk 1",
+                "chunk 2",
+                "chunk 3",
+                "completion"
+            ]
+        );
+
+        // Under load (more streams than cores) a burst stays one write.
+        let busy: Vec<_> = (0..light_load_streams())
+            .map(|_| relay(Arc::default(), Arc::default()))
+            .collect();
+        let sink = Arc::new(Ordered::default());
+        let mut s = relay(sink.clone(), Arc::default());
+        assert_eq!(poll(&mut s), Poll::Ready(Some(BURST.to_string())));
+        assert_eq!(poll(&mut s), Poll::Ready(None));
+        drop((s, busy));
+        assert_eq!(
+            sink.0.lock().first().map(String::as_str),
+            Some("request 42")
+        );
+    }
+}
