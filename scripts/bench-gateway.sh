@@ -17,9 +17,11 @@
 #   ROUNDS [1]               direct/gateway pairs per concurrency
 #   LOAD_THREADS [1]         runtime threads of the load generator
 #   GATEWAY [1]              0: benchmark the mock upstream only (no gateway build or runs)
+#   FLOOR [1]                1: also run the load through tollgate-tcp-relay, a byte-for-byte
+#                            TCP relay that does no work: what one more hop alone adds here
 #   BUILD [1]                0: use already built release binaries
 #   RUST_LOG [warn]          log level of the mock and the gateway (logging costs CPU too)
-#   MOCK_BIN, GATEWAY_BIN, LOAD_BIN   override the binaries' paths
+#   MOCK_BIN, GATEWAY_BIN, LOAD_BIN, RELAY_BIN   override the binaries' paths
 #   KEEP_TMP [0]             1: keep the temporary directory (config, logs, JSON results)
 #   EVENTS [log]             the gateway's event sink: log (events off: one log line per
 #                            completion, below RUST_LOG=warn), local (the embedded SQLite event
@@ -38,6 +40,7 @@ CHUNK_DELAY_MS=${CHUNK_DELAY_MS:-0}
 ROUNDS=${ROUNDS:-1}
 LOAD_THREADS=${LOAD_THREADS:-1}
 GATEWAY=${GATEWAY:-1}
+FLOOR=${FLOOR:-1}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 EVENTS=${EVENTS:-log}
@@ -55,6 +58,7 @@ RELEASE_DIR="${CARGO_TARGET_DIR:-target}/release"
 MOCK_BIN=${MOCK_BIN:-$RELEASE_DIR/tollgate-mock-upstream}
 GATEWAY_BIN=${GATEWAY_BIN:-$RELEASE_DIR/tollgate}
 LOAD_BIN=${LOAD_BIN:-$RELEASE_DIR/tollgate-load}
+RELAY_BIN=${RELAY_BIN:-$RELEASE_DIR/tollgate-tcp-relay}
 
 log() { echo "bench: $*" >&2; }
 die() {
@@ -90,7 +94,7 @@ if [[ $BUILD == 1 ]]; then
         cargo build --release -p tollgate-tests --bins >&2
     fi
 fi
-for bin in "$MOCK_BIN" "$LOAD_BIN"; do
+for bin in "$MOCK_BIN" "$LOAD_BIN" $([[ $FLOOR == 1 ]] && echo "$RELAY_BIN"); do
     [[ -x $bin ]] || die "$bin not found (build it or set BUILD=1)"
 done
 if [[ $GATEWAY == 1 ]]; then
@@ -186,6 +190,17 @@ PIDS+=("$MOCK_PID")
 wait_for "mock upstream" "$MOCK_PID" "$TMP/mock.log" grep -q "listening on" "$TMP/mock.log"
 log "mock upstream on 127.0.0.1:$PORT_A (pid $MOCK_PID)"
 
+# ---------------------------------------------------------------------------- floor relay
+if [[ $FLOOR == 1 ]]; then
+    PORT_R=$(free_port)
+    while [[ $PORT_R == "$PORT_A" ]]; do PORT_R=$(free_port); done
+    "$RELAY_BIN" --listen "127.0.0.1:$PORT_R" --upstream "127.0.0.1:$PORT_A" >"$TMP/relay.log" 2>&1 &
+    RELAY_PID=$!
+    PIDS+=("$RELAY_PID")
+    wait_for "tcp relay" "$RELAY_PID" "$TMP/relay.log" grep -q "listening on" "$TMP/relay.log"
+    log "tcp relay on 127.0.0.1:$PORT_R (pid $RELAY_PID)"
+fi
+
 # ---------------------------------------------------------------------------- gateway
 if [[ $GATEWAY == 1 ]]; then
     PORT_B=$(free_port)
@@ -244,6 +259,9 @@ run_load() {
     if [[ $scenario == gateway ]]; then
         url="http://127.0.0.1:$PORT_B/v1/chat/completions"
         key=$API_KEY
+    elif [[ $scenario == relay ]]; then
+        url="http://127.0.0.1:$PORT_R/v1/chat/completions"
+        key=x
     else
         url="http://127.0.0.1:$PORT_A/v1/chat/completions"
         key=x
@@ -267,6 +285,7 @@ run_load() {
 }
 
 SCENARIOS=(direct)
+if [[ $FLOOR == 1 ]]; then SCENARIOS+=(relay); fi
 if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
 LEVELS=("1:$REQUESTS_C1" "$CONCURRENCY_HIGH:$REQUESTS_C128")
 for level in "${LEVELS[@]}"; do
@@ -315,15 +334,16 @@ for level in "${LEVELS[@]}"; do
     done
 done
 
-if [[ $GATEWAY == 1 ]]; then
+# What each proxy scenario adds to the direct run of the same round.
+for proxy in "${SCENARIOS[@]:1}"; do
     echo
-    echo "| concurrency | round | added TTFT p50 | added TTFT p99 | added total p50 | added total p99 | throughput ratio gateway/direct |"
+    echo "| $proxy: concurrency | round | added TTFT p50 | added TTFT p99 | added total p50 | added total p99 | throughput ratio $proxy/direct |"
     echo "|---:|---:|---:|---:|---:|---:|---:|"
     for level in "${LEVELS[@]}"; do
         conc=${level%%:*}
         for ((round = 1; round <= ROUNDS; round++)); do
             d="$TMP/direct-c$conc-r$round.json"
-            g="$TMP/gateway-c$conc-r$round.json"
+            g="$TMP/$proxy-c$conc-r$round.json"
             diff_of() { echo $(($(json_num "$g" "$1") - $(json_num "$d" "$1"))); }
             printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$conc" "$round" \
                 "$(diff_of ttft_us.p50)" "$(diff_of ttft_us.p99)" \
@@ -331,4 +351,4 @@ if [[ $GATEWAY == 1 ]]; then
                 "$(calc "%.3f" "$(json_num "$g" rps) / $(json_num "$d" rps)")"
         done
     done
-fi
+done
