@@ -375,6 +375,19 @@ async fn serve_inner(
         exchange.record_request_at(routed_at);
     }
 
+    // Taken now: a stream's exchange moves into its body.
+    let id_headers = [
+        ("x-request-id", HeaderValue::from_str(&exchange.request_id)),
+        (
+            "x-tollgate-deployment",
+            HeaderValue::from_str(&exchange.deployment),
+        ),
+        ("x-tollgate-provider", HeaderValue::from_str(provider)),
+        (
+            "x-tollgate-route",
+            HeaderValue::from_str(&route_headers.trace),
+        ),
+    ];
     let mut response = if stream {
         let prompt_estimate = exchange.prompt_estimate;
         let adapter: Box<dyn StreamAdapter> = match (&outbound.request, upstream_format) {
@@ -403,8 +416,7 @@ async fn serve_inner(
                 state.config.limits.stream_increment_tokens,
             )
         });
-        let mut body =
-            RelayStream::new(upstream.body, adapter, exchange.clone()).with_allowance(allowance);
+        let mut body = RelayStream::new(upstream.body, adapter, exchange).with_allowance(allowance);
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
@@ -457,13 +469,8 @@ async fn serve_inner(
     if let Some(rate) = &rate_headers {
         rate.apply(h);
     }
-    for (name, value) in [
-        ("x-request-id", exchange.request_id.as_str()),
-        ("x-tollgate-deployment", exchange.deployment.as_str()),
-        ("x-tollgate-provider", provider),
-        ("x-tollgate-route", route_headers.trace.as_str()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
+    for (name, value) in id_headers {
+        if let Ok(v) = value {
             h.insert(name, v);
         }
     }
