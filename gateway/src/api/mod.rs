@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `openai.rs` | OpenAI Chat Completions: request, response, stream chunk, usage |
 //! | `anthropic.rs` | Anthropic Messages: request, response, stream events, usage |
+//! | `body.rs` | [`RequestBody`]: a request as sent, validated once, forwarded member by member |
 //!
 //! Requests are validated by deserializing into these types (so a wrong field type is a 400
 //! naming the field) but forwarded to a same-dialect upstream from the original JSON, so that

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `sse.rs` | incremental SSE frame parser |
 //! | `passthrough.rs` | same-dialect stream adapters (bytes forwarded untouched where possible) |
-//! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, reports each SSE data event relayed, finalizes on end or drop |
+//! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, writes a burst's first output at once, reports the request (late) and each SSE data event relayed, finalizes on end or drop |
 //! | `exchange.rs` | [`Exchange`]: one request's context, and the request, chunk and completion records it produces |
 //!
 //! Cross-dialect adapters (OpenAI ↔ Anthropic) live in `crate::translate::stream`.

@@ -1,10 +1,17 @@
 //! [`RelayStream`]: the streaming response body.
 //!
 //! It pulls upstream bytes, splits them into SSE frames, lets the adapter write the client's
-//! bytes, and yields them once per upstream read (no per-frame allocation of its own). When
-//! the client disconnects, the server drops this body: the upstream body is dropped with it,
-//! which closes the upstream connection (the cancellation), and `Drop` records the completion
-//! with what was generated so far.
+//! bytes, and yields them once per upstream read (no per-frame allocation of its own). One
+//! exception, for time to first token: under light load (no more open streams than cores) the
+//! stream's first output is yielded on its own, and the rest of the burst it came in follows
+//! after a yield to the runtime, once the server has written it. When the client
+//! disconnects, the server drops this body: the upstream body is dropped with it, which closes
+//! the upstream connection (the cancellation), and `Drop` records the completion with what
+//! was generated so far.
+//!
+//! A same-dialect stream also carries its request record ([`RelayStream::with_request_record`]):
+//! the prompt estimate it needs is counted after the first output has gone out, and the
+//! record reaches the sink before any of the stream's chunk records.
 //!
 //! Every SSE data event the client receives (terminators included, comments not) is reported
 //! to the event sink as a [`ChunkRecord`]: the events are found by scanning the bytes the
