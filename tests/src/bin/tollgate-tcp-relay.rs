@@ -4,7 +4,11 @@
 //! benchmark runs it beside the gateway so that the gateway's added latency can be read
 //! against what the extra hop alone costs.
 //!
-//! Usage: `tollgate-tcp-relay --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT`
+//! Usage: `tollgate-tcp-relay --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT`. Prints
+//! `listening on ADDR` on stdout once bound; a relay that fails ends its connection quietly
+//! (the load generator counts the error).
+
+use std::io::Write;
 
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,14 +29,12 @@ struct Args {
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let listener = TcpListener::bind(&args.listen).await?;
-    eprintln!("listening on {}", listener.local_addr()?);
+    writeln!(std::io::stdout(), "listening on {}", listener.local_addr()?)?;
     loop {
         let (client, _) = listener.accept().await?;
         let upstream = args.upstream.clone();
         tokio::spawn(async move {
-            if let Err(e) = relay(client, &upstream).await {
-                eprintln!("relay: {e}");
-            }
+            let _ = relay(client, &upstream).await;
         });
     }
 }
