@@ -60,21 +60,26 @@ impl RequestBody {
                 )))
             }
         };
-        let base = bytes.as_ptr() as usize;
+        // Borrowed names and raw values point into `bytes`: their offsets are kept.
+        let (base, len) = (bytes.as_ptr() as usize, bytes.len());
         let within = |s: &str| {
-            let start = s.as_ptr() as usize - base;
-            start..start + s.len()
+            let start = (s.as_ptr() as usize).checked_sub(base)?;
+            let end = start.checked_add(s.len()).filter(|end| *end <= len)?;
+            Some(start..end)
         };
         let members = members
             .into_iter()
-            .map(|(key, value)| Member {
-                key: match key {
-                    Cow::Borrowed(k) => Key::InBody(within(k)),
-                    Cow::Owned(k) => Key::Unescaped(k),
-                },
-                value: within(value.get()),
+            .map(|(key, value)| {
+                Some(Member {
+                    key: match key {
+                        Cow::Borrowed(k) => Key::InBody(within(k)?),
+                        Cow::Owned(k) => Key::Unescaped(k),
+                    },
+                    value: within(value.get())?,
+                })
             })
-            .collect();
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| GatewayError::Internal("request body members out of place".into()))?;
         let body = RequestBody { bytes, members };
         Ok((body, typed))
     }
