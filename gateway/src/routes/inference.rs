@@ -106,9 +106,7 @@ impl ClientRequest {
         }
         .min(64 * 1024)
     }
-}
 
-impl ClientRequest {
     /// The body for `upstream` in its dialect, for `model`. A same-dialect body is the
     /// client's JSON as sent, with the model (and, for OpenAI streams, `include_usage`) set in
     /// place; the request keeps it, so a retry or fallback builds it again.
@@ -361,10 +359,11 @@ async fn serve_inner(
         target: &target,
         requested_model: &requested_model,
         stream,
-        prompt_estimate: match outbound.prompt_tokens {
-            Some(n) => n,
-            None if defer_count => 0,
-            None => outbound.prompt_tokens(),
+        // A deferred count sets the exchange's estimate when it records the request.
+        prompt_estimate: if defer_count {
+            0
+        } else {
+            outbound.prompt_tokens()
         },
         route_log: Some(dispatched.route),
         lease: Some(dispatched.lease),
