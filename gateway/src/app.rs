@@ -15,13 +15,9 @@
 //! Beside the server, with the embedded default, the billing pipeline runs on its own thread
 //! ([`crate::billing`]); [`AppState::shutdown`] stops it last, after the event sink flushed.
 //!
-//! One multi-threaded runtime serves everything. One single-threaded runtime per core, each
-//! with its own `SO_REUSEPORT` listener and upstream pool, was measured: about 20% less CPU
-//! per request at low concurrency and with chunks arriving apart, nothing at saturation, and
-//! a request whose pre-flight work is heavy (a 1.3 MB prompt: ~200 ms of tokenizing) stalled
-//! every stream on its thread (worst first-token time 300–440 ms against ~30 ms here, where
-//! other workers steal the waiting tasks). Worth revisiting once that work leaves the serving
-//! threads.
+//! The server ([`crate::server`]) runs the application on one single-threaded runtime per
+//! core, each connection on one of them; the main runtime keeps the background work (key
+//! cache invalidations, health checks, limit recovery, store and Redis connections).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +25,6 @@ use std::time::Duration;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use parking_lot::Mutex;
 use tollgate_pipeline::sink::memory::MemoryBalances;
@@ -220,19 +215,17 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .into_response_for(WireFormat::OpenAi)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; accepted sockets get `TCP_NODELAY`
-/// (without it every streamed chunk can wait ~40 ms on Nagle and delayed ACKs).
+/// Serves the application on `listener` until `shutdown` resolves and every in-flight request
+/// has been answered ([`crate::server`]: one serving thread per core, `server.threads` and
+/// `server.busy_poll_us`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, app(state).into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let options = crate::server::ServeOptions {
+        threads: state.config.server.threads,
+        busy_poll: Duration::from_micros(state.config.server.busy_poll_us),
+    };
+    crate::server::serve(listener, app(state), options, shutdown).await
 }

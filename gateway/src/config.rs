@@ -88,6 +88,11 @@ pub struct ServerConfig {
     pub mock_models: bool,
     /// Add `openai/*` and `anthropic/*` routes when `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` are set.
     pub env_providers: bool,
+    /// Serving threads, each with its own single-threaded runtime; 0: one per core.
+    pub threads: usize,
+    /// How long (µs) a serving thread keeps polling its sockets after it handled something
+    /// before it sleeps; 0 turns busy polling off. See `server::busy_poll`.
+    pub busy_poll_us: u64,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +105,8 @@ impl Default for ServerConfig {
             key_cache_ttl_ms: 5_000,
             mock_models: true,
             env_providers: true,
+            threads: 0,
+            busy_poll_us: 0,
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod relay;
 pub mod routes;
 pub mod routing;
 pub mod secrets;
+pub mod server;
 pub mod store;
 pub mod tokens;
 pub mod translate;

@@ -14,9 +14,11 @@
 //! at 128, throughput at 128 from 0.15 to about 0.5 of the upstream's own. reqwest stays for
 //! `https://`, where TLS makes the client's own costs a smaller share.
 //!
-//! Connections are kept alive in one pool per upstream, shared by the runtime's threads (a
-//! request's task may move between workers, and a connection pooled where its body ended must
-//! still be found by the next request, wherever it runs). A pooled connection is checked
+//! Connections are kept alive in one pool per upstream with one set of idle connections per
+//! serving thread ([`crate::server::serving_thread`]): a connection is registered with the
+//! reactor of the runtime that opened it, and a request runs on one thread from start to end,
+//! so each thread reuses its own (other threads, such as the main runtime's workers, share one
+//! set, whichever of them a task runs on). A pooled connection is checked
 //! before reuse (closed by the server, or holding unread bytes: discarded) and, because the
 //! server may close it just as the request is sent (the keep-alive race), a request that
 //! fails on a pooled connection before any response byte is sent again, once, on a fresh
@@ -51,7 +53,7 @@ const MAX_HEADERS: usize = 128;
 pub const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 /// Largest trailer section accepted.
 pub const MAX_TRAILER_BYTES: usize = 64 * 1024;
-/// Most idle connections kept per upstream.
+/// Most idle connections kept per upstream and serving thread.
 const MAX_IDLE: usize = 512;
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -159,7 +161,7 @@ impl Http1Client {
 
     /// Idle connections to this upstream.
     pub fn idle_connections(&self) -> usize {
-        self.pool.idle.lock().len()
+        self.pool.idle.lock().iter().map(VecDeque::len).sum()
     }
 
     /// The request line and headers, ready to write.
@@ -224,6 +226,7 @@ impl Http1Client {
             stream,
             buf: BytesMut::with_capacity(READ_SIZE),
             idle_since: Instant::now(),
+            thread: crate::server::serving_thread(),
         })
     }
 
@@ -353,7 +356,10 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
                     }),
                 ))
             }
-            Ok(_) => received = true,
+            Ok(_) => {
+                received = true;
+                crate::server::busy_poll::activity();
+            }
             Err(e) => {
                 return Err(before(
                     received,
@@ -557,6 +563,9 @@ fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
             Ok(read)
         }
     });
+    if read > 0 {
+        crate::server::busy_poll::activity();
+    }
     match result {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
         other => other,
@@ -798,6 +807,8 @@ struct Conn {
     stream: TcpStream,
     buf: BytesMut,
     idle_since: Instant,
+    /// The serving thread that opened it (whose reactor it is registered with).
+    thread: usize,
 }
 
 impl Conn {
@@ -809,16 +820,17 @@ impl Conn {
     }
 }
 
-/// One upstream's idle connections, most recently used last.
+/// One upstream's idle connections per serving thread, most recently used last.
 #[derive(Default)]
 struct Pool {
-    idle: parking_lot::Mutex<VecDeque<Conn>>,
+    idle: parking_lot::Mutex<Vec<VecDeque<Conn>>>,
 }
 
 impl Pool {
-    /// The most recently used idle connection that is still usable.
+    /// The most recently used idle connection of this thread that is still usable.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock();
+        let mut pools = self.idle.lock();
+        let idle = pools.get_mut(crate::server::serving_thread())?;
         while let Some(conn) = idle.pop_back() {
             if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
                 // The rest are older still.
@@ -832,10 +844,17 @@ impl Pool {
         None
     }
 
-    /// Pools `conn` (dropped, so closed, when the pool is full); expired ones are dropped.
+    /// Pools `conn` with its thread's (dropped, so closed, when that set is full); expired
+    /// ones are dropped.
     fn checkin(&self, mut conn: Conn) {
         conn.idle_since = Instant::now();
-        let mut idle = self.idle.lock();
+        let mut pools = self.idle.lock();
+        if pools.len() <= conn.thread {
+            pools.resize_with(conn.thread + 1, VecDeque::new);
+        }
+        let Some(idle) = pools.get_mut(conn.thread) else {
+            return;
+        };
         while idle
             .front()
             .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)

@@ -1,0 +1,387 @@
+//! The HTTP server's threads: one acceptor and one serving thread per core.
+//!
+//! The acceptor (on the main runtime) hands every accepted connection to the serving thread
+//! with the fewest open connections. Each serving thread runs its own single-threaded tokio
+//! runtime, so a request, its upstream call and its stream stay on one thread from start to
+//! end: no task moves between threads, no worker wakes another, and the upstream connection
+//! pool keeps one set of idle connections per thread ([`serving_thread`]). Work that can take
+//! milliseconds of CPU (tokenizing a large prompt) goes to the blocking pool instead of
+//! stalling the other streams of its thread.
+//!
+//! A serving thread may also busy-poll ([`busy_poll`], `server.busy_poll_us`): after it has
+//! handled something it keeps polling its sockets for that long before it sleeps, so that an
+//! answer arriving soon after (an upstream's first bytes, a client's next request) does not
+//! pay a thread wake-up, which costs tens of microseconds in a virtual machine.
+//!
+//! Shutdown: the acceptor stops accepting, every serving thread asks its connections to close
+//! once their in-flight requests are answered, and [`serve`] returns when all of them have.
+
+pub mod busy_poll;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How the server runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Serving threads; 0 means one per available core.
+    pub threads: usize,
+    /// How long a serving thread keeps polling after it handled something; zero: never.
+    pub busy_poll: Duration,
+}
+
+thread_local! {
+    /// 1-based index of the serving thread this is, 0 on any other thread.
+    static SERVING_THREAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Which serving thread runs the caller: 1, 2, ... on serving threads, 0 elsewhere. Used to
+/// keep per-thread state (the upstream connection pools) on the thread whose runtime owns it.
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.try_with(Cell::get).unwrap_or(0)
+}
+
+/// One serving thread as the acceptor sees it.
+struct Worker {
+    connections: mpsc::UnboundedSender<std::net::TcpStream>,
+    /// Connections handed to it and not yet closed.
+    open: Arc<AtomicUsize>,
+    /// Resolves when the thread has finished (all its connections closed).
+    done: oneshot::Receiver<()>,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then waits until every in-flight
+/// request has been answered. Dropping the returned future stops the serving threads too.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Dropping the sender (on return or when this future is dropped) stops every thread.
+    let (stop, stopped) = watch::channel(());
+    let mut workers = Vec::with_capacity(threads);
+    for index in 1..=threads {
+        workers.push(start_worker(
+            index,
+            app.clone(),
+            options.busy_poll,
+            stopped.clone(),
+        )?);
+    }
+    drop(stopped);
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tracing::error!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            // Without it every streamed chunk can wait ~40 ms on Nagle and delayed ACKs.
+            tracing::warn!("cannot set TCP_NODELAY: {e}");
+        }
+        let Some(worker) = workers
+            .iter()
+            .min_by_key(|w| w.open.load(Ordering::Relaxed))
+        else {
+            break;
+        };
+        match stream.into_std() {
+            Ok(stream) => {
+                worker.open.fetch_add(1, Ordering::Relaxed);
+                if worker.connections.send(stream).is_err() {
+                    worker.open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!("a serving thread has stopped");
+                }
+            }
+            Err(e) => tracing::warn!("cannot hand over a connection: {e}"),
+        }
+    }
+    drop(listener);
+    drop(stop);
+    for worker in workers {
+        drop(worker.connections);
+        let _ = worker.done.await;
+    }
+    Ok(())
+}
+
+/// Errors that concern one connection only (the next accept is fine).
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn start_worker(
+    index: usize,
+    app: Router,
+    busy_poll: Duration,
+    stopped: watch::Receiver<()>,
+) -> io::Result<Worker> {
+    let (connections, incoming) = mpsc::unbounded_channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done) = oneshot::channel();
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    if !busy_poll.is_zero() {
+        // A thread woken from sleep has something to handle: that starts a polling window.
+        builder.on_thread_unpark(busy_poll::activity);
+    }
+    let runtime = builder.build()?;
+    let thread_open = open.clone();
+    std::thread::Builder::new()
+        .name(format!("tollgate-serve-{index}"))
+        .spawn(move || {
+            SERVING_THREAD.with(|t| t.set(index));
+            runtime.block_on(run_worker(app, incoming, thread_open, busy_poll, stopped));
+            // Tasks still alive (a stream the client abandoned mid-shutdown) end here.
+            drop(runtime);
+            let _ = done_tx.send(());
+        })?;
+    Ok(Worker {
+        connections,
+        open,
+        done,
+    })
+}
+
+/// A serving thread: serves the connections it is handed until told to stop, then closes
+/// them gracefully and returns once all have closed.
+async fn run_worker(
+    app: Router,
+    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+    busy_poll: Duration,
+    mut stopped: watch::Receiver<()>,
+) {
+    if !busy_poll.is_zero() {
+        tokio::spawn(busy_poll::spin(busy_poll));
+    }
+    // Each connection holds a clone of `closing_rx`; the sender sees them all dropped.
+    let (closing, closing_rx) = watch::channel(());
+    loop {
+        let stream = tokio::select! {
+            stream = incoming.recv() => match stream {
+                Some(stream) => stream,
+                None => break,
+            },
+            _ = stopped.changed() => break,
+        };
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!("cannot register a connection: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            app.clone(),
+            closing_rx.clone(),
+            open.clone(),
+        ));
+    }
+    drop(closing_rx);
+    // Ask every connection to finish its in-flight requests and close, then wait for them.
+    closing.send_replace(());
+    closing.closed().await;
+}
+
+/// Serves one connection: HTTP/1.1 (or HTTP/2 with prior knowledge) until the client closes
+/// it, or until `closing` fires and its in-flight requests are answered.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    mut closing: watch::Receiver<()>,
+    open: Arc<AtomicUsize>,
+) {
+    let service = TowerToHyperService::new(app);
+    let builder = Builder::new(TokioExecutor::new());
+    let io = TokioIo::new(busy_poll::Active(stream));
+    let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
+    // Marked seen: only a change after this point asks the connection to close.
+    closing.borrow_and_update();
+    let mut closing_fired = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::trace!("connection ended with an error: {e}");
+                }
+                break;
+            }
+            changed = closing.changed(), if !closing_fired => {
+                closing_fired = true;
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+    open.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server whose `/thread` answers with the serving thread that ran it and whose
+    /// `/slow` answers after 300 ms.
+    async fn start(
+        threads: usize,
+        busy_poll: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let app = Router::new()
+            .route("/thread", get(|| async { serving_thread().to_string() }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "done"
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServeOptions { threads, busy_poll };
+        let server = tokio::spawn(serve(listener, app, options, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, server)
+    }
+
+    /// Sends `GET path` on `conn` and returns the response body (responses here are small and
+    /// carry a content-length).
+    async fn get_on(conn: &mut TcpStream, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the response ended");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if body.len() >= length {
+                    return body.to_string();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_least_loaded_thread_and_stay_there() {
+        let (addr, stop, server) = start(2, Duration::ZERO).await;
+        let mut conns = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..4 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            threads.push(get_on(&mut conn, "/thread").await);
+            conns.push(conn);
+        }
+        let mut sorted = threads.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            ["1", "1", "2", "2"],
+            "open connections are balanced"
+        );
+        // Every later request of a connection runs on the thread that took it.
+        for (conn, thread) in conns.iter_mut().zip(&threads) {
+            for _ in 0..3 {
+                assert_eq!(&get_on(conn, "/thread").await, thread);
+            }
+        }
+        // A closed connection frees its place: the next one goes where it was.
+        let freed = threads[0].clone();
+        drop(conns.remove(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut conn, "/thread").await, freed);
+        drop(conns);
+        drop(conn);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_in_flight_requests_then_returns() {
+        let (addr, stop, server) = start(2, Duration::from_micros(100)).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut idle, "/thread").await.len(), 1);
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let slow = tokio::spawn(async move { get_on(&mut busy, "/slow").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        assert_eq!(
+            slow.await.unwrap(),
+            "done",
+            "the in-flight request is answered"
+        );
+        server.await.unwrap().unwrap();
+        // The idle keep-alive connection was closed, and nothing listens any more.
+        let mut rest = Vec::new();
+        assert_eq!(idle.read_to_end(&mut rest).await.unwrap(), 0);
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_server_closes_its_connections() {
+        let (addr, _stop, server) = start(2, Duration::ZERO).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut conn, "/thread").await.len(), 1);
+        server.abort();
+        let _ = server.await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+            .await
+            .expect("the serving thread still holds the connection");
+        assert_eq!(closed.unwrap(), 0);
+    }
+}
