@@ -19,6 +19,8 @@
 #   GATEWAY [1]              0: benchmark the mock upstream only (no gateway build or runs)
 #   FLOOR [1]                1: also run the load through tollgate-tcp-relay, a byte-for-byte
 #                            TCP relay that does no work: what one more hop alone adds here
+#   BUSY_POLL_US [100]       also run a second gateway with server.busy_poll_us set to this
+#                            (scenario gateway-busy-poll); 0: only the default gateway
 #   BUILD [1]                0: use already built release binaries
 #   RUST_LOG [warn]          log level of the mock and the gateway (logging costs CPU too)
 #   MOCK_BIN, GATEWAY_BIN, LOAD_BIN, RELAY_BIN   override the binaries' paths
@@ -42,6 +44,7 @@ LOAD_THREADS=${LOAD_THREADS:-1}
 GATEWAY=${GATEWAY:-1}
 FLOOR=${FLOOR:-1}
 BUILD=${BUILD:-1}
+BUSY_POLL_US=${BUSY_POLL_US:-100}
 KEEP_TMP=${KEEP_TMP:-0}
 EVENTS=${EVENTS:-log}
 KAFKA_BOOTSTRAP=${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
@@ -146,8 +149,6 @@ fi
 
 # ---------------------------------------------------------------------------- gateway
 if [[ $GATEWAY == 1 ]]; then
-    PORT_B=$(free_port)
-    while [[ $PORT_B == "$PORT_A" ]]; do PORT_B=$(free_port); done
     DATA_DIR="$TMP/data"
     mkdir -p "$DATA_DIR"
     CONFIG="$TMP/gateway.toml"
@@ -184,13 +185,32 @@ EOF
     API_KEY=${API_KEY//[[:space:]]/}
     [[ -n $API_KEY ]] || die "keys create printed no key"
 
-    "$GATEWAY_BIN" serve --config "$CONFIG" --data-dir "$DATA_DIR" --listen "127.0.0.1:$PORT_B" \
-        >"$TMP/gateway.log" 2>&1 &
-    GATEWAY_PID=$!
-    PIDS+=("$GATEWAY_PID")
-    gateway_ready() { [[ $(http_status "$PORT_B" /readyz) == 200 ]]; }
-    wait_for "gateway" "$GATEWAY_PID" "$TMP/gateway.log" gateway_ready
-    log "gateway on 127.0.0.1:$PORT_B (pid $GATEWAY_PID)"
+    # start_gateway SCENARIO CONFIG: a gateway process for SCENARIO; its port and pid are
+    # recorded in GW_PORT and GW_PID.
+    declare -A GW_PORT GW_PID
+    start_gateway() {
+        local scenario=$1 config=$2 port pid
+        port=$(free_port)
+        while [[ $port == "$PORT_A" || $port == "${PORT_R:-}" || " ${GW_PORT[*]} " == *" $port "* ]]; do
+            port=$(free_port)
+        done
+        "$GATEWAY_BIN" serve --config "$config" --data-dir "$DATA_DIR" --listen "127.0.0.1:$port" \
+            >"$TMP/$scenario.log" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
+        wait_for "$scenario" "$pid" "$TMP/$scenario.log" gateway_ready
+        GW_PORT[$scenario]=$port
+        GW_PID[$scenario]=$pid
+        log "$scenario on 127.0.0.1:$port (pid $pid)"
+    }
+    start_gateway gateway "$CONFIG"
+    if ((BUSY_POLL_US > 0)); then
+        # The same configuration with busy polling on (the [server] table goes first: the
+        # file's other tables end with [events] or its Kafka keys).
+        { printf '[server]\nbusy_poll_us = %s\n\n' "$BUSY_POLL_US"; cat "$CONFIG"; } >"$TMP/gateway-busy-poll.toml"
+        start_gateway gateway-busy-poll "$TMP/gateway-busy-poll.toml"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- runs
@@ -199,8 +219,8 @@ fi
 run_load() {
     local scenario=$1 conc=$2 requests=$3 round=$4 url key
     local out="$TMP/$scenario-c$conc-r$round"
-    if [[ $scenario == gateway ]]; then
-        url="http://127.0.0.1:$PORT_B/v1/chat/completions"
+    if [[ $scenario == gateway* ]]; then
+        url="http://127.0.0.1:${GW_PORT[$scenario]}/v1/chat/completions"
         key=$API_KEY
     elif [[ $scenario == relay ]]; then
         url="http://127.0.0.1:$PORT_R/v1/chat/completions"
@@ -211,18 +231,18 @@ run_load() {
     fi
     local mock0 gw0=0 rc=0
     mock0=$(cpu_ticks "$MOCK_PID")
-    if [[ $GATEWAY == 1 ]]; then gw0=$(cpu_ticks "$GATEWAY_PID"); fi
+    if [[ $scenario == gateway* ]]; then gw0=$(cpu_ticks "${GW_PID[$scenario]}"); fi
     log "$scenario, concurrency $conc, $requests requests (round $round)"
     "$LOAD_BIN" --url "$url" --api-key "$key" --model bench --concurrency "$conc" \
         --requests "$requests" --duration-s "$DURATION_S" --warmup "$WARMUP" \
         --threads "$LOAD_THREADS" --json >"$out.json" 2>"$out.err" || rc=$?
     echo $(($(cpu_ticks "$MOCK_PID") - mock0)) >"$out.mock_ticks"
-    if [[ $GATEWAY == 1 ]]; then
-        echo $(($(cpu_ticks "$GATEWAY_PID") - gw0)) >"$out.gw_ticks"
+    if [[ $scenario == gateway* ]]; then
+        echo $(($(cpu_ticks "${GW_PID[$scenario]}") - gw0)) >"$out.gw_ticks"
     fi
     if ((rc != 0)); then
         cat "$out.err" "$out.json" >&2 || true
-        if [[ $scenario == gateway ]]; then tail -n 30 "$TMP/gateway.log" >&2 || true; fi
+        if [[ $scenario == gateway* ]]; then tail -n 30 "$TMP/$scenario.log" >&2 || true; fi
         die "$scenario run at concurrency $conc failed (exit $rc)"
     fi
 }
@@ -230,6 +250,7 @@ run_load() {
 SCENARIOS=(direct)
 if [[ $FLOOR == 1 ]]; then SCENARIOS+=(relay); fi
 if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
+if [[ $GATEWAY == 1 ]] && ((BUSY_POLL_US > 0)); then SCENARIOS+=(gateway-busy-poll); fi
 LEVELS=("1:$REQUESTS_C1" "$CONCURRENCY_HIGH:$REQUESTS_C128")
 for level in "${LEVELS[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -251,7 +272,8 @@ echo
 echo "## Gateway benchmark"
 echo
 echo "$(nproc 2>/dev/null || echo '?') cores; mock upstream: $CHUNKS chunks, ${CHUNK_DELAY_MS} ms apart;" \
-    "warmup $WARMUP; load generator threads $LOAD_THREADS; latencies in µs; event sink: $EVENTS."
+    "warmup $WARMUP; load generator threads $LOAD_THREADS; latencies in µs; event sink: $EVENTS;" \
+    "gateway-busy-poll: server.busy_poll_us = $BUSY_POLL_US."
 echo
 echo "| scenario | concurrency | round | ok | errors | rps | TTFT p50 | TTFT p99 | total p50 | total p99 | chunks | gateway CPU µs/req | upstream CPU µs/req | load CPU µs/req |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -261,7 +283,7 @@ for level in "${LEVELS[@]}"; do
         for scenario in "${SCENARIOS[@]}"; do
             f="$TMP/$scenario-c$conc-r$round"
             gw_cpu="-"
-            if [[ $scenario == gateway ]]; then
+            if [[ $scenario == gateway* ]]; then
                 gw_cpu=$(cpu_per_req "$f.json" "$(cat "$f.gw_ticks")")
             fi
             printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \

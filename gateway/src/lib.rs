@@ -4,7 +4,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`app`] | state, router, layers, server loop |
+//! | [`server`] | acceptor, one single-threaded serving runtime per core, busy polling |
+//! | [`app`] | state, router, layers |
 //! | [`routes`] | HTTP handlers per API surface |
 //! | [`auth`] | API key format, authentication and its cache |
 //! | [`store`] | metadata store seam: PostgreSQL, SQLite embedded |
