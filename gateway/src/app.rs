@@ -217,12 +217,12 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// Serves the application on `listener` until `shutdown` resolves and every in-flight request
 /// has been answered ([`crate::server`]: one serving thread per core, `server.threads` and
-/// `server.busy_poll_us`).
+/// `server.busy_poll_us`). Drop the result after [`AppState::shutdown`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<crate::server::Stopped> {
     let options = crate::server::ServeOptions {
         threads: state.config.server.threads,
         busy_poll: Duration::from_micros(state.config.server.busy_poll_us),

@@ -120,8 +120,11 @@ async fn serve(
             "off: set TOLLGATE_ADMIN_TOKEN"
         }
     );
-    app::serve(listener, state.clone(), shutdown_signal()).await?;
+    let stopped = app::serve(listener, state.clone(), shutdown_signal()).await?;
+    // Shutdown work may use store connections a serving thread opened: its runtime runs on
+    // until `stopped` goes.
     state.shutdown().await;
+    drop(stopped);
     Ok(())
 }
 

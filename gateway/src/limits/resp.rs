@@ -6,13 +6,13 @@
 //! `NOSCRIPT`), `PING`, `AUTH`/`SELECT` at connect.
 
 use bytes::{Buf, BytesMut};
-use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Unavailable;
+use crate::server::{serving_thread, PerThread};
 
-/// Idle connections kept per pool.
+/// Idle connections kept per pool and serving thread.
 const MAX_IDLE: usize = 64;
 
 /// A reply.
@@ -28,6 +28,8 @@ pub enum Reply {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// The serving thread that opened it (whose reactor it is registered with).
+    thread: usize,
 }
 
 /// Where and how to connect, from a `redis://[user:password@]host:port[/db]` URL.
@@ -66,10 +68,11 @@ impl Target {
     }
 }
 
-/// A pool of connections to one server.
+/// A pool of connections to one server, with one set of idle connections per serving thread
+/// (a connection belongs to the runtime of the thread that opened it).
 pub struct Pool {
     target: Target,
-    idle: Mutex<Vec<Conn>>,
+    idle: PerThread<Vec<Conn>>,
 }
 
 fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
@@ -156,7 +159,7 @@ impl Pool {
     pub fn new(target: Target) -> Pool {
         Pool {
             target,
-            idle: Mutex::new(Vec::new()),
+            idle: PerThread::default(),
         }
     }
 
@@ -170,6 +173,7 @@ impl Pool {
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(1024),
+            thread: serving_thread(),
         };
         let t = &self.target;
         if let Some(password) = &t.password {
@@ -196,16 +200,17 @@ impl Pool {
     pub async fn call(&self, args: &[&[u8]]) -> Result<Reply, Unavailable> {
         let mut command = Vec::with_capacity(256);
         encode(&mut command, args);
-        let pooled = self.idle.lock().pop();
+        let pooled = self.idle.with(serving_thread(), Vec::pop);
         let mut conn = match pooled {
             Some(c) => c,
             None => self.connect().await?,
         };
         let reply = conn.call(&command).await?;
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
+        self.idle.with(conn.thread, |idle| {
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        });
         Ok(reply)
     }
 

@@ -44,6 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
+use crate::server::{serving_thread, PerThread};
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -161,7 +162,7 @@ impl Http1Client {
 
     /// Idle connections to this upstream.
     pub fn idle_connections(&self) -> usize {
-        self.pool.idle.lock().iter().map(VecDeque::len).sum()
+        self.pool.idle.sum(VecDeque::len)
     }
 
     /// The request line and headers, ready to write.
@@ -226,7 +227,7 @@ impl Http1Client {
             stream,
             buf: BytesMut::with_capacity(READ_SIZE),
             idle_since: Instant::now(),
-            thread: crate::server::serving_thread(),
+            thread: serving_thread(),
         })
     }
 
@@ -823,47 +824,42 @@ impl Conn {
 /// One upstream's idle connections per serving thread, most recently used last.
 #[derive(Default)]
 struct Pool {
-    idle: parking_lot::Mutex<Vec<VecDeque<Conn>>>,
+    idle: PerThread<VecDeque<Conn>>,
 }
 
 impl Pool {
     /// The most recently used idle connection of this thread that is still usable.
     fn checkout(&self) -> Option<Conn> {
-        let mut pools = self.idle.lock();
-        let idle = pools.get_mut(crate::server::serving_thread())?;
-        while let Some(conn) = idle.pop_back() {
-            if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
-                // The rest are older still.
-                idle.clear();
-                return None;
+        self.idle.with(serving_thread(), |idle| {
+            while let Some(conn) = idle.pop_back() {
+                if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
+                    // The rest are older still.
+                    idle.clear();
+                    return None;
+                }
+                if conn.is_usable() {
+                    return Some(conn);
+                }
             }
-            if conn.is_usable() {
-                return Some(conn);
-            }
-        }
-        None
+            None
+        })
     }
 
     /// Pools `conn` with its thread's (dropped, so closed, when that set is full); expired
     /// ones are dropped.
     fn checkin(&self, mut conn: Conn) {
         conn.idle_since = Instant::now();
-        let mut pools = self.idle.lock();
-        if pools.len() <= conn.thread {
-            pools.resize_with(conn.thread + 1, VecDeque::new);
-        }
-        let Some(idle) = pools.get_mut(conn.thread) else {
-            return;
-        };
-        while idle
-            .front()
-            .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
-        if idle.len() < MAX_IDLE {
-            idle.push_back(conn);
-        }
+        self.idle.with(conn.thread, |idle| {
+            while idle
+                .front()
+                .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
+            {
+                idle.pop_front();
+            }
+            if idle.len() < MAX_IDLE {
+                idle.push_back(conn);
+            }
+        });
     }
 }
 

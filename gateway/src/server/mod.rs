@@ -15,6 +15,9 @@
 //!
 //! Shutdown: the acceptor stops accepting, every serving thread asks its connections to close
 //! once their in-flight requests are answered, and [`serve`] returns when all of them have.
+//! The serving threads' runtimes keep running until the returned [`Stopped`] is dropped:
+//! connections a serving thread opened for shared components (a store's pool) are driven by
+//! its runtime, and the caller's own shutdown work may still use them.
 
 pub mod busy_poll;
 
@@ -52,6 +55,37 @@ pub fn serving_thread() -> usize {
     SERVING_THREAD.try_with(Cell::get).unwrap_or(0)
 }
 
+/// State kept per serving thread behind one lock (slot 0: every other thread), such as idle
+/// connections, which belong to the runtime (reactor) of the thread that opened them.
+pub struct PerThread<T> {
+    slots: parking_lot::Mutex<Vec<T>>,
+}
+
+impl<T: Default> Default for PerThread<T> {
+    fn default() -> Self {
+        PerThread {
+            slots: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T: Default> PerThread<T> {
+    /// Runs `f` on the slot of serving thread `thread` (see [`serving_thread`]).
+    pub fn with<R>(&self, thread: usize, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut slots = self.slots.lock();
+        if slots.len() <= thread {
+            slots.resize_with(thread + 1, T::default);
+        }
+        let mut spare = T::default();
+        f(slots.get_mut(thread).unwrap_or(&mut spare))
+    }
+
+    /// Sums `f` over every thread's slot.
+    pub fn sum(&self, f: impl Fn(&T) -> usize) -> usize {
+        self.slots.lock().iter().map(f).sum()
+    }
+}
+
 /// One serving thread as the acceptor sees it.
 struct Worker {
     connections: mpsc::UnboundedSender<std::net::TcpStream>,
@@ -61,6 +95,13 @@ struct Worker {
     done: oneshot::Receiver<()>,
 }
 
+/// The serving threads after [`serve`] returned, idle but still running their runtimes;
+/// dropping this ends them.
+#[must_use = "dropping it ends the serving threads' runtimes"]
+pub struct Stopped {
+    _release: watch::Sender<()>,
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then waits until every in-flight
 /// request has been answered. Dropping the returned future stops the serving threads too.
 pub async fn serve(
@@ -68,13 +109,15 @@ pub async fn serve(
     app: Router,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
+) -> io::Result<Stopped> {
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    // Dropping the sender (on return or when this future is dropped) stops every thread.
+    // Dropping `stop` (on return or when this future is dropped) stops every thread serving;
+    // dropping `release` ends their runtimes.
     let (stop, stopped) = watch::channel(());
+    let (release, released) = watch::channel(());
     let mut workers = Vec::with_capacity(threads);
     for index in 1..=threads {
         workers.push(start_worker(
@@ -82,9 +125,10 @@ pub async fn serve(
             app.clone(),
             options.busy_poll,
             stopped.clone(),
+            released.clone(),
         )?);
     }
-    drop(stopped);
+    drop((stopped, released));
 
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -129,7 +173,7 @@ pub async fn serve(
         drop(worker.connections);
         let _ = worker.done.await;
     }
-    Ok(())
+    Ok(Stopped { _release: release })
 }
 
 /// Errors that concern one connection only (the next accept is fine).
@@ -147,6 +191,7 @@ fn start_worker(
     app: Router,
     busy_poll: Duration,
     stopped: watch::Receiver<()>,
+    mut released: watch::Receiver<()>,
 ) -> io::Result<Worker> {
     let (connections, incoming) = mpsc::unbounded_channel();
     let open = Arc::new(AtomicUsize::new(0));
@@ -163,10 +208,12 @@ fn start_worker(
         .name(format!("tollgate-serve-{index}"))
         .spawn(move || {
             SERVING_THREAD.with(|t| t.set(index));
-            runtime.block_on(run_worker(app, incoming, thread_open, busy_poll, stopped));
-            // Tasks still alive (a stream the client abandoned mid-shutdown) end here.
-            drop(runtime);
-            let _ = done_tx.send(());
+            runtime.block_on(async {
+                run_worker(app, incoming, thread_open, busy_poll, stopped).await;
+                let _ = done_tx.send(());
+                // Idle, the runtime still drives the connections it opened until released.
+                let _ = released.changed().await;
+            });
         })?;
     Ok(Worker {
         connections,
@@ -268,7 +315,7 @@ mod tests {
     ) -> (
         std::net::SocketAddr,
         oneshot::Sender<()>,
-        tokio::task::JoinHandle<io::Result<()>>,
+        tokio::task::JoinHandle<io::Result<Stopped>>,
     ) {
         let app = Router::new()
             .route("/thread", get(|| async { serving_thread().to_string() }))
@@ -347,7 +394,7 @@ mod tests {
         drop(conns);
         drop(conn);
         stop.send(()).unwrap();
-        server.await.unwrap().unwrap();
+        drop(server.await.unwrap().unwrap());
     }
 
     #[tokio::test]
@@ -364,7 +411,7 @@ mod tests {
             "done",
             "the in-flight request is answered"
         );
-        server.await.unwrap().unwrap();
+        drop(server.await.unwrap().unwrap());
         // The idle keep-alive connection was closed, and nothing listens any more.
         let mut rest = Vec::new();
         assert_eq!(idle.read_to_end(&mut rest).await.unwrap(), 0);
@@ -383,5 +430,56 @@ mod tests {
             .await
             .expect("the serving thread still holds the connection");
         assert_eq!(closed.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_a_serving_thread_opened_work_until_the_server_is_released() {
+        // An echo server on this (the test's) runtime.
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // A handler opens a connection (as a store pool does on first use) and parks it.
+        let parked = Arc::new(parking_lot::Mutex::new(None::<TcpStream>));
+        let slot = parked.clone();
+        let app = Router::new().route(
+            "/open",
+            get(move || async move {
+                *slot.lock() = Some(TcpStream::connect(echo_addr).await.unwrap());
+                "opened"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServeOptions {
+            threads: 1,
+            busy_poll: Duration::ZERO,
+        };
+        let server = tokio::spawn(serve(listener, app, options, async {
+            let _ = stopped.await;
+        }));
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut conn, "/open").await, "opened");
+        drop(conn);
+        stop.send(()).unwrap();
+        let released = server.await.unwrap().unwrap();
+        // The server has stopped serving; the connection its thread opened still works.
+        let mut opened = parked.lock().take().unwrap();
+        opened.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), opened.read_exact(&mut back))
+            .await
+            .expect("no echo: the serving thread's runtime no longer drives the connection")
+            .unwrap();
+        assert_eq!(&back, b"ping");
+        drop(released);
     }
 }
