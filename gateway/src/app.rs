@@ -223,9 +223,14 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<crate::server::Stopped> {
+    let metrics = state
+        .metrics
+        .server()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let options = crate::server::ServeOptions {
         threads: state.config.server.threads,
         busy_poll: Duration::from_micros(state.config.server.busy_poll_us),
+        metrics: Some(metrics),
     };
     crate::server::serve(listener, app(state), options, shutdown).await
 }

@@ -179,6 +179,41 @@ impl Metrics {
         Ok(BillingMetrics { up, failures })
     }
 
+    /// Creates and registers the serving threads' metrics ([`crate::server`]).
+    pub fn server(&self) -> Result<ServerMetrics, MetricsError> {
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_server_connections",
+                "Open client connections per serving thread",
+            ),
+            &["thread"],
+        )?;
+        let accepted = IntCounterVec::new(
+            Opts::new(
+                "tollgate_server_connections_total",
+                "Client connections handed to each serving thread",
+            ),
+            &["thread"],
+        )?;
+        let busy_poll = prometheus::CounterVec::new(
+            Opts::new(
+                "tollgate_server_busy_poll_seconds_total",
+                "Time each serving thread spent in busy-poll windows, polling instead of sleeping (work done meanwhile included)",
+            ),
+            &["thread"],
+        )?;
+        self.register(vec![
+            Box::new(connections.clone()),
+            Box::new(accepted.clone()),
+            Box::new(busy_poll.clone()),
+        ])?;
+        Ok(ServerMetrics {
+            connections,
+            accepted,
+            busy_poll,
+        })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -197,6 +232,18 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The serving threads' metrics, labelled by thread number (1, 2, ...: bounded by the core
+/// count).
+#[derive(Clone)]
+pub struct ServerMetrics {
+    /// `tollgate_server_connections`.
+    pub connections: IntGaugeVec,
+    /// `tollgate_server_connections_total`.
+    pub accepted: IntCounterVec,
+    /// `tollgate_server_busy_poll_seconds_total`.
+    pub busy_poll: prometheus::CounterVec,
 }
 
 /// The embedded billing pipeline's health (see [`crate::billing`]). Serving never waits on

@@ -38,8 +38,9 @@ pub fn activity() {
 
 /// The poller task of a single-threaded runtime: after each activity it yields back to the
 /// runtime, which then polls its sockets and timers with zero timeout instead of sleeping,
-/// until `window` has passed with no activity; then it waits for the next one.
-pub async fn spin(window: Duration) {
+/// until `window` has passed with no activity; then it waits for the next one. The time spent
+/// in these windows is added to `polling`.
+pub async fn spin(window: Duration, polling: Option<prometheus::Counter>) {
     loop {
         let seen = ACTIVITY.with(Cell::get);
         std::future::poll_fn(|cx| {
@@ -52,7 +53,8 @@ pub async fn spin(window: Duration) {
         })
         .await;
         let mut seen = ACTIVITY.with(Cell::get);
-        let mut deadline = Instant::now() + window;
+        let started = Instant::now();
+        let mut deadline = started + window;
         loop {
             tokio::task::yield_now().await;
             // Spinning must not delay other processes' threads that want this CPU (the
@@ -66,6 +68,9 @@ pub async fn spin(window: Duration) {
             } else if now >= deadline {
                 break;
             }
+        }
+        if let Some(polling) = &polling {
+            polling.inc_by(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -137,7 +142,8 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let window = Duration::from_millis(400);
-            tokio::spawn(spin(window));
+            let polling = prometheus::Counter::new("polling", "test").unwrap();
+            tokio::spawn(spin(window, Some(polling.clone())));
             tokio::task::yield_now().await;
             assert!(poller_idle(), "a quiet thread does not spin");
             activity();
@@ -157,6 +163,8 @@ mod tests {
                 );
             }
             assert!(restarted.elapsed() >= window);
+            // Counted: from the first activity to a window past the last.
+            assert!(polling.get() >= window.as_secs_f64());
         });
     }
 

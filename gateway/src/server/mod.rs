@@ -35,13 +35,17 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::ServerMetrics;
+
 /// How the server runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Serving threads; 0 means one per available core.
     pub threads: usize,
     /// How long a serving thread keeps polling after it handled something; zero: never.
     pub busy_poll: Duration,
+    /// Where to count connections and busy polling per thread.
+    pub metrics: Option<ServerMetrics>,
 }
 
 thread_local! {
@@ -123,7 +127,7 @@ pub async fn serve(
         workers.push(start_worker(
             index,
             app.clone(),
-            options.busy_poll,
+            &options,
             stopped.clone(),
             released.clone(),
         )?);
@@ -186,13 +190,28 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// What a serving thread counts.
+#[derive(Clone)]
+struct ThreadMetrics {
+    connections: prometheus::IntGauge,
+    accepted: prometheus::IntCounter,
+    busy_poll: prometheus::Counter,
+}
+
 fn start_worker(
     index: usize,
     app: Router,
-    busy_poll: Duration,
+    options: &ServeOptions,
     stopped: watch::Receiver<()>,
     mut released: watch::Receiver<()>,
 ) -> io::Result<Worker> {
+    let busy_poll = options.busy_poll;
+    let label = index.to_string();
+    let metrics = options.metrics.as_ref().map(|m| ThreadMetrics {
+        connections: m.connections.with_label_values(&[&label]),
+        accepted: m.accepted.with_label_values(&[&label]),
+        busy_poll: m.busy_poll.with_label_values(&[&label]),
+    });
     let (connections, incoming) = mpsc::unbounded_channel();
     let open = Arc::new(AtomicUsize::new(0));
     let (done_tx, done) = oneshot::channel();
@@ -209,7 +228,7 @@ fn start_worker(
         .spawn(move || {
             SERVING_THREAD.with(|t| t.set(index));
             runtime.block_on(async {
-                run_worker(app, incoming, thread_open, busy_poll, stopped).await;
+                run_worker(app, incoming, thread_open, busy_poll, metrics, stopped).await;
                 let _ = done_tx.send(());
                 // Idle, the runtime still drives the connections it opened until released.
                 let _ = released.changed().await;
@@ -229,10 +248,12 @@ async fn run_worker(
     mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     open: Arc<AtomicUsize>,
     busy_poll: Duration,
+    metrics: Option<ThreadMetrics>,
     mut stopped: watch::Receiver<()>,
 ) {
     if !busy_poll.is_zero() {
-        tokio::spawn(busy_poll::spin(busy_poll));
+        let polling = metrics.as_ref().map(|m| m.busy_poll.clone());
+        tokio::spawn(busy_poll::spin(busy_poll, polling));
     }
     // Each connection holds a clone of `closing_rx`; the sender sees them all dropped.
     let (closing, closing_rx) = watch::channel(());
@@ -252,11 +273,16 @@ async fn run_worker(
                 continue;
             }
         };
+        let connections = metrics.as_ref().map(|m| {
+            m.accepted.inc();
+            m.connections.clone()
+        });
         tokio::spawn(serve_connection(
             stream,
             app.clone(),
             closing_rx.clone(),
             open.clone(),
+            connections,
         ));
     }
     drop(closing_rx);
@@ -272,7 +298,11 @@ async fn serve_connection(
     app: Router,
     mut closing: watch::Receiver<()>,
     open: Arc<AtomicUsize>,
+    connections: Option<prometheus::IntGauge>,
 ) {
+    if let Some(c) = &connections {
+        c.inc();
+    }
     let service = TowerToHyperService::new(app);
     let builder = Builder::new(TokioExecutor::new());
     let io = TokioIo::new(busy_poll::Active(stream));
@@ -297,6 +327,9 @@ async fn serve_connection(
         }
     }
     open.fetch_sub(1, Ordering::Relaxed);
+    if let Some(c) = &connections {
+        c.dec();
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +349,7 @@ mod tests {
         std::net::SocketAddr,
         oneshot::Sender<()>,
         tokio::task::JoinHandle<io::Result<Stopped>>,
+        ServerMetrics,
     ) {
         let app = Router::new()
             .route("/thread", get(|| async { serving_thread().to_string() }))
@@ -329,11 +363,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let options = ServeOptions { threads, busy_poll };
+        let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
+        let options = ServeOptions {
+            threads,
+            busy_poll,
+            metrics: Some(metrics.clone()),
+        };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
         }));
-        (addr, stop, server)
+        (addr, stop, server, metrics)
     }
 
     /// Sends `GET path` on `conn` and returns the response body (responses here are small and
@@ -364,7 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_go_to_the_least_loaded_thread_and_stay_there() {
-        let (addr, stop, server) = start(2, Duration::ZERO).await;
+        let (addr, stop, server, metrics) = start(2, Duration::ZERO).await;
         let mut conns = Vec::new();
         let mut threads = Vec::new();
         for _ in 0..4 {
@@ -389,6 +428,7 @@ mod tests {
         let freed = threads[0].clone();
         drop(conns.remove(0));
         tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.connections.with_label_values(&[&freed]).get(), 1);
         let mut conn = TcpStream::connect(addr).await.unwrap();
         assert_eq!(get_on(&mut conn, "/thread").await, freed);
         drop(conns);
@@ -399,7 +439,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_answers_in_flight_requests_then_returns() {
-        let (addr, stop, server) = start(2, Duration::from_micros(100)).await;
+        let (addr, stop, server, metrics) = start(2, Duration::from_micros(100)).await;
         let mut idle = TcpStream::connect(addr).await.unwrap();
         assert_eq!(get_on(&mut idle, "/thread").await.len(), 1);
         let mut busy = TcpStream::connect(addr).await.unwrap();
@@ -420,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_server_closes_its_connections() {
-        let (addr, _stop, server) = start(2, Duration::ZERO).await;
+        let (addr, _stop, server, _) = start(2, Duration::ZERO).await;
         let mut conn = TcpStream::connect(addr).await.unwrap();
         assert_eq!(get_on(&mut conn, "/thread").await.len(), 1);
         server.abort();
@@ -462,6 +502,7 @@ mod tests {
         let options = ServeOptions {
             threads: 1,
             busy_poll: Duration::ZERO,
+            metrics: None,
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
