@@ -451,6 +451,11 @@ mod tests {
             "done",
             "the in-flight request is answered"
         );
+        let polled: f64 = ["1", "2"]
+            .iter()
+            .map(|t| metrics.busy_poll.with_label_values(&[t]).get())
+            .sum();
+        assert!(polled > 0.0, "busy polling is counted");
         drop(server.await.unwrap().unwrap());
         // The idle keep-alive connection was closed, and nothing listens any more.
         let mut rest = Vec::new();
