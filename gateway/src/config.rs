@@ -70,6 +70,11 @@ pub struct Config {
     pub routing: RoutingConfig,
 }
 
+/// Most serving threads `server.threads` may ask for.
+const MAX_SERVING_THREADS: usize = 1024;
+/// Longest busy-poll window `server.busy_poll_us` may set (10 ms): longer only burns CPU.
+const MAX_BUSY_POLL_US: u64 = 10_000;
+
 /// HTTP server settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -332,6 +337,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.threads > MAX_SERVING_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "server.threads is {}; at most {MAX_SERVING_THREADS} (0: one per core)",
+                self.server.threads
+            )));
+        }
+        if self.server.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(ConfigError::Invalid(format!(
+                "server.busy_poll_us is {}; at most {MAX_BUSY_POLL_US} (0: off)",
+                self.server.busy_poll_us
+            )));
+        }
         self.billing.validate(&self.events)?;
         self.limits.validate()?;
         let mut names = std::collections::HashSet::new();
@@ -492,6 +509,22 @@ deployments = ["oa", "an"]
         assert_eq!(c.deployments.len(), 3);
         assert_eq!(c.deployments[1].weight(), 3);
         assert_eq!(c.server.max_body_bytes, 1000);
+    }
+
+    #[test]
+    fn server_threads_and_busy_polling_are_bounded() {
+        let with = |keys: &str| {
+            SAMPLE.replace(
+                "max_body_bytes = 1000",
+                &format!("max_body_bytes = 1000\n{keys}"),
+            )
+        };
+        let c = Config::from_toml(&with("threads = 3\nbusy_poll_us = 100")).unwrap();
+        assert_eq!((c.server.threads, c.server.busy_poll_us), (3, 100));
+        let err = Config::from_toml(&with("threads = 5000")).unwrap_err();
+        assert!(err.to_string().contains("server.threads"), "{err}");
+        let err = Config::from_toml(&with("busy_poll_us = 20000")).unwrap_err();
+        assert!(err.to_string().contains("server.busy_poll_us"), "{err}");
     }
 
     #[test]
