@@ -30,13 +30,15 @@ static SET_KEY: Once = Once::new();
 /// The standard test config: `oa/<scenario>` reaches the mock's OpenAI API as an `openai`
 /// deployment, `vl/<scenario>` and `oc/<scenario>` the same API as `vllm` and
 /// `openai_compatible` deployments, and `an/<scenario>` its Anthropic API; `extra` is
-/// appended (more deployments/aliases).
+/// appended (more deployments/aliases). Busy polling is on here, so that every end-to-end
+/// test also runs through it (the other suites run with it off, the default).
 pub fn mock_config(upstream_base: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 max_body_bytes = 65536
 env_providers = false
+busy_poll_us = 50
 
 [[deployments]]
 type = "openai"
