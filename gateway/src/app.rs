@@ -231,6 +231,10 @@ pub async fn serve(
         threads: state.config.server.threads,
         busy_poll: Duration::from_micros(state.config.server.busy_poll_us),
         metrics: Some(metrics),
+        header_read_timeout: match state.config.server.header_read_timeout_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     };
     crate::server::serve(listener, app(state), options, shutdown).await
 }

@@ -98,6 +98,9 @@ pub struct ServerConfig {
     /// How long (µs) a serving thread keeps polling its sockets after it handled something
     /// before it sleeps; 0 turns busy polling off. See `server::busy_poll`.
     pub busy_poll_us: u64,
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may wait for its next request, before it is closed; 0: no limit.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             env_providers: true,
             threads: 0,
             busy_poll_us: 0,
+            header_read_timeout_ms: 30_000,
         }
     }
 }

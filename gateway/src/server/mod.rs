@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub busy_poll: Duration,
     /// Where to count connections and busy polling per thread.
     pub metrics: Option<ServerMetrics>,
+    /// How long a client may take to send a request's headers, or leave a keep-alive
+    /// connection without a request, before it is closed; `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
 }
 
 thread_local! {
@@ -205,7 +208,7 @@ fn start_worker(
     stopped: watch::Receiver<()>,
     mut released: watch::Receiver<()>,
 ) -> io::Result<Worker> {
-    let busy_poll = options.busy_poll;
+    let (busy_poll, header_read_timeout) = (options.busy_poll, options.header_read_timeout);
     let label = index.to_string();
     let metrics = options.metrics.as_ref().map(|m| ThreadMetrics {
         connections: m.connections.with_label_values(&[&label]),
@@ -228,7 +231,16 @@ fn start_worker(
         .spawn(move || {
             SERVING_THREAD.with(|t| t.set(index));
             runtime.block_on(async {
-                run_worker(app, incoming, thread_open, busy_poll, metrics, stopped).await;
+                run_worker(
+                    app,
+                    incoming,
+                    thread_open,
+                    busy_poll,
+                    header_read_timeout,
+                    metrics,
+                    stopped,
+                )
+                .await;
                 let _ = done_tx.send(());
                 // Idle, the runtime still drives the connections it opened until released.
                 let _ = released.changed().await;
@@ -248,9 +260,15 @@ async fn run_worker(
     mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     open: Arc<AtomicUsize>,
     busy_poll: Duration,
+    header_read_timeout: Option<Duration>,
     metrics: Option<ThreadMetrics>,
     mut stopped: watch::Receiver<()>,
 ) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     if !busy_poll.is_zero() {
         let polling = metrics.as_ref().map(|m| m.busy_poll.clone());
         tokio::spawn(busy_poll::spin(busy_poll, polling));
@@ -283,6 +301,7 @@ async fn run_worker(
             closing_rx.clone(),
             open.clone(),
             connections,
+            builder.clone(),
         ));
     }
     drop(closing_rx);
@@ -299,12 +318,12 @@ async fn serve_connection(
     mut closing: watch::Receiver<()>,
     open: Arc<AtomicUsize>,
     connections: Option<prometheus::IntGauge>,
+    builder: Builder<TokioExecutor>,
 ) {
     if let Some(c) = &connections {
         c.inc();
     }
     let service = TowerToHyperService::new(app);
-    let builder = Builder::new(TokioExecutor::new());
     let io = TokioIo::new(busy_poll::Active(stream));
     let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
     // Marked seen: only a change after this point asks the connection to close.
@@ -354,6 +373,20 @@ mod tests {
         let app = Router::new()
             .route("/thread", get(|| async { serving_thread().to_string() }))
             .route(
+                "/long",
+                get(|| async {
+                    // Five chunks 400 ms apart: longer than the 1 s header read timeout.
+                    let chunks = futures_util::stream::unfold(0, |i| async move {
+                        if i == 5 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        Some((Ok::<_, io::Error>(format!("chunk{i};")), i + 1))
+                    });
+                    axum::body::Body::from_stream(chunks)
+                }),
+            )
+            .route(
                 "/slow",
                 get(|| async {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -368,6 +401,7 @@ mod tests {
             threads,
             busy_poll,
             metrics: Some(metrics.clone()),
+            header_read_timeout: Some(Duration::from_secs(1)),
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
@@ -433,6 +467,52 @@ mod tests {
         assert_eq!(get_on(&mut conn, "/thread").await, freed);
         drop(conns);
         drop(conn);
+        stop.send(()).unwrap();
+        drop(server.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn slow_headers_and_idle_keep_alive_connections_are_closed() {
+        // `start` sets a 1 s header read timeout.
+        let (addr, stop, server, _) = start(2, Duration::ZERO).await;
+        let mut trickle = TcpStream::connect(addr).await.unwrap();
+        trickle
+            .write_all(b"GET /thread HTTP/1.1\r\nhost")
+            .await
+            .unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut idle, "/thread").await.len(), 1);
+        let started = std::time::Instant::now();
+        for conn in [&mut trickle, &mut idle] {
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+                .await
+                .expect("the connection was left open")
+                .unwrap();
+            assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+        }
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        stop.send(()).unwrap();
+        drop(server.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_response_longer_than_the_header_read_timeout_is_not_cut() {
+        let (addr, stop, server, _) = start(1, Duration::ZERO).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /long HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&received).contains("\r\n0\r\n\r\n") {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "cut after: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&chunk[..n]);
+        }
+        assert!(String::from_utf8_lossy(&received).contains("chunk4;"));
+        // The connection is still good for the next request.
+        assert_eq!(get_on(&mut conn, "/thread").await, "1");
         stop.send(()).unwrap();
         drop(server.await.unwrap().unwrap());
     }
@@ -508,6 +588,7 @@ mod tests {
             threads: 1,
             busy_poll: Duration::ZERO,
             metrics: None,
+            header_read_timeout: None,
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
