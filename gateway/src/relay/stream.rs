@@ -256,8 +256,8 @@ impl Stream for RelayStream {
             FirstOutput::Handed => {
                 // Let the server write the first output now; the rest of its burst (still in
                 // the parser) follows on the next poll. Yielding through tokio (not waking
-                // this task by hand) brings the task back on this thread once the write is
-                // done, without waking another worker to steal it.
+                // this task by hand) brings the task back once the serving thread has written
+                // the output and polled its sockets.
                 this.first_sent = FirstOutput::Done;
                 let yielded = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                 debug_assert!(yielded.is_pending());
