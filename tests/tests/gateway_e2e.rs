@@ -627,6 +627,62 @@ async fn bad_input_gets_clear_errors_and_never_reaches_upstream() {
     assert_eq!(h.upstream.request_count(), 0);
 }
 
+/// Bodies from 16 KiB on are parsed and counted on the blocking pool: the answer, the
+/// request record's estimate and the errors are the same as on the serving thread.
+#[tokio::test]
+async fn large_requests_are_served_counted_and_refused_like_small_ones() {
+    let h = Harness::start().await;
+    let words: Vec<String> = (0..6_000).map(|i| format!("word{}", i % 977)).collect();
+    let prompt = words.join(" ");
+    let mut body = chat("oa/normal", true);
+    body["messages"][1]["content"] = json!(prompt);
+    assert!(serde_json::to_vec(&body).unwrap().len() > 32 * 1024);
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (text, _) = openai_stream_content(&resp.text().await.unwrap());
+    assert!(!text.is_empty());
+    let typed: tollgate_gateway::api::openai::ChatRequest =
+        serde_json::from_value(body.clone()).unwrap();
+    let expected = tollgate_gateway::tokens::count_openai_prompt(&typed);
+    assert!(expected > 6_000, "{expected}");
+    let record = h
+        .sink
+        .requests()
+        .into_iter()
+        .find(|r| r.request_id == request_id)
+        .expect("request record");
+    assert_eq!(record.prompt_estimate, expected);
+
+    // A wrong type deep in a large body is still a 400 naming the field.
+    body["temperature"] = json!("hot");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["param"],
+        "temperature"
+    );
+    // And in Anthropic's shape on /v1/messages.
+    let mut body = messages("an/normal", false);
+    body["messages"][0]["content"] = json!(prompt);
+    body["max_tokens"] = json!("many");
+    let resp = h.post("/v1/messages", &body).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
+    assert_eq!(h.upstream.request_count(), 1);
+}
+
 #[tokio::test]
 async fn unknown_fields_reach_openai_style_upstreams_untouched() {
     let h = Harness::start().await;
