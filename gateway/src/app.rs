@@ -215,6 +215,11 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .into_response_for(WireFormat::OpenAi)
 }
 
+/// A limit in milliseconds from the config, where 0 means none.
+fn limit_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 /// Serves the application on `listener` until `shutdown` resolves and every in-flight request
 /// has been answered ([`crate::server`]: one serving thread per core, `server.threads` and
 /// `server.busy_poll_us`). Drop the result after [`AppState::shutdown`].
@@ -231,10 +236,8 @@ pub async fn serve(
         threads: state.config.server.threads,
         busy_poll: Duration::from_micros(state.config.server.busy_poll_us),
         metrics: Some(metrics),
-        header_read_timeout: match state.config.server.header_read_timeout_ms {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        },
+        header_read_timeout: limit_ms(state.config.server.header_read_timeout_ms),
+        shutdown_grace: limit_ms(state.config.server.shutdown_grace_ms),
     };
     crate::server::serve(listener, app(state), options, shutdown).await
 }

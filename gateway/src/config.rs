@@ -101,6 +101,9 @@ pub struct ServerConfig {
     /// How long a client may take to send a request's headers, and how long a keep-alive
     /// connection may wait for its next request, before it is closed; 0: no limit.
     pub header_read_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests (streams) before it cuts them; 0: until
+    /// they end. Keep it below the orchestrator's kill timeout (Kubernetes: 30 s).
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +119,7 @@ impl Default for ServerConfig {
             threads: 0,
             busy_poll_us: 0,
             header_read_timeout_ms: 30_000,
+            shutdown_grace_ms: 20_000,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! and no service at all. The billing pipeline runs inside the gateway over its local event
 //! log and writes the ledger into `tollgate.db`; `GET /v1/usage` shows every request at the
 //! exact cost of the usage each response reported; a killed gateway resumes its ledger without
-//! counting anything twice; a graceful stop (SIGTERM) commits everything before exiting.
+//! counting anything twice; a graceful stop (SIGTERM) commits everything before exiting, and
+//! a stream still running when the shutdown grace period ends is cut and recorded.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)] // test code: failing loudly is the point
 
 use std::path::Path;
@@ -371,5 +372,80 @@ async fn a_graceful_stop_commits_everything_before_exiting() {
         gw.log_text().contains("embedded billing pipeline stopped"),
         "{}",
         gw.log_text()
+    );
+}
+
+/// Sends SIGTERM to `gw` and waits (bounded) for it to exit successfully.
+async fn stop_gracefully(gw: &mut GatewayProcess) {
+    let pid = gw.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}: {}", gw.log_text());
+}
+
+#[tokio::test]
+async fn a_stream_still_running_at_shutdown_is_cut_after_the_grace_period_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = provision(dir.path());
+    let mut gw = GatewayProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[("TOLLGATE__SERVER__SHUTDOWN_GRACE_MS", "300")],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    // mock/realistic: 40 chunks 25 ms apart after 250 ms, about 1.25 s in all.
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base_url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock/realistic", "stream": true,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = String::new();
+    while sse_events(&received).len() < 4 {
+        let chunk = resp.chunk().await.unwrap().expect("stream still open");
+        received.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let stopping = Instant::now();
+    let stop = stop_gracefully(&mut gw);
+    let read_rest = async {
+        // The stream ends early, cut: no `[DONE]`.
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            received.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::join!(stop, read_rest);
+    println!("stopped {:?} after SIGTERM", stopping.elapsed());
+    assert!(!received.contains("[DONE]"), "the stream was not cut");
+    let delivered = sse_events(&received).len() as u64;
+
+    // Its completion was written before the process exited, with what the client got.
+    let events = sqlite(&dir.path().join("events.sqlite")).await;
+    let payloads: Vec<String> =
+        sqlx::query_scalar("SELECT payload FROM event_log WHERE topic = 'llm.completions'")
+            .fetch_all(&events)
+            .await
+            .unwrap();
+    assert_eq!(payloads.len(), 1);
+    let completion: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert_eq!(completion["status"], "client_disconnected", "{completion}");
+    let output = completion["usage"]["output_tokens"].as_u64().unwrap();
+    // Billed for what was delivered (about a token per event), not for the whole story.
+    assert!(
+        (3..40).contains(&output) && output <= delivered + 2,
+        "{output} tokens for {delivered} events"
     );
 }

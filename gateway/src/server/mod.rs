@@ -49,6 +49,19 @@ pub struct ServeOptions {
     /// How long a client may take to send a request's headers, or leave a keep-alive
     /// connection without a request, before it is closed; `None`: no limit.
     pub header_read_timeout: Option<Duration>,
+    /// How long shutdown waits for in-flight requests before it closes their connections;
+    /// `None`: until they end.
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// Where a serving thread's connections are in the shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Serving,
+    /// Finish in-flight requests, then close.
+    Closing,
+    /// Close now (the grace period is over).
+    Abort,
 }
 
 thread_local! {
@@ -208,7 +221,11 @@ fn start_worker(
     stopped: watch::Receiver<()>,
     mut released: watch::Receiver<()>,
 ) -> io::Result<Worker> {
-    let (busy_poll, header_read_timeout) = (options.busy_poll, options.header_read_timeout);
+    let (busy_poll, header_read_timeout, grace) = (
+        options.busy_poll,
+        options.header_read_timeout,
+        options.shutdown_grace,
+    );
     let label = index.to_string();
     let metrics = options.metrics.as_ref().map(|m| ThreadMetrics {
         connections: m.connections.with_label_values(&[&label]),
@@ -231,16 +248,13 @@ fn start_worker(
         .spawn(move || {
             SERVING_THREAD.with(|t| t.set(index));
             runtime.block_on(async {
-                run_worker(
-                    app,
-                    incoming,
-                    thread_open,
+                let settings = WorkerSettings {
                     busy_poll,
                     header_read_timeout,
+                    grace,
                     metrics,
-                    stopped,
-                )
-                .await;
+                };
+                run_worker(app, incoming, thread_open, settings, stopped).await;
                 let _ = done_tx.send(());
                 // Idle, the runtime still drives the connections it opened until released.
                 let _ = released.changed().await;
@@ -253,17 +267,30 @@ fn start_worker(
     })
 }
 
+/// A serving thread's settings.
+struct WorkerSettings {
+    busy_poll: Duration,
+    header_read_timeout: Option<Duration>,
+    grace: Option<Duration>,
+    metrics: Option<ThreadMetrics>,
+}
+
 /// A serving thread: serves the connections it is handed until told to stop, then closes
-/// them gracefully and returns once all have closed.
+/// them gracefully (cutting those still busy after the grace period) and returns once all
+/// have closed.
 async fn run_worker(
     app: Router,
     mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     open: Arc<AtomicUsize>,
-    busy_poll: Duration,
-    header_read_timeout: Option<Duration>,
-    metrics: Option<ThreadMetrics>,
+    settings: WorkerSettings,
     mut stopped: watch::Receiver<()>,
 ) {
+    let WorkerSettings {
+        busy_poll,
+        header_read_timeout,
+        grace,
+        metrics,
+    } = settings;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -273,8 +300,8 @@ async fn run_worker(
         let polling = metrics.as_ref().map(|m| m.busy_poll.clone());
         tokio::spawn(busy_poll::spin(busy_poll, polling));
     }
-    // Each connection holds a clone of `closing_rx`; the sender sees them all dropped.
-    let (closing, closing_rx) = watch::channel(());
+    // Each connection holds a clone of `stage_rx`; the sender sees them all dropped.
+    let (stage, stage_rx) = watch::channel(Stage::Serving);
     loop {
         let stream = tokio::select! {
             stream = incoming.recv() => match stream {
@@ -298,24 +325,40 @@ async fn run_worker(
         tokio::spawn(serve_connection(
             stream,
             app.clone(),
-            closing_rx.clone(),
+            stage_rx.clone(),
             open.clone(),
             connections,
             builder.clone(),
         ));
     }
-    drop(closing_rx);
-    // Ask every connection to finish its in-flight requests and close, then wait for them.
-    closing.send_replace(());
-    closing.closed().await;
+    drop(stage_rx);
+    // Ask every connection to finish its in-flight requests and close, then wait for them
+    // (for the grace period at most: then the rest are closed as they are).
+    stage.send_replace(Stage::Closing);
+    let drained = match grace {
+        Some(grace) => tokio::time::timeout(grace, stage.closed()).await.is_ok(),
+        None => {
+            stage.closed().await;
+            true
+        }
+    };
+    if !drained {
+        tracing::warn!(
+            "closing {} connections still busy after the shutdown grace period",
+            open.load(Ordering::Relaxed)
+        );
+        stage.send_replace(Stage::Abort);
+        stage.closed().await;
+    }
 }
 
 /// Serves one connection: HTTP/1.1 (or HTTP/2 with prior knowledge) until the client closes
-/// it, or until `closing` fires and its in-flight requests are answered.
+/// it, or until shutdown: at [`Stage::Closing`] once its in-flight requests are answered, at
+/// [`Stage::Abort`] at once (dropping a stream records it as cut, like a client disconnect).
 async fn serve_connection(
     stream: TcpStream,
     app: Router,
-    mut closing: watch::Receiver<()>,
+    mut stage: watch::Receiver<Stage>,
     open: Arc<AtomicUsize>,
     connections: Option<prometheus::IntGauge>,
     builder: Builder<TokioExecutor>,
@@ -327,8 +370,8 @@ async fn serve_connection(
     let io = TokioIo::new(busy_poll::Active(stream));
     let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
     // Marked seen: only a change after this point asks the connection to close.
-    closing.borrow_and_update();
-    let mut closing_fired = false;
+    stage.borrow_and_update();
+    let mut watching = true;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -337,10 +380,16 @@ async fn serve_connection(
                 }
                 break;
             }
-            changed = closing.changed(), if !closing_fired => {
-                closing_fired = true;
-                if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
+            changed = stage.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let now = *stage.borrow_and_update();
+                match now {
+                    Stage::Serving => {}
+                    Stage::Closing => conn.as_mut().graceful_shutdown(),
+                    Stage::Abort => break,
                 }
             }
         }
@@ -402,6 +451,7 @@ mod tests {
             busy_poll,
             metrics: Some(metrics.clone()),
             header_read_timeout: Some(Duration::from_secs(1)),
+            shutdown_grace: Some(Duration::from_secs(1)),
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
@@ -518,6 +568,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shutdown_cuts_what_is_still_streaming_after_the_grace_period() {
+        // `start` sets a 1 s grace period; `/long` takes 2 s.
+        let (addr, stop, server, _) = start(1, Duration::ZERO).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /long HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stopping = std::time::Instant::now();
+        stop.send(()).unwrap();
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut received))
+            .await
+            .expect("the stream was not cut")
+            .unwrap();
+        drop(server.await.unwrap().unwrap());
+        let elapsed = stopping.elapsed();
+        let received = String::from_utf8_lossy(&received);
+        assert!(received.contains("chunk0;"), "{received}");
+        assert!(!received.contains("\r\n0\r\n\r\n"), "it ended: {received}");
+        assert!(
+            elapsed >= Duration::from_millis(900),
+            "cut before the grace: {elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn shutdown_answers_in_flight_requests_then_returns() {
         let (addr, stop, server, metrics) = start(2, Duration::from_micros(100)).await;
         let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -589,6 +666,7 @@ mod tests {
             busy_poll: Duration::ZERO,
             metrics: None,
             header_read_timeout: None,
+            shutdown_grace: None,
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
