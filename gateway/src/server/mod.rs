@@ -13,8 +13,12 @@
 //! answer arriving soon after (an upstream's first bytes, a client's next request) does not
 //! pay a thread wake-up, which costs tens of microseconds in a virtual machine.
 //!
+//! Connections that take longer than `header_read_timeout` to send a request's headers, or
+//! that sit idle that long between requests, are closed.
+//!
 //! Shutdown: the acceptor stops accepting, every serving thread asks its connections to close
-//! once their in-flight requests are answered, and [`serve`] returns when all of them have.
+//! once their in-flight requests are answered (cutting those still busy after
+//! `shutdown_grace`), and [`serve`] returns when all of them have.
 //! The serving threads' runtimes keep running until the returned [`Stopped`] is dropped:
 //! connections a serving thread opened for shared components (a store's pool) are driven by
 //! its runtime, and the caller's own shutdown work may still use them.
