@@ -117,18 +117,10 @@ for mode in "${MODES[@]}"; do
         printf '[[models]]\nname = "chaos"\ndeployments = ["healthy", "flaky", "slow"]\n\n[events]\ntype = "log"\n\n'
         routing_for "$mode"
     } >"$dir/gateway.toml"
-    if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$dir/data" 2>&1); then
-        [[ $out == *"exist"* ]] || die "tenants create failed: $out"
-    fi
-    key=$("$GATEWAY_BIN" keys create --tenant default --data-dir "$dir/data" | awk 'NF { k = $0 } END { print k }')
-    key=${key//[[:space:]]/}
+    key=$(default_tenant_key "$dir/data")
     port=$(free_port)
-    "$GATEWAY_BIN" serve --config "$dir/gateway.toml" --data-dir "$dir/data" --listen "127.0.0.1:$port" \
-        >"$dir/gateway.log" 2>&1 &
-    gw=$!
-    PIDS+=("$gw")
-    gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
-    wait_for "gateway ($mode)" "$gw" "$dir/gateway.log" gateway_ready
+    serve_gateway "gateway ($mode)" "$dir/gateway.toml" "$dir/data" "$port" "$dir/gateway.log"
+    gw=$SERVED_PID
     log "$mode: $REQUESTS requests at concurrency $CONCURRENCY"
     extra=()
     if [[ $mode == hedged ]]; then extra=(-H "x-tollgate-priority: high"); fi

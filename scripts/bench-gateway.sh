@@ -178,12 +178,7 @@ EOF
     fi
     export BENCH_UPSTREAM_KEY=x
 
-    if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$DATA_DIR" 2>&1); then
-        [[ $out == *"exist"* ]] || die "tenants create failed: $out"
-    fi
-    API_KEY=$("$GATEWAY_BIN" keys create --tenant default --data-dir "$DATA_DIR" | awk 'NF { k = $0 } END { print k }')
-    API_KEY=${API_KEY//[[:space:]]/}
-    [[ -n $API_KEY ]] || die "keys create printed no key"
+    API_KEY=$(default_tenant_key "$DATA_DIR")
 
     # start_gateway SCENARIO CONFIG: a gateway process for SCENARIO; its port and pid are
     # recorded in GW_PORT and GW_PID.
@@ -194,12 +189,8 @@ EOF
         while [[ $port == "$PORT_A" || $port == "${PORT_R:-}" || " ${GW_PORT[*]} " == *" $port "* ]]; do
             port=$(free_port)
         done
-        "$GATEWAY_BIN" serve --config "$config" --data-dir "$DATA_DIR" --listen "127.0.0.1:$port" \
-            >"$TMP/$scenario.log" 2>&1 &
-        pid=$!
-        PIDS+=("$pid")
-        gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
-        wait_for "$scenario" "$pid" "$TMP/$scenario.log" gateway_ready
+        serve_gateway "$scenario" "$config" "$DATA_DIR" "$port" "$TMP/$scenario.log"
+        pid=$SERVED_PID
         GW_PORT[$scenario]=$port
         GW_PID[$scenario]=$pid
         log "$scenario on 127.0.0.1:$port (pid $pid)"

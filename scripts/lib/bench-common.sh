@@ -61,3 +61,28 @@ json_num() {
 }
 
 calc() { awk "BEGIN { printf \"$1\", $2 }"; }
+
+# A key for tenant `default` in DATA_DIR (the tenant is created if missing), from GATEWAY_BIN.
+default_tenant_key() {
+    local data_dir=$1 out key
+    if ! out=$("$GATEWAY_BIN" tenants create default --data-dir "$data_dir" 2>&1); then
+        [[ $out == *"exist"* ]] || die "tenants create failed: $out"
+    fi
+    key=$("$GATEWAY_BIN" keys create --tenant default --data-dir "$data_dir" | awk 'NF { k = $0 } END { print k }')
+    key=${key//[[:space:]]/}
+    [[ -n $key ]] || die "keys create printed no key"
+    echo "$key"
+}
+
+# serve_gateway NAME CONFIG DATA_DIR PORT LOG: starts GATEWAY_BIN on 127.0.0.1:PORT, adds it
+# to PIDS and waits until it is ready; its pid is left in SERVED_PID.
+serve_gateway() {
+    local name=$1 config=$2 data_dir=$3 port=$4 logfile=$5
+    "$GATEWAY_BIN" serve --config "$config" --data-dir "$data_dir" --listen "127.0.0.1:$port" \
+        >"$logfile" 2>&1 &
+    SERVED_PID=$!
+    PIDS+=("$SERVED_PID")
+    # shellcheck disable=SC2317 # called by wait_for
+    gateway_ready() { [[ $(http_status "$port" /readyz) == 200 ]]; }
+    wait_for "$name" "$SERVED_PID" "$logfile" gateway_ready
+}

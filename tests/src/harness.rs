@@ -272,6 +272,20 @@ impl Drop for Harness {
     }
 }
 
+/// Reads a streamed response until it holds at least `n` SSE events; returns what was read.
+pub async fn read_events(resp: &mut reqwest::Response, n: usize) -> String {
+    let mut received = String::new();
+    while sse_events(&received).len() < n {
+        let chunk = resp
+            .chunk()
+            .await
+            .expect("stream readable")
+            .expect("stream still open");
+        received.push_str(std::str::from_utf8(&chunk).expect("UTF-8 stream"));
+    }
+    received
+}
+
 /// Reads an SSE body into `(event name, data)` pairs (comments skipped).
 pub fn sse_events(body: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();

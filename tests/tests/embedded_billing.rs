@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tollgate_tests::harness::sse_events;
+use tollgate_tests::harness::{read_events, sse_events};
 use tollgate_tests::process::{tollgate, GatewayProcess};
 
 /// The built-in simulated model; its completions carry `upstream_model = "mock/fast"` (the
@@ -325,21 +325,7 @@ async fn a_graceful_stop_commits_everything_before_exiting() {
     assert_eq!(before["total"]["requests"], 0, "{before}");
 
     // SIGTERM right after the last response: the open epoch is still to be committed.
-    let pid = gw.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the gateway did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "{exit:?}: {}", gw.log_text());
+    stop_gracefully(&mut gw).await;
 
     let pool = sqlite(&dir.path().join("tollgate.db")).await;
     let rows: Vec<(String, i64, i64, i64, String)> = sqlx::query_as(
@@ -414,11 +400,7 @@ async fn a_stream_still_running_at_shutdown_is_cut_after_the_grace_period_and_re
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let mut received = String::new();
-    while sse_events(&received).len() < 4 {
-        let chunk = resp.chunk().await.unwrap().expect("stream still open");
-        received.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    let mut received = read_events(&mut resp, 4).await;
     let stopping = Instant::now();
     let stop = stop_gracefully(&mut gw);
     let read_rest = async {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tollgate_gateway::relay::Outcome;
 use tollgate_schemas::UsageSource;
-use tollgate_tests::harness::{sse_events, Harness, UPSTREAM_KEY};
+use tollgate_tests::harness::{read_events, sse_events, Harness, UPSTREAM_KEY};
 use tollgate_tests::mock_upstream::{
     prompt_tokens_for, reply_text, tool_output_tokens, MockOptions, SPLIT_EXTRA_INPUT_TOKENS,
     TOOL_CALL_ARGUMENTS,
@@ -457,11 +457,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_and_is_billed_for_what_i
     let h = Harness::start().await;
     let mut resp = h.post("/v1/chat/completions", &chat("oa/slow", true)).await;
     assert_eq!(resp.status(), 200);
-    let mut received = String::new();
-    while sse_events(&received).len() < 4 {
-        let chunk = resp.chunk().await.unwrap().expect("stream still open");
-        received.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    read_events(&mut resp, 4).await;
     let dropped_at = Instant::now();
     drop(resp);
     let mut cancelled = Vec::new();

@@ -489,6 +489,26 @@ mod tests {
         }
     }
 
+    /// Reads `conn` until the server closes it (within 10 s, else fails with `why`); returns
+    /// what came before the close.
+    async fn read_until_closed(conn: &mut TcpStream, why: &str) -> String {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+            .await
+            .expect(why)
+            .unwrap();
+        String::from_utf8_lossy(&rest).to_string()
+    }
+
+    /// Stops the server and waits for `serve` to return.
+    async fn stop_server(
+        stop: oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<io::Result<Stopped>>,
+    ) {
+        stop.send(()).unwrap();
+        drop(server.await.unwrap().unwrap());
+    }
+
     #[tokio::test]
     async fn connections_go_to_the_least_loaded_thread_and_stay_there() {
         let (addr, stop, server, metrics) = start(2, Duration::ZERO).await;
@@ -521,8 +541,7 @@ mod tests {
         assert_eq!(get_on(&mut conn, "/thread").await, freed);
         drop(conns);
         drop(conn);
-        stop.send(()).unwrap();
-        drop(server.await.unwrap().unwrap());
+        stop_server(stop, server).await;
     }
 
     #[tokio::test]
@@ -538,16 +557,11 @@ mod tests {
         assert_eq!(get_on(&mut idle, "/thread").await.len(), 1);
         let started = std::time::Instant::now();
         for conn in [&mut trickle, &mut idle] {
-            let mut rest = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
-                .await
-                .expect("the connection was left open")
-                .unwrap();
-            assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+            let rest = read_until_closed(conn, "the connection was left open").await;
+            assert!(!rest.contains("200 OK"));
         }
         assert!(started.elapsed() >= Duration::from_millis(900));
-        stop.send(()).unwrap();
-        drop(server.await.unwrap().unwrap());
+        stop_server(stop, server).await;
     }
 
     #[tokio::test]
@@ -567,8 +581,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&received).contains("chunk4;"));
         // The connection is still good for the next request.
         assert_eq!(get_on(&mut conn, "/thread").await, "1");
-        stop.send(()).unwrap();
-        drop(server.await.unwrap().unwrap());
+        stop_server(stop, server).await;
     }
 
     #[tokio::test]
@@ -582,14 +595,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let stopping = std::time::Instant::now();
         stop.send(()).unwrap();
-        let mut received = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut received))
-            .await
-            .expect("the stream was not cut")
-            .unwrap();
+        let received = read_until_closed(&mut conn, "the stream was not cut").await;
         drop(server.await.unwrap().unwrap());
         let elapsed = stopping.elapsed();
-        let received = String::from_utf8_lossy(&received);
         assert!(received.contains("chunk0;"), "{received}");
         assert!(!received.contains("\r\n0\r\n\r\n"), "it ended: {received}");
         assert!(
@@ -631,11 +639,9 @@ mod tests {
         assert_eq!(get_on(&mut conn, "/thread").await.len(), 1);
         server.abort();
         let _ = server.await;
-        let mut rest = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
-            .await
-            .expect("the serving thread still holds the connection");
-        assert_eq!(closed.unwrap(), 0);
+        let rest =
+            read_until_closed(&mut conn, "the serving thread still holds the connection").await;
+        assert_eq!(rest.len(), 0);
     }
 
     #[tokio::test]
