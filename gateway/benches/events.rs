@@ -30,16 +30,22 @@ fn stream(i: u64) -> Arc<StreamInfo> {
         tenant_id: format!("ten_{:08}", i % 50),
         received_at: Instant::now(),
         received_wall: SystemTime::now(),
+        upstream_model: "gpt-4o-mini".to_string(),
+        client_format: tollgate_gateway::api::WireFormat::OpenAi,
     })
 }
+
+/// A typical content chunk as the client receives it (182 bytes).
+const CHUNK_EVENT: &[u8] = b"data: {\"id\":\"chatcmpl-9f8e7d6c5b4a\",\"object\":\"chat.completion.chunk\",\"created\":1718000000,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" tokens\"}}]}\n\n";
 
 fn chunk(s: &Arc<StreamInfo>, sequence: u64) -> ChunkRecord {
     ChunkRecord {
         stream: s.clone(),
         sequence,
         offset: Duration::from_micros(1200 + sequence * 250),
-        bytes: 182,
+        bytes: CHUNK_EVENT.len() as u64,
         tokens: None,
+        data: bytes::Bytes::from_static(CHUNK_EVENT),
     }
 }
 

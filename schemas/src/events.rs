@@ -209,8 +209,12 @@ pub struct ChunkEvent {
     pub offset_us: u64,
     /// Bytes of the SSE event as the client received it.
     pub bytes: u64,
-    /// Tokens in this chunk when known without parsing it; `null` otherwise (the completion
-    /// event carries the billed usage).
+    /// Output tokens relayed to the client so far, this chunk included, counted like the
+    /// completion's fallback (the upstream model's tokenizer over the text relayed). A
+    /// stream cut by a gateway crash is billed from its last chunk. `null` where the count is
+    /// moot or unknown: the local log leaves it out when the request's completion is
+    /// committed in the same transaction, and records that went through the overflow spool
+    /// carry none.
     pub tokens: Option<u64>,
 }
 

@@ -14,6 +14,9 @@
 //! | [`EventsDeadLettered`] | `tollgate_events_dead_lettered_total` | error |
 //! | [`SpoolCorrupted`] | `tollgate_events_dropped_total{reason="spool_corrupt"}` | warn |
 //! | [`EventsPublished`] | `tollgate_events_published_total{topic}` + latency histogram | — |
+//! | overflow (`wire::Handoff::report`) | `tollgate_events_overflowed_total`, `tollgate_events_overflow_events` | — |
+//! | lost completions | `tollgate_events_lost_tokens_total` (with `EventsDropped`) | error |
+//! | durability barrier (`durable.rs`) | `tollgate_completion_durable_wait_seconds`, `tollgate_completions_not_durable_total{reason}` | error |
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
 };
 
+use super::durable::DurabilityMetrics;
 use super::wire::Topic;
 
 /// Buckets for produce latency, 100 µs to 2 minutes (an outage shows as the top buckets).
@@ -50,6 +54,14 @@ pub struct EventMetrics {
     pub dead_lettered: IntCounter,
     pub delivery_errors: IntCounterVec,
     pub produce_latency: HistogramVec,
+    /// Records the request path wrote to the overflow spool (hand-off channel full).
+    pub overflowed: IntCounter,
+    /// Records waiting in the overflow spool.
+    pub overflow_events: IntGauge,
+    /// Tokens of completion records that were lost (the usage that will not be billed).
+    pub lost_tokens: IntCounter,
+    /// The durability barrier's wait and misses.
+    pub durability: DurabilityMetrics,
     published_by_topic: [IntCounter; 3],
     latency_by_topic: [Histogram; 3],
 }
@@ -128,12 +140,25 @@ impl EventMetrics {
                 &["kind"],
             )?,
             produce_latency,
+            overflowed: IntCounter::new(
+                "tollgate_events_overflowed_total",
+                "Events written to the overflow spool because the hand-off channel was full",
+            )?,
+            overflow_events: gauge(
+                "tollgate_events_overflow_events",
+                "Events waiting in the overflow spool",
+            )?,
+            lost_tokens: IntCounter::new(
+                "tollgate_events_lost_tokens_total",
+                "Tokens (input + output) of completion events that were lost: usage that will not be billed",
+            )?,
+            durability: DurabilityMetrics::new()?,
         })
     }
 
     /// Every collector, for the gateway's registry.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        vec![
+        let mine: Vec<Box<dyn Collector>> = vec![
             Box::new(self.handoff_queue.clone()),
             Box::new(self.producer_queue.clone()),
             Box::new(self.spool_bytes.clone()),
@@ -146,7 +171,13 @@ impl EventMetrics {
             Box::new(self.dead_lettered.clone()),
             Box::new(self.delivery_errors.clone()),
             Box::new(self.produce_latency.clone()),
-        ]
+            Box::new(self.overflowed.clone()),
+            Box::new(self.overflow_events.clone()),
+            Box::new(self.lost_tokens.clone()),
+        ];
+        mine.into_iter()
+            .chain(self.durability.collectors())
+            .collect()
     }
 }
 
@@ -200,6 +231,15 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    pub const COUNT: usize = 5;
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::HandoffFull,
+        DropReason::SpoolFull,
+        DropReason::SpoolWrite,
+        DropReason::Serialize,
+        DropReason::AfterShutdown,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             DropReason::HandoffFull => "handoff_full",
@@ -226,6 +266,8 @@ pub enum SpoolReason {
     BehindSpool,
     /// Left in the spool by a previous run.
     PreviousRun,
+    /// The hand-off channel was full: the request path wrote to the overflow spool.
+    Overflow,
 }
 
 impl SpoolReason {
@@ -237,6 +279,7 @@ impl SpoolReason {
             SpoolReason::Undelivered => "undelivered",
             SpoolReason::BehindSpool => "behind_spool",
             SpoolReason::PreviousRun => "previous_run",
+            SpoolReason::Overflow => "overflow",
         }
     }
 }

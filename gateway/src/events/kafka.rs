@@ -53,14 +53,17 @@ use super::internal_events::{
     SpoolingStarted,
 };
 use super::spool::{Lane, Position, Spool, SpoolOptions, SpoolRecord};
-use super::wire::{Handed, Handoff, Record, Topic};
-use super::{ms, EventSink, EventsError, KafkaConfig, Topics};
+use super::durable::{Durable, DurableTx};
+use super::wire::{ChunkTokens, Handed, Handoff, Record, Topic};
+use super::{durable_handoff, ms, EventSink, EventsError, KafkaConfig, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
 /// Most records taken from the hand-off channel per loop turn (then delivery reports are served).
 const TURN_EVENTS: usize = 4096;
-/// How long an idle loop turn sleeps before serving delivery reports.
+/// How long an idle loop turn waits for a record before serving delivery reports.
 const IDLE_POLL: Duration = Duration::from_millis(2);
+/// The same while messages await acknowledgement.
+const ACK_POLL: Duration = Duration::from_micros(200);
 /// After Kafka looked down, how long before a first replay attempt.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -96,7 +99,19 @@ impl KafkaSink {
         let client_config = client_config(config);
         let shared = Arc::new(Shared::default());
         let producer = create_producer(&client_config, &shared)?;
-        let (handoff, rx) = Handoff::bounded(config.max_queue_events);
+        let overflow_dir = config.overflow_dir.clone().unwrap_or_else(|| {
+            let mut name = spool_dir.file_name().unwrap_or_default().to_os_string();
+            name.push("-overflow");
+            spool_dir.with_file_name(name)
+        });
+        let (handoff, rx) = durable_handoff(
+            config.max_queue_events,
+            config.durability,
+            config.durable_timeout_ms,
+            &overflow_dir,
+            config.overflow_max_bytes,
+            &metrics,
+        )?;
         let handoff = Arc::new(handoff);
         let (control, control_rx) = crossbeam_channel::bounded(1);
         let mut dispatcher = Dispatcher {
@@ -123,8 +138,10 @@ impl KafkaSink {
             rewind_pending: false,
             spool_max_bytes: config.spool_max_bytes,
             shutdown_timeout: ms(config.shutdown_timeout_ms),
-            spooled: [0; 6],
+            spooled: [0; SPOOL_REASONS.len()],
             limits: Limiters::default(),
+            tokens: ChunkTokens::default(),
+            spooled_tickets: Vec::new(),
         };
         dispatcher.report_corruptions();
         if dispatcher.spool.records() > 0 {
@@ -166,8 +183,8 @@ impl EventSink for KafkaSink {
         self.handoff.send(Record::Chunk(record));
     }
 
-    fn record_completion(&self, record: CompletionRecord) {
-        self.handoff.send(Record::Completion(Box::new(record)));
+    fn record_completion(&self, record: CompletionRecord) -> Durable {
+        self.handoff.send_completion(record)
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -250,6 +267,8 @@ struct Pending {
     seq: u64,
     handed_at: Option<Instant>,
     topic: Topic,
+    /// A completion's durability ticket: resolved on acknowledgement (or once spooled).
+    durable: Option<DurableTx>,
 }
 
 struct Failure {
@@ -450,7 +469,8 @@ struct Limiters {
     client_error: LogLimiter,
 }
 
-const SPOOL_REASONS: [SpoolReason; 6] = [
+const SPOOL_REASONS: [SpoolReason; 7] = [
+    SpoolReason::Overflow,
     SpoolReason::QueueFull,
     SpoolReason::BrokersDown,
     SpoolReason::ProduceError,
@@ -490,8 +510,12 @@ struct Dispatcher {
     spool_max_bytes: u64,
     shutdown_timeout: Duration,
     /// Events spooled this turn, by reason (index in `SPOOL_REASONS`).
-    spooled: [u64; 6],
+    spooled: [u64; SPOOL_REASONS.len()],
     limits: Limiters,
+    /// Running output-token counts of the streams being relayed.
+    tokens: ChunkTokens,
+    /// Tickets of completions appended to the spool, resolved once it is written out.
+    spooled_tickets: Vec<DurableTx>,
 }
 
 impl Dispatcher {
@@ -508,7 +532,21 @@ impl Dispatcher {
                     Err(_) => break,
                 }
             }
-            self.serve(if took == 0 { IDLE_POLL } else { Duration::ZERO });
+            if took == 0 {
+                // Wait for a record rather than sleep blindly (a completion is dispatched
+                // the moment it arrives); while messages await acknowledgement, come back
+                // soon for their delivery reports (responses wait on completions' acks).
+                let wait = if self.outstanding_direct > 0 {
+                    ACK_POLL
+                } else {
+                    IDLE_POLL
+                };
+                if let Ok(h) = self.rx.recv_timeout(wait) {
+                    self.dispatch(h);
+                }
+            }
+            self.serve(Duration::ZERO);
+            self.drain_overflow();
             self.replay_step();
             self.housekeeping();
         }
@@ -516,7 +554,9 @@ impl Dispatcher {
     }
 
     /// Serializes one handed-over record and sends or spools it.
-    fn dispatch(&mut self, h: Handed) {
+    fn dispatch(&mut self, mut h: Handed) {
+        self.tokens.stamp(&mut h.record);
+        let durable = h.durable.take();
         let msg = match h.record.to_wire() {
             Ok(m) => m,
             Err(e) => {
@@ -535,6 +575,7 @@ impl Dispatcher {
                 &SpoolRecord::from_wire(msg),
                 SpoolReason::BehindSpool,
             );
+            self.spooled_tickets.extend(durable);
             return;
         }
         let pending = Box::new(Pending {
@@ -542,6 +583,7 @@ impl Dispatcher {
             seq: self.next_seq,
             handed_at: Some(h.at),
             topic: msg.topic,
+            durable,
         });
         self.next_seq += 1;
         let record = BaseRecord::with_opaque_to(msg.topic.name(&self.topics), pending)
@@ -555,13 +597,15 @@ impl Dispatcher {
                 }
                 self.outstanding_direct += 1;
             }
-            Err((e, _)) => {
+            Err((e, record)) => {
+                let durable = record.delivery_opaque.durable;
                 let reason = match e.rdkafka_error_code() {
                     Some(RDKafkaErrorCode::QueueFull) => SpoolReason::QueueFull,
                     _ => SpoolReason::ProduceError,
                 };
                 self.start_spooling(reason, e.to_string());
                 self.spool_record(Lane::New, &SpoolRecord::from_wire(msg.clone()), reason);
+                self.spooled_tickets.extend(durable);
             }
         }
     }
@@ -655,9 +699,13 @@ impl Dispatcher {
         self.last_progress = Instant::now();
         let mut replayed = 0;
         let mut undelivered = Vec::new();
-        for d in deliveries {
+        for mut d in deliveries {
+            let durable = d.pending.durable.take();
             match (d.pending.origin, d.result) {
                 (Origin::Direct, Ok(())) => {
+                    if let Some(t) = durable {
+                        t.done();
+                    }
                     self.outstanding_direct = self.outstanding_direct.saturating_sub(1);
                     EventsPublished {
                         topic: d.pending.topic,
@@ -678,21 +726,26 @@ impl Dispatcher {
                         .emit(&self.metrics);
                     }
                 }
-                (origin, Err(f)) => {
-                    if let Some(back) = self.on_failure(origin, f) {
-                        undelivered.push((d.pending.seq, back));
+                (origin, Err(f)) => match self.on_failure(origin, f) {
+                    Some(back) => undelivered.push((d.pending.seq, back, durable)),
+                    // Dead-lettered: on disk, and never to be billed from Kafka.
+                    None => {
+                        if let Some(t) = durable {
+                            t.done();
+                        }
                     }
-                }
+                },
             }
         }
         if !undelivered.is_empty() {
             // librdkafka reports purged messages newest first per partition (its queue before
             // its batches): put them back in the order they were sent.
-            undelivered.sort_unstable_by_key(|(seq, _)| *seq);
+            undelivered.sort_unstable_by_key(|(seq, _, _)| *seq);
             let detail = format!("{} sent events came back undelivered", undelivered.len());
             self.start_spooling(SpoolReason::Undelivered, detail);
-            for (_, record) in &undelivered {
-                self.spool_record(Lane::Undelivered, record, SpoolReason::Undelivered);
+            for (_, record, durable) in undelivered {
+                self.spool_record(Lane::Undelivered, &record, SpoolReason::Undelivered);
+                self.spooled_tickets.extend(durable);
             }
         }
         self.replayed_in_episode += replayed;
@@ -847,6 +900,7 @@ impl Dispatcher {
                         seq: 0,
                         handed_at: None,
                         topic: rec.topic,
+                        durable: None,
                     });
                     let record = BaseRecord::with_opaque_to(rec.topic.name(&self.topics), pending)
                         .key(&rec.key[..])
@@ -895,12 +949,17 @@ impl Dispatcher {
                 *n = 0;
             }
         }
-        EventsDropped {
-            count: self.handoff.take_dropped(),
-            reason: DropReason::HandoffFull,
-        }
-        .emit(&self.metrics, &mut self.limits.dropped);
+        self.handoff.report(&self.metrics, &mut self.limits.dropped);
         let result = self.spool.flush().and_then(|()| self.spool.sync(false));
+        // Written to the file: a process crash no longer loses these completions. (A record
+        // the spool refused was counted as dropped: its ticket ends as lost.)
+        if result.is_ok() {
+            for t in self.spooled_tickets.drain(..) {
+                t.done();
+            }
+        } else {
+            self.spooled_tickets.clear();
+        }
         if self.mode == Mode::Direct && self.replay.len() == 0 {
             if let Err(e) = self.spool.compact_if_empty() {
                 tracing::error!(target: "tollgate::events", error = %e, "cannot compact the event spool");
@@ -913,6 +972,49 @@ impl Dispatcher {
         }
         self.report_corruptions();
         self.update_gauges();
+    }
+
+    /// Moves records the request path overflowed into the spool (they queue behind
+    /// everything sent before them), written out before the overflow forgets them.
+    fn drain_overflow(&mut self) {
+        let Some(overflow) = self.handoff.overflow().cloned() else {
+            return;
+        };
+        if !overflow.is_active() {
+            return;
+        }
+        let drained = match overflow.read(TURN_EVENTS) {
+            Ok(d) => d,
+            Err(e) => {
+                if self.limits.spool_error.allow().is_some() {
+                    tracing::error!(target: "tollgate::events", error = %e, "cannot read the overflow spool");
+                }
+                return;
+            }
+        };
+        if !drained.messages.is_empty() {
+            self.start_spooling(
+                SpoolReason::Overflow,
+                "the hand-off channel overflowed".to_string(),
+            );
+            for m in &drained.messages {
+                self.spool_record(
+                    Lane::New,
+                    &SpoolRecord::from_wire(m.clone()),
+                    SpoolReason::Overflow,
+                );
+            }
+        }
+        let result = self
+            .spool
+            .flush()
+            .and_then(|()| overflow.commit(&drained));
+        if let Err(e) = result {
+            overflow.retry();
+            if self.limits.spool_error.allow().is_some() {
+                tracing::error!(target: "tollgate::events", error = %e, "cannot move overflowed events into the spool");
+            }
+        }
     }
 
     fn report_corruptions(&mut self) {
@@ -949,6 +1051,7 @@ impl Dispatcher {
         while let Ok(h) = self.rx.try_recv() {
             self.dispatch(h);
         }
+        self.drain_overflow();
         // Deliver what can be delivered, unless the brokers are known to be down.
         while !self.delivered_everything() && Instant::now() < deadline {
             if self.mode == Mode::Spooling && !self.replay_trusted {

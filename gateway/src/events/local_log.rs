@@ -20,6 +20,7 @@
 //! batch is kept) while the channel absorbs new events, and past its bound they are dropped
 //! and counted.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,14 +32,16 @@ use parking_lot::Mutex;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
+use super::durable::{Durable, DurableTx};
 use super::internal_events::{
     DropReason, EventMetrics, EventsDropped, EventsPublished, LogLimiter,
 };
-use super::wire::{Handed, Handoff, Record, WireMessage};
-use super::{ms, EventSink, EventsError, LocalConfig, Topics};
+use super::wire::{ChunkTokens, Handed, Handoff, Record, WireMessage};
+use super::{durable_handoff, ms, EventSink, EventsError, LocalConfig, LocalSync, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
-const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// How long an idle writer waits for a record before looking at its control channel.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// Rows per INSERT statement, largest first (5 bound parameters a row; SQLite allows 32766).
 const INSERT_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 const RETRY_WAIT: Duration = Duration::from_millis(200);
@@ -72,6 +75,11 @@ impl LocalEventLog {
 
     /// Opens (creating if needed) the log at `path`.
     pub async fn open(path: &Path) -> Result<LocalEventLog, EventsError> {
+        LocalEventLog::open_with(path, LocalSync::Normal).await
+    }
+
+    /// Opens (creating if needed) the log at `path`, syncing commits per `sync`.
+    pub async fn open_with(path: &Path, sync: LocalSync) -> Result<LocalEventLog, EventsError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| EventsError::Spool {
                 path: dir.display().to_string(),
@@ -82,7 +90,10 @@ impl LocalEventLog {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(match sync {
+                LocalSync::Normal => SqliteSynchronous::Normal,
+                LocalSync::Full => SqliteSynchronous::Full,
+            })
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -204,8 +215,19 @@ impl LocalSink {
             .path
             .clone()
             .unwrap_or_else(|| LocalEventLog::default_path(data_dir));
-        let log = LocalEventLog::open(&path).await?;
-        let (handoff, rx) = Handoff::bounded(config.max_queue_events);
+        let log = LocalEventLog::open_with(&path, config.synchronous).await?;
+        let overflow_dir = config
+            .overflow_dir
+            .clone()
+            .unwrap_or_else(|| path.with_extension("overflow"));
+        let (handoff, rx) = durable_handoff(
+            config.max_queue_events,
+            config.durability,
+            config.durable_timeout_ms,
+            &overflow_dir,
+            config.overflow_max_bytes,
+            &metrics,
+        )?;
         let handoff = Arc::new(handoff);
         let (control, control_rx) = crossbeam_channel::bounded(1);
         let writer = Writer {
@@ -220,6 +242,7 @@ impl LocalSink {
             shutdown_timeout: ms(config.shutdown_timeout_ms),
             limiter: LogLimiter::default(),
             drop_limiter: LogLimiter::default(),
+            tokens: ChunkTokens::default(),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-events-local".to_string())
@@ -257,8 +280,8 @@ impl EventSink for LocalSink {
         self.handoff.send(Record::Chunk(record));
     }
 
-    fn record_completion(&self, record: CompletionRecord) {
-        self.handoff.send(Record::Completion(Box::new(record)));
+    fn record_completion(&self, record: CompletionRecord) -> Durable {
+        self.handoff.send_completion(record)
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -292,12 +315,20 @@ struct Writer {
     shutdown_timeout: Duration,
     limiter: LogLimiter,
     drop_limiter: LogLimiter,
+    tokens: ChunkTokens,
+}
+
+/// One transaction's worth of events, with the tickets to resolve once it is committed.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<WireMessage>,
+    handed_at: Vec<Option<Instant>>,
+    tickets: Vec<DurableTx>,
 }
 
 impl Writer {
     fn run(mut self) {
-        let mut batch: Vec<WireMessage> = Vec::new();
-        let mut handed_at: Vec<Instant> = Vec::new();
+        let mut batch = Batch::default();
         let mut deadline: Option<Instant> = None;
         loop {
             if deadline.is_none() {
@@ -308,32 +339,37 @@ impl Writer {
                     }
                 }
             }
-            while batch.len() < self.batch_max {
-                match self.rx.try_recv() {
-                    Ok(h) => self.serialize(h, &mut batch, &mut handed_at),
-                    Err(_) => break,
-                }
+            if batch.messages.is_empty() {
+                self.take(&mut batch, deadline.is_none());
             }
-            EventsDropped {
-                count: self.handoff.take_dropped(),
-                reason: DropReason::HandoffFull,
-            }
-            .emit(&self.metrics, &mut self.drop_limiter);
+            self.handoff.report(&self.metrics, &mut self.drop_limiter);
             self.metrics.handoff_queue.set(self.handoff.len() as i64);
-            if batch.is_empty() {
+            if batch.messages.is_empty() {
+                if let Some(drained) = self.drain_overflow() {
+                    if !drained {
+                        std::thread::sleep(RETRY_WAIT);
+                    }
+                    continue;
+                }
                 if deadline.is_some() {
                     break;
                 }
-                std::thread::sleep(IDLE_WAIT);
                 continue;
             }
-            match self.runtime.block_on(self.log.append(&batch, &self.topics)) {
+            match self
+                .runtime
+                .block_on(self.log.append(&batch.messages, &self.topics))
+            {
                 Ok(()) => {
-                    for (m, at) in batch.drain(..).zip(handed_at.drain(..)) {
+                    // Durable: the responses waiting on these completions may end.
+                    for t in batch.tickets.drain(..) {
+                        t.done();
+                    }
+                    for (m, at) in batch.messages.drain(..).zip(batch.handed_at.drain(..)) {
                         EventsPublished {
                             topic: m.topic,
                             count: 1,
-                            latency: Some(at.elapsed()),
+                            latency: at.map(|t| t.elapsed()),
                         }
                         .emit(&self.metrics);
                     }
@@ -344,7 +380,7 @@ impl Writer {
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         EventsDropped {
-                            count: batch.len() as u64 + self.rx.len() as u64,
+                            count: batch.messages.len() as u64 + self.rx.len() as u64,
                             reason: DropReason::AfterShutdown,
                         }
                         .emit(&self.metrics, &mut self.drop_limiter);
@@ -354,21 +390,110 @@ impl Writer {
                 }
             }
         }
+        if let Err(e) = self.handoff.overflow().map_or(Ok(()), |o| o.sync()) {
+            tracing::error!(target: "tollgate::events", error = %e, "cannot sync the overflow spool");
+        }
     }
 
-    fn serialize(&mut self, h: Handed, batch: &mut Vec<WireMessage>, handed_at: &mut Vec<Instant>) {
-        match h.record.to_wire() {
-            Ok(m) => {
-                batch.push(m);
-                handed_at.push(h.at);
+    /// Takes what the channel holds (up to a batch), waiting for the first record when
+    /// `wait` (woken at once by a record: a completion's wait starts with no idle delay).
+    fn take(&mut self, batch: &mut Batch, wait: bool) {
+        let mut handed: Vec<Handed> = Vec::new();
+        if wait && !self.handoff.overflow().is_some_and(|o| o.is_active()) {
+            if let Ok(h) = self.rx.recv_timeout(IDLE_WAIT) {
+                handed.push(h);
+            }
+        }
+        while handed.len() < self.batch_max {
+            match self.rx.try_recv() {
+                Ok(h) => handed.push(h),
+                Err(_) => break,
+            }
+        }
+        // A completion committed in the same transaction as its chunks makes their running
+        // counts moot (the pipeline never has to recover that request): skip counting them.
+        let completed: HashSet<&str> = handed
+            .iter()
+            .filter_map(|h| match &h.record {
+                Record::Completion(c) => Some(c.request_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let skip: HashSet<String> = handed
+            .iter()
+            .filter_map(|h| match &h.record {
+                Record::Chunk(c) if completed.contains(c.stream.request_id.as_str()) => {
+                    Some(c.stream.request_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for mut h in handed {
+            match &h.record {
+                Record::Chunk(c) if skip.contains(&c.stream.request_id) => {}
+                Record::Completion(c) if skip.contains(&c.request_id) => {
+                    self.tokens.forget(&c.request_id);
+                }
+                _ => self.tokens.stamp(&mut h.record),
+            }
+            match h.record.to_wire() {
+                Ok(m) => {
+                    batch.messages.push(m);
+                    batch.handed_at.push(Some(h.at));
+                    if let Some(t) = h.durable {
+                        batch.tickets.push(t);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(target: "tollgate::events", error = %e, "cannot serialize event");
+                    EventsDropped {
+                        count: 1,
+                        reason: DropReason::Serialize,
+                    }
+                    .emit(&self.metrics, &mut self.drop_limiter);
+                }
+            }
+        }
+    }
+
+    /// Moves records from the overflow spool into the log, oldest first. `None` when the
+    /// overflow is empty; otherwise whether the move succeeded.
+    fn drain_overflow(&mut self) -> Option<bool> {
+        let overflow = self.handoff.overflow()?.clone();
+        if !overflow.is_active() {
+            return None;
+        }
+        let drained = match overflow.read(self.batch_max) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(target: "tollgate::events", error = %e, "cannot read the overflow spool");
+                return Some(false);
+            }
+        };
+        let appended = self
+            .runtime
+            .block_on(self.log.append(&drained.messages, &self.topics));
+        let committed = appended.map_err(|e| e.to_string()).and_then(|()| {
+            overflow.commit(&drained).map_err(|e| e.to_string())
+        });
+        match committed {
+            Ok(()) => {
+                for m in &drained.messages {
+                    EventsPublished {
+                        topic: m.topic,
+                        count: 1,
+                        latency: None,
+                    }
+                    .emit(&self.metrics);
+                }
+                Some(true)
             }
             Err(e) => {
-                tracing::error!(target: "tollgate::events", error = %e, "cannot serialize event");
-                EventsDropped {
-                    count: 1,
-                    reason: DropReason::Serialize,
+                overflow.retry();
+                if let Some(held_back) = self.limiter.allow() {
+                    tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot move overflowed events into the local event log; retrying");
                 }
-                .emit(&self.metrics, &mut self.drop_limiter);
+                Some(false)
             }
         }
     }

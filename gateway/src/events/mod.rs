@@ -17,9 +17,11 @@
 //!
 //! Nothing above this seam knows which sink it has.
 
+pub mod durable;
 pub mod internal_events;
 pub mod kafka;
 pub mod local_log;
+pub mod overflow;
 pub mod spool;
 pub mod wire;
 
@@ -31,10 +33,12 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
+pub use durable::{Durable, DurabilityPolicy, DurableOutcome};
 pub use kafka::KafkaSink;
 pub use local_log::{LocalEventLog, LocalSink, LogRecord};
 
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
+use internal_events::EventMetrics;
 
 /// Which event sink the gateway uses (`[events]` in the config). Without the section the
 /// embedded default, `local`, is used.
@@ -87,9 +91,29 @@ pub struct LocalConfig {
     pub batch_max_events: usize,
     /// How long `shutdown` waits for the queue to be written.
     pub shutdown_timeout_ms: u64,
+    /// Whether a response's terminal event waits for its completion record to be committed.
+    pub durability: DurabilityPolicy,
+    /// Longest such wait; past it the response ends anyway (counted and logged).
+    pub durable_timeout_ms: u64,
+    /// `full`: every commit is fsynced (survives a power loss; costs a disk sync, shared by
+    /// the batch); `normal`: committed to SQLite's write-ahead log (survives a process crash).
+    pub synchronous: LocalSync,
+    /// Where records go when the hand-off channel is full; default `<log path>.overflow`.
+    pub overflow_dir: Option<PathBuf>,
+    /// Largest overflow spool; past it records are lost (counted, logged).
+    pub overflow_max_bytes: u64,
     pub requests_topic: String,
     pub chunks_topic: String,
     pub completions_topic: String,
+}
+
+/// How the local event log syncs its commits (SQLite's `synchronous`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalSync {
+    #[default]
+    Normal,
+    Full,
 }
 
 impl Default for LocalConfig {
@@ -100,6 +124,11 @@ impl Default for LocalConfig {
             max_queue_events: 100_000,
             batch_max_events: 2_000,
             shutdown_timeout_ms: 10_000,
+            durability: DurabilityPolicy::Completion,
+            durable_timeout_ms: 2_000,
+            synchronous: LocalSync::Normal,
+            overflow_dir: None,
+            overflow_max_bytes: 1024 * 1024 * 1024,
             requests_topic: t.requests,
             chunks_topic: t.chunks,
             completions_topic: t.completions,
@@ -173,6 +202,15 @@ pub struct KafkaConfig {
     pub delivery_stall_ms: u64,
     /// How long `shutdown` tries to deliver what is queued before spooling the rest.
     pub shutdown_timeout_ms: u64,
+    /// Whether a response's terminal event waits for its completion record to be
+    /// acknowledged by Kafka (or spooled).
+    pub durability: DurabilityPolicy,
+    /// Longest such wait; past it the response ends anyway (counted and logged).
+    pub durable_timeout_ms: u64,
+    /// Where records go when the hand-off channel is full; default `<spool dir>-overflow`.
+    pub overflow_dir: Option<PathBuf>,
+    /// Largest overflow spool; past it records are lost (counted, logged).
+    pub overflow_max_bytes: u64,
     /// Extra librdkafka properties (e.g. `security.protocol`), applied last.
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -186,7 +224,7 @@ impl Default for KafkaConfig {
             requests_topic: t.requests,
             chunks_topic: t.chunks,
             completions_topic: t.completions,
-            linger_ms: 20,
+            linger_ms: 5,
             compression: Compression::Lz4,
             max_queue_events: 100_000,
             max_producer_queue_events: 100_000,
@@ -198,6 +236,10 @@ impl Default for KafkaConfig {
             replay_max_in_flight_events: 20_000,
             delivery_stall_ms: 5_000,
             shutdown_timeout_ms: 10_000,
+            durability: DurabilityPolicy::Completion,
+            durable_timeout_ms: 5_000,
+            overflow_dir: None,
+            overflow_max_bytes: 1024 * 1024 * 1024,
             properties: Default::default(),
         }
     }
@@ -225,6 +267,35 @@ pub async fn from_config(
     })
 }
 
+/// The hand-off channel of a durable sink: completions get durability tickets per `policy`,
+/// and a full channel spills into the overflow spool in `overflow_dir`.
+pub(crate) fn durable_handoff(
+    capacity: usize,
+    policy: DurabilityPolicy,
+    durable_timeout_ms: u64,
+    overflow_dir: &Path,
+    overflow_max_bytes: u64,
+    metrics: &EventMetrics,
+) -> Result<(wire::Handoff, crossbeam_channel::Receiver<wire::Handed>), EventsError> {
+    let overflow =
+        overflow::Overflow::open(overflow_dir, overflow_max_bytes).map_err(|source| {
+            EventsError::Spool {
+                path: overflow_dir.display().to_string(),
+                source,
+            }
+        })?;
+    let barrier = durable::Barrier {
+        policy,
+        timeout: ms(durable_timeout_ms.max(1)),
+        metrics: metrics.durability.clone(),
+    };
+    Ok(wire::Handoff::new(
+        capacity,
+        Some(barrier),
+        Some(Arc::new(overflow)),
+    ))
+}
+
 /// Failures setting up or running an event sink.
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -246,8 +317,9 @@ pub trait EventSink: Send + Sync {
     fn record_request(&self, record: RequestRecord);
     /// One SSE data event was relayed to the client.
     fn record_chunk(&self, record: ChunkRecord);
-    /// The request ended (exactly once per request, after its chunks).
-    fn record_completion(&self, record: CompletionRecord);
+    /// The request ended (exactly once per request, after its chunks). The ticket resolves
+    /// once the record is durable (at once for sinks that keep nothing durable).
+    fn record_completion(&self, record: CompletionRecord) -> Durable;
     /// Writes out what is still queued (Kafka: delivers it, or spools it if Kafka does not
     /// answer in time). Call once when the server has stopped; records after it are dropped.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -285,7 +357,7 @@ impl EventSink for LogSink {
 
     fn record_chunk(&self, _record: ChunkRecord) {}
 
-    fn record_completion(&self, r: CompletionRecord) {
+    fn record_completion(&self, r: CompletionRecord) -> Durable {
         tracing::info!(
             target: "tollgate::completion",
             request_id = %r.request_id,
@@ -303,6 +375,7 @@ impl EventSink for LogSink {
             duration_ms = r.duration.as_secs_f64() * 1e3,
             "completion"
         );
+        Durable::not_required()
     }
 }
 
@@ -340,8 +413,9 @@ impl EventSink for MemorySink {
         self.chunks.lock().push(record);
     }
 
-    fn record_completion(&self, record: CompletionRecord) {
+    fn record_completion(&self, record: CompletionRecord) -> Durable {
         self.records.lock().push(record);
+        Durable::not_required()
     }
 }
 

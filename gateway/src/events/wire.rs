@@ -6,6 +6,7 @@
 //! serializes it, so that cost is off the request's latency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -15,6 +16,9 @@ use tollgate_schemas::events::{
     SCHEMA_VERSION,
 };
 
+use super::durable::{Barrier, Durable, DurableTx};
+use super::internal_events::{DropReason, EventMetrics, EventsDropped, LogLimiter};
+use super::overflow::Overflow;
 use super::Topics;
 use crate::relay::{ChunkRecord, CompletionRecord, Outcome, RequestRecord};
 
@@ -64,6 +68,8 @@ pub enum Record {
 pub struct Handed {
     pub at: Instant,
     pub record: Record,
+    /// A completion's durability ticket: resolved once the record is durable.
+    pub durable: Option<DurableTx>,
 }
 
 /// One serialized event, ready for Kafka, the spool or the local log.
@@ -232,43 +238,203 @@ fn saturating_u64(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
-/// The request path's end of a bounded hand-off channel.
+/// Running output-token counts of the streams whose chunks a writer thread serializes: each
+/// chunk event carries the output tokens relayed so far, counted like a completion's
+/// fallback (the upstream model's tokenizer over the text the client received), so that a
+/// stream cut by a crash can be billed for what it delivered. Counted here, off the request
+/// path.
+#[derive(Default)]
+pub struct ChunkTokens {
+    running: std::collections::HashMap<String, u64>,
+}
+
+impl ChunkTokens {
+    /// Streams followed at once; past it (completions lost) the counts start over.
+    const MAX_STREAMS: usize = 1_000_000;
+
+    /// Sets a chunk record's running token count; a completion ends its stream's count.
+    pub fn stamp(&mut self, record: &mut Record) {
+        match record {
+            Record::Chunk(c) => {
+                let text = crate::relay::event_output_text(c.stream.client_format, &c.data);
+                let n = crate::tokens::count_text(&c.stream.upstream_model, &text);
+                let total = match self.running.get_mut(&c.stream.request_id) {
+                    Some(t) => {
+                        *t = t.saturating_add(n);
+                        *t
+                    }
+                    None => {
+                        if self.running.len() >= Self::MAX_STREAMS {
+                            self.running.clear();
+                        }
+                        self.running.insert(c.stream.request_id.clone(), n);
+                        n
+                    }
+                };
+                c.tokens = Some(total);
+            }
+            Record::Completion(c) => {
+                self.running.remove(&c.request_id);
+            }
+            Record::Request(_) => {}
+        }
+    }
+
+    /// Forgets a stream without counting (its completion is committed with its chunks).
+    pub fn forget(&mut self, request_id: &str) {
+        self.running.remove(request_id);
+    }
+
+    /// Streams being counted.
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
+
+/// The request path's end of a bounded hand-off channel, with the overflow spool behind it.
 pub struct Handoff {
     tx: Sender<Handed>,
-    /// Records refused because the channel was full (or closed), not yet reported.
-    dropped: AtomicU64,
+    /// Records lost, by [`DropReason`] (channel closed, no overflow, overflow full or
+    /// failing), not yet reported.
+    dropped: [AtomicU64; DropReason::COUNT],
+    /// Tokens of the completions among them (the usage that will not be billed).
+    lost_tokens: AtomicU64,
+    /// Records that went to the overflow spool, not yet reported.
+    overflowed: AtomicU64,
+    barrier: Option<Barrier>,
+    overflow: Option<Arc<Overflow>>,
 }
 
 impl Handoff {
-    /// A channel holding at most `capacity` records.
+    /// A channel holding at most `capacity` records; a full one drops (tests).
     pub fn bounded(capacity: usize) -> (Handoff, Receiver<Handed>) {
+        Handoff::new(capacity, None, None)
+    }
+
+    /// A channel holding at most `capacity` records, giving completions durability tickets
+    /// from `barrier`, and sending records to `overflow` when it is full.
+    pub fn new(
+        capacity: usize,
+        barrier: Option<Barrier>,
+        overflow: Option<Arc<Overflow>>,
+    ) -> (Handoff, Receiver<Handed>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
         (
             Handoff {
                 tx,
-                dropped: AtomicU64::new(0),
+                dropped: Default::default(),
+                lost_tokens: AtomicU64::new(0),
+                overflowed: AtomicU64::new(0),
+                barrier,
+                overflow,
             },
             rx,
         )
     }
 
-    /// Hands a record over without waiting; a full channel drops it (counted).
+    /// Hands a record over without waiting on the writer: a full channel sends it to the
+    /// overflow spool (or, without one, drops it, counted).
     pub fn send(&self, record: Record) {
-        let handed = Handed {
+        self.hand(Handed {
             at: Instant::now(),
             record,
+            durable: None,
+        });
+    }
+
+    /// Hands a completion over; the returned ticket resolves once it is durable.
+    pub fn send_completion(&self, record: CompletionRecord) -> Durable {
+        let (durable, ticket) = match self.barrier.as_ref().and_then(Barrier::ticket) {
+            Some((tx, rx)) => (Some(tx), rx),
+            None => (None, Durable::not_required()),
         };
+        self.hand(Handed {
+            at: Instant::now(),
+            record: Record::Completion(Box::new(record)),
+            durable,
+        });
+        ticket
+    }
+
+    fn hand(&self, handed: Handed) {
+        if self.overflow.as_ref().is_some_and(|o| o.is_active()) {
+            return self.spill(handed);
+        }
         match self.tx.try_send(handed) {
             Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(TrySendError::Full(h)) => self.spill(h),
+            Err(TrySendError::Disconnected(h)) => self.lose(&h, DropReason::AfterShutdown),
         }
     }
 
-    /// Records dropped since the last call.
+    fn lose(&self, h: &Handed, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+        if let Record::Completion(c) = &h.record {
+            let tokens = c.usage.input_tokens.saturating_add(c.usage.output_tokens);
+            self.lost_tokens.fetch_add(tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The channel is full (or records are already waiting in the overflow): the record goes
+    /// to the overflow spool, serialized here.
+    fn spill(&self, h: Handed) {
+        let Some(overflow) = &self.overflow else {
+            return self.lose(&h, DropReason::HandoffFull);
+        };
+        let written = h
+            .record
+            .to_wire()
+            .map_err(|_| DropReason::Serialize)
+            .and_then(|m| overflow.push(m));
+        match written {
+            Ok(()) => {
+                self.overflowed.fetch_add(1, Ordering::Relaxed);
+                if let Some(tx) = h.durable {
+                    tx.done();
+                }
+            }
+            Err(reason) => self.lose(&h, reason),
+        }
+    }
+
+    /// The overflow spool, if this channel has one.
+    pub fn overflow(&self) -> Option<&Arc<Overflow>> {
+        self.overflow.as_ref()
+    }
+
+    /// Records dropped since the last call (all reasons).
     pub fn take_dropped(&self) -> u64 {
-        self.dropped.swap(0, Ordering::Relaxed)
+        self.dropped
+            .iter()
+            .map(|d| d.swap(0, Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Reports (logs and counts) what the request path overflowed and lost since the last
+    /// call: a writer thread calls it every loop turn.
+    pub fn report(&self, metrics: &EventMetrics, limiter: &mut LogLimiter) {
+        let overflowed = self.overflowed.swap(0, Ordering::Relaxed);
+        if overflowed > 0 {
+            metrics.overflowed.inc_by(overflowed);
+        }
+        if let Some(o) = &self.overflow {
+            metrics.overflow_events.set(o.records() as i64);
+        }
+        let lost_tokens = self.lost_tokens.swap(0, Ordering::Relaxed);
+        if lost_tokens > 0 {
+            metrics.lost_tokens.inc_by(lost_tokens);
+        }
+        for reason in DropReason::ALL {
+            EventsDropped {
+                count: self.dropped[reason as usize].swap(0, Ordering::Relaxed),
+                reason,
+            }
+            .emit(metrics, limiter);
+        }
     }
 
     /// Records waiting in the channel.
@@ -319,11 +485,16 @@ pub(crate) mod tests {
                 tenant_id: tenant.to_string(),
                 received_at: Instant::now(),
                 received_wall: SystemTime::now(),
+                upstream_model: "gpt-4o".into(),
+                client_format: crate::api::WireFormat::OpenAi,
             }),
             sequence,
             offset: Duration::from_micros(1500 + sequence),
             bytes: 120,
             tokens: None,
+            data: bytes::Bytes::from_static(
+                b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hello world\"}}]}\n\n",
+            ),
         }
     }
 
@@ -385,6 +556,24 @@ pub(crate) mod tests {
             (Some(4), 30, 70)
         );
         assert_eq!(e.usage.source, UsageSource::Counted);
+    }
+
+    #[test]
+    fn chunk_events_carry_the_output_tokens_relayed_so_far() {
+        let mut counter = ChunkTokens::default();
+        let mut totals = Vec::new();
+        for i in 0..3 {
+            let mut r = Record::Chunk(chunk("t", "r1", i));
+            counter.stamp(&mut r);
+            let m = r.to_wire().unwrap();
+            let e: ChunkEvent = serde_json::from_slice(&m.payload).unwrap();
+            totals.push(e.tokens.unwrap());
+        }
+        // "hello world" is two tokens for gpt-4o's tokenizer.
+        assert_eq!(totals, [2, 4, 6]);
+        assert_eq!(counter.len(), 1);
+        counter.stamp(&mut Record::Completion(Box::new(completion("t", "r1"))));
+        assert!(counter.is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tollgate_schemas::{TokenUsage, UsageSource};
 use super::StreamState;
 use crate::api::WireFormat;
 use crate::auth::Caller;
+use crate::events::durable::Durable;
 use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::routing::{Lease, RouteLog};
@@ -100,6 +101,10 @@ pub struct StreamInfo {
     pub received_at: Instant,
     /// The same moment on the wall clock.
     pub received_wall: SystemTime,
+    /// The model name sent upstream (its tokenizer counts the chunks' tokens).
+    pub upstream_model: String,
+    /// The dialect the client receives the chunks in.
+    pub client_format: WireFormat,
 }
 
 /// One SSE data event relayed to the client.
@@ -112,8 +117,11 @@ pub struct ChunkRecord {
     pub offset: Duration,
     /// Bytes of the SSE event as the client receives it.
     pub bytes: u64,
-    /// Tokens in the chunk when known without parsing it.
+    /// Output tokens relayed so far, this chunk included (counted by the sink's writer
+    /// thread, off the request path; `None` until then).
     pub tokens: Option<u64>,
+    /// The SSE event as the client receives it (for counting its tokens).
+    pub data: bytes::Bytes,
 }
 
 impl ChunkRecord {
@@ -213,7 +221,7 @@ impl Exchange {
     }
 
     /// Records an upstream failure before any usage was known.
-    pub fn fail(&self, error: &crate::error::GatewayError) {
+    pub fn fail(&self, error: &crate::error::GatewayError) -> Durable {
         self.finish(
             Outcome::UpstreamError(error.to_string()),
             TokenUsage::default(),
@@ -221,7 +229,7 @@ impl Exchange {
             0,
             None,
             Duration::ZERO,
-        );
+        )
     }
 
     /// Wall-clock time the request arrived (derived from the monotonic clock's `received_at`).
@@ -237,6 +245,8 @@ impl Exchange {
             tenant_id: self.caller.tenant_id.clone(),
             received_at: self.received_at,
             received_wall: self.received_wall(),
+            upstream_model: self.upstream_model.clone(),
+            client_format: self.client_format,
         })
     }
 
@@ -293,6 +303,9 @@ impl Exchange {
     }
 
     /// Records the completion: metrics and the event sink. Called exactly once per request.
+    /// The returned ticket resolves once the record is durable: the response's terminal
+    /// bytes wait for it (see `crate::events::durable`).
+    #[must_use = "the response's terminal event must wait for the completion to be durable"]
     pub fn finish(
         &self,
         outcome: Outcome,
@@ -301,7 +314,7 @@ impl Exchange {
         chunks: u64,
         first_output_at: Option<Instant>,
         post_processing: Duration,
-    ) {
+    ) -> Durable {
         tracing::debug!(
             target: "tollgate::access",
             request_id = %self.request_id,
@@ -342,6 +355,6 @@ impl Exchange {
             route_log: self.route_log.clone(),
         };
         self.metrics.observe_completion(&record);
-        self.sink.record_completion(record);
+        self.sink.record_completion(record)
     }
 }

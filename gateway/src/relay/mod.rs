@@ -57,6 +57,36 @@ pub trait StreamAdapter: Send {
     fn output_text(&self) -> String;
 }
 
+/// The output text one SSE event carries, as the client received it in `format` (content,
+/// tool names and arguments, reasoning); empty for events that carry none.
+pub fn event_output_text(format: crate::api::WireFormat, event: &[u8]) -> String {
+    let mut data: Vec<u8> = Vec::new();
+    for line in event.split(|b| *b == b'\n' || *b == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    let mut text = String::new();
+    match format {
+        crate::api::WireFormat::OpenAi => {
+            if let Ok(chunk) = serde_json::from_slice::<crate::api::openai::ChatChunk>(&data) {
+                passthrough::append_chunk_text(&chunk, &mut text);
+            }
+        }
+        crate::api::WireFormat::Anthropic => {
+            if let Ok(crate::api::anthropic::StreamEvent::ContentBlockDelta { delta, .. }) =
+                serde_json::from_slice(&data)
+            {
+                passthrough::append_block_delta_text(&delta, &mut text);
+            }
+        }
+    }
+    text
+}
+
 /// Writes one `data:` frame.
 pub fn write_data(out: &mut BytesMut, json: &[u8]) {
     out.extend_from_slice(b"data: ");

@@ -9,6 +9,12 @@
 //! the upstream connection (the cancellation), and `Drop` records the completion with what
 //! was generated so far.
 //!
+//! The durability barrier: once the stream's terminal event (`[DONE]`, `message_stop`, an
+//! error event) is written, the completion is recorded and the bytes still to go out wait
+//! until the sink says the record is durable (`crate::events::durable`); meanwhile the
+//! upstream body is read to its end so that its connection can be reused. Everything before
+//! the terminal event goes out as it arrives.
+//!
 //! A same-dialect stream also carries its request record ([`RelayStream::with_request_record`]):
 //! the prompt estimate it needs is counted after the first output has gone out, and the
 //! record reaches the sink before any of the stream's chunk records.
@@ -29,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
-use crate::events::EventSink;
+use crate::events::{Durable, EventSink};
 use crate::limits::StreamAllowance;
 use crate::providers::BodyStream;
 
@@ -72,8 +78,13 @@ pub struct RelayStream {
     /// The request record, held until the first output has gone out: when it was routed, and
     /// how to count its prompt.
     request_record: Option<(SystemTime, PromptCount)>,
-    /// Chunk records (offset, bytes) relayed before the request record was: they follow it.
-    held_chunks: Vec<(Duration, u64)>,
+    /// Chunk records (offset, event) relayed before the request record was: they follow it.
+    held_chunks: Vec<(Duration, Bytes)>,
+    /// The completion's durability ticket: the last bytes wait for it.
+    barrier: Option<Durable>,
+    /// The upstream's terminal event was seen before its body ended: read the rest (for
+    /// connection reuse) while the last bytes wait.
+    drain_upstream: bool,
 }
 
 /// Counts a request's prompt tokens (the pre-flight estimate, taken late).
@@ -108,6 +119,8 @@ impl RelayStream {
             frames_held: false,
             request_record: None,
             held_chunks: Vec::new(),
+            barrier: None,
+            drain_upstream: false,
         }
     }
 
@@ -136,8 +149,8 @@ impl RelayStream {
         self.exchange.prompt_estimate = count();
         self.exchange.record_request_at(routed_at);
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
-        for (offset, bytes) in self.held_chunks.drain(..) {
-            record_chunk(sink.as_ref(), info, next, offset, bytes);
+        for (offset, event) in self.held_chunks.drain(..) {
+            record_chunk(sink.as_ref(), info, next, offset, event);
         }
     }
 
@@ -179,7 +192,8 @@ impl RelayStream {
         if let Some(allowance) = self.allowance.as_mut() {
             allowance.settle(&usage);
         }
-        self.exchange.finish(
+        let client_gone = outcome == Outcome::ClientDisconnected;
+        let durable = self.exchange.finish(
             outcome,
             usage,
             state.finish_reason.clone(),
@@ -187,6 +201,32 @@ impl RelayStream {
             state.first_output_at,
             self.post_processing,
         );
+        // Nobody is left to receive the terminal event when the client went away.
+        if !client_gone && !durable.is_ready() {
+            self.barrier = Some(durable);
+        }
+    }
+
+    /// The upstream's terminal event was relayed: the stream is complete, whether or not
+    /// the upstream body has ended yet.
+    fn complete(&mut self) {
+        let from = self.out.len();
+        self.adapter.on_end(&mut self.out);
+        self.record_chunks(from);
+        self.finish(Outcome::Completed);
+        self.frames_held = false;
+        self.drain_upstream = true;
+    }
+
+    /// Reads (and discards) what the upstream has after its terminal event, without waiting.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        while self.drain_upstream {
+            match self.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_)) | None) => self.drain_upstream = false,
+                Poll::Pending => break,
+            }
+        }
     }
 
     /// Reports each SSE data event the adapter wrote into `out` from `from` on.
@@ -198,12 +238,14 @@ impl RelayStream {
         if self.request_record.is_some() {
             // The request record goes first; these wait for it (sizes only).
             let held = &mut self.held_chunks;
-            for_each_data_event(&self.out[from..], |bytes| held.push((offset, bytes)));
+            for_each_data_event(&self.out[from..], |event| {
+                held.push((offset, Bytes::copy_from_slice(event)));
+            });
             return;
         }
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
-        for_each_data_event(&self.out[from..], |bytes| {
-            record_chunk(sink.as_ref(), info, next, offset, bytes);
+        for_each_data_event(&self.out[from..], |event| {
+            record_chunk(sink.as_ref(), info, next, offset, Bytes::copy_from_slice(event));
         });
     }
 
@@ -271,7 +313,21 @@ impl Stream for RelayStream {
             this.relay_frames();
         }
         loop {
+            if !this.done && this.adapter.state().terminated {
+                this.complete();
+            }
             if this.done {
+                if this.barrier.is_some() {
+                    this.drain(cx);
+                    // The terminal bytes wait until the completion record is durable.
+                    if let Some(barrier) = this.barrier.as_mut() {
+                        if Pin::new(barrier).poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    this.barrier = None;
+                }
+                this.drain(cx);
                 return Poll::Ready(this.take_out().map(Ok));
             }
             match this.upstream.as_mut().poll_next(cx) {
@@ -287,8 +343,11 @@ impl Stream for RelayStream {
                         this.first_upstream_at = Some(Instant::now());
                     }
                     this.parser.push(&bytes);
-                    if this.relay_frames() {
+                    if this.relay_frames() && !this.adapter.state().terminated {
                         return Poll::Ready(this.take_out().map(Ok));
+                    }
+                    if this.adapter.state().terminated {
+                        continue;
                     }
                     if this.allowance.is_some() {
                         this.enforce_limits(cx);
@@ -346,23 +405,24 @@ fn record_chunk(
     stream: &Arc<StreamInfo>,
     next: &mut u64,
     offset: Duration,
-    bytes: u64,
+    event: Bytes,
 ) {
     sink.record_chunk(ChunkRecord {
         stream: stream.clone(),
         sequence: *next,
         offset,
-        bytes,
+        bytes: event.len() as u64,
         tokens: None,
+        data: event,
     });
     *next += 1;
 }
 
-/// Calls `f(len)` for each SSE event in `buf` that carries a `data` field, with the event's
-/// length in bytes (its blank line included). `buf` holds whole events as written for the
+/// Calls `f(event)` for each SSE event in `buf` that carries a `data` field, with the
+/// event's bytes (its blank line included). `buf` holds whole events as written for the
 /// client; lines may end in LF, CRLF or CR (a same-dialect relay forwards the upstream's own
 /// line endings). A last event without its blank line still counts.
-fn for_each_data_event(buf: &[u8], mut f: impl FnMut(u64)) {
+fn for_each_data_event(buf: &[u8], mut f: impl FnMut(&[u8])) {
     let is_data =
         |line: &[u8]| line.starts_with(b"data") && matches!(line.get(4), None | Some(b':'));
     let (mut event_start, mut line_start, mut has_data) = (0, 0, false);
@@ -375,7 +435,7 @@ fn for_each_data_event(buf: &[u8], mut f: impl FnMut(u64)) {
         let line = &buf[line_start..end];
         if line.is_empty() {
             if has_data {
-                f((next - event_start) as u64);
+                f(&buf[event_start..next]);
             }
             event_start = next;
             has_data = false;
@@ -385,7 +445,7 @@ fn for_each_data_event(buf: &[u8], mut f: impl FnMut(u64)) {
         line_start = next;
     }
     if (has_data || is_data(&buf[line_start..])) && event_start < buf.len() {
-        f((buf.len() - event_start) as u64);
+        f(&buf[event_start..]);
     }
 }
 
@@ -395,7 +455,7 @@ mod tests {
 
     fn lengths(buf: &[u8]) -> Vec<u64> {
         let mut v = Vec::new();
-        for_each_data_event(buf, |n| v.push(n));
+        for_each_data_event(buf, |e| v.push(e.len() as u64));
         v
     }
 
@@ -451,8 +511,9 @@ mod relay_tests {
         fn record_chunk(&self, r: ChunkRecord) {
             self.0.lock().push(format!("chunk {}", r.sequence));
         }
-        fn record_completion(&self, _: CompletionRecord) {
+        fn record_completion(&self, _: CompletionRecord) -> crate::events::Durable {
             self.0.lock().push("completion".to_string());
+            crate::events::Durable::not_required()
         }
     }
 

@@ -103,14 +103,17 @@ async fn serve(
     if let Some(r) = reservation {
         r.settle(&usage);
     }
-    exchange.finish(
-        Outcome::Completed,
-        usage,
-        None,
-        0,
-        Some(Instant::now()),
-        Duration::ZERO,
-    );
+    // The body leaves only once its completion record is durable.
+    exchange
+        .finish(
+            Outcome::Completed,
+            usage,
+            None,
+            0,
+            Some(Instant::now()),
+            Duration::ZERO,
+        )
+        .await;
     let mut r = Response::new(Body::from(raw));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -467,14 +467,17 @@ async fn serve_inner(
         if let Some(r) = reservation {
             r.settle(&usage);
         }
-        exchange.finish(
-            Outcome::Completed,
-            usage,
-            finish,
-            0,
-            Some(done_at),
-            done_at.elapsed(),
-        );
+        // The body leaves only once its completion record is durable.
+        exchange
+            .finish(
+                Outcome::Completed,
+                usage,
+                finish,
+                0,
+                Some(done_at),
+                done_at.elapsed(),
+            )
+            .await;
         let mut r = Response::new(Body::from(body));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
