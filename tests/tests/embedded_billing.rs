@@ -2,7 +2,9 @@
 //! and no service at all. The billing pipeline runs inside the gateway over its local event
 //! log and writes the ledger into `tollgate.db`; `GET /v1/usage` shows every request at the
 //! exact cost of the usage each response reported; a killed gateway resumes its ledger without
-//! counting anything twice; a graceful stop (SIGTERM) commits everything before exiting, and
+//! counting anything twice; a gateway killed the moment its responses ended has billed every
+//! one of them (the durability barrier); a hand-off queue too small for the load spills to
+//! disk and loses nothing; a graceful stop (SIGTERM) commits everything before exiting, and
 //! a stream still running when the shutdown grace period ends is cut and recorded.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)] // test code: failing loudly is the point
 
@@ -117,7 +119,18 @@ fn usage_of(v: &Value) -> Usage {
 /// Sends request `i` (every third one streaming, with `include_usage`) and returns the usage
 /// the response reported.
 async fn complete(client: &reqwest::Client, base: &str, key: &str, i: usize) -> Usage {
-    let stream = i % 3 == 2;
+    complete_as(client, base, key, i, i % 3 == 2).await
+}
+
+/// Sends request `i`, streamed (with `include_usage`) or not, reads the whole response and
+/// returns the usage it reported.
+async fn complete_as(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    i: usize,
+    stream: bool,
+) -> Usage {
     let mut body = json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": format!("request {i}:{}", " tell me more".repeat(i))}],
@@ -305,6 +318,110 @@ async fn a_killed_gateway_resumes_its_ledger_without_double_counting() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_totals(&usage(&gw.base_url, &key).await, &want);
     assert_eq!(logged_completions(dir.path()).await, want.requests);
+}
+
+/// The sum of the metric samples named `name` (any labels).
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_gateway_killed_the_moment_its_streams_ended_has_billed_every_one_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = provision(dir.path());
+    let mut want = Expected::default();
+    let client = reqwest::Client::new();
+    let mut next = 0;
+    for round in 0..5 {
+        let mut gw = start(dir.path(), &format!("gw{round}.log")).await;
+        // Twenty concurrent streams (and a few plain responses); the moment the last client
+        // has read its `[DONE]`, SIGKILL: every response a client received whole must be
+        // billed, whatever was still in the gateway's memory.
+        let usages = futures_util::future::join_all(
+            (next..next + 24).map(|i| complete_as(&client, &gw.base_url, &key, i, i % 6 != 0)),
+        )
+        .await;
+        gw.child.kill().unwrap();
+        let _ = gw.child.wait();
+        for u in usages {
+            want.add(u);
+        }
+        next += 24;
+        drop(gw);
+    }
+    let gw = start(dir.path(), "last.log").await;
+    assert_totals(&wait_for_usage(&gw.base_url, &key, &want).await, &want);
+    // Nothing is counted twice either, however long it runs on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_totals(&usage(&gw.base_url, &key).await, &want);
+    assert_eq!(logged_completions(dir.path()).await, want.requests);
+    let m = metrics(&gw.base_url).await;
+    assert_eq!(
+        metric_sum(&m, "tollgate_completions_not_durable_total"),
+        0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_off_queue_too_small_for_the_load_spills_to_disk_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = provision(dir.path());
+    let env = [
+        ("TOLLGATE__EVENTS__TYPE", "local"),
+        ("TOLLGATE__EVENTS__MAX_QUEUE_EVENTS", "1"),
+    ];
+    let gw = GatewayProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &env,
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let mut want = Expected::default();
+    send(&gw.base_url, &key, 0..40, &mut want).await;
+    assert_totals(&wait_for_usage(&gw.base_url, &key, &want).await, &want);
+    let m = metrics(&gw.base_url).await;
+    assert!(
+        metric_sum(&m, "tollgate_events_overflowed_total") > 0.0,
+        "a one-record queue never overflowed: {m}"
+    );
+    assert_eq!(metric_sum(&m, "tollgate_events_dropped_total"), 0.0, "{m}");
+    assert_eq!(
+        metric_sum(&m, "tollgate_events_lost_tokens_total"),
+        0.0,
+        "{m}"
+    );
+    // Every request's events are in the log exactly once, in order per request.
+    let events = sqlite(&dir.path().join("events.sqlite")).await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT topic, payload FROM event_log ORDER BY log_offset")
+            .fetch_all(&events)
+            .await
+            .unwrap();
+    let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+    for (topic, payload) in &rows {
+        let v: Value = serde_json::from_str(payload).unwrap();
+        let id = v["request_id"].as_str().unwrap().to_string();
+        seen.entry(id).or_default().push(topic.clone());
+    }
+    assert_eq!(seen.len() as i64, want.requests);
+    for (id, topics) in &seen {
+        assert_eq!(
+            topics.first().map(String::as_str),
+            Some("llm.requests"),
+            "{id}: {topics:?}"
+        );
+        assert_eq!(
+            topics.last().map(String::as_str),
+            Some("llm.completions"),
+            "{id}: {topics:?}"
+        );
+        assert_eq!(topics.iter().filter(|t| *t == "llm.completions").count(), 1);
+    }
 }
 
 #[tokio::test]

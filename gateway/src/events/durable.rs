@@ -42,8 +42,8 @@ pub enum DurabilityPolicy {
 
 /// Buckets for the barrier's wait: 10 µs to 10 s.
 const WAIT_BUCKETS: &[f64] = &[
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The barrier's metrics (registered with the sink's).
@@ -190,8 +190,8 @@ impl Future for Durable {
                     Poll::Ready(Err(_)) => DurableOutcome::Lost,
                     Poll::Pending => {
                         let deadline = tokio::time::Instant::from_std(*started + *timeout);
-                        let timer =
-                            sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        let timer = sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                         match timer.as_mut().poll(cx) {
                             Poll::Ready(()) => DurableOutcome::TimedOut,
                             Poll::Pending => return Poll::Pending,

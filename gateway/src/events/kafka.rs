@@ -47,13 +47,13 @@ use rdkafka::producer::{
 };
 use rdkafka::ClientContext;
 
+use super::durable::{Durable, DurableTx};
 use super::internal_events::{
     DeliveryFailed, DropReason, EventMetrics, EventsDeadLettered, EventsDropped, EventsPublished,
     EventsReplayed, EventsSpooled, LogLimiter, SpoolCorrupted, SpoolDrained, SpoolReason,
     SpoolingStarted,
 };
 use super::spool::{Lane, Position, Spool, SpoolOptions, SpoolRecord};
-use super::durable::{Durable, DurableTx};
 use super::wire::{ChunkTokens, Handed, Handoff, Record, Topic};
 use super::{durable_handoff, ms, EventSink, EventsError, KafkaConfig, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
@@ -1005,10 +1005,7 @@ impl Dispatcher {
                 );
             }
         }
-        let result = self
-            .spool
-            .flush()
-            .and_then(|()| overflow.commit(&drained));
+        let result = self.spool.flush().and_then(|()| overflow.commit(&drained));
         if let Err(e) = result {
             overflow.retry();
             if self.limits.spool_error.allow().is_some() {

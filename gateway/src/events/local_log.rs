@@ -473,9 +473,9 @@ impl Writer {
         let appended = self
             .runtime
             .block_on(self.log.append(&drained.messages, &self.topics));
-        let committed = appended.map_err(|e| e.to_string()).and_then(|()| {
-            overflow.commit(&drained).map_err(|e| e.to_string())
-        });
+        let committed = appended
+            .map_err(|e| e.to_string())
+            .and_then(|()| overflow.commit(&drained).map_err(|e| e.to_string()));
         match committed {
             Ok(()) => {
                 for m in &drained.messages {

@@ -33,7 +33,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-pub use durable::{Durable, DurabilityPolicy, DurableOutcome};
+pub use durable::{DurabilityPolicy, Durable, DurableOutcome};
 pub use kafka::KafkaSink;
 pub use local_log::{LocalEventLog, LocalSink, LogRecord};
 

@@ -245,7 +245,13 @@ impl RelayStream {
         }
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
         for_each_data_event(&self.out[from..], |event| {
-            record_chunk(sink.as_ref(), info, next, offset, Bytes::copy_from_slice(event));
+            record_chunk(
+                sink.as_ref(),
+                info,
+                next,
+                offset,
+                Bytes::copy_from_slice(event),
+            );
         });
     }
 
