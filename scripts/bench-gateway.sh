@@ -29,6 +29,10 @@
 #                            completion, below RUST_LOG=warn), local (the embedded SQLite event
 #                            log) or kafka (needs a broker: scripts/services.sh up kafka)
 #   KAFKA_BOOTSTRAP [127.0.0.1:9092]   the broker for EVENTS=kafka
+#   DURABILITY_AB [0]        1 (EVENTS=local or kafka): also run a gateway with
+#                            events.durability = "none" (scenario gateway-no-barrier) and
+#                            report what the durability barrier costs; both gateways then run
+#                            without the embedded billing pipeline, each with its own event log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +52,7 @@ BUSY_POLL_US=${BUSY_POLL_US:-100}
 KEEP_TMP=${KEEP_TMP:-0}
 EVENTS=${EVENTS:-log}
 KAFKA_BOOTSTRAP=${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
+DURABILITY_AB=${DURABILITY_AB:-0}
 case $EVENTS in
 log | local | kafka) ;;
 *)
@@ -152,7 +157,14 @@ if [[ $GATEWAY == 1 ]]; then
     DATA_DIR="$TMP/data"
     mkdir -p "$DATA_DIR"
     CONFIG="$TMP/gateway.toml"
-    cat >"$CONFIG" <<EOF
+    if [[ $DURABILITY_AB == 1 ]]; then
+        [[ $EVENTS != log ]] || die "DURABILITY_AB=1 needs EVENTS=local or kafka"
+        # The barrier's cost alone: no in-process billing pipeline in either gateway.
+        printf '[billing]\npipeline = "off"\n\n' >"$CONFIG"
+    else
+        : >"$CONFIG"
+    fi
+    cat >>"$CONFIG" <<EOF
 [[deployments]]
 name = "bench-openai"
 type = "openai"
@@ -202,6 +214,15 @@ EOF
         { printf '[server]\nbusy_poll_us = %s\n\n' "$BUSY_POLL_US"; cat "$CONFIG"; } >"$TMP/gateway-busy-poll.toml"
         start_gateway gateway-busy-poll "$TMP/gateway-busy-poll.toml"
     fi
+    if [[ $DURABILITY_AB == 1 ]]; then
+        # The same configuration without the barrier (the file ends in its [events] table),
+        # writing its own event log.
+        { cat "$CONFIG"; echo 'durability = "none"'; } >"$TMP/gateway-no-barrier.toml"
+        if [[ $EVENTS == local ]]; then
+            echo "path = \"$TMP/no-barrier-events.sqlite\"" >>"$TMP/gateway-no-barrier.toml"
+        fi
+        start_gateway gateway-no-barrier "$TMP/gateway-no-barrier.toml"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- runs
@@ -242,6 +263,7 @@ SCENARIOS=(direct)
 if [[ $FLOOR == 1 ]]; then SCENARIOS+=(relay); fi
 if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
 if [[ $GATEWAY == 1 ]] && ((BUSY_POLL_US > 0)); then SCENARIOS+=(gateway-busy-poll); fi
+if [[ $GATEWAY == 1 && $DURABILITY_AB == 1 ]]; then SCENARIOS+=(gateway-no-barrier); fi
 LEVELS=("1:$REQUESTS_C1" "$CONCURRENCY_HIGH:$REQUESTS_C128")
 for level in "${LEVELS[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -308,3 +330,22 @@ for proxy in "${SCENARIOS[@]:1}"; do
         done
     done
 done
+
+# What the durability barrier costs: the gateway with it against the one without, same round.
+if [[ $GATEWAY == 1 && $DURABILITY_AB == 1 ]]; then
+    echo
+    echo "| barrier cost: concurrency | round | TTFT p50 | TTFT p99 | total p50 | total p99 | throughput ratio barrier/no-barrier |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    for level in "${LEVELS[@]}"; do
+        conc=${level%%:*}
+        for ((round = 1; round <= ROUNDS; round++)); do
+            d="$TMP/gateway-no-barrier-c$conc-r$round.json"
+            g="$TMP/gateway-c$conc-r$round.json"
+            diff_of() { echo $(($(json_num "$g" "$1") - $(json_num "$d" "$1"))); }
+            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$conc" "$round" \
+                "$(diff_of ttft_us.p50)" "$(diff_of ttft_us.p99)" \
+                "$(diff_of total_us.p50)" "$(diff_of total_us.p99)" \
+                "$(calc "%.3f" "$(json_num "$g" rps) / $(json_num "$d" rps)")"
+        done
+    done
+fi

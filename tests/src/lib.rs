@@ -4,3 +4,17 @@ pub mod harness;
 pub mod load;
 pub mod mock_upstream;
 pub mod process;
+
+/// A test cannot run because a service it needs is missing (`why` says which and how to start
+/// it). Under CI (`CI` set and not `false`/`0`) that is a failure, never a silent pass;
+/// elsewhere the test prints `SKIPPED` and returns.
+pub fn service_missing(test: &str, why: &str) {
+    let ci = std::env::var("CI")
+        .map(|v| !v.is_empty() && v != "false" && v != "0")
+        .unwrap_or(false);
+    assert!(!ci, "{test} cannot run under CI: {why}");
+    #[allow(clippy::print_stdout)] // the one place a test says it did not run
+    {
+        println!("SKIPPED {test}: {why}");
+    }
+}

@@ -8,7 +8,7 @@
 //! Needs `scripts/services.sh up postgres redis kafka clickhouse` and the variables
 //! `TOLLGATE_DATABASE_URL`, `TOLLGATE_KAFKA_BOOTSTRAP`, `TOLLGATE_REDIS_URL`,
 //! `TOLLGATE_CLICKHOUSE_URL` (the test command sets them). Without them each test prints
-//! SKIPPED and passes without doing anything.
+//! SKIPPED and passes without doing anything (under CI it fails).
 
 #![allow(
     clippy::unwrap_used,
@@ -40,7 +40,7 @@ const TENANTS: u64 = 12;
 const MODELS: u64 = 3;
 const EVENTS: usize = 30_000;
 
-/// The services, or None (with a SKIPPED line) when the variables are unset.
+/// The services, or None (with a SKIPPED line; a failure under CI) when the variables are unset.
 struct Services {
     database_url: String,
     kafka: String,
@@ -56,7 +56,13 @@ async fn services(test: &str) -> Option<Services> {
         var("TOLLGATE_CLICKHOUSE_URL"),
     ) {
         (Some(kafka), Some(redis), Some(clickhouse)) => {
-            let database_url = fresh_postgres_database().await?;
+            let Some(database_url) = fresh_postgres_database().await else {
+                tollgate_tests::service_missing(
+                    test,
+                    "TOLLGATE_DATABASE_URL is not set (scripts/services.sh up postgres)",
+                );
+                return None;
+            };
             Some(Services {
                 database_url,
                 kafka,
@@ -65,9 +71,10 @@ async fn services(test: &str) -> Option<Services> {
             })
         }
         _ => {
-            eprintln!(
-                "SKIPPED {test}: needs TOLLGATE_DATABASE_URL, TOLLGATE_KAFKA_BOOTSTRAP, \
-                 TOLLGATE_REDIS_URL and TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)"
+            tollgate_tests::service_missing(
+                test,
+                "needs TOLLGATE_DATABASE_URL, TOLLGATE_KAFKA_BOOTSTRAP, TOLLGATE_REDIS_URL and \
+                 TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
             );
             None
         }

@@ -134,7 +134,7 @@ fn redis_and_postgres(test: &str) -> Option<String> {
     match std::env::var("TOLLGATE_REDIS_URL") {
         Ok(url) if std::env::var_os("TOLLGATE_DATABASE_URL").is_some() => Some(url),
         _ => {
-            println!("SKIPPED {test}: TOLLGATE_REDIS_URL / TOLLGATE_DATABASE_URL are not set (run scripts/services.sh up postgres redis)");
+            tollgate_tests::service_missing(test, "TOLLGATE_REDIS_URL / TOLLGATE_DATABASE_URL are not set (run scripts/services.sh up postgres redis)");
             None
         }
     }
@@ -347,7 +347,10 @@ async fn redis_outage_mid_load_fails_open_and_the_limiter_recovers() {
         .output()
         .is_err()
     {
-        println!("SKIPPED redis_outage: redis-server is not installed (scripts/services.sh up redis installs it)");
+        tollgate_tests::service_missing(
+            "redis_outage",
+            "redis-server is not installed (scripts/services.sh up redis installs it)",
+        );
         return;
     }
     let port = free_port();
@@ -607,7 +610,10 @@ async fn redis_tenant_budgets_start_from_the_balance_the_pipeline_publishes() {
     use tollgate_pipeline::sink::redis::RedisBalances;
     use tollgate_pipeline::sink::{Balance, BalanceStore};
     let Ok(redis) = std::env::var("TOLLGATE_REDIS_URL") else {
-        println!("SKIPPED redis_tenant_budgets: TOLLGATE_REDIS_URL is not set (run scripts/services.sh up redis)");
+        tollgate_tests::service_missing(
+            "redis_tenant_budgets",
+            "TOLLGATE_REDIS_URL is not set (run scripts/services.sh up redis)",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,9 @@ const PROVIDER_SECRET: &str = "sk-provider-VERY-SECRET-0a9b8c7d6e";
 const MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, base64
 
 fn skip(test: &str) {
-    println!(
-        "SKIPPED {test}: TOLLGATE_DATABASE_URL is not set (run scripts/services.sh up postgres)"
+    tollgate_tests::service_missing(
+        test,
+        "TOLLGATE_DATABASE_URL is not set (run scripts/services.sh up postgres)",
     );
 }
 

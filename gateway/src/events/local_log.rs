@@ -14,11 +14,16 @@
 //! topics, or [`LocalEventLog::read_topic`].
 //!
 //! Writing: like the Kafka sink, the request path only hands records to a bounded channel; a
-//! writer thread serializes them and appends up to `batch_max_events` per transaction. SQLite
-//! runs in WAL mode with `synchronous = NORMAL`: a committed batch survives a process crash; a
-//! power loss may lose the last batches not yet checkpointed. A failed write is retried (the
-//! batch is kept) while the channel absorbs new events, and past its bound they are dropped
-//! and counted.
+//! writer thread (woken by the first record, never sleeping on a timer while records wait)
+//! serializes them and appends everything waiting, up to `batch_max_events`, in one
+//! transaction, then resolves the durability tickets of the completions in it (group commit:
+//! concurrent streams share one commit). SQLite runs in WAL mode with `synchronous = NORMAL`
+//! (default): a committed batch survives a process crash; a power loss may lose the last
+//! batches not yet checkpointed; `synchronous = FULL` syncs each commit. A failed write is
+//! retried (the batch is kept) while the channel absorbs new events; past its bound they go
+//! to the overflow spool (`overflow.rs`), which this writer moves into the log once the
+//! channel is empty. Chunk records get their running token count here; chunks committed in
+//! the same transaction as their completion are left uncounted (nothing will need them).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -40,8 +45,6 @@ use super::wire::{ChunkTokens, Handed, Handoff, Record, WireMessage};
 use super::{durable_handoff, ms, EventSink, EventsError, LocalConfig, LocalSync, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
-/// How long an idle writer waits for a record before looking at its control channel.
-const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// Rows per INSERT statement, largest first (5 bound parameters a row; SQLite allows 32766).
 const INSERT_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 const RETRY_WAIT: Duration = Duration::from_millis(200);
@@ -208,7 +211,7 @@ pub struct LocalSink {
 
 impl LocalSink {
     /// Opens the log and starts the writer thread. Must be called inside a Tokio runtime (the
-    /// writer uses it for SQLite).
+    /// log is created through sqlx; the writer thread then appends on its own connection).
     pub async fn start(config: &LocalConfig, data_dir: &Path) -> Result<LocalSink, EventsError> {
         let metrics = EventMetrics::new().map_err(|e| EventsError::Setup(e.to_string()))?;
         let path = config
@@ -230,9 +233,9 @@ impl LocalSink {
         )?;
         let handoff = Arc::new(handoff);
         let (control, control_rx) = crossbeam_channel::bounded(1);
+        let appender = Appender::open(&path, config.synchronous)?;
         let writer = Writer {
-            log: log.clone(),
-            runtime: tokio::runtime::Handle::current(),
+            log: appender,
             topics: config.topics(),
             rx,
             control: control_rx,
@@ -243,6 +246,7 @@ impl LocalSink {
             limiter: LogLimiter::default(),
             drop_limiter: LogLimiter::default(),
             tokens: ChunkTokens::default(),
+            batch_delay: ms(config.batch_delay_ms.max(1)),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-events-local".to_string())
@@ -303,9 +307,60 @@ impl EventSink for LocalSink {
     }
 }
 
+/// The writer thread's own connection to the log: appends run synchronously on that thread
+/// (one prepared statement, one transaction per batch), with no hop through an async pool.
+struct Appender {
+    conn: rusqlite::Connection,
+}
+
+impl Appender {
+    fn open(path: &Path, sync: LocalSync) -> Result<Appender, EventsError> {
+        let setup = |e: rusqlite::Error| {
+            EventsError::Setup(format!("local event log {}: {e}", path.display()))
+        };
+        let conn = rusqlite::Connection::open(path).map_err(setup)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(setup)?;
+        // The log was created in WAL mode by `LocalEventLog::open`; `synchronous` is per
+        // connection.
+        let synchronous = match sync {
+            LocalSync::Normal => "NORMAL",
+            LocalSync::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)
+            .map_err(setup)?;
+        Ok(Appender { conn })
+    }
+
+    /// Appends `batch` in one transaction (taking the write lock at its start), in order.
+    fn append(&mut self, batch: &[WireMessage], topics: &Topics) -> Result<(), rusqlite::Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO event_log (topic, event_key, event_id, timestamp_ms, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for m in batch {
+                let payload = String::from_utf8_lossy(&m.payload);
+                insert.execute((
+                    m.topic.name(topics),
+                    m.key.as_str(),
+                    m.event_id.as_str(),
+                    m.timestamp_ms,
+                    payload.as_ref(),
+                ))?;
+            }
+        }
+        tx.commit()
+    }
+}
+
 struct Writer {
-    log: LocalEventLog,
-    runtime: tokio::runtime::Handle,
+    log: Appender,
     topics: Topics,
     rx: Receiver<Handed>,
     control: Receiver<()>,
@@ -316,6 +371,7 @@ struct Writer {
     limiter: LogLimiter,
     drop_limiter: LogLimiter,
     tokens: ChunkTokens,
+    batch_delay: Duration,
 }
 
 /// One transaction's worth of events, with the tickets to resolve once it is committed.
@@ -356,10 +412,7 @@ impl Writer {
                 }
                 continue;
             }
-            match self
-                .runtime
-                .block_on(self.log.append(&batch.messages, &self.topics))
-            {
+            match self.log.append(&batch.messages, &self.topics) {
                 Ok(()) => {
                     // Durable: the responses waiting on these completions may end.
                     for t in batch.tickets.drain(..) {
@@ -395,14 +448,14 @@ impl Writer {
         }
     }
 
-    /// Takes what the channel holds (up to a batch), waiting for the first record when
-    /// `wait` (woken at once by a record: a completion's wait starts with no idle delay).
+    /// Takes what the channel holds (up to a batch). With `wait`, first sleeps until a
+    /// completion is handed over (a response waits on it: woken at once) or `batch_delay`
+    /// passes (requests and chunks wait that long at most): one transaction per completion
+    /// at low load, with its request and chunks, and larger ones as load grows.
     fn take(&mut self, batch: &mut Batch, wait: bool) {
         let mut handed: Vec<Handed> = Vec::new();
         if wait && !self.handoff.overflow().is_some_and(|o| o.is_active()) {
-            if let Ok(h) = self.rx.recv_timeout(IDLE_WAIT) {
-                handed.push(h);
-            }
+            self.handoff.wait(self.batch_delay);
         }
         while handed.len() < self.batch_max {
             match self.rx.try_recv() {
@@ -470,9 +523,7 @@ impl Writer {
                 return Some(false);
             }
         };
-        let appended = self
-            .runtime
-            .block_on(self.log.append(&drained.messages, &self.topics));
+        let appended = self.log.append(&drained.messages, &self.topics);
         let committed = appended
             .map_err(|e| e.to_string())
             .and_then(|()| overflow.commit(&drained).map_err(|e| e.to_string()));

@@ -3,13 +3,17 @@
 //! The relay reports a request once it is routed, every SSE data event it relays to the client,
 //! and the completion however the request ended. A sink must never block or slow the request
 //! path: the durable sinks only hand the record to a bounded channel and return; a background
-//! thread serializes ([`wire`]) and writes. If that channel is full the record is dropped and
-//! counted (`tollgate_events_dropped_total{reason="handoff_full"}`): memory stays bounded.
+//! thread serializes ([`wire`]) and writes. If that channel is full the record goes to the
+//! overflow spool ([`overflow`]): memory stays bounded and nothing is dropped unless the disk
+//! is full. The one wait: a response's terminal event waits for its completion record to be
+//! durable ([`durable`]).
 //!
 //! | file | owns |
 //! |---|---|
 //! | `mod.rs` | [`EventSink`], [`EventsConfig`], [`from_config`], [`LogSink`], [`MemorySink`] |
-//! | `wire.rs` | records → versioned JSON events (`tollgate_schemas::events`), the hand-off channel |
+//! | `wire.rs` | records → versioned JSON events (`tollgate_schemas::events`), the hand-off channel, chunk token counts |
+//! | `durable.rs` | the durability barrier: policy, tickets, the bounded wait and its metrics |
+//! | `overflow.rs` | the overflow spool behind a full hand-off channel |
 //! | `kafka.rs` | [`KafkaSink`]: rdkafka producer, spools to disk when Kafka is down or slow |
 //! | `spool.rs` | the durable on-disk spool: segments, checksummed records, replay cursor |
 //! | `local_log.rs` | [`LocalSink`] and [`LocalEventLog`]: the embedded default, a SQLite event log |
@@ -89,6 +93,9 @@ pub struct LocalConfig {
     pub max_queue_events: usize,
     /// Most records written in one transaction.
     pub batch_max_events: usize,
+    /// Longest a request or chunk record waits to be written (a completion is written at
+    /// once, with everything before it).
+    pub batch_delay_ms: u64,
     /// How long `shutdown` waits for the queue to be written.
     pub shutdown_timeout_ms: u64,
     /// Whether a response's terminal event waits for its completion record to be committed.
@@ -123,6 +130,7 @@ impl Default for LocalConfig {
             path: None,
             max_queue_events: 100_000,
             batch_max_events: 2_000,
+            batch_delay_ms: 5,
             shutdown_timeout_ms: 10_000,
             durability: DurabilityPolicy::Completion,
             durable_timeout_ms: 2_000,

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tollgate_schemas::events::{
@@ -307,6 +307,10 @@ pub struct Handoff {
     overflowed: AtomicU64,
     barrier: Option<Barrier>,
     overflow: Option<Arc<Overflow>>,
+    /// Rung when a writer should look now rather than at its next turn: a completion (a
+    /// response may be waiting on it) or a channel half full.
+    doorbell: (Sender<()>, Receiver<()>),
+    ring_at: usize,
 }
 
 impl Handoff {
@@ -325,6 +329,8 @@ impl Handoff {
         let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
         (
             Handoff {
+                doorbell: crossbeam_channel::bounded(1),
+                ring_at: (capacity / 2).max(1),
                 tx,
                 dropped: Default::default(),
                 lost_tokens: AtomicU64::new(0),
@@ -357,7 +363,18 @@ impl Handoff {
             record: Record::Completion(Box::new(record)),
             durable,
         });
+        self.ring();
         ticket
+    }
+
+    fn ring(&self) {
+        let _ = self.doorbell.0.try_send(());
+    }
+
+    /// Waits (at most `timeout`) for the doorbell: a completion was handed over or the channel
+    /// is half full. Returns whether it rang.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.doorbell.1.recv_timeout(timeout).is_ok()
     }
 
     fn hand(&self, handed: Handed) {
@@ -365,7 +382,11 @@ impl Handoff {
             return self.spill(handed);
         }
         match self.tx.try_send(handed) {
-            Ok(()) => {}
+            Ok(()) => {
+                if self.tx.len() >= self.ring_at {
+                    self.ring();
+                }
+            }
             Err(TrySendError::Full(h)) => self.spill(h),
             Err(TrySendError::Disconnected(h)) => self.lose(&h, DropReason::AfterShutdown),
         }

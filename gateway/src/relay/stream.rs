@@ -530,6 +530,50 @@ mod relay_tests {
         "data: [DONE]\n\n",
     );
 
+    /// Keeps each completion's durability ticket for the test to resolve.
+    struct Tickets {
+        barrier: crate::events::durable::Barrier,
+        pending: Mutex<Vec<crate::events::durable::DurableTx>>,
+    }
+
+    impl EventSink for Tickets {
+        fn record_request(&self, _: RequestRecord) {}
+        fn record_chunk(&self, _: ChunkRecord) {}
+        fn record_completion(&self, _: CompletionRecord) -> crate::events::Durable {
+            let (tx, durable) = self.barrier.ticket().unwrap();
+            self.pending.lock().push(tx);
+            durable
+        }
+    }
+
+    #[tokio::test]
+    async fn the_terminal_event_waits_until_the_completion_is_durable() {
+        let sink = Arc::new(Tickets {
+            barrier: crate::events::durable::Barrier {
+                policy: crate::events::DurabilityPolicy::Completion,
+                timeout: Duration::from_secs(60),
+                metrics: crate::events::durable::DurabilityMetrics::new().unwrap(),
+            },
+            pending: Mutex::default(),
+        });
+        // Under load (more streams than cores), so the whole burst is one write.
+        let busy: Vec<_> = (0..light_load_streams())
+            .map(|_| relay(Arc::default(), Arc::default()))
+            .collect();
+        let mut s = relay(Arc::default(), Arc::default());
+        s.exchange.sink = sink.clone();
+        // The burst ends in `[DONE]`: the completion is recorded, and nothing of the last
+        // write leaves until the sink says it is durable.
+        assert_eq!(poll(&mut s), Poll::Pending);
+        assert_eq!(poll(&mut s), Poll::Pending);
+        let ticket = sink.pending.lock().pop().unwrap();
+        ticket.done();
+        assert_eq!(poll(&mut s), Poll::Ready(Some(BURST.to_string())));
+        assert_eq!(poll(&mut s), Poll::Ready(None));
+        drop((s, busy));
+        assert!(sink.pending.lock().is_empty(), "one completion per stream");
+    }
+
     fn relay(sink: Arc<Ordered>, counted: Arc<AtomicBool>) -> RelayStream {
         let now = Instant::now();
         let exchange = Exchange {
