@@ -11,9 +11,13 @@ VENV=$CACHE/venv
 
 step() { printf '\n== %s ==\n' "$*"; }
 
-step "Debian packages the build needs (cmake and libcurl headers for librdkafka)"
+# librdkafka (rdkafka-sys) is built with its own configure script and make: it needs a C and
+# a C++ compiler (it builds its C++ wrapper too) and make, nothing else (no cmake, no
+# pkg-config, no library headers: SSL, SASL, zlib, zstd and curl are all off). The other C
+# dependencies (SQLite, mimalloc, ring) only need the C compiler.
+step "Debian packages the build needs (C and C++ compilers and make, for librdkafka)"
 missing=()
-for pkg in cmake libcurl4-openssl-dev pkg-config; do
+for pkg in gcc g++ make libc6-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -45,8 +49,19 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build (debug binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
 
+# Every suite runs even when one fails (--no-fail-fast), so one failure does not hide the
+# others; the Python tests run whatever cargo test said, and the script fails at the end if
+# either did.
+failed=()
 step "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast || failed+=("cargo test")
 
 step "Python SDK conformance tests"
-"$VENV/bin/python" -m pytest -q tests/python
+"$VENV/bin/python" -m pytest -q tests/python || failed+=("Python SDK tests")
+
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '\n== FAILED ==\n'
+  printf '  %s\n' "${failed[@]}"
+  exit 1
+fi
+printf '\n== all tests passed ==\n'

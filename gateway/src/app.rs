@@ -10,7 +10,9 @@
 //!    ([`crate::relay`], [`crate::translate`]); every request ends in one completion record
 //!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
 //!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
-//! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape.
+//! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape. `/metrics`
+//!    is one of them in production, or when `server.metrics_listen` gives the metrics a
+//!    listener of their own ([`metrics_app`], [`serve_metrics`]).
 //!
 //! Beside the server, with the embedded default, the billing pipeline runs on its own thread
 //! ([`crate::billing`]); [`AppState::shutdown`] stops it last, after the event sink flushed.
@@ -177,7 +179,8 @@ impl AppState {
 
 /// The HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let metrics_here = state.config.server.metrics_on_api_port();
+    let router = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/messages", post(routes::chat::messages))
@@ -188,14 +191,40 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/usage", get(routes::usage::usage))
         .nest("/admin/v1", routes::admin::routes())
         .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
+        .route("/readyz", get(routes::health::readyz));
+    let router = if metrics_here {
+        router.route("/metrics", get(routes::health::metrics))
+    } else {
+        router
+    };
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
         .with_state(state)
+}
+
+/// The application of the `server.metrics_listen` port: `GET /metrics` only.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves [`metrics_app`] on `listener` (on the caller's runtime: scrapes are rare and
+/// small) until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn not_found(uri: Uri) -> Response {

@@ -85,14 +85,25 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest non-streaming upstream response body read.
     pub max_upstream_body_bytes: usize,
-    /// Production mode: no default tenant or key is ever created automatically.
+    /// Production mode: no default tenant or key is ever created automatically, the free
+    /// `mock/...` models and the `openai/*` / `anthropic/*` routes paid with the operator's
+    /// environment keys are off unless enabled explicitly, and `/metrics` is not served on the
+    /// API port (see [`ServerConfig::metrics_listen`]).
     pub production: bool,
     /// How long an authenticated key stays in the in-memory cache before it is re-read.
     pub key_cache_ttl_ms: u64,
-    /// Add the simulated `mock/...` models (on by default).
-    pub mock_models: bool,
-    /// Add `openai/*` and `anthropic/*` routes when `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` are set.
-    pub env_providers: bool,
+    /// Add the simulated `mock/...` models. Unset: on, except in production. Read it through
+    /// [`ServerConfig::mock_models_enabled`].
+    pub mock_models: Option<bool>,
+    /// Add `openai/*` and `anthropic/*` routes when `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` are
+    /// set, so that any tenant key can spend the operator's provider keys on any model. Unset:
+    /// on, except in production. Read it through [`ServerConfig::env_providers_enabled`].
+    pub env_providers: Option<bool>,
+    /// A second listen address serving only `GET /metrics` (Prometheus), for a port that is
+    /// not exposed to API clients. When set, `/metrics` is served there and no longer on the
+    /// API port; in production `/metrics` is never served on the API port, so without this
+    /// the metrics are not served at all.
+    pub metrics_listen: Option<String>,
     /// Serving threads, each with its own single-threaded runtime; 0: one per core.
     pub threads: usize,
     /// How long (µs) a serving thread keeps polling its sockets after it handled something
@@ -114,13 +125,33 @@ impl Default for ServerConfig {
             max_upstream_body_bytes: 64 * 1024 * 1024,
             production: false,
             key_cache_ttl_ms: 5_000,
-            mock_models: true,
-            env_providers: true,
+            mock_models: None,
+            env_providers: None,
+            metrics_listen: None,
             threads: 0,
             busy_poll_us: 0,
             header_read_timeout_ms: 30_000,
             shutdown_grace_ms: 20_000,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Whether the simulated `mock/...` models are served: as set, else not in production.
+    pub fn mock_models_enabled(&self) -> bool {
+        self.mock_models.unwrap_or(!self.production)
+    }
+
+    /// Whether `openai/*` and `anthropic/*` are routed with the operator's environment keys:
+    /// as set, else not in production.
+    pub fn env_providers_enabled(&self) -> bool {
+        self.env_providers.unwrap_or(!self.production)
+    }
+
+    /// Whether the API port answers `GET /metrics`: only outside production, and only while
+    /// the metrics have no listener of their own (`metrics_listen`).
+    pub fn metrics_on_api_port(&self) -> bool {
+        !self.production && self.metrics_listen.is_none()
     }
 }
 
@@ -357,6 +388,14 @@ impl Config {
                 self.server.busy_poll_us
             )));
         }
+        if let Some(addr) = &self.server.metrics_listen {
+            if addr.trim().is_empty() || *addr == self.server.listen {
+                return Err(ConfigError::Invalid(format!(
+                    "server.metrics_listen is `{addr}`; it must be an address other than \
+                     server.listen"
+                )));
+            }
+        }
         self.billing.validate(&self.events)?;
         self.limits.validate()?;
         let mut names = std::collections::HashSet::new();
@@ -575,5 +614,34 @@ deployments = ["oa", "an"]
         assert_eq!(c.server.listen, "0.0.0.0:1");
         assert_eq!(c.billing.pipeline, Some(crate::billing::PipelineMode::Off));
         assert_eq!(c.billing.epoch_ms, 50);
+    }
+
+    #[test]
+    fn production_turns_the_free_and_operator_paid_models_off_unless_enabled() {
+        let server = |toml: &str| Config::from_toml(toml).unwrap().server;
+        let dev = server("");
+        assert!(dev.mock_models_enabled() && dev.env_providers_enabled());
+        assert!(dev.metrics_on_api_port());
+
+        let prod = server("[server]\nproduction = true");
+        assert!(!prod.mock_models_enabled() && !prod.env_providers_enabled());
+        assert!(!prod.metrics_on_api_port());
+
+        let opted_in =
+            server("[server]\nproduction = true\nmock_models = true\nenv_providers = true");
+        assert!(opted_in.mock_models_enabled() && opted_in.env_providers_enabled());
+
+        let opted_out = server("[server]\nmock_models = false\nenv_providers = false");
+        assert!(!opted_out.mock_models_enabled() && !opted_out.env_providers_enabled());
+    }
+
+    #[test]
+    fn a_metrics_listener_takes_metrics_off_the_api_port() {
+        let c = Config::from_toml("[server]\nmetrics_listen = \"127.0.0.1:9464\"").unwrap();
+        assert!(!c.server.metrics_on_api_port());
+        let err = Config::from_toml("[server]\nmetrics_listen = \"127.0.0.1:8080\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.metrics_listen"), "{err}");
     }
 }

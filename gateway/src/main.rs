@@ -110,6 +110,31 @@ async fn serve(
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
     let state = AppState::start(config, store, sink, master_key, admin_token).await?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let metrics_task = match state.config.server.metrics_listen.clone() {
+        Some(metrics_addr) => {
+            let metrics_listener = tokio::net::TcpListener::bind(&metrics_addr).await?;
+            tracing::info!(
+                "metrics on http://{}/metrics",
+                metrics_listener.local_addr()?
+            );
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(app::serve_metrics(
+                metrics_listener,
+                state.clone(),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Some((stop, task))
+        }
+        None if state.config.server.production => {
+            tracing::warn!(
+                "production: /metrics is not served; set server.metrics_listen to a private address"
+            );
+            None
+        }
+        None => None,
+    };
     tracing::info!(
         "tollgate listening on http://{} (models: {}; admin API {})",
         listener.local_addr()?,
@@ -121,6 +146,14 @@ async fn serve(
         }
     );
     let stopped = app::serve(listener, state.clone(), shutdown_signal()).await?;
+    if let Some((stop, task)) = metrics_task {
+        let _ = stop.send(());
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the metrics listener failed: {e}"),
+            Err(e) => tracing::warn!("the metrics listener task failed: {e}"),
+        }
+    }
     // Shutdown work may use store connections a serving thread opened: its runtime runs on
     // until `stopped` goes.
     state.shutdown().await;

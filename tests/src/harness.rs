@@ -140,6 +140,14 @@ impl Harness {
 
     async fn launch_with(upstream: MockUpstream, config: &str, configured_sink: bool) -> Harness {
         SET_KEY.call_once(|| std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY));
+        // The binary loads the tokenizers at startup; do the same before serving. Otherwise
+        // the first request of a test process loads them on its serving thread in the middle
+        // of its stream (the relay counts the prompt right after the first output goes out):
+        // about half a second in a debug build, more on a slower or busy machine, during which
+        // that thread relays nothing. Once loaded, this returns at once.
+        tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up)
+            .await
+            .expect("tokenizers load");
         let config = Config::from_toml(config).expect("config");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));

@@ -786,6 +786,35 @@ async fn client_disconnect_is_noticed_while_hanging() {
 }
 
 #[tokio::test]
+async fn a_stalled_stream_ends_only_when_the_client_leaves() {
+    let mock = start().await;
+    let response = post_openai(
+        &mock,
+        "/v1/chat/completions",
+        &chat_body("stall-midstream", true),
+    )
+    .await;
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    while parse_sse(&text).0.len() < 1 + CHUNKS_BEFORE_FAILURE {
+        text.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    // Nothing more comes: no finish chunk, no [DONE], and the connection stays open.
+    let more = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(more.is_err(), "the stalled stream went on: {more:?}");
+    let chunks = json_events(&parse_sse(&text).0);
+    assert_eq!(openai_text(&chunks), reply_text(CHUNKS_BEFORE_FAILURE));
+    assert!(!text.contains("[DONE]") && !text.contains("finish_reason\":\"stop"));
+    assert!(mock.cancelled_streams().is_empty());
+    drop(stream);
+    let cancelled = wait_for_cancellation(&mock).await;
+    assert_eq!(cancelled.model, "stall-midstream");
+    assert_eq!(cancelled.chunks_sent, CHUNKS_BEFORE_FAILURE);
+}
+
+#[tokio::test]
 async fn embeddings_and_models() {
     let mock = start().await;
     let body =

@@ -173,8 +173,16 @@ async fn redis_two_gateways_hold_a_tenant_to_its_limits_and_spare_the_other_tena
         ("TOLLGATE_CONFIG", cfg.as_str()),
     ];
     let args = ["--database-url", &db, "--data-dir", &data];
-    let a = GatewayProcess::start(&args, &env, dir.path().join("a.log")).await;
-    let b = GatewayProcess::start(&args, &env, dir.path().join("b.log")).await;
+    // In production the metrics are served on a port of their own only.
+    let metrics = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let (mut env_a, mut env_b) = (env.to_vec(), env.to_vec());
+    env_a.push(("TOLLGATE__SERVER__METRICS_LISTEN", &metrics[0]));
+    env_b.push(("TOLLGATE__SERVER__METRICS_LISTEN", &metrics[1]));
+    let a = GatewayProcess::start(&args, &env_a, dir.path().join("a.log")).await;
+    let b = GatewayProcess::start(&args, &env_b, dir.path().join("b.log")).await;
 
     const TPM: u64 = 1_200;
     const CONCURRENT: i64 = 8;
@@ -248,9 +256,13 @@ async fn redis_two_gateways_hold_a_tenant_to_its_limits_and_spare_the_other_tena
             other => panic!("unexpected status {other}: {body}"),
         }
     }
-    for gw in [&a, &b] {
+    for (gw, metrics) in [(&a, &metrics[0]), (&b, &metrics[1])] {
         assert_eq!(
-            metric(&gw.base_url, "tollgate_limiter_transitions_total").await,
+            metric(
+                &format!("http://{metrics}"),
+                "tollgate_limiter_transitions_total"
+            )
+            .await,
             0.0,
             "a gateway fell back to its local limiter: {}",
             gw.log_text()
@@ -328,12 +340,10 @@ impl Drop for PrivateRedis {
 }
 
 async fn metric(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let response = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    // A metric absent from an error page would read as 0.
+    assert_eq!(response.status().as_u16(), 200, "{base}/metrics");
+    let text = response.text().await.unwrap();
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

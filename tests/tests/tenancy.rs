@@ -100,6 +100,8 @@ async fn two_gateways_share_a_store(store_args: &[&str], env: &[(&str, &str)], l
     let mut env: Vec<(&str, &str)> = env.to_vec();
     env.push(("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN));
     env.push(("TOLLGATE__SERVER__PRODUCTION", "true"));
+    // Production turns the built-in models off by default; these gateways serve `mock/fast`.
+    env.push(("TOLLGATE__SERVER__MOCK_MODELS", "true"));
     let a = GatewayProcess::start(store_args, &env, dir.path().join("a.log")).await;
     let b = GatewayProcess::start(store_args, &env, dir.path().join("b.log")).await;
     let key = tenant_and_key(&a.base_url, "acme").await;

@@ -500,7 +500,7 @@ fn add_builtins(
         });
         deployments.push(deployment);
     };
-    if config.server.mock_models {
+    if config.server.mock_models_enabled() {
         let mock = |name: &str, model: &str, style: &str, chunks, delay, first| {
             DeploymentConfig::Mock(MockDeploymentConfig {
                 name: name.to_string(),
@@ -539,7 +539,7 @@ fn add_builtins(
             "mock/embed",
         );
     }
-    if config.server.env_providers {
+    if config.server.env_providers_enabled() {
         let http = |name: &str, env: &str| HttpDeploymentConfig {
             name: name.to_string(),
             model: "*".to_string(),
@@ -778,5 +778,17 @@ deployments = ["a", "b", "c"]
     fn builtin_mock_models_exist_by_default() {
         let r = router("");
         assert!(r.model_names().contains(&"mock/fast".to_string()));
+    }
+
+    #[test]
+    fn production_serves_no_builtin_models_unless_enabled() {
+        let names = |toml: &str| router(toml).model_names();
+        let production = names("[server]\nproduction = true");
+        assert!(
+            !production.iter().any(|n| n.starts_with("mock/")),
+            "{production:?}"
+        );
+        let enabled = names("[server]\nproduction = true\nmock_models = true");
+        assert!(enabled.contains(&"mock/fast".to_string()), "{enabled:?}");
     }
 }

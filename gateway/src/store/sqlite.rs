@@ -4,6 +4,11 @@
 //! mutations append to the `invalidations` table in their transaction, and [`MetaStore::watch`]
 //! polls it every 200 ms, so other processes sharing the file hear of a revocation within
 //! that interval.
+//!
+//! Several connections write to the file: this pool's, the embedded billing pipeline's, and
+//! those of every other gateway process sharing the data directory. Transactions that write
+//! therefore start with `BEGIN IMMEDIATE` ([`SqliteStore::begin_write`]): see there why a plain
+//! `BEGIN` fails under that concurrency instead of waiting.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -97,6 +102,20 @@ impl SqliteStore {
             pool,
             data_dir: data_dir.to_path_buf(),
         })
+    }
+
+    /// Begins a transaction that will write, taking the database's write lock now.
+    ///
+    /// A plain (deferred) `BEGIN` takes a read snapshot at the first `SELECT` and asks for the
+    /// write lock only at the first write. If another connection holds the write lock then,
+    /// or has committed since the snapshot was taken, SQLite cannot upgrade the transaction
+    /// and answers `SQLITE_BUSY` ("database is locked") at once, without waiting out the busy
+    /// timeout: waiting could deadlock, or the snapshot is stale anyway. A revocation or a
+    /// rotation made while another gateway process (or the billing pipeline) was writing
+    /// failed that way. `BEGIN IMMEDIATE` asks for the write lock before reading anything,
+    /// which does wait (up to the busy timeout), and the reads then see the latest data.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
@@ -231,7 +250,7 @@ impl MetaStore for SqliteStore {
     }
 
     async fn set_tenant_status(&self, tenant_id: &str, status: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE tenants SET status = ? WHERE id = ?")
             .bind(status)
             .bind(tenant_id)
@@ -364,7 +383,7 @@ impl MetaStore for SqliteStore {
     }
 
     async fn revoke_key(&self, key_id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT key_hash, status FROM api_keys WHERE id = ?")
                 .bind(key_id)
@@ -393,7 +412,7 @@ impl MetaStore for SqliteStore {
         new_hash: &str,
         new_prefix: &str,
     ) -> Result<KeySummary, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT key_hash, status FROM api_keys WHERE id = ?")
                 .bind(key_id)
@@ -436,7 +455,7 @@ impl MetaStore for SqliteStore {
         limits: &KeyLimits,
     ) -> Result<(), StoreError> {
         limits.validate()?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let hash: Option<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE id = ?")
             .bind(key_id)
             .fetch_optional(&mut *tx)
@@ -461,7 +480,7 @@ impl MetaStore for SqliteStore {
     }
 
     async fn touch_keys(&self, key_ids: &[String], at: OffsetDateTime) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for id in key_ids {
             sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
                 .bind(ts(at))
@@ -640,7 +659,7 @@ impl MetaStore for SqliteStore {
         &self,
         credentials: &[StoredCredential],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let now = ts(OffsetDateTime::now_utc());
         for c in credentials {
             sqlx::query("UPDATE provider_credentials SET nonce = ?, ciphertext = ?, key_fingerprint = ?, rotated_at = ? WHERE name = ?")
@@ -699,7 +718,7 @@ impl MetaStore for SqliteStore {
     async fn set_tenant_limit(&self, limit: &TenantLimit) -> Result<(), StoreError> {
         limit.limits.validate()?;
         let l = &limit.limits;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO tenant_limits (tenant_id, model, rpm_limit, tpm_limit, max_concurrent, \
              spend_limit, enforcement, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
@@ -725,7 +744,7 @@ impl MetaStore for SqliteStore {
     }
 
     async fn delete_tenant_limit(&self, tenant_id: &str, model: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let deleted = sqlx::query("DELETE FROM tenant_limits WHERE tenant_id = ? AND model = ?")
             .bind(tenant_id)
             .bind(model)
@@ -959,5 +978,79 @@ mod tests {
                 .key_status,
             "revoked"
         );
+    }
+
+    /// Holds the database's write lock on a connection of its own (as another gateway
+    /// process, or the billing pipeline, does while it writes) until the returned sender fires.
+    async fn hold_write_lock(dir: &Path) -> tokio::sync::oneshot::Sender<()> {
+        use sqlx::{ConnectOptions, Connection};
+        let mut other = SqliteConnectOptions::new()
+            .filename(dir.join("tollgate.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO invalidations (target, at) VALUES ('all', '')")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = released.await;
+            sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+            other.close().await.unwrap();
+        });
+        release
+    }
+
+    #[tokio::test]
+    async fn revoking_and_rotating_wait_for_another_writer_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(dir.path()).await.unwrap());
+        let t = store.create_tenant("acme", None).await.unwrap();
+        let spec = NewKey {
+            tenant_id: t.id.clone(),
+            name: "ci".into(),
+            ..Default::default()
+        };
+        let first = crate::auth::keys::generate();
+        let first = store
+            .create_key(&spec, &first.hash, &first.display_prefix)
+            .await
+            .unwrap();
+        let second = crate::auth::keys::generate();
+        let second = store
+            .create_key(&spec, &second.hash, &second.display_prefix)
+            .await
+            .unwrap();
+
+        // With a deferred BEGIN these read, then find the write lock taken and fail at once
+        // with "database is locked"; they must wait for it instead.
+        let release = hold_write_lock(dir.path()).await;
+        let revoking = tokio::spawn({
+            let store = store.clone();
+            async move { store.revoke_key(&first.id).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = release.send(());
+        revoking.await.unwrap().unwrap();
+
+        let release = hold_write_lock(dir.path()).await;
+        let rotating = tokio::spawn({
+            let store = store.clone();
+            let new = crate::auth::keys::generate();
+            async move {
+                store
+                    .rotate_key(&second.id, &new.hash, &new.display_prefix)
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = release.send(());
+        let rotated = rotating.await.unwrap().unwrap();
+        assert_eq!(rotated.status, "active");
     }
 }

@@ -237,7 +237,10 @@ impl Plan {
         } else {
             (chunks, "end_turn")
         };
-        if matches!(scenario, Scenario::ErrorMidstream | Scenario::DropMidstream) {
+        if matches!(
+            scenario,
+            Scenario::ErrorMidstream | Scenario::DropMidstream | Scenario::StallMidstream
+        ) {
             pieces = pieces.min(CHUNKS_BEFORE_FAILURE);
         }
         Plan {
@@ -430,7 +433,7 @@ fn render_stream(shared: &Shared, plan: &Plan, scenario: Scenario, model: &str) 
             frames.push(SseFrame::meta(w.event("error", &[STREAM_ERROR])));
             return frames;
         }
-        Scenario::DropMidstream => return frames,
+        Scenario::DropMidstream | Scenario::StallMidstream => return frames,
         _ => {}
     }
 

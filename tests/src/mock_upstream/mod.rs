@@ -52,7 +52,8 @@ pub use text::{
 /// Minimum pause between chunks in the `slow` scenario.
 pub const SLOW_MIN_CHUNK_DELAY: Duration = Duration::from_millis(50);
 
-/// Number of content chunks sent before the failure in `error-midstream` and `drop-midstream`.
+/// Number of content chunks sent before the failure in `error-midstream`, `drop-midstream`
+/// and `stall-midstream`.
 pub const CHUNKS_BEFORE_FAILURE: usize = 3;
 
 /// An API key containing this marker is rejected with the provider's 401

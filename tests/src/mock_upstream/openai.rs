@@ -264,7 +264,10 @@ impl Plan {
         } else {
             (chunks, "stop")
         };
-        if matches!(scenario, Scenario::ErrorMidstream | Scenario::DropMidstream) {
+        if matches!(
+            scenario,
+            Scenario::ErrorMidstream | Scenario::DropMidstream | Scenario::StallMidstream
+        ) {
             pieces = pieces.min(CHUNKS_BEFORE_FAILURE);
         }
         Plan {
@@ -472,7 +475,7 @@ fn render_stream(
             frames.push(SseFrame::meta(w.data(&[STREAM_ERROR])));
             return frames;
         }
-        Scenario::DropMidstream => return frames,
+        Scenario::DropMidstream | Scenario::StallMidstream => return frames,
         _ => {}
     }
 

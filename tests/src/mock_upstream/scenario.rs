@@ -20,6 +20,7 @@
 //! | `slow` | normal, at least 50 ms between content chunks | same |
 //! | `context-length-exceeded` | 400 `invalid_request_error`, `code: context_length_exceeded`, `param: messages` | 400 `invalid_request_error` "prompt is too long: … tokens > 200000 maximum" |
 //! | `drop-midstream` | 3 content chunks, then the connection is aborted (no terminating chunk); non-streaming: half the body under a full `content-length`, then abort | same |
+//! | `stall-midstream` | 3 content chunks, then nothing more, the connection held open until the client leaves; non-streaming: half the body under a full `content-length`, then nothing | same |
 //!
 //! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too.
 
@@ -57,13 +58,16 @@ pub enum Scenario {
     Slow,
     /// `drop-midstream`: three content chunks, then the connection is dropped.
     DropMidstream,
+    /// `stall-midstream`: three content chunks, then silence until the client goes away, so
+    /// that the response can only end by the client's cancellation.
+    StallMidstream,
     /// `context-length-exceeded`: HTTP 400, the prompt is over the model's context window.
     ContextLengthExceeded,
 }
 
 impl Scenario {
     /// Every scenario, in declaration order.
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::Normal,
         Scenario::Cached,
         Scenario::UsageInLastChoiceChunk,
@@ -78,6 +82,7 @@ impl Scenario {
         Scenario::Hang,
         Scenario::Slow,
         Scenario::DropMidstream,
+        Scenario::StallMidstream,
         Scenario::ContextLengthExceeded,
     ];
 
@@ -97,6 +102,7 @@ impl Scenario {
             "hang" => Scenario::Hang,
             "slow" => Scenario::Slow,
             "drop-midstream" => Scenario::DropMidstream,
+            "stall-midstream" => Scenario::StallMidstream,
             "context-length-exceeded" => Scenario::ContextLengthExceeded,
             _ => Scenario::Normal,
         }
@@ -120,6 +126,7 @@ impl Scenario {
             Scenario::Hang => "hang",
             Scenario::Slow => "slow",
             Scenario::DropMidstream => "drop-midstream",
+            Scenario::StallMidstream => "stall-midstream",
             Scenario::ContextLengthExceeded => "context-length-exceeded",
         }
     }

@@ -344,8 +344,9 @@ fn between(shared: &Shared, scenario: Scenario) -> Duration {
 
 /// Turns the rendered frames of a streamed reply into a response, timed and mangled as the
 /// scenario asks: `split-frames` cuts the bytes ([`sse::split_frames`]), `drop-midstream`
-/// aborts the connection after the frames (which the caller has already cut short), `hang`
-/// sends only the headers, everything else is paced by the options.
+/// aborts the connection after the frames (which the caller has already cut short),
+/// `stall-midstream` holds it open after them, `hang` sends only the headers, everything else
+/// is paced by the options.
 pub(crate) fn stream_response(
     shared: &Arc<Shared>,
     path: &'static str,
@@ -364,10 +365,14 @@ pub(crate) fn stream_response(
                 between: between(shared, scenario),
             };
             let mut steps = sse::paced(frames, pace);
-            if scenario == Scenario::DropMidstream {
-                // Let hyper flush what was written, then kill the connection.
-                steps.push(Step::Sleep(Duration::from_millis(10)));
-                steps.push(Step::Abort);
+            match scenario {
+                Scenario::DropMidstream => {
+                    // Let hyper flush what was written, then kill the connection.
+                    steps.push(Step::Sleep(Duration::from_millis(10)));
+                    steps.push(Step::Abort);
+                }
+                Scenario::StallMidstream => steps.push(Step::Hang),
+                _ => {}
             }
             steps
         }
@@ -378,7 +383,8 @@ pub(crate) fn stream_response(
 
 /// Answers a non-streaming request with `body` (JSON), after the time generating `pieces`
 /// chunks would take; `hang` never answers, `split-frames` writes the body in four pieces,
-/// `drop-midstream` writes half of it and drops the connection. A client that goes away
+/// `drop-midstream` writes half of it and drops the connection, `stall-midstream` writes half
+/// of it and then nothing. A client that goes away
 /// while the mock is waiting is recorded as a cancelled stream.
 pub(crate) async fn json_after_generation(
     shared: &Arc<Shared>,
@@ -421,6 +427,10 @@ pub(crate) async fn json_after_generation(
                 Step::Sleep(Duration::from_millis(10)),
                 Step::Abort,
             ];
+            scripted(JSON, headers, MockBody::script(steps, guard), Some(len))
+        }
+        Scenario::StallMidstream => {
+            let steps = vec![Step::data(body.slice(..len / 2)), Step::Hang];
             scripted(JSON, headers, MockBody::script(steps, guard), Some(len))
         }
         _ => {
