@@ -120,6 +120,7 @@ impl AppState {
                     .map_err(|e| GatewayError::Internal(e.to_string()))?;
                 let pipeline = EmbeddedPipeline::start(
                     &config.billing,
+                    &config.events,
                     &log,
                     store.ledger_location(),
                     balances.clone(),
