@@ -29,7 +29,9 @@
 //! |---|---|
 //! | `mod.rs` | the [`EventLog`] seam, the [`Scanner`] (what is open, what is due) and [`run`] |
 //! | `local_log.rs` | the gateway's local SQLite event log: read by offset, append |
+//! | `kafka.rs` | Kafka: all partitions of the three topics from a time, idempotent producer |
 
+pub mod kafka;
 pub mod local_log;
 
 use std::collections::HashMap;
