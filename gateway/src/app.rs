@@ -129,6 +129,12 @@ impl AppState {
                 .map_err(|e| {
                     GatewayError::Internal(format!("cannot start the billing pipeline: {e}"))
                 })?;
+                let recovery = pipeline
+                    .recovery_collector()
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                metrics
+                    .register(vec![Box::new(recovery)])
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
                 Some(pipeline)
             }
             None => None,

@@ -286,6 +286,11 @@ impl EmbeddedPipeline {
         &self.recovery_counters
     }
 
+    /// The recovery scanner's counters as Prometheus metrics (read at each scrape).
+    pub fn recovery_collector(&self) -> Result<RecoveryCollector, prometheus::Error> {
+        RecoveryCollector::new(self.recovery_counters.clone())
+    }
+
     /// Asks the pipeline to stop without waiting for it.
     fn signal(&self) {
         self.stop.store(true, Ordering::Release);
@@ -360,6 +365,72 @@ fn supervise(config: &PipelineConfig, stop: &AtomicBool, metrics: &BillingMetric
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     metrics.up.set(0);
+}
+
+/// `tollgate_billing_recovered_total`, `..._recovery_evicted_total`,
+/// `..._recovery_unrecoverable_total` and `..._recovery_publish_failures_total`: the
+/// scanner's own atomic counters (the pipeline crate has no metrics registry), copied into
+/// Prometheus counters when scraped.
+pub struct RecoveryCollector {
+    counters: Arc<RecoveryCounters>,
+    published: prometheus::IntCounter,
+    evicted: prometheus::IntCounter,
+    unrecoverable: prometheus::IntCounter,
+    publish_failures: prometheus::IntCounter,
+}
+
+impl RecoveryCollector {
+    fn new(counters: Arc<RecoveryCounters>) -> Result<RecoveryCollector, prometheus::Error> {
+        Ok(RecoveryCollector {
+            counters,
+            published: prometheus::IntCounter::new(
+                "tollgate_billing_recovered_total",
+                "Recovered completions published for requests a gateway lost (re-publishes included)",
+            )?,
+            evicted: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_evicted_total",
+                "Open requests the recovery scanner evicted at its memory bound (not recovered)",
+            )?,
+            unrecoverable: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_unrecoverable_total",
+                "Requests seen only by their chunks that timed out (nothing to recover them from)",
+            )?,
+            publish_failures: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_publish_failures_total",
+                "Recovered completions that failed to publish (retried)",
+            )?,
+        })
+    }
+
+    fn pairs(&self) -> [(&prometheus::IntCounter, &std::sync::atomic::AtomicU64); 4] {
+        let c = &self.counters;
+        [
+            (&self.published, &c.published),
+            (&self.evicted, &c.evicted),
+            (&self.unrecoverable, &c.unrecoverable),
+            (&self.publish_failures, &c.publish_failures),
+        ]
+    }
+}
+
+impl prometheus::core::Collector for RecoveryCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.pairs()
+            .into_iter()
+            .flat_map(|(m, _)| m.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.pairs()
+            .into_iter()
+            .flat_map(|(m, value)| {
+                m.reset();
+                m.inc_by(value.load(Ordering::Relaxed));
+                m.collect()
+            })
+            .collect()
+    }
 }
 
 /// The `billing-recovery` thread: runs the recovery scanner until the stop flag is set,
@@ -492,6 +563,31 @@ mod tests {
         let c =
             Config::from_toml("[billing]\nrecovery = false\norphan_timeout_ms = 600000\n").unwrap();
         assert!(!c.billing.recovery);
+    }
+
+    #[test]
+    fn the_recovery_counters_are_exported_when_scraped() {
+        use prometheus::core::Collector;
+        let counters = Arc::new(RecoveryCounters::default());
+        let collector = RecoveryCollector::new(counters.clone()).unwrap();
+        assert_eq!(collector.desc().len(), 4);
+        counters.published.fetch_add(3, Ordering::Relaxed);
+        counters.evicted.fetch_add(2, Ordering::Relaxed);
+        let value = |name: &str| {
+            collector
+                .collect()
+                .into_iter()
+                .find(|f| f.name() == name)
+                .map(|f| f.get_metric()[0].get_counter().get_value())
+        };
+        assert_eq!(value("tollgate_billing_recovered_total"), Some(3.0));
+        assert_eq!(value("tollgate_billing_recovery_evicted_total"), Some(2.0));
+        counters.published.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(value("tollgate_billing_recovered_total"), Some(4.0));
+        assert_eq!(
+            value("tollgate_billing_recovery_unrecoverable_total"),
+            Some(0.0)
+        );
     }
 
     #[tokio::test]

@@ -178,6 +178,16 @@ async fn a_stream_cut_by_a_killed_gateway_is_billed_from_its_request_and_chunks(
     assert_eq!(c["status"], "gateway_lost", "{c}");
     assert_eq!(c["usage"]["source"], "recovered", "{c}");
     assert_eq!(c["request_id"], request["request_id"], "{c}");
+    let metrics = reqwest::get(format!("{}/metrics", gw.base_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_billing_recovered_total 1"),
+        "{metrics}"
+    );
     assert!(
         gw.log_text()
             .contains("recovered the completion of a request its gateway lost"),
