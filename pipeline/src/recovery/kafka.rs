@@ -67,6 +67,9 @@ impl KafkaEvents {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // The gateway's partitioner: a recovered completion lands in the partition of its
+            // tenant's other events, in order after them.
+            .set("partitioner", "murmur2_random")
             .create_with_context(context)?;
         Ok(KafkaEvents {
             consumer,
