@@ -6,7 +6,7 @@
 //! | events | the completion events themselves (Kafka topic or the local log), duplicates (same `event_id`) counted once, a recovered completion (`usage.source = recovered`) only when its request has no real one, priced here with the price book by the rules of `tollgate_schemas::pricing` |
 //! | minutes | ledger `usage_minutes` of the period |
 //! | lines | ledger `usage_price_lines` whose usage happened in the period (wherever booked) |
-//! | ch_facts, ch_minutes | ClickHouse `request_facts` and `usage_minutes` (when `--clickhouse-url` is given) |
+//! | ch_facts, ch_minutes | ClickHouse `request_facts` (without the facts of recovered completions a real one replaced) and `usage_minutes` (when `--clickhouse-url` is given) |
 //! | invoice | the amounts of the period's invoice lines (adjustments booked into later periods included), compared with each ledger line's cost rounded by the invoice rule |
 //!
 //! Recovered completions (requests a gateway lost, billed by the pipeline's recovery scanner)
@@ -175,9 +175,14 @@ pub async fn reconcile(
         let facts = clickhouse_sums(
             ch,
             &format!(
-                "SELECT tenant_id, model, count(), toString(sum(cost)) FROM {}.request_facts \
-                 WHERE event_ms >= {start_ms} AND event_ms < {end_ms} GROUP BY tenant_id, model",
-                ch.database
+                // A recovered completion's fact stays when the real one replaced it in the
+                // ledger: leave those out, as the events column does.
+                "SELECT tenant_id, model, count(), toString(sum(cost)) FROM {db}.request_facts \
+                 WHERE event_ms >= {start_ms} AND event_ms < {end_ms} \
+                   AND NOT (outcome = 'gateway_lost' AND request_id IN \
+                     (SELECT request_id FROM {db}.request_facts WHERE outcome != 'gateway_lost')) \
+                 GROUP BY tenant_id, model",
+                db = ch.database
             ),
         )
         .await?;
