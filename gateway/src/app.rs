@@ -122,6 +122,7 @@ impl AppState {
                     .map_err(|e| GatewayError::Internal(e.to_string()))?;
                 let pipeline = EmbeddedPipeline::start(
                     &config.billing,
+                    &config.events,
                     &log,
                     store.ledger_location(),
                     balances.clone(),
@@ -130,6 +131,12 @@ impl AppState {
                 .map_err(|e| {
                     GatewayError::Internal(format!("cannot start the billing pipeline: {e}"))
                 })?;
+                let recovery = pipeline
+                    .recovery_collector()
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                metrics
+                    .register(vec![Box::new(recovery)])
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?;
                 Some(pipeline)
             }
             None => None,

@@ -16,9 +16,17 @@
 //! a run of a minute). A restart resumes from the positions committed with the ledger and drops
 //! replayed duplicates, so nothing is counted twice.
 //!
+//! Lost requests: beside the pipeline, a second thread `billing-recovery` runs the recovery
+//! scanner ([`tollgate_pipeline::recovery`]) over the same local log (`billing.recovery`, on by
+//! default): a request whose gateway died before writing its completion (SIGKILL mid-stream)
+//! gets a recovered completion (`usage.source = recovered`) appended to the log once it has
+//! been silent for `billing.orphan_timeout_ms` (5 minutes), billed from its prompt estimate
+//! and its last chunk's token count; the pipeline replaces it exactly once should the real
+//! completion turn up. The scanner restarts after a failure like the pipeline does.
+//!
 //! Shutdown: once the HTTP server and the event sink have flushed, [`EmbeddedPipeline::stop`]
 //! sets the pipeline's stop flag; the worker reads what the log holds, commits its last epoch
-//! and the thread is joined.
+//! and the threads are joined.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +39,7 @@ use tollgate_pipeline::config::{
     AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig, SourceSpec,
 };
 use tollgate_pipeline::dataflow::PipelineError;
+use tollgate_pipeline::recovery::{RecoveryCounters, RecoveryError, RecoveryOptions, Topics};
 use tollgate_pipeline::sink::memory::MemoryBalances;
 use tollgate_pipeline::Cluster;
 
@@ -57,6 +66,12 @@ pub struct BillingConfig {
     pub epoch_ms: u64,
     /// How long (in event time) event ids are remembered to drop duplicates.
     pub dedup_horizon_ms: u64,
+    /// Whether the embedded pipeline also recovers the completions of requests a gateway
+    /// lost (crashed mid-request).
+    pub recovery: bool,
+    /// A request silent this long without a completion is recovered; keep it well above the
+    /// longest stream.
+    pub orphan_timeout_ms: u64,
 }
 
 impl Default for BillingConfig {
@@ -65,6 +80,8 @@ impl Default for BillingConfig {
             pipeline: None,
             epoch_ms: 200,
             dedup_horizon_ms: 6 * 3600 * 1000,
+            recovery: true,
+            orphan_timeout_ms: 300_000,
         }
     }
 }
@@ -101,6 +118,13 @@ impl BillingConfig {
                 "billing.dedup_horizon_ms is too large".to_string(),
             ));
         }
+        if self.orphan_timeout_ms < 1000 || i64::try_from(self.orphan_timeout_ms).is_err() {
+            return Err(ConfigError::Invalid(
+                "billing.orphan_timeout_ms must be between 1000 and 2^63 - 1 (and well above \
+                 the longest stream)"
+                    .to_string(),
+            ));
+        }
         if self.mode(events) == PipelineMode::Off {
             return Ok(());
         }
@@ -134,6 +158,22 @@ impl BillingConfig {
             ..Options::default()
         }
     }
+
+    fn recovery_options(&self, events: &EventsConfig) -> RecoveryOptions {
+        let topics = match events {
+            EventsConfig::Local(local) => Topics {
+                requests: local.requests_topic.clone(),
+                chunks: local.chunks_topic.clone(),
+                completions: local.completions_topic.clone(),
+            },
+            EventsConfig::Kafka(_) | EventsConfig::Log => Topics::default(),
+        };
+        RecoveryOptions {
+            orphan_timeout_ms: i64::try_from(self.orphan_timeout_ms).unwrap_or(i64::MAX),
+            topics,
+            ..RecoveryOptions::default()
+        }
+    }
 }
 
 /// The pipeline stopped with an error: logs it (the error names no secret: sqlx and the
@@ -156,17 +196,39 @@ impl PipelineFailed<'_> {
     }
 }
 
-/// The billing pipeline running on its own thread, restarted after failures.
+/// The recovery scanner stopped with an error: logged and counted in one place.
+pub struct RecoveryFailed<'a> {
+    pub error: &'a RecoveryError,
+    pub retry_in: Duration,
+}
+
+impl RecoveryFailed<'_> {
+    fn emit(&self, metrics: &BillingMetrics) {
+        metrics.failures.inc();
+        tracing::error!(
+            error = %self.error,
+            retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX),
+            "recovery scanner failed; lost requests are recovered once it restarts"
+        );
+    }
+}
+
+/// The billing pipeline (and the recovery scanner) running on their own threads, restarted
+/// after failures.
 pub struct EmbeddedPipeline {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    recovery: Option<JoinHandle<()>>,
+    recovery_counters: Arc<RecoveryCounters>,
 }
 
 impl EmbeddedPipeline {
-    /// Starts the pipeline over the local event log at `log_path`, writing the ledger at
-    /// `ledger` and balances to `balances`.
+    /// Starts the pipeline over the local event log at `log_path` (with the topic names of
+    /// `events`), writing the ledger at `ledger` and balances to `balances`; and the recovery
+    /// scanner over the same log, unless `billing.recovery` is off.
     pub fn start(
         config: &BillingConfig,
+        events: &EventsConfig,
         log_path: &Path,
         ledger: LedgerLocation,
         balances: MemoryBalances,
@@ -185,6 +247,21 @@ impl EmbeddedPipeline {
             analytics: AnalyticsSpec::None,
             options: config.options(stop.clone()),
         };
+        let recovery_counters = Arc::new(RecoveryCounters::default());
+        let recovery = if config.recovery {
+            let (flag, counters, metrics) =
+                (stop.clone(), recovery_counters.clone(), metrics.clone());
+            let (path, options) = (log_path.to_path_buf(), config.recovery_options(events));
+            Some(
+                std::thread::Builder::new()
+                    .name("billing-recovery".to_string())
+                    .spawn(move || {
+                        supervise_recovery(&path, &options, &counters, &flag, &metrics)
+                    })?,
+            )
+        } else {
+            None
+        };
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("billing-pipeline".to_string())
@@ -192,19 +269,33 @@ impl EmbeddedPipeline {
         tracing::info!(
             log = %log_path.display(),
             epoch_ms = config.epoch_ms,
+            recovery = config.recovery,
+            orphan_timeout_ms = config.orphan_timeout_ms,
             "embedded billing pipeline started"
         );
         Ok(EmbeddedPipeline {
             stop,
             thread: Some(thread),
+            recovery,
+            recovery_counters,
         })
+    }
+
+    /// What the recovery scanner did so far.
+    pub fn recovery_counters(&self) -> &RecoveryCounters {
+        &self.recovery_counters
+    }
+
+    /// The recovery scanner's counters as Prometheus metrics (read at each scrape).
+    pub fn recovery_collector(&self) -> Result<RecoveryCollector, prometheus::Error> {
+        RecoveryCollector::new(self.recovery_counters.clone())
     }
 
     /// Asks the pipeline to stop without waiting for it.
     fn signal(&self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = &self.thread {
-            // Cuts a restart backoff short.
+        // Cuts a restart backoff short.
+        for t in [&self.thread, &self.recovery].into_iter().flatten() {
             t.thread().unpark();
         }
     }
@@ -212,6 +303,14 @@ impl EmbeddedPipeline {
     /// Stops the pipeline and waits until its last epoch is committed.
     pub async fn stop(mut self) {
         self.signal();
+        if let Some(thread) = self.recovery.take() {
+            match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    tracing::error!("the recovery scanner thread ended abnormally");
+                }
+            }
+        }
         if let Some(thread) = self.thread.take() {
             match tokio::task::spawn_blocking(move || thread.join()).await {
                 Ok(Ok(())) => tracing::info!("embedded billing pipeline stopped"),
@@ -268,6 +367,102 @@ fn supervise(config: &PipelineConfig, stop: &AtomicBool, metrics: &BillingMetric
     metrics.up.set(0);
 }
 
+/// `tollgate_billing_recovered_total`, `..._recovery_evicted_total`,
+/// `..._recovery_unrecoverable_total` and `..._recovery_publish_failures_total`: the
+/// scanner's own atomic counters (the pipeline crate has no metrics registry), copied into
+/// Prometheus counters when scraped.
+pub struct RecoveryCollector {
+    counters: Arc<RecoveryCounters>,
+    published: prometheus::IntCounter,
+    evicted: prometheus::IntCounter,
+    unrecoverable: prometheus::IntCounter,
+    publish_failures: prometheus::IntCounter,
+}
+
+impl RecoveryCollector {
+    fn new(counters: Arc<RecoveryCounters>) -> Result<RecoveryCollector, prometheus::Error> {
+        Ok(RecoveryCollector {
+            counters,
+            published: prometheus::IntCounter::new(
+                "tollgate_billing_recovered_total",
+                "Recovered completions published for requests a gateway lost (re-publishes included)",
+            )?,
+            evicted: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_evicted_total",
+                "Open requests the recovery scanner evicted at its memory bound (not recovered)",
+            )?,
+            unrecoverable: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_unrecoverable_total",
+                "Requests seen only by their chunks that timed out (nothing to recover them from)",
+            )?,
+            publish_failures: prometheus::IntCounter::new(
+                "tollgate_billing_recovery_publish_failures_total",
+                "Recovered completions that failed to publish (retried)",
+            )?,
+        })
+    }
+
+    fn pairs(&self) -> [(&prometheus::IntCounter, &std::sync::atomic::AtomicU64); 4] {
+        let c = &self.counters;
+        [
+            (&self.published, &c.published),
+            (&self.evicted, &c.evicted),
+            (&self.unrecoverable, &c.unrecoverable),
+            (&self.publish_failures, &c.publish_failures),
+        ]
+    }
+}
+
+impl prometheus::core::Collector for RecoveryCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.pairs()
+            .into_iter()
+            .flat_map(|(m, _)| m.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.pairs()
+            .into_iter()
+            .flat_map(|(m, value)| {
+                m.reset();
+                m.inc_by(value.load(Ordering::Relaxed));
+                m.collect()
+            })
+            .collect()
+    }
+}
+
+/// The `billing-recovery` thread: runs the recovery scanner until the stop flag is set,
+/// restarting it with a backoff when it fails (it rebuilds its state from the log).
+fn supervise_recovery(
+    log_path: &Path,
+    options: &RecoveryOptions,
+    counters: &Arc<RecoveryCounters>,
+    stop: &AtomicBool,
+    metrics: &BillingMetrics,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let result =
+            tollgate_pipeline::recovery::local_log::run(log_path, options, counters.clone(), stop);
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        let Err(error) = result else {
+            break;
+        };
+        RecoveryFailed {
+            error: &error,
+            retry_in: backoff,
+        }
+        .emit(metrics);
+        sleep_unless_stopped(backoff, stop);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
 /// Sleeps for `wait`, or less if `stop` gets set (the setter unparks this thread).
 fn sleep_unless_stopped(wait: Duration, stop: &AtomicBool) {
     let until = Instant::now() + wait;
@@ -318,6 +513,8 @@ mod tests {
         assert_eq!(c.billing.mode(&c.events), PipelineMode::Embedded);
         assert_eq!(c.billing.epoch_ms, 200);
         assert_eq!(c.billing.dedup_horizon_ms, 21_600_000);
+        assert!(c.billing.recovery);
+        assert_eq!(c.billing.orphan_timeout_ms, 300_000);
         let c = Config::from_toml("[events]\ntype = \"kafka\"\n").unwrap();
         assert_eq!(c.billing.mode(&c.events), PipelineMode::Off);
         let c = Config::from_toml("[events]\ntype = \"log\"\n").unwrap();
@@ -359,6 +556,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("billing.epoch_ms"), "{err}");
+        let err = Config::from_toml("[billing]\norphan_timeout_ms = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("billing.orphan_timeout_ms"), "{err}");
+        let c =
+            Config::from_toml("[billing]\nrecovery = false\norphan_timeout_ms = 600000\n").unwrap();
+        assert!(!c.billing.recovery);
+    }
+
+    #[test]
+    fn the_recovery_counters_are_exported_when_scraped() {
+        use prometheus::core::Collector;
+        let counters = Arc::new(RecoveryCounters::default());
+        let collector = RecoveryCollector::new(counters.clone()).unwrap();
+        assert_eq!(collector.desc().len(), 4);
+        counters.published.fetch_add(3, Ordering::Relaxed);
+        counters.evicted.fetch_add(2, Ordering::Relaxed);
+        let value = |name: &str| {
+            collector
+                .collect()
+                .into_iter()
+                .find(|f| f.name() == name)
+                .map(|f| f.get_metric()[0].get_counter().get_value())
+        };
+        assert_eq!(value("tollgate_billing_recovered_total"), Some(3.0));
+        assert_eq!(value("tollgate_billing_recovery_evicted_total"), Some(2.0));
+        counters.published.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(value("tollgate_billing_recovered_total"), Some(4.0));
+        assert_eq!(
+            value("tollgate_billing_recovery_unrecoverable_total"),
+            Some(0.0)
+        );
     }
 
     #[tokio::test]
@@ -368,6 +597,7 @@ mod tests {
         // A ledger directory that cannot be created: every run fails at once.
         let pipeline = EmbeddedPipeline::start(
             &BillingConfig::default(),
+            &crate::config::Config::from_toml("").unwrap().events,
             &dir.path().join("events.sqlite"),
             LedgerLocation::Sqlite {
                 data_dir: PathBuf::from("/dev/null/ledger"),

@@ -3,11 +3,15 @@
 //!
 //! | column | computed from |
 //! |---|---|
-//! | events | the completion events themselves (Kafka topic or the local log), duplicates (same `event_id`) counted once, priced here with the price book by the rules of `tollgate_schemas::pricing` |
+//! | events | the completion events themselves (Kafka topic or the local log), duplicates (same `event_id`) counted once, a recovered completion (`usage.source = recovered`) only when its request has no real one, priced here with the price book by the rules of `tollgate_schemas::pricing` |
 //! | minutes | ledger `usage_minutes` of the period |
 //! | lines | ledger `usage_price_lines` whose usage happened in the period (wherever booked) |
-//! | ch_facts, ch_minutes | ClickHouse `request_facts` and `usage_minutes` (when `--clickhouse-url` is given) |
+//! | ch_facts, ch_minutes | ClickHouse `request_facts` (without the facts of recovered completions a real one replaced) and `usage_minutes` (when `--clickhouse-url` is given) |
 //! | invoice | the amounts of the period's invoice lines (adjustments booked into later periods included), compared with each ledger line's cost rounded by the invoice rule |
+//!
+//! Recovered completions (requests a gateway lost, billed by the pipeline's recovery scanner)
+//! are also reported on their own per tenant × model: how many are billed, their tokens, and
+//! how many were replaced by a real completion that arrived later.
 //!
 //! Requests and exact costs must be equal in every column; any difference is printed and the
 //! command fails. A price inserted with an `effective_from` in the past after its events were
@@ -23,6 +27,7 @@ use time::OffsetDateTime;
 use tollgate_schemas::events::{
     offset_unix_ms, parse_event_time, rfc3339_from_unix_ms, topics, unix_ms, CompletionEvent,
 };
+use tollgate_schemas::UsageSource;
 
 use crate::invoices::{round_money, LineKind, Period};
 use crate::store::{LedgerLocation, MetaStore};
@@ -69,6 +74,20 @@ pub struct Row5 {
     pub ch_minutes: Option<Figure>,
     /// (sum of invoice line amounts, sum of the ledger lines' costs rounded by the rule).
     pub invoice: (Decimal, Decimal),
+    /// Recovered completions among the events (informational: not compared).
+    pub recovered: Recovered,
+}
+
+/// Recovered completions (`usage.source = recovered`) of one tenant × model in the period.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Billed: their request has no real completion.
+    pub requests: i64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Replaced: the request also has a real completion (arrived before or after), billed
+    /// instead.
+    pub replaced: i64,
 }
 
 impl Row5 {
@@ -101,17 +120,11 @@ pub async fn reconcile(
 
     // Events, priced here.
     let schedules = crate::store::price_schedules(store.list_prices(None).await?);
-    let mut seen = HashSet::new();
-    for payload in read_events(events).await? {
-        let Ok(e) = serde_json::from_slice::<CompletionEvent>(&payload) else {
-            continue; // kept by the pipeline as a reject, never billed
-        };
-        let Some(at) = parse_event_time(&e.event_time).map(unix_ms) else {
-            continue;
-        };
-        if at < start_ms || at >= end_ms || !seen.insert(e.event_id.clone()) {
-            continue;
-        }
+    let (billed, recovered) = billed_events(read_events(events).await?, start_ms, end_ms);
+    for (k, v) in recovered {
+        report.entry(k).or_default().recovered = v;
+    }
+    for (at, e) in billed {
         let cost = schedules
             .get(&e.upstream_model)
             .and_then(|s| s.lookup(&e.tenant_id, at))
@@ -162,9 +175,14 @@ pub async fn reconcile(
         let facts = clickhouse_sums(
             ch,
             &format!(
-                "SELECT tenant_id, model, count(), toString(sum(cost)) FROM {}.request_facts \
-                 WHERE event_ms >= {start_ms} AND event_ms < {end_ms} GROUP BY tenant_id, model",
-                ch.database
+                // A recovered completion's fact stays when the real one replaced it in the
+                // ledger: leave those out, as the events column does.
+                "SELECT tenant_id, model, count(), toString(sum(cost)) FROM {db}.request_facts \
+                 WHERE event_ms >= {start_ms} AND event_ms < {end_ms} \
+                   AND NOT (outcome = 'gateway_lost' AND request_id IN \
+                     (SELECT request_id FROM {db}.request_facts WHERE outcome != 'gateway_lost')) \
+                 GROUP BY tenant_id, model",
+                db = ch.database
             ),
         )
         .await?;
@@ -195,6 +213,61 @@ pub async fn reconcile(
         }
     }
     Ok(report)
+}
+
+/// Recovered completions per (tenant, model).
+pub type RecoveredByModel = BTreeMap<(String, String), Recovered>;
+
+/// The completion events of the period that the pipeline bills, with their event time, and
+/// the recovered completions per tenant × model. Per request, as the pipeline bills them:
+/// every distinct real completion (duplicates of an `event_id` once), the recovered one only
+/// if there is no real one (whatever the order they came in). Payloads that are not
+/// completion events are skipped (the pipeline keeps them as rejects, never billed).
+pub fn billed_events(
+    payloads: Vec<Vec<u8>>,
+    start_ms: i64,
+    end_ms: i64,
+) -> (Vec<(i64, CompletionEvent)>, RecoveredByModel) {
+    type Completions = (Vec<(i64, CompletionEvent)>, Option<(i64, CompletionEvent)>);
+    let mut seen = HashSet::new();
+    let mut by_request: HashMap<String, Completions> = HashMap::new();
+    for payload in payloads {
+        let Ok(e) = serde_json::from_slice::<CompletionEvent>(&payload) else {
+            continue;
+        };
+        let Some(at) = parse_event_time(&e.event_time).map(unix_ms) else {
+            continue;
+        };
+        if !seen.insert(e.event_id.clone()) {
+            continue;
+        }
+        let entry = by_request.entry(e.request_id.clone()).or_default();
+        if e.usage.source == UsageSource::Recovered {
+            entry.1.get_or_insert((at, e));
+        } else {
+            entry.0.push((at, e));
+        }
+    }
+    let in_period = |at: i64| at >= start_ms && at < end_ms;
+    let mut billed = Vec::new();
+    let mut recovered = RecoveredByModel::new();
+    for (real, lost) in by_request.into_values() {
+        if let Some((at, e)) = lost.filter(|(at, _)| in_period(*at)) {
+            let r = recovered
+                .entry((e.tenant_id.clone(), e.upstream_model.clone()))
+                .or_default();
+            if real.is_empty() {
+                r.requests += 1;
+                r.input_tokens += e.usage.input_tokens;
+                r.output_tokens += e.usage.output_tokens;
+                billed.push((at, e));
+            } else {
+                r.replaced += 1;
+            }
+        }
+        billed.extend(real.into_iter().filter(|(at, _)| in_period(*at)));
+    }
+    (billed, recovered)
 }
 
 fn dec(s: &str) -> Result<Decimal, ReconcileError> {
@@ -427,5 +500,124 @@ pub fn render(report: &Report, all: bool) -> String {
         "{} tenant × model rows, {differing} with differences\n",
         report.len()
     ));
+    let recovered: Vec<_> = report
+        .iter()
+        .filter(|(_, r)| r.recovered != Recovered::default())
+        .collect();
+    if !recovered.is_empty() {
+        out.push_str(
+            "\nrecovered completions (requests a gateway lost; usage_source = recovered)\n\
+             tenant\tmodel\tbilled\tinput_tokens\toutput_tokens\treplaced_by_real\n",
+        );
+        let mut total = Recovered::default();
+        for ((tenant, model), r) in recovered {
+            let v = r.recovered;
+            out.push_str(&format!(
+                "{tenant}\t{model}\t{}\t{}\t{}\t{}\n",
+                v.requests, v.input_tokens, v.output_tokens, v.replaced
+            ));
+            total.requests += v.requests;
+            total.input_tokens += v.input_tokens;
+            total.output_tokens += v.output_tokens;
+            total.replaced += v.replaced;
+        }
+        out.push_str(&format!(
+            "{} recovered completions billed ({} input, {} output tokens), {} replaced by the real one\n",
+            total.requests, total.input_tokens, total.output_tokens, total.replaced
+        ));
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tollgate_schemas::events::{recovered_event_id, CompletionStatus};
+    use tollgate_schemas::TokenUsage;
+
+    use super::*;
+
+    fn completion(request: &str, event_id: &str, recovered: bool, output: u64) -> Vec<u8> {
+        let t = "2026-05-10T12:00:00.000Z";
+        let e = CompletionEvent {
+            schema_version: 1,
+            event_id: event_id.into(),
+            event_time: t.into(),
+            request_id: request.into(),
+            tenant_id: "ten_1".into(),
+            key_id: "key_1".into(),
+            route: "chat".into(),
+            requested_model: "m".into(),
+            model_alias: "m".into(),
+            deployment: "d".into(),
+            provider: "mock".into(),
+            upstream_model: "m".into(),
+            stream: true,
+            status: if recovered {
+                CompletionStatus::GatewayLost
+            } else {
+                CompletionStatus::Completed
+            },
+            finish_reason: None,
+            error: None,
+            usage: TokenUsage {
+                input_tokens: 10,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 0,
+                output_tokens: output,
+                source: if recovered {
+                    UsageSource::Recovered
+                } else {
+                    UsageSource::Provider
+                },
+            },
+            chunks: 1,
+            ttft_ms: None,
+            latency_ms: 1,
+            gateway_overhead_us: 1,
+            retries: 0,
+            fallbacks: 0,
+            cache_hit: false,
+            price_book_version: None,
+            received_at: t.into(),
+        };
+        serde_json::to_vec(&e).unwrap()
+    }
+
+    #[test]
+    fn a_recovered_completion_counts_only_without_a_real_one() {
+        let lost = recovered_event_id("req_lost");
+        let replaced = recovered_event_id("req_replaced");
+        let raced = recovered_event_id("req_raced");
+        let payloads = vec![
+            completion("req_lost", &lost, true, 3),
+            completion("req_lost", &lost, true, 3),
+            completion("req_replaced", &replaced, true, 2),
+            completion("req_replaced", "e1", false, 9),
+            completion("req_raced", "e2", false, 8),
+            completion("req_raced", &raced, true, 1),
+            completion("req_plain", "e3", false, 7),
+            completion("req_plain", "e3", false, 7),
+        ];
+        let (start, end) = (1_777_593_600_000, 1_780_272_000_000); // May 2026
+        let (billed, recovered) = billed_events(payloads, start, end);
+        let mut outputs: Vec<u64> = billed.iter().map(|(_, e)| e.usage.output_tokens).collect();
+        outputs.sort_unstable();
+        assert_eq!(outputs, vec![3, 7, 8, 9]);
+        let r = recovered[&("ten_1".to_string(), "m".to_string())];
+        assert_eq!(
+            r,
+            Recovered {
+                requests: 1,
+                input_tokens: 10,
+                output_tokens: 3,
+                replaced: 2,
+            }
+        );
+        // Outside the period: nothing.
+        let (billed, recovered) =
+            billed_events(vec![completion("req_lost", &lost, true, 3)], end, end + 1);
+        assert!(billed.is_empty() && recovered.is_empty());
+    }
 }

@@ -40,6 +40,8 @@ pub enum Outcome {
     UpstreamError,
     /// Cut off by a hard limit of the caller (billed like a disconnect).
     LimitExceeded,
+    /// Recovered by the pipeline: the gateway died mid-request (see [`crate::recovery`]).
+    GatewayLost,
 }
 
 impl Outcome {
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::UpstreamError => "upstream_error",
             Outcome::LimitExceeded => "limit_exceeded",
+            Outcome::GatewayLost => "gateway_lost",
         }
     }
 }
@@ -60,6 +63,7 @@ impl From<CompletionStatus> for Outcome {
             CompletionStatus::ClientDisconnected => Outcome::ClientDisconnected,
             CompletionStatus::UpstreamError => Outcome::UpstreamError,
             CompletionStatus::LimitExceeded => Outcome::LimitExceeded,
+            CompletionStatus::GatewayLost => Outcome::GatewayLost,
         }
     }
 }
@@ -132,6 +136,14 @@ fn usage(tokens: [u64; 4], counted: bool) -> TokenUsage {
 pub struct Completion {
     /// The event id (UUIDv7) as a number: duplicates share it.
     pub event_id: u128,
+    /// The request id as a number ([`request_key`]): a recovered completion and the real one
+    /// of the same request share it.
+    pub request_key: u128,
+    /// Recovered by the pipeline (`usage.source = recovered`), not written by the gateway.
+    pub recovered: bool,
+    /// A retraction: this completion was billed before and is taken back (its contribution
+    /// is subtracted), because the real completion of its request replaced it.
+    pub retract: bool,
     pub event_ms: i64,
     pub tenant_id: String,
     /// The model priced and reported: the model name the upstream served.
@@ -190,6 +202,7 @@ impl Completion {
             return Err("tenant_id is empty".into());
         }
         let u = event.usage;
+        let request_key = request_key(&event.request_id);
         let details = with_details.then(|| {
             Box::new(Details {
                 received_ms,
@@ -209,6 +222,9 @@ impl Completion {
         });
         Ok(Completion {
             event_id,
+            request_key,
+            recovered: u.source == tollgate_schemas::UsageSource::Recovered,
+            retract: false,
             event_ms,
             tenant_id: event.tenant_id.into_owned(),
             model: event.upstream_model.into_owned(),
@@ -217,7 +233,7 @@ impl Completion {
             cached_input_tokens: u.cached_input_tokens,
             cache_write_input_tokens: u.cache_write_input_tokens,
             output_tokens: u.output_tokens,
-            usage_counted: u.source == tollgate_schemas::UsageSource::Counted,
+            usage_counted: u.source != tollgate_schemas::UsageSource::Provider,
             ttft_ms: event.ttft_ms,
             details,
         })
@@ -266,6 +282,24 @@ impl Completion {
             offset: d.offset,
         })
     }
+}
+
+/// A request id as a number, the key completions of one request are deduplicated and routed
+/// by: the gateway's ids (`req_` and a UUID in 32 hex digits) are that UUID; any other form
+/// is hashed (128-bit FNV-1a: stable across processes and builds).
+pub fn request_key(request_id: &str) -> u128 {
+    if let Some(hex) = request_id.strip_prefix("req_") {
+        if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if let Ok(v) = u128::from_str_radix(hex, 16) {
+                return v;
+            }
+        }
+    }
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    request_id
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u128::from(b)).wrapping_mul(PRIME))
 }
 
 /// The fields of a `llm.completions` event that billing reads ([`tollgate_schemas::events::CompletionEvent`] is the
@@ -645,6 +679,24 @@ mod tests {
         }
         assert_eq!(fast_event_ms("2026-11-27T04:00:00Z"), None);
         assert_eq!(fast_event_ms("2026-13-27T04:00:00.000Z"), None);
+    }
+
+    #[test]
+    fn request_keys_are_the_uuid_of_gateway_ids_and_a_hash_otherwise() {
+        assert_eq!(
+            request_key("req_0192f0c2a1b27c3d8e9f001122334455"),
+            0x0192f0c2a1b27c3d8e9f001122334455
+        );
+        let other = request_key("req_0192f0c2-a1b2-7c3d-8e9f-001122334455");
+        assert_eq!(
+            other,
+            request_key("req_0192f0c2-a1b2-7c3d-8e9f-001122334455")
+        );
+        assert_ne!(
+            other,
+            request_key("req_0192f0c2-a1b2-7c3d-8e9f-001122334456")
+        );
+        assert_ne!(request_key("a"), request_key("b"));
     }
 
     #[test]

@@ -4,8 +4,15 @@
 //! PostgreSQL (or SQLite), balances to Redis and analytics to ClickHouse. Run several worker
 //! threads with `--workers`, and a cluster of processes with `--process I --addresses
 //! host:port,host:port,...` (every process gets the same list and its own index).
+//!
+//! Process 0 also runs the recovery scanner ([`tollgate_pipeline::recovery`]) on a thread of
+//! its own, over the same Kafka cluster (or local log): requests a gateway lost get a recovered
+//! completion after `--orphan-timeout-ms`. `--no-recovery` turns it off.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
@@ -17,6 +24,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate_pipeline::config::{
     AbortAfterCommit, AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig, SourceSpec,
 };
+use tollgate_pipeline::recovery::{RecoveryCounters, RecoveryOptions, Topics};
 use tollgate_pipeline::Cluster;
 use tollgate_schemas::events::topics;
 
@@ -33,6 +41,19 @@ struct Args {
     /// The completions topic.
     #[arg(long, default_value = topics::COMPLETIONS)]
     topic: String,
+    /// The requests topic (read by the recovery scanner).
+    #[arg(long, default_value = topics::REQUESTS)]
+    requests_topic: String,
+    /// The chunks topic (read by the recovery scanner).
+    #[arg(long, default_value = topics::CHUNKS)]
+    chunks_topic: String,
+    /// Do not run the recovery scanner (requests a gateway lost are then never billed).
+    #[arg(long)]
+    no_recovery: bool,
+    /// A request silent this long without a completion gets a recovered one; keep it well
+    /// above the longest stream.
+    #[arg(long, default_value_t = 300_000)]
+    orphan_timeout_ms: i64,
     /// Kafka consumer group id (offsets are kept in the ledger, not in Kafka).
     #[arg(long, default_value = "tollgate-pipeline")]
     group: String,
@@ -100,7 +121,72 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Where the recovery scanner runs.
+enum RecoverySpec {
+    Kafka { bootstrap: String, group: String },
+    LocalLog { path: PathBuf },
+}
+
+/// Runs the recovery scanner until `stop` is set, restarting it after a failure (it rebuilds
+/// its state from its look-back window) with a backoff of 1 s doubling up to 30 s.
+fn supervise_recovery(spec: &RecoverySpec, options: &RecoveryOptions, stop: &AtomicBool) {
+    let counters = Arc::new(RecoveryCounters::default());
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let result = match spec {
+            RecoverySpec::Kafka { bootstrap, group } => tollgate_pipeline::recovery::kafka::run(
+                bootstrap,
+                group,
+                options,
+                counters.clone(),
+                stop,
+            ),
+            RecoverySpec::LocalLog { path } => {
+                tollgate_pipeline::recovery::local_log::run(path, options, counters.clone(), stop)
+            }
+        };
+        if started.elapsed() >= Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        let Err(e) = result else {
+            break;
+        };
+        tracing::error!(
+            error = %e,
+            retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+            "recovery scanner failed"
+        );
+        let until = Instant::now() + backoff;
+        while !stop.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
+    if args.orphan_timeout_ms < 1000 {
+        return Err("--orphan-timeout-ms must be at least 1000".into());
+    }
+    let recovery = match (&args.kafka_bootstrap, &args.local_log) {
+        _ if args.no_recovery || args.process != 0 => None,
+        (Some(bootstrap), None) => Some(RecoverySpec::Kafka {
+            bootstrap: bootstrap.clone(),
+            group: format!("{}-recovery", args.group),
+        }),
+        (None, Some(path)) => Some(RecoverySpec::LocalLog { path: path.clone() }),
+        _ => None,
+    };
+    let recovery_options = RecoveryOptions {
+        orphan_timeout_ms: args.orphan_timeout_ms,
+        topics: Topics {
+            requests: args.requests_topic.clone(),
+            chunks: args.chunks_topic.clone(),
+            completions: args.topic.clone(),
+        },
+        ..RecoveryOptions::default()
+    };
     let source = match (args.kafka_bootstrap, args.local_log) {
         (Some(bootstrap), None) => SourceSpec::Kafka {
             bootstrap,
@@ -148,7 +234,28 @@ fn run(args: Args) -> Result<(), String> {
         process: args.process,
         addresses: args.addresses,
     };
-    let reports = tollgate_pipeline::execute(config, &cluster).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let scanner = match recovery {
+        Some(spec) => {
+            let flag = stop.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("recovery".to_string())
+                    .spawn(move || supervise_recovery(&spec, &recovery_options, &flag))
+                    .map_err(|e| format!("cannot start the recovery scanner: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let result = tollgate_pipeline::execute(config, &cluster).map_err(|e| e.to_string());
+    stop.store(true, Ordering::Release);
+    if let Some(t) = scanner {
+        t.thread().unpark();
+        if t.join().is_err() {
+            tracing::error!("the recovery scanner thread ended abnormally");
+        }
+    }
+    let reports = result?;
     for r in reports {
         tracing::info!(
             worker = r.index,

@@ -4,7 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use tollgate_schemas::events::{
-    format_event_time, new_event_id, CompletionEvent, CompletionStatus, SCHEMA_VERSION,
+    format_event_time, new_event_id, recovered_event_id, CompletionEvent, CompletionStatus,
+    SCHEMA_VERSION,
 };
 use tollgate_schemas::{TokenUsage, UsageSource};
 
@@ -38,6 +39,8 @@ impl Rng {
 #[derive(Debug, Clone)]
 pub struct Synthetic {
     pub event_id: String,
+    /// The gateway's form: `req_` and a UUID in 32 hex digits.
+    pub request_id: String,
     pub tenant_id: String,
     pub model: String,
     pub event_ms: i64,
@@ -56,8 +59,10 @@ impl Synthetic {
             1 => CompletionStatus::ClientDisconnected,
             _ => CompletionStatus::Completed,
         };
+        let event_id = new_event_id();
         Synthetic {
-            event_id: new_event_id(),
+            request_id: format!("req_{}", event_id.replace('-', "")),
+            event_id,
             tenant_id: format!("ten_{}", rng.below(tenants)),
             model: format!("model-{}", rng.below(models)),
             event_ms,
@@ -73,6 +78,25 @@ impl Synthetic {
         }
     }
 
+    /// The completion the recovery scanner publishes for this one's request had its gateway
+    /// died at `cut_ms` after relaying `output_tokens`: the prompt (as estimated), no cache.
+    pub fn recovered(&self, output_tokens: u64, cut_ms: i64) -> Synthetic {
+        Synthetic {
+            event_id: recovered_event_id(&self.request_id),
+            event_ms: cut_ms,
+            usage: TokenUsage {
+                input_tokens: self.usage.input_tokens,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 0,
+                output_tokens,
+                source: UsageSource::Recovered,
+            },
+            status: CompletionStatus::GatewayLost,
+            ttft_ms: None,
+            ..self.clone()
+        }
+    }
+
     /// The event as the gateway publishes it.
     pub fn event(&self) -> CompletionEvent {
         let t = SystemTime::UNIX_EPOCH
@@ -81,7 +105,7 @@ impl Synthetic {
             schema_version: SCHEMA_VERSION,
             event_id: self.event_id.clone(),
             event_time: format_event_time(t),
-            request_id: format!("req_{}", self.event_id),
+            request_id: self.request_id.clone(),
             tenant_id: self.tenant_id.clone(),
             key_id: format!("key_{}", self.tenant_id),
             route: "chat".into(),

@@ -145,6 +145,27 @@ pub enum CompletionStatus {
     /// A hard quota or rate limit of the caller refused more tokens and the gateway cut the
     /// stream off (with an error event). Billed for what was generated until then.
     LimitExceeded,
+    /// The gateway died before it could record how the request ended: a completion recovered
+    /// by the billing pipeline from the request's request and chunk events after the orphan
+    /// timeout (`usage.source = recovered`, event id from [`recovered_event_id`]).
+    GatewayLost,
+}
+
+/// The event id of the recovered completion of `request_id`: a UUIDv8 made of the first 16
+/// bytes of SHA-256 over a fixed prefix and the request id. Every scanner that recovers the
+/// same request publishes the same id, so a second publish is dropped as a duplicate.
+pub fn recovered_event_id(request_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"tollgate recovered completion\0");
+    h.update(request_id.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// `llm.requests`: a request the gateway accepted (authenticated, valid) and routed.
@@ -486,8 +507,25 @@ mod tests {
             price_book_version: None,
             received_at: format_event_time(t),
         };
+        let recovered = CompletionEvent {
+            event_id: recovered_event_id("req_1"),
+            status: CompletionStatus::GatewayLost,
+            finish_reason: None,
+            usage: TokenUsage {
+                input_tokens: 12,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 0,
+                output_tokens: 5,
+                source: UsageSource::Recovered,
+            },
+            ..completion.clone()
+        };
         vec![
             (topics::REQUESTS, serde_json::to_value(request).unwrap()),
+            (
+                topics::COMPLETIONS,
+                serde_json::to_value(recovered).unwrap(),
+            ),
             (topics::CHUNKS, serde_json::to_value(chunk).unwrap()),
             (
                 topics::COMPLETIONS,
@@ -571,6 +609,20 @@ mod tests {
             let general = OffsetDateTime::from(t).format(EVENT_TIME_FORMAT).unwrap();
             assert_eq!(format_event_time(t), general);
         }
+    }
+
+    #[test]
+    fn recovered_event_ids_are_deterministic_uuid_v8() {
+        let a = recovered_event_id("req_0192f0c2a1b27c3d8e9f001122334455");
+        assert_eq!(
+            a,
+            recovered_event_id("req_0192f0c2a1b27c3d8e9f001122334455")
+        );
+        assert_ne!(
+            a,
+            recovered_event_id("req_0192f0c2a1b27c3d8e9f001122334456")
+        );
+        assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 8);
     }
 
     #[test]

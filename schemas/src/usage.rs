@@ -18,6 +18,10 @@ pub enum UsageSource {
     /// The gateway counted it with a tokenizer (the provider reported nothing, or the client
     /// disconnected before the provider's usage arrived).
     Counted,
+    /// Recovered by the billing pipeline for a request whose gateway died before writing its
+    /// completion: the prompt estimate of its request event and the output tokens of its last
+    /// chunk event. Replaced (exactly once) if the real completion arrives after all.
+    Recovered,
 }
 
 /// Tokens of one completion, in canonical form.

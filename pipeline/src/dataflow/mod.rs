@@ -1,8 +1,10 @@
 //! The billing dataflow and the loop that drives it, one per worker.
 //!
 //! ```text
-//! source records ──parse──▶ completions ──Dedup (by event id)──▶ unique ──PriceAndSum──▶ sums
-//!      │                                                                 ▲
+//! source records ──parse──▶ completions ──Dedup (by request)──▶ unique ──PriceAndSum──▶ sums
+//!      │        (real and recovered)   same event id: drop          (+ retractions)     ▲
+//!      │                               recovered after real: drop                       │
+//!      │                               real after recovered: retract it, bill real      │
 //!      │                               price rows ──reduce by model──▶ schedules (broadcast)
 //!      │
 //!      ├─ rejects ───────────────────────────────────────────────────────────────┐
@@ -17,8 +19,8 @@
 //! | file | owns |
 //! |---|---|
 //! | `mod.rs` | building the dataflow, the worker loop (epochs, back-pressure), the commit |
-//! | `dedup.rs` | `Dedup`: first copy of each event id wins, ids remembered for the horizon |
-//! | `pricing.rs` | `PriceAndSum`: the price book per epoch, each completion priced and summed |
+//! | `dedup.rs` | `Dedup`: first copy of each event id wins; a real completion replaces a recovered one of its request (retraction); ids and requests remembered for the horizon |
+//! | `pricing.rs` | `PriceAndSum`: the price book per epoch, each completion priced and summed (a retraction subtracted) |
 //! | `aggregate.rs` | an epoch's sums and their roll-up into the ledger's three aggregates |
 //!
 //! Time is an epoch number: each worker reads for `epoch_ms`, then reports how far it read

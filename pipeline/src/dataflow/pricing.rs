@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use differential_dataflow::difference::Abelian;
 use rust_decimal::Decimal;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -165,26 +166,29 @@ pub fn price_and_sum<'s>(
                             c.cache_write_input_tokens,
                             c.output_tokens,
                         ];
-                        let (outcome, ttft_ms, minute_ms) =
-                            (c.outcome, c.ttft_ms, minute_of(c.event_ms));
+                        let (outcome, ttft_ms, minute_ms, retract) =
+                            (c.outcome, c.ttft_ms, minute_of(c.event_ms), c.retract);
                         let (tenant_id, model, fact) = if with_facts {
                             (c.tenant_id.clone(), c.model.clone(), c.into_fact())
                         } else {
                             (c.tenant_id, c.model, None)
                         };
-                        sums.totals(SumKey {
+                        let totals = sums.totals(SumKey {
                             tenant_id,
                             model,
                             minute_ms,
                             row: price.map(|(id, _)| id),
-                        })
-                        .count(
-                            tokens,
-                            outcome,
-                            ttft_ms,
-                            &cost,
-                            price.is_some(),
-                        );
+                        });
+                        if retract {
+                            // Exactly the contribution it made when it was billed, subtracted.
+                            let mut taken_back = crate::fact::Totals::default();
+                            taken_back.count(tokens, outcome, ttft_ms, &cost, price.is_some());
+                            taken_back.negate();
+                            totals.add(&taken_back);
+                            // Analytics keeps its fact row (TODO(#14): retract it there too).
+                            continue;
+                        }
+                        totals.count(tokens, outcome, ttft_ms, &cost, price.is_some());
                         if let Some(fact) = fact {
                             let row = price.map(|(_, p)| p);
                             facts.push(SinkItem::Fact(PricedFact::with_cost(fact, row, cost)));
@@ -261,6 +265,9 @@ mod tests {
     fn completion(model: &str, event_ms: i64) -> Completion {
         Completion {
             event_id: 1,
+            request_key: 1,
+            recovered: false,
+            retract: false,
             event_ms,
             tenant_id: "t".into(),
             model: model.into(),
