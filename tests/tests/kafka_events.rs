@@ -699,7 +699,12 @@ async fn kafka_a_gateway_killed_the_moment_its_streams_ended_has_published_every
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    let tenant = run(&["--data-dir", &data, "tenants", "create", "killed"]);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("killed-{}-{nanos}", std::process::id());
+    let tenant = run(&["--data-dir", &data, "tenants", "create", &name]);
     let key = run(&["--data-dir", &data, "keys", "create", "--tenant", &tenant]);
     let config = dir.path().join("gateway.toml");
     std::fs::write(
@@ -721,8 +726,8 @@ async fn kafka_a_gateway_killed_the_moment_its_streams_ended_has_published_every
     let mut received: HashMap<String, (u64, u64)> = HashMap::new();
     for round in 0..5 {
         let mut gw = GatewayProcess::start(
-            &["--data-dir", &data, "--config", config.to_str().unwrap()],
-            &[],
+            &["--data-dir", &data],
+            &[("TOLLGATE_CONFIG", config.to_str().unwrap())],
             dir.path().join(format!("gw{round}.log")),
         )
         .await;
