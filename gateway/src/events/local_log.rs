@@ -37,10 +37,12 @@ use parking_lot::Mutex;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
-use super::durable::{Durable, DurableTx};
+use super::durable::{DurabilityPolicy, Durable, DurableTx};
 use super::internal_events::{
     DropReason, EventMetrics, EventsDropped, EventsPublished, LogLimiter,
 };
+use super::overflow::Overflow;
+use super::spool::{Lane, Position, Spool, SpoolOptions, SpoolRecord};
 use super::wire::{ChunkTokens, Handed, Handoff, Record, WireMessage};
 use super::{durable_handoff, ms, EventSink, EventsError, LocalConfig, LocalSync, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
@@ -48,6 +50,12 @@ use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 /// Rows per INSERT statement, largest first (5 bound parameters a row; SQLite allows 32766).
 const INSERT_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 const RETRY_WAIT: Duration = Duration::from_millis(200);
+/// Segment files of the completion journal (deleted once committed past).
+const JOURNAL_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the journal's cursor is written to disk (a restart re-reads at most this much).
+const JOURNAL_CURSOR_EVERY: Duration = Duration::from_millis(500);
+/// How often the write-ahead log is copied into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// One event of the local log.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +215,11 @@ pub struct LocalSink {
     metrics: EventMetrics,
     log: LocalEventLog,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Dropped with the sink: the checkpoint thread stops.
+    _checkpoints: Sender<()>,
+    /// The completion journal (see `record_completion`); `None` when completions wait for
+    /// the writer thread instead (`durability = "none"`, or `synchronous = "full"`).
+    journal: Option<Arc<Mutex<Spool>>>,
 }
 
 impl LocalSink {
@@ -233,31 +246,66 @@ impl LocalSink {
         )?;
         let handoff = Arc::new(handoff);
         let (control, control_rx) = crossbeam_channel::bounded(1);
-        let appender = Appender::open(&path, config.synchronous)?;
-        let writer = Writer {
+        let mut appender = Appender::open(&path, config.synchronous)?;
+        let journal = if config.durability == DurabilityPolicy::Completion
+            && config.synchronous == LocalSync::Normal
+        {
+            let dir = path.with_extension("journal");
+            let mut spool = Spool::open(
+                &dir,
+                SpoolOptions {
+                    segment_max_bytes: JOURNAL_SEGMENT_BYTES,
+                    fsync_interval: JOURNAL_CURSOR_EVERY,
+                },
+            )
+            .map_err(|source| EventsError::Spool {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            replay_journal(&mut spool, &mut appender, &config.topics())?;
+            Some(Arc::new(Mutex::new(spool)))
+        } else {
+            None
+        };
+        let committer = Arc::new(Mutex::new(Committer {
+            journal: journal.clone(),
             log: appender,
             topics: config.topics(),
-            rx,
+            metrics: metrics.clone(),
+            batch_max: config.batch_max_events.max(1),
+            tokens: ChunkTokens::default(),
+            batch: Batch::default(),
+            limiter: LogLimiter::default(),
+            drop_limiter: LogLimiter::default(),
+        }));
+        let writer = Writer {
+            committer: committer.clone(),
+            rx: rx.clone(),
             control: control_rx,
             handoff: handoff.clone(),
             metrics: metrics.clone(),
-            batch_max: config.batch_max_events.max(1),
             shutdown_timeout: ms(config.shutdown_timeout_ms),
-            limiter: LogLimiter::default(),
-            drop_limiter: LogLimiter::default(),
-            tokens: ChunkTokens::default(),
             batch_delay: ms(config.batch_delay_ms.max(1)),
+            drop_limiter: LogLimiter::default(),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-events-local".to_string())
             .spawn(move || writer.run())
             .map_err(|e| EventsError::Setup(format!("cannot start the event log writer: {e}")))?;
+        let (checkpoints, stop) = crossbeam_channel::bounded(1);
+        let checkpointer = Appender::open(&path, config.synchronous)?;
+        std::thread::Builder::new()
+            .name("tollgate-events-checkpoint".to_string())
+            .spawn(move || checkpointer.checkpoint_until(&stop))
+            .map_err(|e| EventsError::Setup(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(LocalSink {
             handoff,
             control,
             metrics,
             log,
             thread: Mutex::new(Some(thread)),
+            _checkpoints: checkpoints,
+            journal,
         })
     }
 
@@ -284,8 +332,58 @@ impl EventSink for LocalSink {
         self.handoff.send(Record::Chunk(record));
     }
 
+    /// With the completion journal, the request path serializes the completion and appends
+    /// it to the journal file (one `write`, no disk sync: durable against a process crash,
+    /// like a commit in `synchronous = normal`), then hands it over; the response may end at
+    /// once. The writer thread commits it to the log with everything else and then moves
+    /// the journal's cursor past it; a restart appends what the journal holds beyond the log.
+    /// Without the journal, the writer thread is woken and the response waits for its commit.
     fn record_completion(&self, record: CompletionRecord) -> Durable {
-        self.handoff.send_completion(record)
+        let Some(journal) = &self.journal else {
+            let durable = self.handoff.send_completion(record);
+            self.handoff.ring();
+            return durable;
+        };
+        let at = Instant::now();
+        let record = Record::Completion(Box::new(record));
+        let wire = match record.to_wire() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(target: "tollgate::events", error = %e, "cannot serialize event");
+                return Durable::not_required();
+            }
+        };
+        let mut j = journal.lock();
+        let written = j
+            .append(Lane::New, &SpoolRecord::from_wire(wire.clone()))
+            .and_then(|()| j.flush());
+        match written {
+            Ok(()) => {
+                // Handed over under the journal's lock: the channel holds journaled records
+                // in journal order, so committing one commits the journal up to it.
+                let end = j.end_position();
+                self.handoff.send_durable(Handed {
+                    at,
+                    record,
+                    durable: None,
+                    wire: Some(wire),
+                    journal: Some(end),
+                });
+                drop(j);
+                self.handoff.ring();
+                self.handoff.durable_now()
+            }
+            Err(e) => {
+                drop(j);
+                tracing::error!(target: "tollgate::events", error = %e, "cannot write the completion journal; the writer thread commits the completion instead");
+                let Record::Completion(record) = record else {
+                    return Durable::not_required();
+                };
+                let durable = self.handoff.send_completion(*record);
+                self.handoff.ring();
+                durable
+            }
+        }
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -328,7 +426,30 @@ impl Appender {
         };
         conn.pragma_update(None, "synchronous", synchronous)
             .map_err(setup)?;
+        // No checkpoint inside a commit: one copies the log into the database file and syncs
+        // it (milliseconds), and a completion's response would wait for it. A thread of its
+        // own checkpoints instead (`checkpoint_until`), beside the writer.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(setup)?;
         Ok(Appender { conn })
+    }
+
+    /// Checkpoints the write-ahead log every `CHECKPOINT_EVERY` (passive: never blocks the
+    /// writer) until `stop` is dropped.
+    fn checkpoint_until(self, stop: &Receiver<()>) {
+        let mut limiter = LogLimiter::default();
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+            stop.recv_timeout(CHECKPOINT_EVERY)
+        {
+            if let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                if let Some(held_back) = limiter.allow() {
+                    tracing::warn!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot checkpoint the local event log");
+                }
+            }
+        }
     }
 
     /// Appends `batch` in one transaction (taking the write lock at its start), in order.
@@ -359,19 +480,77 @@ impl Appender {
     }
 }
 
-struct Writer {
+/// Appends to the log what a previous run journaled and may not have committed: the journal's
+/// records beyond its cursor, less those whose event id the log's latest completions already
+/// hold. Then forgets them.
+fn replay_journal(
+    journal: &mut Spool,
+    log: &mut Appender,
+    topics: &Topics,
+) -> Result<(), EventsError> {
+    let dir = journal.dir().display().to_string();
+    let io = |e: std::io::Error| EventsError::Spool {
+        path: dir.clone(),
+        source: e,
+    };
+    let mut records = Vec::new();
+    let mut end = journal.read_position();
+    while let Some((r, pos)) = journal.read_next().map_err(io)? {
+        records.push(crate::events::overflow::to_wire(r));
+        end = pos;
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let sql =
+        |e: rusqlite::Error| EventsError::Setup(format!("replaying the completion journal: {e}"));
+    let recent: HashSet<String> = {
+        let mut q = log
+            .conn
+            .prepare(
+                "SELECT event_id FROM event_log WHERE topic = ?1
+                 ORDER BY log_offset DESC LIMIT ?2",
+            )
+            .map_err(sql)?;
+        let limit = i64::try_from(records.len())
+            .unwrap_or(i64::MAX)
+            .saturating_add(10_000);
+        let rows = q
+            .query_map((topics.completions.as_str(), limit), |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)?
+    };
+    let n = records.len() as u64;
+    records.retain(|m| !recent.contains(&m.event_id));
+    if !records.is_empty() {
+        tracing::warn!(
+            target: "tollgate::events",
+            completions = records.len(),
+            "appending completions a previous run journaled but had not written to the event log"
+        );
+    }
+    log.append(&records, topics).map_err(sql)?;
+    journal.commit(end, n).map_err(io)?;
+    journal.sync(true).map_err(io)
+}
+
+/// Everything that turns handed-over records into a committed transaction: shared by the
+/// writer thread and, for a completion at low load, the request path itself (whoever holds
+/// the lock commits everything waiting: group commit with the caller as leader).
+struct Committer {
+    /// The completion journal: moved past each journaled record once it is committed.
+    journal: Option<Arc<Mutex<Spool>>>,
     log: Appender,
     topics: Topics,
-    rx: Receiver<Handed>,
-    control: Receiver<()>,
-    handoff: Arc<Handoff>,
     metrics: EventMetrics,
     batch_max: usize,
-    shutdown_timeout: Duration,
+    tokens: ChunkTokens,
+    /// Serialized records not yet committed (kept across a failed append, for a retry).
+    batch: Batch,
     limiter: LogLimiter,
     drop_limiter: LogLimiter,
-    tokens: ChunkTokens,
-    batch_delay: Duration,
 }
 
 /// One transaction's worth of events, with the tickets to resolve once it is committed.
@@ -380,85 +559,16 @@ struct Batch {
     messages: Vec<WireMessage>,
     handed_at: Vec<Option<Instant>>,
     tickets: Vec<DurableTx>,
+    /// The end of the last journaled record in the batch, and how many it holds.
+    journal: Option<(Position, u64)>,
 }
 
-impl Writer {
-    fn run(mut self) {
-        let mut batch = Batch::default();
-        let mut deadline: Option<Instant> = None;
-        loop {
-            if deadline.is_none() {
-                match self.control.try_recv() {
-                    Err(TryRecvError::Empty) => {}
-                    Ok(()) | Err(TryRecvError::Disconnected) => {
-                        deadline = Some(Instant::now() + self.shutdown_timeout);
-                    }
-                }
-            }
-            if batch.messages.is_empty() {
-                self.take(&mut batch, deadline.is_none());
-            }
-            self.handoff.report(&self.metrics, &mut self.drop_limiter);
-            self.metrics.handoff_queue.set(self.handoff.len() as i64);
-            if batch.messages.is_empty() {
-                if let Some(drained) = self.drain_overflow() {
-                    if !drained {
-                        std::thread::sleep(RETRY_WAIT);
-                    }
-                    continue;
-                }
-                if deadline.is_some() {
-                    break;
-                }
-                continue;
-            }
-            match self.log.append(&batch.messages, &self.topics) {
-                Ok(()) => {
-                    // Durable: the responses waiting on these completions may end.
-                    for t in batch.tickets.drain(..) {
-                        t.done();
-                    }
-                    for (m, at) in batch.messages.drain(..).zip(batch.handed_at.drain(..)) {
-                        EventsPublished {
-                            topic: m.topic,
-                            count: 1,
-                            latency: at.map(|t| t.elapsed()),
-                        }
-                        .emit(&self.metrics);
-                    }
-                }
-                Err(e) => {
-                    if let Some(held_back) = self.limiter.allow() {
-                        tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot append to the local event log; retrying");
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        EventsDropped {
-                            count: batch.messages.len() as u64 + self.rx.len() as u64,
-                            reason: DropReason::AfterShutdown,
-                        }
-                        .emit(&self.metrics, &mut self.drop_limiter);
-                        break;
-                    }
-                    std::thread::sleep(RETRY_WAIT);
-                }
-            }
-        }
-        if let Err(e) = self.handoff.overflow().map_or(Ok(()), |o| o.sync()) {
-            tracing::error!(target: "tollgate::events", error = %e, "cannot sync the overflow spool");
-        }
-    }
-
-    /// Takes what the channel holds (up to a batch). With `wait`, first sleeps until a
-    /// completion is handed over (a response waits on it: woken at once) or `batch_delay`
-    /// passes (requests and chunks wait that long at most): one transaction per completion
-    /// at low load, with its request and chunks, and larger ones as load grows.
-    fn take(&mut self, batch: &mut Batch, wait: bool) {
+impl Committer {
+    /// Takes what the channel holds (up to a batch) into the pending batch, serialized.
+    fn take(&mut self, rx: &Receiver<Handed>) {
         let mut handed: Vec<Handed> = Vec::new();
-        if wait && !self.handoff.overflow().is_some_and(|o| o.is_active()) {
-            self.handoff.wait(self.batch_delay);
-        }
         while handed.len() < self.batch_max {
-            match self.rx.try_recv() {
+            match rx.try_recv() {
                 Ok(h) => handed.push(h),
                 Err(_) => break,
             }
@@ -489,12 +599,20 @@ impl Writer {
                 }
                 _ => self.tokens.stamp(&mut h.record),
             }
-            match h.record.to_wire() {
+            if let Some(end) = h.journal {
+                let n = self.batch.journal.map_or(0, |(_, n)| n);
+                self.batch.journal = Some((end, n + 1));
+            }
+            let wire = match h.wire.take() {
+                Some(m) => Ok(m),
+                None => h.record.to_wire(),
+            };
+            match wire {
                 Ok(m) => {
-                    batch.messages.push(m);
-                    batch.handed_at.push(Some(h.at));
+                    self.batch.messages.push(m);
+                    self.batch.handed_at.push(Some(h.at));
                     if let Some(t) = h.durable {
-                        batch.tickets.push(t);
+                        self.batch.tickets.push(t);
                     }
                 }
                 Err(e) => {
@@ -509,18 +627,54 @@ impl Writer {
         }
     }
 
-    /// Moves records from the overflow spool into the log, oldest first. `None` when the
-    /// overflow is empty; otherwise whether the move succeeded.
-    fn drain_overflow(&mut self) -> Option<bool> {
-        let overflow = self.handoff.overflow()?.clone();
-        if !overflow.is_active() {
-            return None;
+    /// Commits the pending batch; on success the responses waiting on its completions may
+    /// end. On failure the batch is kept for the next try (and the error logged).
+    fn commit(&mut self) -> bool {
+        if self.batch.messages.is_empty() {
+            return true;
         }
+        match self.log.append(&self.batch.messages, &self.topics) {
+            Ok(()) => {
+                for t in self.batch.tickets.drain(..) {
+                    t.done();
+                }
+                if let (Some(journal), Some((end, n))) = (&self.journal, self.batch.journal.take())
+                {
+                    let mut j = journal.lock();
+                    if let Err(e) = j.commit(end, n).and_then(|()| j.sync(false)) {
+                        if let Some(held_back) = self.limiter.allow() {
+                            tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot move the completion journal's cursor (a restart may append completions twice; readers drop the copies)");
+                        }
+                    }
+                }
+                let batch = &mut self.batch;
+                for (m, at) in batch.messages.drain(..).zip(batch.handed_at.drain(..)) {
+                    EventsPublished {
+                        topic: m.topic,
+                        count: 1,
+                        latency: at.map(|t| t.elapsed()),
+                    }
+                    .emit(&self.metrics);
+                }
+                true
+            }
+            Err(e) => {
+                if let Some(held_back) = self.limiter.allow() {
+                    tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot append to the local event log; retrying");
+                }
+                false
+            }
+        }
+    }
+
+    /// Moves records from the overflow spool into the log, oldest first; whether it
+    /// succeeded.
+    fn drain_overflow(&mut self, overflow: &Overflow) -> bool {
         let drained = match overflow.read(self.batch_max) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(target: "tollgate::events", error = %e, "cannot read the overflow spool");
-                return Some(false);
+                return false;
             }
         };
         let appended = self.log.append(&drained.messages, &self.topics);
@@ -537,15 +691,86 @@ impl Writer {
                     }
                     .emit(&self.metrics);
                 }
-                Some(true)
+                true
             }
             Err(e) => {
                 overflow.retry();
                 if let Some(held_back) = self.limiter.allow() {
                     tracing::error!(target: "tollgate::events", error = %e, earlier_lines_held_back = held_back, "cannot move overflowed events into the local event log; retrying");
                 }
-                Some(false)
+                false
             }
+        }
+    }
+}
+
+struct Writer {
+    committer: Arc<Mutex<Committer>>,
+    rx: Receiver<Handed>,
+    control: Receiver<()>,
+    handoff: Arc<Handoff>,
+    metrics: EventMetrics,
+    shutdown_timeout: Duration,
+    batch_delay: Duration,
+    drop_limiter: LogLimiter,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if deadline.is_none() {
+                match self.control.try_recv() {
+                    Err(TryRecvError::Empty) => {}
+                    Ok(()) | Err(TryRecvError::Disconnected) => {
+                        deadline = Some(Instant::now() + self.shutdown_timeout);
+                    }
+                }
+            }
+            // Sleep until a completion is handed over (a response waits on it: woken at
+            // once) or `batch_delay` passes (requests and chunks wait that long at most):
+            // one transaction per completion at low load, larger ones as load grows.
+            let overflowing = self.handoff.overflow().is_some_and(|o| o.is_active());
+            if deadline.is_none() && !overflowing && self.committer.lock().batch.messages.is_empty()
+            {
+                self.handoff.wait(self.batch_delay);
+            }
+            self.handoff.report(&self.metrics, &mut self.drop_limiter);
+            self.metrics.handoff_queue.set(self.handoff.len() as i64);
+            let mut c = self.committer.lock();
+            if c.batch.messages.is_empty() {
+                c.take(&self.rx);
+            }
+            if c.batch.messages.is_empty() {
+                if let Some(overflow) = self.handoff.overflow().filter(|o| o.is_active()) {
+                    let moved = c.drain_overflow(overflow);
+                    drop(c);
+                    if !moved {
+                        std::thread::sleep(RETRY_WAIT);
+                    }
+                    continue;
+                }
+                if deadline.is_some() {
+                    break;
+                }
+                continue;
+            }
+            if !c.commit() {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    let lost = c.batch.messages.len() as u64 + self.rx.len() as u64;
+                    EventsDropped {
+                        count: lost,
+                        reason: DropReason::AfterShutdown,
+                    }
+                    .emit(&self.metrics, &mut self.drop_limiter);
+                    break;
+                }
+                drop(c);
+                std::thread::sleep(RETRY_WAIT);
+            }
+        }
+        if let Err(e) = self.handoff.overflow().map_or(Ok(()), |o| o.sync()) {
+            tracing::error!(target: "tollgate::events", error = %e, "cannot sync the overflow spool");
         }
     }
 }
@@ -558,6 +783,56 @@ mod tests {
 
     use super::*;
     use crate::events::wire::tests::{chunk, completion, request};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completions_journaled_but_not_written_are_appended_once_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = LocalEventLog::default_path(dir.path());
+        let topics = LocalConfig::default().topics();
+        let wire = |id: &str| {
+            Record::Completion(Box::new(completion("t", id)))
+                .to_wire()
+                .unwrap()
+        };
+        let (a, b, c) = (wire("r1"), wire("r2"), wire("r3"));
+        // A run that died after journaling three completions and writing only the first.
+        LocalEventLog::open(&path).await.unwrap();
+        Appender::open(&path, LocalSync::Normal)
+            .unwrap()
+            .append(std::slice::from_ref(&a), &topics)
+            .unwrap();
+        let mut journal = Spool::open(
+            &path.with_extension("journal"),
+            SpoolOptions {
+                segment_max_bytes: JOURNAL_SEGMENT_BYTES,
+                fsync_interval: JOURNAL_CURSOR_EVERY,
+            },
+        )
+        .unwrap();
+        for m in [&a, &b, &c] {
+            journal
+                .append(Lane::New, &SpoolRecord::from_wire(m.clone()))
+                .unwrap();
+        }
+        journal.flush().unwrap();
+        drop(journal);
+
+        for _ in 0..2 {
+            let sink = LocalSink::start(&LocalConfig::default(), dir.path())
+                .await
+                .unwrap();
+            sink.shutdown().await;
+        }
+        let log = LocalEventLog::open(&path).await.unwrap();
+        let ids: Vec<String> = log
+            .read_topic("llm.completions", 1, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event_id)
+            .collect();
+        assert_eq!(ids, [a.event_id, b.event_id, c.event_id]);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_are_durable_and_read_back_in_order_from_any_offset() {

@@ -133,7 +133,8 @@ struct EventId<'a> {
     event_id: std::borrow::Cow<'a, str>,
 }
 
-fn to_wire(r: SpoolRecord) -> WireMessage {
+/// A spooled record back as a wire message (its event id read from the payload).
+pub(crate) fn to_wire(r: SpoolRecord) -> WireMessage {
     let event_id = serde_json::from_slice::<EventId<'_>>(&r.payload)
         .map(|e| e.event_id.into_owned())
         .unwrap_or_default();

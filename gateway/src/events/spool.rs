@@ -629,7 +629,8 @@ impl Spool {
         Ok(())
     }
 
-    fn end_position(&self) -> Position {
+    /// The position just after the last record appended.
+    pub fn end_position(&self) -> Position {
         self.segments
             .iter()
             .next_back()

@@ -70,6 +70,10 @@ pub struct Handed {
     pub record: Record,
     /// A completion's durability ticket: resolved once the record is durable.
     pub durable: Option<DurableTx>,
+    /// The record already serialized (its event id given), when the request path did it.
+    pub wire: Option<WireMessage>,
+    /// Where the record ends in the local log's completion journal, if it was journaled.
+    pub journal: Option<super::spool::Position>,
 }
 
 /// One serialized event, ready for Kafka, the spool or the local log.
@@ -349,6 +353,8 @@ impl Handoff {
             at: Instant::now(),
             record,
             durable: None,
+            wire: None,
+            journal: None,
         });
     }
 
@@ -362,12 +368,30 @@ impl Handoff {
             at: Instant::now(),
             record: Record::Completion(Box::new(record)),
             durable,
+            wire: None,
+            journal: None,
         });
-        self.ring();
         ticket
     }
 
-    fn ring(&self) {
+    /// A ticket already resolved: the record was made durable on the request path.
+    pub fn durable_now(&self) -> Durable {
+        match self.barrier.as_ref().and_then(Barrier::ticket) {
+            Some((tx, ticket)) => {
+                tx.done();
+                ticket
+            }
+            None => Durable::not_required(),
+        }
+    }
+
+    /// Hands over a record that is already durable elsewhere (serialized as `wire`).
+    pub fn send_durable(&self, handed: Handed) {
+        self.hand(handed);
+    }
+
+    /// Wakes a writer waiting in [`Handoff::wait`] (a completion waits to be written).
+    pub fn ring(&self) {
         let _ = self.doorbell.0.try_send(());
     }
 
@@ -402,15 +426,15 @@ impl Handoff {
 
     /// The channel is full (or records are already waiting in the overflow): the record goes
     /// to the overflow spool, serialized here.
-    fn spill(&self, h: Handed) {
+    fn spill(&self, mut h: Handed) {
         let Some(overflow) = &self.overflow else {
             return self.lose(&h, DropReason::HandoffFull);
         };
-        let written = h
-            .record
-            .to_wire()
-            .map_err(|_| DropReason::Serialize)
-            .and_then(|m| overflow.push(m));
+        let wire = match h.wire.take() {
+            Some(m) => Ok(m),
+            None => h.record.to_wire().map_err(|_| DropReason::Serialize),
+        };
+        let written = wire.and_then(|m| overflow.push(m));
         match written {
             Ok(()) => {
                 self.overflowed.fetch_add(1, Ordering::Relaxed);
