@@ -312,16 +312,19 @@ for level in "${LEVELS[@]}"; do
     done
 done
 
-# What each proxy scenario adds to the direct run of the same round.
-for proxy in "${SCENARIOS[@]:1}"; do
+# diff_table HEADER BASE SCENARIO: per level and round, what SCENARIO adds to BASE's run of
+# the same round (latencies in µs) and the throughput ratio SCENARIO/BASE, under HEADER (the
+# first column's title).
+diff_table() {
+    local header=$1 base=$2 scenario=$3 conc round d g
     echo
-    echo "| $proxy: concurrency | round | added TTFT p50 | added TTFT p99 | added total p50 | added total p99 | throughput ratio $proxy/direct |"
+    echo "| $header: concurrency | round | added TTFT p50 | added TTFT p99 | added total p50 | added total p99 | throughput ratio $scenario/$base |"
     echo "|---:|---:|---:|---:|---:|---:|---:|"
     for level in "${LEVELS[@]}"; do
         conc=${level%%:*}
         for ((round = 1; round <= ROUNDS; round++)); do
-            d="$TMP/direct-c$conc-r$round.json"
-            g="$TMP/$proxy-c$conc-r$round.json"
+            d="$TMP/$base-c$conc-r$round.json"
+            g="$TMP/$scenario-c$conc-r$round.json"
             diff_of() { echo $(($(json_num "$g" "$1") - $(json_num "$d" "$1"))); }
             printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$conc" "$round" \
                 "$(diff_of ttft_us.p50)" "$(diff_of ttft_us.p99)" \
@@ -329,23 +332,14 @@ for proxy in "${SCENARIOS[@]:1}"; do
                 "$(calc "%.3f" "$(json_num "$g" rps) / $(json_num "$d" rps)")"
         done
     done
+}
+
+# What each proxy scenario adds to the direct run of the same round.
+for proxy in "${SCENARIOS[@]:1}"; do
+    diff_table "$proxy" direct "$proxy"
 done
 
 # What the durability barrier costs: the gateway with it against the one without, same round.
 if [[ $GATEWAY == 1 && $DURABILITY_AB == 1 ]]; then
-    echo
-    echo "| barrier cost: concurrency | round | TTFT p50 | TTFT p99 | total p50 | total p99 | throughput ratio barrier/no-barrier |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|"
-    for level in "${LEVELS[@]}"; do
-        conc=${level%%:*}
-        for ((round = 1; round <= ROUNDS; round++)); do
-            d="$TMP/gateway-no-barrier-c$conc-r$round.json"
-            g="$TMP/gateway-c$conc-r$round.json"
-            diff_of() { echo $(($(json_num "$g" "$1") - $(json_num "$d" "$1"))); }
-            printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$conc" "$round" \
-                "$(diff_of ttft_us.p50)" "$(diff_of ttft_us.p99)" \
-                "$(diff_of total_us.p50)" "$(diff_of total_us.p99)" \
-                "$(calc "%.3f" "$(json_num "$g" rps) / $(json_num "$d" rps)")"
-        done
-    done
+    diff_table "barrier cost" gateway-no-barrier gateway
 fi

@@ -45,6 +45,18 @@ pub fn tollgate(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("tollgate runs")
 }
 
+/// Runs `tollgate ARGS` and returns its standard output, trimmed; a failure panics with what
+/// the command printed on standard error.
+pub fn tollgate_ok(args: &[&str]) -> String {
+    let out = tollgate(args, &[]);
+    assert!(
+        out.status.success(),
+        "tollgate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A `tollgate serve` process, killed on drop.
 pub struct GatewayProcess {
     pub child: Child,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_tests::harness::{read_events, sse_events};
-use tollgate_tests::process::{tollgate, GatewayProcess};
+use tollgate_tests::process::{tollgate_ok, GatewayProcess};
 
 /// The built-in simulated model; its completions carry `upstream_model = "mock/fast"` (the
 /// built-in deployment's model), which is what the price book is keyed by.
@@ -64,22 +64,12 @@ impl Expected {
     }
 }
 
-fn run_ok(args: &[&str]) -> String {
-    let out = tollgate(args, &[]);
-    assert!(
-        out.status.success(),
-        "tollgate {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Creates a tenant, its key and the model's price with the CLI; returns (tenant id, key).
 fn provision(data_dir: &Path) -> (String, String) {
     let data = data_dir.to_str().unwrap();
-    let tenant = run_ok(&["--data-dir", data, "tenants", "create", "acme"]);
-    let key = run_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
-    run_ok(&[
+    let tenant = tollgate_ok(&["--data-dir", data, "tenants", "create", "acme"]);
+    let key = tollgate_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
+    tollgate_ok(&[
         "--data-dir",
         data,
         "prices",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_tests::harness::read_events;
-use tollgate_tests::process::{tollgate, GatewayProcess};
+use tollgate_tests::process::{tollgate_ok, GatewayProcess};
 
 const INPUT_PER_MTOK: &str = "1.234567";
 const OUTPUT_PER_MTOK: &str = "9.87654321";
@@ -23,22 +23,9 @@ fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
-fn run_ok(args: &[&str]) -> String {
-    let out = tollgate(args, &[]);
-    assert!(
-        out.status.success(),
-        "tollgate {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A tenant, its key, and a price for the streaming mock model; returns the key.
-fn provision(data_dir: &Path, model: &str) -> String {
-    let data = data_dir.to_str().unwrap();
-    let tenant = run_ok(&["--data-dir", data, "tenants", "create", "acme"]);
-    let key = run_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
-    run_ok(&[
+/// The test's price for `model`, in force since 2020.
+fn set_price(data: &str, model: &str) {
+    tollgate_ok(&[
         "--data-dir",
         data,
         "prices",
@@ -54,6 +41,14 @@ fn provision(data_dir: &Path, model: &str) -> String {
         "--effective-from",
         "2020-01-01T00:00:00Z",
     ]);
+}
+
+/// A tenant, its key, and a price for the streaming mock model; returns the key.
+fn provision(data_dir: &Path, model: &str) -> String {
+    let data = data_dir.to_str().unwrap();
+    let tenant = tollgate_ok(&["--data-dir", data, "tenants", "create", "acme"]);
+    let key = tollgate_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
+    set_price(data, model);
     key
 }
 
@@ -210,7 +205,7 @@ struct Received {
 /// One streamed request; `None` when no response started (the gateway was down).
 async fn stream_one(client: &reqwest::Client, base: &str, key: &str, i: usize) -> Option<Received> {
     // Two in three are long streams (40 chunks, 25 ms apart), the rest arrive at once.
-    let model = if i % 3 == 0 {
+    let model = if i.is_multiple_of(3) {
         "mock/fast"
     } else {
         "mock/realistic"
@@ -267,22 +262,7 @@ async fn thirty_two_clients_through_five_kills_are_each_billed_once_for_what_the
     let dir = tempfile::tempdir().unwrap();
     let key = provision(dir.path(), "mock/realistic");
     let data = dir.path().to_str().unwrap().to_string();
-    run_ok(&[
-        "--data-dir",
-        &data,
-        "prices",
-        "set",
-        "--model",
-        "mock/fast",
-        "--input",
-        INPUT_PER_MTOK,
-        "--cached-input",
-        "0",
-        "--output",
-        OUTPUT_PER_MTOK,
-        "--effective-from",
-        "2020-01-01T00:00:00Z",
-    ]);
+    set_price(&data, "mock/fast");
     let env = [("TOLLGATE__BILLING__ORPHAN_TIMEOUT_MS", "1500")];
     let gw = GatewayProcess::start(&["--data-dir", &data], &env, dir.path().join("gw0.log")).await;
     let base = Arc::new(RwLock::new(gw.base_url.clone()));

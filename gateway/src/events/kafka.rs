@@ -63,7 +63,7 @@ const TURN_EVENTS: usize = 4096;
 /// How long an idle loop turn waits for a record before serving delivery reports.
 const IDLE_POLL: Duration = Duration::from_millis(2);
 /// The same while messages await acknowledgement.
-const ACK_POLL: Duration = Duration::from_micros(200);
+const ACK_POLL: Duration = Duration::from_micros(500);
 /// After Kafka looked down, how long before a first replay attempt.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(500);
 
