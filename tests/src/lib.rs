@@ -1,5 +1,6 @@
 //! Test support for Tollgate's end-to-end tests and benchmarks.
 
+pub mod chaos;
 pub mod harness;
 pub mod load;
 pub mod mock_upstream;

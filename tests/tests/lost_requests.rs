@@ -191,127 +191,23 @@ async fn a_stream_cut_by_a_killed_gateway_is_billed_from_its_request_and_chunks(
     );
 }
 
-/// What one client received from one request.
-#[derive(Debug, Clone)]
-struct Received {
-    request_id: String,
-    model: &'static str,
-    /// `[DONE]` arrived: the response was received whole, with this usage (prompt, output).
-    usage: Option<(u64, u64)>,
-    /// The output text of every chunk received.
-    text: String,
-}
-
-/// One streamed request; `None` when no response started (the gateway was down).
-async fn stream_one(client: &reqwest::Client, base: &str, key: &str, i: usize) -> Option<Received> {
-    // Two in three are long streams (40 chunks, 25 ms apart), the rest arrive at once.
-    let model = if i.is_multiple_of(3) {
-        "mock/fast"
-    } else {
-        "mock/realistic"
-    };
-    let mut resp = client
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "stream": true,
-            "stream_options": {"include_usage": true},
-            "messages": [{"role": "user", "content": format!("Story {i}: tell me about the sea.")}]}))
-        .send()
-        .await
-        .ok()?;
-    if resp.status() != 200 {
-        return None;
-    }
-    let request_id = resp.headers()["x-request-id"].to_str().ok()?.to_string();
-    let mut raw = String::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        raw.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    let events = tollgate_tests::harness::sse_events(&raw);
-    let mut text = String::new();
-    let mut usage = None;
-    for (_, data) in &events {
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
-            continue;
-        };
-        if let Some(t) = v
-            .pointer("/choices/0/delta/content")
-            .and_then(Value::as_str)
-        {
-            text.push_str(t);
-        }
-        if v["usage"].is_object() {
-            let n = |k: &str| v["usage"][k].as_u64().unwrap_or(0);
-            usage = Some((n("prompt_tokens"), n("completion_tokens")));
-        }
-    }
-    let whole = events.last().map(|e| e.1.as_str()) == Some("[DONE]");
-    Some(Received {
-        request_id,
-        model,
-        usage: if whole { usage } else { None },
-        text,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_clients_through_five_kills_are_each_billed_once_for_what_they_received() {
-    use std::sync::Arc;
-    use tokio::sync::RwLock;
+    use tollgate_tests::chaos;
 
     let dir = tempfile::tempdir().unwrap();
     let key = provision(dir.path(), "mock/realistic");
     let data = dir.path().to_str().unwrap().to_string();
     set_price(&data, "mock/fast");
     let env = [("TOLLGATE__BILLING__ORPHAN_TIMEOUT_MS", "1500")];
-    let gw = GatewayProcess::start(&["--data-dir", &data], &env, dir.path().join("gw0.log")).await;
-    let base = Arc::new(RwLock::new(gw.base_url.clone()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..32)
-        .map(|c| {
-            let (base, stop, key) = (base.clone(), stop.clone(), key.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut got = Vec::new();
-                let mut i = c * 10_000;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let url = base.read().await.clone();
-                    match stream_one(&client, &url, &key, i).await {
-                        Some(r) => got.push(r),
-                        None => tokio::time::sleep(Duration::from_millis(20)).await,
-                    }
-                    i += 1;
-                }
-                got
-            })
-        })
-        .collect();
-
+    let start = |round: usize| {
+        let (data, log) = (data.clone(), dir.path().join(format!("gw{round}.log")));
+        async move { GatewayProcess::start(&["--data-dir", &data], &env, log).await }
+    };
     // Five SIGKILLs at moments spread over the streams' lives, each followed by a restart.
-    let mut gw = gw;
-    for (round, pause_ms) in [700u64, 1900, 450, 1300, 2600].into_iter().enumerate() {
-        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        drop(gw);
-        gw = GatewayProcess::start(
-            &["--data-dir", &data],
-            &env,
-            dir.path().join(format!("gw{}.log", round + 1)),
-        )
-        .await;
-        *base.write().await = gw.base_url.clone();
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut received: Vec<Received> = Vec::new();
-    for c in clients {
-        received.extend(c.await.unwrap());
-    }
-    let whole = received.iter().filter(|r| r.usage.is_some()).count();
-    let cut = received.len() - whole;
-    assert!(
-        whole > 50 && cut >= 5,
-        "{whole} whole, {cut} cut: not the mix this test needs"
-    );
+    let pauses = [700, 1900, 450, 1300, 2600].map(Duration::from_millis);
+    let (received, gw) =
+        chaos::clients_through_kills(start(0).await, &key, 32, &pauses, start).await;
 
     // Wait for the orphan timeout and the pipeline: the ledger stops changing.
     let mut last = Value::Null;
@@ -325,111 +221,25 @@ async fn thirty_two_clients_through_five_kills_are_each_billed_once_for_what_the
         assert!(Instant::now() < deadline, "the ledger never settled: {v}");
         last = v;
     }
-
-    // Completion events per request: every billed one is in the log.
     let logged = events(dir.path()).await;
-    let mut completions = std::collections::HashMap::<String, Vec<Value>>::new();
-    let mut estimates = std::collections::HashMap::<String, u64>::new();
-    for (topic, e) in &logged {
-        let id = e["request_id"].as_str().unwrap_or_default().to_string();
-        match topic.as_str() {
-            "llm.completions" => completions.entry(id).or_default().push(e.clone()),
-            "llm.requests" => {
-                estimates.insert(id, e["prompt_tokens_estimate"].as_u64().unwrap_or(0));
-            }
-            _ => {}
-        }
-    }
-    let (mut input, mut output, mut requests) = (0u64, 0u64, 0i64);
-    let (mut unbilled_cut, mut held_at_the_end, mut recovered) = (0, 0, 0);
-    let mut unbilled_delivered = Vec::new();
-    for r in &received {
-        let events = completions.get(&r.request_id).cloned().unwrap_or_default();
-        let distinct: std::collections::HashSet<&str> = events
-            .iter()
-            .filter_map(|e| e["event_id"].as_str())
-            .collect();
-        match r.usage {
-            Some((prompt, completion)) => {
-                // Received whole: billed once, with the upstream's usage, never recovered.
-                assert_eq!(distinct.len(), 1, "{}: {events:?}", r.request_id);
-                let e = &events[0];
-                assert_eq!(e["status"], "completed", "{e}");
-                assert_eq!(e["usage"]["input_tokens"].as_u64(), Some(prompt), "{e}");
-                assert_eq!(
-                    e["usage"]["output_tokens"].as_u64(),
-                    Some(completion),
-                    "{e}"
-                );
-                input += prompt;
-                output += completion;
-                requests += 1;
-            }
-            None => {
-                // Cut by a kill: billed once (recovered) for at most what it delivered.
-                if distinct.is_empty() {
-                    // Nothing of it was durable: the gateway died before the request's first
-                    // output had been written (its request event waits for that), so the
-                    // client can have received only what left in the last moments.
-                    let delivered = tollgate_gateway::tokens::count_text(r.model, &r.text);
-                    unbilled_delivered.push(delivered);
-                    unbilled_cut += 1;
-                    continue;
-                }
-                assert_eq!(distinct.len(), 1, "{}: {events:?}", r.request_id);
-                let e = &events[0];
-                let delivered = tollgate_gateway::tokens::count_text(r.model, &r.text);
-                let billed = e["usage"]["output_tokens"].as_u64().unwrap();
-                if e["status"] == "completed" {
-                    // The gateway died after the completion was durable and before the last
-                    // write (held for it) reached the client: billed as the upstream
-                    // reported, which covers what was delivered.
-                    assert_eq!(e["usage"]["source"], "provider", "{e}");
-                    assert!(
-                        billed >= delivered,
-                        "{}: {billed} < {delivered}",
-                        r.request_id
-                    );
-                    held_at_the_end += 1;
-                } else {
-                    assert_eq!(e["usage"]["source"], "recovered", "{e}");
-                    assert!(
-                        billed <= delivered,
-                        "{}: billed {billed} output tokens, delivered {delivered}",
-                        r.request_id
-                    );
-                    assert_eq!(
-                        e["usage"]["input_tokens"].as_u64(),
-                        estimates.get(&r.request_id).copied(),
-                        "{e}"
-                    );
-                    recovered += 1;
-                }
-                input += e["usage"]["input_tokens"].as_u64().unwrap();
-                output += billed;
-                requests += 1;
-            }
-        }
-    }
-    println!(
-        "{whole} whole and {cut} cut responses: {recovered} recovered, {held_at_the_end} cut \
-         while their last write waited for the barrier, {unbilled_cut} before any event of theirs \
-         was durable (output tokens they had received: {unbilled_delivered:?})"
-    );
-    assert!(recovered > 0, "no stream was recovered");
-    // Request and chunk records wait at most `batch_delay_ms` (5 ms) to be written: a stream
-    // cut before any of its records was can have delivered a first chunk at most.
-    assert!(
-        unbilled_delivered.iter().all(|n| *n <= 3),
-        "unbilled streams delivered {unbilled_delivered:?} output tokens"
-    );
+    let (completions, estimates) = chaos::index_events(logged.iter().map(|(t, e)| (t.as_str(), e)));
+    let want = chaos::check(&received, &completions, &estimates);
+    println!("{want:?}");
     // Nothing else was billed, and nothing twice: the ledger is exactly what the clients got.
     let total = &last["total"];
-    assert_eq!(total["requests"].as_i64(), Some(requests), "{last}");
-    assert_eq!(total["input_tokens"].as_u64(), Some(input), "{last}");
-    assert_eq!(total["output_tokens"].as_u64(), Some(output), "{last}");
-    let want_cost = (Decimal::from(input) * dec(INPUT_PER_MTOK)
-        + Decimal::from(output) * dec(OUTPUT_PER_MTOK))
+    assert_eq!(total["requests"].as_i64(), Some(want.requests), "{last}");
+    assert_eq!(
+        total["input_tokens"].as_u64(),
+        Some(want.input_tokens),
+        "{last}"
+    );
+    assert_eq!(
+        total["output_tokens"].as_u64(),
+        Some(want.output_tokens),
+        "{last}"
+    );
+    let want_cost = (Decimal::from(want.input_tokens) * dec(INPUT_PER_MTOK)
+        + Decimal::from(want.output_tokens) * dec(OUTPUT_PER_MTOK))
         / Decimal::from(1_000_000);
     assert_eq!(dec(total["cost"].as_str().unwrap()), want_cost, "{last}");
 }
