@@ -240,19 +240,20 @@ pub fn check(
     b
 }
 
-/// Completion events by request id, and request events' prompt estimates, from `(topic,
-/// event)` pairs.
+/// Completion events by request id, and request events' prompt estimates (chunk events are
+/// passed over).
 pub fn index_events<'a>(
-    events: impl IntoIterator<Item = (&'a str, &'a Value)>,
+    events: impl IntoIterator<Item = &'a Value>,
 ) -> (HashMap<String, Vec<Value>>, HashMap<String, u64>) {
     let mut completions = HashMap::<String, Vec<Value>>::new();
     let mut estimates = HashMap::<String, u64>::new();
-    for (topic, e) in events {
+    for e in events {
         let id = e["request_id"].as_str().unwrap_or_default().to_string();
-        if topic.ends_with("completions") {
+        // Topic names are the deployment's; the events say what they are.
+        if e.get("status").is_some() && e.get("usage").is_some() {
             completions.entry(id).or_default().push(e.clone());
-        } else if topic.ends_with("requests") {
-            estimates.insert(id, e["prompt_tokens_estimate"].as_u64().unwrap_or(0));
+        } else if let Some(n) = e.get("prompt_tokens_estimate").and_then(Value::as_u64) {
+            estimates.insert(id, n);
         }
     }
     (completions, estimates)

@@ -862,3 +862,192 @@ async fn reconcile_agrees_and_then_reports_a_tampered_clickhouse_row() {
     assert!(text.contains(", 1 with differences"), "{text}");
     clickhouse_database(&s.clickhouse, &ch_db, false).await;
 }
+
+/// Every message of `topic` (all partitions, from the start), as `(topic, event)`.
+fn consume_topic(bootstrap: &str, topic: &str) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("tollgate-test-{}", suffix()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(20))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in md.topics()[0].partitions() {
+        let (low, high) = c
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(20))
+            .unwrap();
+        remaining += high - low;
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(low))
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while remaining > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{remaining} messages of {topic} missing"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            remaining -= 1;
+            out.push((
+                topic.to_string(),
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_and_postgres_bill_each_client_once_through_gateway_and_pipeline_kills() {
+    use tollgate_tests::chaos;
+    use tollgate_tests::process::{tollgate_ok, GatewayProcess};
+
+    let test = "kafka_and_postgres_bill_each_client_once_through_gateway_and_pipeline_kills";
+    let Some(s) = services(test).await else {
+        return;
+    };
+    let id = suffix();
+    let [requests, chunks, completions] =
+        ["requests", "chunks", "completions"].map(|t| format!("llm.{t}.chaos_{id}"));
+    for t in [&requests, &chunks, &completions] {
+        create_topic(&s.kafka, t, 3).await;
+    }
+    let ch_db = format!("tollgate_test_{id}");
+    clickhouse_database(&s.clickhouse, &ch_db, true).await;
+    // One PostgreSQL database holds the gateway's tenants, keys and prices and the ledger.
+    let db = s.database_url.as_str();
+    let tenant = tollgate_ok(&["--database-url", db, "tenants", "create", "chaos"]);
+    let key = tollgate_ok(&["--database-url", db, "keys", "create", "--tenant", &tenant]);
+    for model in ["mock/fast", "mock/realistic"] {
+        tollgate_ok(&[
+            "--database-url",
+            db,
+            "prices",
+            "set",
+            "--model",
+            model,
+            "--input",
+            "1.234567",
+            "--cached-input",
+            "0",
+            "--output",
+            "9.87654321",
+            "--effective-from",
+            "2020-01-01T00:00:00Z",
+        ]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[events]\ntype = \"kafka\"\nbootstrap_servers = \"{}\"\nrequests_topic = \"{requests}\"\n\
+             chunks_topic = \"{chunks}\"\ncompletions_topic = \"{completions}\"\nspool_dir = \"{}\"\n",
+            s.kafka,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let redis_prefix = format!("tollgate_test_{id}:");
+    let pipeline = |extra: &[&str]| {
+        let mut args = vec![
+            "--requests-topic",
+            requests.as_str(),
+            "--chunks-topic",
+            chunks.as_str(),
+            "--orphan-timeout-ms",
+            "1500",
+        ];
+        args.extend_from_slice(extra);
+        Pipeline::start(&s, &completions, &redis_prefix, &ch_db, &args, &[])
+    };
+    let start = |round: usize| {
+        let log = dir.path().join(format!("gw{round}.log"));
+        let (data, config) = (data.clone(), config.clone());
+        async move {
+            GatewayProcess::start(
+                &["--database-url", db, "--data-dir", &data],
+                &[("TOLLGATE_CONFIG", config.to_str().unwrap())],
+                log,
+            )
+            .await
+        }
+    };
+
+    // The pipeline is SIGKILLed too, halfway, and restarted.
+    let first = pipeline(&[]);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        first.kill();
+        pipeline(&[])
+    };
+    let pauses = [700, 1900, 450, 1300, 2600].map(Duration::from_millis);
+    let ((received, _gw), second) = tokio::join!(
+        chaos::clients_through_kills(start(0).await, &key, 32, &pauses, start),
+        killer
+    );
+
+    // Wait for the orphan timeout and the pipeline: the ledger stops changing.
+    let pool = sqlx::PgPool::connect(db).await.unwrap();
+    let totals = || async {
+        sqlx::query(
+            "SELECT coalesce(sum(requests), 0)::BIGINT, coalesce(sum(input_tokens), 0)::BIGINT,
+                    coalesce(sum(output_tokens), 0)::BIGINT, coalesce(sum(cost), 0)::TEXT
+             FROM usage_periods WHERE tenant_id = $1",
+        )
+        .bind(&tenant)
+        .fetch_one(&pool)
+        .await
+        .map(|r| {
+            (
+                r.get::<i64, _>(0),
+                r.get::<i64, _>(1),
+                r.get::<i64, _>(2),
+                r.get::<String, _>(3),
+            )
+        })
+        .unwrap()
+    };
+    let mut last = totals().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let now = totals().await;
+        if now == last && now.0 > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ledger never settled: {now:?}"
+        );
+        last = now;
+    }
+    drop(second);
+
+    let logged: Vec<(String, serde_json::Value)> = [&requests, &completions]
+        .into_iter()
+        .flat_map(|t| consume_topic(&s.kafka, t))
+        .collect();
+    let (by_request, estimates) = chaos::index_events(logged.iter().map(|(_, e)| e));
+    let want = chaos::check(&received, &by_request, &estimates);
+    println!("{want:?}");
+    let want_cost = (Decimal::from(want.input_tokens) * Decimal::from_str("1.234567").unwrap()
+        + Decimal::from(want.output_tokens) * Decimal::from_str("9.87654321").unwrap())
+        / Decimal::from(1_000_000);
+    assert_eq!(
+        (last.0, last.1 as u64, last.2 as u64),
+        (want.requests, want.input_tokens, want.output_tokens),
+        "the ledger holds exactly what the clients received"
+    );
+    assert_eq!(Decimal::from_str(&last.3).unwrap(), want_cost);
+}
