@@ -204,8 +204,8 @@ async fn thirty_two_clients_through_five_kills_are_each_billed_once_for_what_the
         let (data, log) = (data.clone(), dir.path().join(format!("gw{round}.log")));
         async move { GatewayProcess::start(&["--data-dir", &data], &env, log).await }
     };
-    // Five SIGKILLs at moments spread over the streams' lives, each followed by a restart.
-    let pauses = [700, 1900, 450, 1300, 2600].map(Duration::from_millis);
+    // Five SIGKILLs at random moments, each followed by a restart.
+    let pauses = chaos::kill_schedule(5);
     let (received, gw) =
         chaos::clients_through_kills(start(0).await, &key, 32, &pauses, start).await;
 
