@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
 use tollgate_schemas::events::CompletionEvent;
 
@@ -29,25 +29,7 @@ impl LocalLogEvents {
             .enable_all()
             .build()
             .map_err(|e| RecoveryError::Invalid(format!("runtime: {e}")))?;
-        let pool = runtime.block_on(async {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| RecoveryError::Invalid(format!("{}: {e}", dir.display())))?;
-            }
-            let options = SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await?;
-            for statement in tollgate_schemas::events::LOCAL_EVENT_LOG_DDL {
-                sqlx::query(statement).execute(&pool).await?;
-            }
-            Ok::<_, RecoveryError>(pool)
-        })?;
+        let pool = runtime.block_on(crate::source::local_log::open_log(path))?;
         Ok(LocalLogEvents {
             runtime,
             pool,

@@ -9,6 +9,26 @@ use sqlx::Row;
 use tollgate_schemas::events::topics;
 
 use super::{committed, Source, SourceError};
+
+/// Opens (creating, with its schema) the gateway's local event log: one connection, WAL mode.
+pub(crate) async fn open_log(path: &Path) -> Result<SqlitePool, sqlx::Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    for statement in tollgate_schemas::events::LOCAL_EVENT_LOG_DDL {
+        sqlx::query(statement).execute(&pool).await?;
+    }
+    Ok(pool)
+}
 use crate::fact::SourceRecord;
 use crate::sink::Position;
 
@@ -50,25 +70,7 @@ impl LocalLogSource {
                 quiet_until: None,
             });
         }
-        let pool = runtime.block_on(async {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| SourceError::Invalid(format!("{}: {e}", dir.display())))?;
-            }
-            let options = SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await?;
-            for statement in tollgate_schemas::events::LOCAL_EVENT_LOG_DDL {
-                sqlx::query(statement).execute(&pool).await?;
-            }
-            Ok::<_, SourceError>(pool)
-        })?;
+        let pool = runtime.block_on(open_log(path))?;
         let (next, replay_until) = match committed(positions, 0) {
             Some(c) => {
                 let warm: Option<i64> = runtime.block_on(
