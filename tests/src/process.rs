@@ -57,6 +57,18 @@ pub fn tollgate_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `GET /v1/usage` of the gateway at `base` with `key`: the tenant's ledger totals.
+pub async fn usage(base: &str, key: &str) -> serde_json::Value {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("GET /v1/usage");
+    assert_eq!(r.status(), 200, "GET /v1/usage");
+    r.json().await.expect("a JSON usage report")
+}
+
 /// A `tollgate serve` process, killed on drop.
 pub struct GatewayProcess {
     pub child: Child,

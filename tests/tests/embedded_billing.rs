@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_tests::harness::{read_events, sse_events};
-use tollgate_tests::process::{tollgate_ok, GatewayProcess};
+use tollgate_tests::process::{tollgate_ok, usage, GatewayProcess};
 
 /// The built-in simulated model; its completions carry `upstream_model = "mock/fast"` (the
 /// built-in deployment's model), which is what the price book is keyed by.
@@ -173,17 +173,6 @@ async fn send(base: &str, key: &str, range: std::ops::Range<usize>, expected: &m
             expected.add(u);
         }
     }
-}
-
-async fn usage(base: &str, key: &str) -> Value {
-    let r = reqwest::Client::new()
-        .get(format!("{base}/v1/usage"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
 }
 
 /// Polls `/v1/usage` (≤ 20 s) until it shows `want.requests`, and returns it.

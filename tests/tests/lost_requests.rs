@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_tests::harness::read_events;
-use tollgate_tests::process::{tollgate_ok, GatewayProcess};
+use tollgate_tests::process::{tollgate_ok, usage, GatewayProcess};
 
 const INPUT_PER_MTOK: &str = "1.234567";
 const OUTPUT_PER_MTOK: &str = "9.87654321";
@@ -68,17 +68,6 @@ async fn events(data_dir: &Path) -> Vec<(String, Value)> {
     rows.into_iter()
         .map(|(t, p)| (t, serde_json::from_str(&p).unwrap()))
         .collect()
-}
-
-async fn usage(base: &str, key: &str) -> Value {
-    let r = reqwest::Client::new()
-        .get(format!("{base}/v1/usage"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
 }
 
 #[tokio::test]

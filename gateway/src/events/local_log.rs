@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::{Row, SqlitePool};
 
 use super::durable::{DurabilityPolicy, Durable, DurableTx};
 use super::internal_events::{
@@ -47,8 +47,6 @@ use super::wire::{ChunkTokens, Handed, Handoff, Record, WireMessage};
 use super::{durable_handoff, ms, EventSink, EventsError, LocalConfig, LocalSync, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
-/// Rows per INSERT statement, largest first (5 bound parameters a row; SQLite allows 32766).
-const INSERT_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 const RETRY_WAIT: Duration = Duration::from_millis(200);
 /// Segment files of the completion journal (deleted once committed past).
 const JOURNAL_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
@@ -121,39 +119,6 @@ impl LocalEventLog {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Appends `batch` in one transaction, in order.
-    pub async fn append(&self, batch: &[WireMessage], topics: &Topics) -> Result<(), EventsError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        // Multi-row inserts of power-of-two sizes only: at most a dozen distinct statements,
-        // each prepared once and then reused from the connection's statement cache.
-        let mut rest = batch;
-        while !rest.is_empty() {
-            let n = INSERT_ROWS
-                .iter()
-                .copied()
-                .find(|n| *n <= rest.len())
-                .unwrap_or(1);
-            let (rows, tail) = rest.split_at(n);
-            rest = tail;
-            let mut q = QueryBuilder::new(
-                "INSERT INTO event_log (topic, event_key, event_id, timestamp_ms, payload) ",
-            );
-            q.push_values(rows, |mut b, m| {
-                b.push_bind(m.topic.name(topics))
-                    .push_bind(m.key.as_str())
-                    .push_bind(m.event_id.as_str())
-                    .push_bind(m.timestamp_ms)
-                    .push_bind(String::from_utf8_lossy(&m.payload));
-            });
-            q.build().persistent(true).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Up to `max` events from `offset` on (all topics), in log order.

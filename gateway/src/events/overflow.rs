@@ -75,7 +75,8 @@ impl Overflow {
                 tracing::error!(target: "tollgate::events", error = %e, "cannot write the overflow spool");
                 DropReason::SpoolWrite
             })?;
-        let _ = spool.sync(false);
+        // Written to the file is what a process crash needs; the writer thread syncs at
+        // shutdown (no disk sync here, on the request path).
         Ok(())
     }
 
