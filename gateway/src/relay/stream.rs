@@ -10,10 +10,13 @@
 //! was generated so far.
 //!
 //! The durability barrier: once the stream's terminal event (`[DONE]`, `message_stop`, an
-//! error event) is written, the completion is recorded and the bytes still to go out wait
+//! error event) is written, the completion is recorded and the terminal event's bytes wait
 //! until the sink says the record is durable (`crate::events::durable`); meanwhile the
 //! upstream body is read to its end so that its connection can be reused. Everything before
-//! the terminal event goes out as it arrives.
+//! the terminal event goes out as it arrives, the output of the terminal event's own burst
+//! included: the chunk records of that output are already on their way to the sink, and a
+//! crash that leaves the completion unrecorded bills the stream from them (what the client
+//! received), never for output held back.
 //!
 //! A same-dialect stream also carries its request record ([`RelayStream::with_request_record`]):
 //! the prompt estimate it needs is counted after the first output has gone out, and the
@@ -82,6 +85,10 @@ pub struct RelayStream {
     held_chunks: Vec<(Duration, Bytes)>,
     /// The completion's durability ticket: the last bytes wait for it.
     barrier: Option<Durable>,
+    /// Where in `out` the upstream's terminal event begins: what comes before it (the output
+    /// of the same burst) goes out without waiting for the barrier, so that no output the
+    /// chunk records report is held back behind it.
+    terminal_at: Option<usize>,
     /// The upstream's terminal event was seen before its body ended: read the rest (for
     /// connection reuse) while the last bytes wait.
     drain_upstream: bool,
@@ -120,6 +127,7 @@ impl RelayStream {
             request_record: None,
             held_chunks: Vec::new(),
             barrier: None,
+            terminal_at: None,
             drain_upstream: false,
         }
     }
@@ -264,7 +272,11 @@ impl RelayStream {
         let from = self.out.len();
         let mut stopped = false;
         while let Some(frame) = self.parser.next_frame() {
+            let before = self.out.len();
             self.adapter.on_frame(frame, &mut self.out);
+            if self.terminal_at.is_none() && self.adapter.state().terminated {
+                self.terminal_at = Some(before);
+            }
             if first_alone && self.adapter.state().first_output_at.is_some() {
                 stopped = !self.out.is_empty();
                 break;
@@ -284,13 +296,24 @@ impl RelayStream {
     }
 
     fn take_out(&mut self) -> Option<Bytes> {
-        if self.out.is_empty() {
+        self.terminal_at = None;
+        self.take_out_to(self.out.len())
+    }
+
+    /// The output before the terminal event, if any is left.
+    fn take_before_terminal(&mut self) -> Option<Bytes> {
+        let at = self.terminal_at.take()?;
+        self.take_out_to(at)
+    }
+
+    fn take_out_to(&mut self, at: usize) -> Option<Bytes> {
+        if at == 0 {
             return None;
         }
         if let Some(t) = self.first_upstream_at.take() {
             self.post_processing = t.elapsed();
         }
-        Some(self.out.split().freeze())
+        Some(self.out.split_to(at).freeze())
     }
 }
 
@@ -325,10 +348,15 @@ impl Stream for RelayStream {
             if this.done {
                 if this.barrier.is_some() {
                     this.drain(cx);
-                    // The terminal bytes wait until the completion record is durable.
+                    // The terminal bytes wait until the completion record is durable; the
+                    // output before them does not (its chunk records are already on their
+                    // way: a crash now bills the client for output it had received).
                     if let Some(barrier) = this.barrier.as_mut() {
                         if Pin::new(barrier).poll(cx).is_pending() {
-                            return Poll::Pending;
+                            return match this.take_before_terminal() {
+                                Some(b) => Poll::Ready(Some(Ok(b))),
+                                None => Poll::Pending,
+                            };
                         }
                     }
                     this.barrier = None;
@@ -562,13 +590,16 @@ mod relay_tests {
             .collect();
         let mut s = relay(Arc::default(), Arc::default());
         s.exchange.sink = sink.clone();
-        // The burst ends in `[DONE]`: the completion is recorded, and nothing of the last
-        // write leaves until the sink says it is durable.
+        // The burst ends in `[DONE]`: the completion is recorded, the output before `[DONE]`
+        // goes out, and `[DONE]` waits until the sink says the completion is durable.
+        let done = "data: [DONE]\n\n";
+        let output = BURST.strip_suffix(done).unwrap();
+        assert_eq!(poll(&mut s), Poll::Ready(Some(output.to_string())));
         assert_eq!(poll(&mut s), Poll::Pending);
         assert_eq!(poll(&mut s), Poll::Pending);
         let ticket = sink.pending.lock().pop().unwrap();
         ticket.done();
-        assert_eq!(poll(&mut s), Poll::Ready(Some(BURST.to_string())));
+        assert_eq!(poll(&mut s), Poll::Ready(Some(done.to_string())));
         assert_eq!(poll(&mut s), Poll::Ready(None));
         drop((s, busy));
         assert!(sink.pending.lock().is_empty(), "one completion per stream");
