@@ -191,8 +191,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/messages", post(routes::chat::messages))
-        .route("/v1/embeddings", post(routes::embeddings::embeddings))
-        .route("/embeddings", post(routes::embeddings::embeddings))
+        .route("/v1/embeddings", post(routes::chat::embeddings))
+        .route("/embeddings", post(routes::chat::embeddings))
         .route("/v1/models", get(routes::models::list))
         .route("/models", get(routes::models::list))
         .route("/v1/usage", get(routes::usage::usage))
@@ -210,6 +210,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
+        .layer(axum::middleware::from_fn(routes::request_id::assign))
         .with_state(state)
 }
 

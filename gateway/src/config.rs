@@ -115,6 +115,9 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests (streams) before it cuts them; 0: until
     /// they end. Keep it below the orchestrator's kill timeout (Kubernetes: 30 s).
     pub shutdown_grace_ms: u64,
+    /// The level of the access log's lines (`info`, `debug` or `off`); failed requests are
+    /// logged at `warn` whatever it says. See `crate::access_log`.
+    pub access_log: crate::access_log::AccessLog,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +135,7 @@ impl Default for ServerConfig {
             busy_poll_us: 0,
             header_read_timeout_ms: 30_000,
             shutdown_grace_ms: 20_000,
+            access_log: crate::access_log::AccessLog::Info,
         }
     }
 }

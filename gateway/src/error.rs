@@ -131,6 +131,75 @@ impl GatewayError {
         }
     }
 
+    /// The error as the tenant reads it about its request `request_id` for `model`: what
+    /// failed upstream (which deployment, which address, the provider's words) stays in the
+    /// log and the completion record; the tenant learns which model could not be served and
+    /// the id to quote. The status and the error's type are kept. Errors about the request
+    /// itself (4xx, a provider's refusal of the prompt) pass as they are: the client needs
+    /// them to fix the request.
+    pub fn for_tenant(self, model: &str, request_id: &str) -> GatewayError {
+        let upstream =
+            |status: u16, message: String, retry_after_s, code: &str| GatewayError::Upstream {
+                status,
+                message,
+                retry_after_s,
+                param: None,
+                code: Some(code.to_string()),
+            };
+        match self {
+            GatewayError::UpstreamUnavailable(_) | GatewayError::UpstreamProtocol(_) => upstream(
+                502,
+                format!(
+                    "The model `{model}` could not be served: its providers failed or could not \
+                     be reached. Please retry; quote request id {request_id} if it persists."
+                ),
+                None,
+                "upstream_error",
+            ),
+            GatewayError::UpstreamTimeout(_) => upstream(
+                504,
+                format!(
+                    "The model `{model}` did not answer in time. Please retry; quote request id \
+                     {request_id} if it persists."
+                ),
+                None,
+                "timeout",
+            ),
+            GatewayError::Upstream {
+                status: 429,
+                retry_after_s,
+                ..
+            } => upstream(
+                429,
+                format!(
+                    "The model `{model}` is at its providers' rate limits. Please retry{} \
+                     (request id {request_id}).",
+                    retry_after_s.map_or(String::new(), |s| format!(" in {s} s"))
+                ),
+                retry_after_s,
+                "rate_limit_exceeded",
+            ),
+            GatewayError::Upstream {
+                status,
+                retry_after_s,
+                ..
+            } if !matches!(status, 400 | 404 | 409 | 413 | 422) => upstream(
+                status,
+                format!(
+                    "The model `{model}` could not be served: its provider answered with an \
+                     error ({status}). Please retry; quote request id {request_id} if it \
+                     persists."
+                ),
+                retry_after_s,
+                "upstream_error",
+            ),
+            GatewayError::Internal(_) => GatewayError::Internal(format!(
+                "the gateway failed to serve the request; quote request id {request_id}."
+            )),
+            other => other,
+        }
+    }
+
     /// A low-cardinality label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {

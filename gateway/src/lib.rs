@@ -22,8 +22,10 @@
 //! | [`invoices`] | invoices per tenant × period from the ledger's invoice lines; CSV/JSON/HTML |
 //! | [`billing`] | `[billing]` config; the billing pipeline embedded in the gateway process |
 //! | [`metrics`] | Prometheus metrics |
+//! | [`access_log`] | one log line per inference request |
 //! | [`config`] | configuration file and environment |
 
+pub mod access_log;
 pub mod admin;
 pub mod api;
 pub mod app;

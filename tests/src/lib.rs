@@ -5,6 +5,7 @@ pub mod harness;
 pub mod load;
 pub mod mock_upstream;
 pub mod process;
+pub mod routes_config;
 
 /// A test cannot run because a service it needs is missing (`why` says which and how to start
 /// it). Under CI (`CI` set and not `false`/`0`) that is a failure, never a silent pass;

@@ -415,6 +415,31 @@ pub enum EmbeddingsInput {
     TokenBatches(Vec<Vec<u32>>),
 }
 
+/// The parts of an embeddings response the gateway reads (the rest is forwarded as sent).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingsResponse {
+    #[serde(default)]
+    pub usage: Option<EmbeddingsUsage>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct EmbeddingsUsage {
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+}
+
+impl EmbeddingsInput {
+    /// Nothing to embed: an empty string or an empty list.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            EmbeddingsInput::One(s) => s.is_empty(),
+            EmbeddingsInput::Many(v) => v.is_empty(),
+            EmbeddingsInput::Tokens(t) => t.is_empty(),
+            EmbeddingsInput::TokenBatches(b) => b.is_empty(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tollgate_schemas::{TokenUsage, UsageSource};
 
 use super::StreamState;
+use crate::access_log::{AccessLine, AccessLog};
 use crate::api::WireFormat;
 use crate::auth::Caller;
 use crate::events::durable::Durable;
@@ -69,6 +70,8 @@ pub struct Exchange {
     /// The deployment's lease: in flight until the last clone of the exchange is gone, settled
     /// at the end.
     pub lease: Option<Arc<Lease>>,
+    /// The level of the request's access-log line.
+    pub access_log: AccessLog,
 }
 
 /// A request accepted and routed (before the upstream call).
@@ -184,9 +187,11 @@ pub struct Routed<'a> {
 }
 
 impl Exchange {
-    /// Starts the exchange of a routed request; the upstream call is taken to start now.
+    /// Starts the exchange of a routed request (`request_id` is the one its response
+    /// carries); the upstream call is taken to start now.
     pub fn begin(
         state: &crate::app::AppState,
+        request_id: &str,
         caller: Caller,
         routed: Routed<'_>,
         received_at: Instant,
@@ -199,7 +204,7 @@ impl Exchange {
             .and_then(|r| r.first_sent_at)
             .unwrap_or(now);
         Exchange {
-            request_id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+            request_id: request_id.to_string(),
             caller,
             route: routed.route,
             client_format: routed.client_format,
@@ -217,18 +222,21 @@ impl Exchange {
             sink: state.sink.clone(),
             route_log: routed.route_log.map(Arc::new),
             lease: routed.lease.map(Arc::new),
+            access_log: state.config.server.access_log,
         }
     }
 
-    /// Records an upstream failure before any usage was known.
+    /// Records a failure before any response was sent (the client gets `error`), with the
+    /// usage known to be spent (none, or the prompt of a request the client gave up on).
     pub fn fail(&self, error: &crate::error::GatewayError) -> Durable {
-        self.finish(
+        self.end(
             Outcome::UpstreamError(error.to_string()),
             TokenUsage::default(),
             None,
             0,
             None,
             Duration::ZERO,
+            error.status().as_u16(),
         )
     }
 
@@ -315,17 +323,54 @@ impl Exchange {
         first_output_at: Option<Instant>,
         post_processing: Duration,
     ) -> Durable {
-        tracing::debug!(
-            target: "tollgate::access",
-            request_id = %self.request_id,
-            route = self.route,
-            model = %self.requested_model,
-            deployment = %self.deployment,
-            outcome = outcome.label(),
-            input_tokens = usage.input_tokens,
-            output_tokens = usage.output_tokens,
-            "request finished"
-        );
+        let status = match outcome {
+            // Nobody received an answer.
+            Outcome::ClientDisconnected => 499,
+            _ => 200,
+        };
+        self.end(
+            outcome,
+            usage,
+            finish_reason,
+            chunks,
+            first_output_at,
+            post_processing,
+            status,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn end(
+        &self,
+        outcome: Outcome,
+        usage: TokenUsage,
+        finish_reason: Option<String>,
+        chunks: u64,
+        first_output_at: Option<Instant>,
+        post_processing: Duration,
+        status: u16,
+    ) -> Durable {
+        let trace = self.route_log.as_ref().map(|r| r.trace());
+        AccessLine {
+            request_id: &self.request_id,
+            route: self.route,
+            tenant: Some(&self.caller.tenant_id),
+            key_id: Some(&self.caller.key_id),
+            model: Some(&self.requested_model),
+            deployment: Some(&self.deployment),
+            status,
+            outcome: outcome.label(),
+            ttft: first_output_at.map(|t| t.duration_since(self.received_at)),
+            duration: self.received_at.elapsed(),
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            route_trace: trace.as_deref(),
+            error: match &outcome {
+                Outcome::UpstreamError(e) | Outcome::LimitExceeded(e) => Some(e),
+                _ => None,
+            },
+        }
+        .write(self.access_log);
         if let Some(lease) = &self.lease {
             let failed_midstream = matches!(outcome, Outcome::UpstreamError(_)) && chunks > 0;
             lease.settle(&usage, failed_midstream);

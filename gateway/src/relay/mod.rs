@@ -12,6 +12,7 @@
 
 pub mod exchange;
 pub mod passthrough;
+pub mod rename;
 pub mod sse;
 pub mod stream;
 

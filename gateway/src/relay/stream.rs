@@ -626,6 +626,7 @@ mod relay_tests {
             sink,
             route_log: None,
             lease: None,
+            access_log: crate::access_log::AccessLog::Off,
         };
         let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
             BURST.as_bytes(),

@@ -1,37 +1,25 @@
-//! `POST /v1/chat/completions` and `POST /v1/messages`.
+//! `POST /v1/chat/completions`, `POST /v1/messages` and `POST /v1/embeddings`: one handler
+//! each, all on the shared inference path (`inference/`).
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::response::Response;
 
-use super::inference;
-use crate::api::WireFormat;
+use super::inference::{self, Api};
 use crate::app::AppState;
-use crate::error::ApiError;
 
 /// OpenAI Chat Completions.
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    // The request is taken whole: a `HeaderMap` extractor would copy the headers.
-    let (parts, body) = request.into_parts();
-    inference::serve(state, parts.headers, body, WireFormat::OpenAi, "chat").await
+pub async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    inference::serve(state, request, Api::ChatCompletions).await
 }
 
 /// Anthropic Messages.
-pub async fn messages(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    inference::serve(
-        state,
-        parts.headers,
-        body,
-        WireFormat::Anthropic,
-        "messages",
-    )
-    .await
+pub async fn messages(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    inference::serve(state, request, Api::Messages).await
+}
+
+/// OpenAI Embeddings.
+pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    inference::serve(state, request, Api::Embeddings).await
 }

@@ -2,9 +2,9 @@
 //!
 //! | file | routes |
 //! |---|---|
-//! | `inference.rs` | the shared request path of chat requests in either dialect |
-//! | `chat.rs` | `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic) |
-//! | `embeddings.rs` | `POST /v1/embeddings` |
+//! | `inference/` | the one request path of every inference request (parse, authenticate, admit, route, respond) |
+//! | `chat.rs` | `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` (Anthropic), `POST /v1/embeddings` |
+//! | `request_id.rs` | the layer giving every request its id (`x-request-id`) |
 //! | `models.rs` | `GET /v1/models` |
 //! | `usage.rs` | `GET /v1/usage` (the caller's tenant, from the ledger) |
 //! | `admin.rs` | `/admin/v1/...`: tenants, keys, limits, plans, prices, credentials, audit |
@@ -12,8 +12,8 @@
 
 pub mod admin;
 pub mod chat;
-pub mod embeddings;
 pub mod health;
 pub mod inference;
 pub mod models;
+pub mod request_id;
 pub mod usage;

@@ -608,8 +608,13 @@ pub(crate) async fn embeddings(shared: Arc<Shared>, request: MockRequest) -> Res
             r#"{{"object":"embedding","index":{index},"embedding":{rendered}}}"#
         );
     }
+    let usage = if scenario == Scenario::NoUsage {
+        String::new()
+    } else {
+        format!(r#","usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}"#)
+    };
     let response = format!(
-        r#"{{"object":"list","data":[{data}],"model":{},"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}"#,
+        r#"{{"object":"list","data":[{data}],"model":{}{usage}}}"#,
         json_str(model)
     );
     let headers = success_headers(request_id);

@@ -22,7 +22,9 @@
 //! | `drop-midstream` | 3 content chunks, then the connection is aborted (no terminating chunk); non-streaming: half the body under a full `content-length`, then abort | same |
 //! | `stall-midstream` | 3 content chunks, then nothing more, the connection held open until the client leaves; non-streaming: half the body under a full `content-length`, then nothing | same |
 //!
-//! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too.
+//! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too; `no-usage`
+//! applies to it only: the embeddings come without a `usage` object (some OpenAI-compatible
+//! servers leave it out).
 
 /// A mock behaviour, selected by the request's `model` (see [`Scenario::from_model`]).
 ///
@@ -63,11 +65,13 @@ pub enum Scenario {
     StallMidstream,
     /// `context-length-exceeded`: HTTP 400, the prompt is over the model's context window.
     ContextLengthExceeded,
+    /// `no-usage` (`/v1/embeddings` only): no `usage` object.
+    NoUsage,
 }
 
 impl Scenario {
     /// Every scenario, in declaration order.
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::Normal,
         Scenario::Cached,
         Scenario::UsageInLastChoiceChunk,
@@ -84,6 +88,7 @@ impl Scenario {
         Scenario::DropMidstream,
         Scenario::StallMidstream,
         Scenario::ContextLengthExceeded,
+        Scenario::NoUsage,
     ];
 
     /// The scenario a model name selects; unknown names are [`Scenario::Normal`].
@@ -104,6 +109,7 @@ impl Scenario {
             "drop-midstream" => Scenario::DropMidstream,
             "stall-midstream" => Scenario::StallMidstream,
             "context-length-exceeded" => Scenario::ContextLengthExceeded,
+            "no-usage" => Scenario::NoUsage,
             _ => Scenario::Normal,
         }
     }
@@ -128,6 +134,7 @@ impl Scenario {
             Scenario::DropMidstream => "drop-midstream",
             Scenario::StallMidstream => "stall-midstream",
             Scenario::ContextLengthExceeded => "context-length-exceeded",
+            Scenario::NoUsage => "no-usage",
         }
     }
 }

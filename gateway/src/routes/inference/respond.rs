@@ -1,0 +1,205 @@
+//! Step 5, respond: the routed request's exchange (request record, completion record), and
+//! its response — a relayed stream, or a whole body in the client's dialect — with the
+//! route's headers.
+//!
+//! Exactly one completion record per request record, on every exit: a stream's body records
+//! it when it ends or is dropped (`RelayStream`); a whole response records it before its body
+//! leaves, and [`Unfinished`] records it if the client goes away (the handler is dropped)
+//! while the upstream body is still being read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use tollgate_schemas::{TokenUsage, UsageSource};
+
+use super::dialects::{Dialects, Whole};
+use super::request::Outbound;
+use super::{collect_upstream, Progress, ROUTE_HEADER};
+use crate::api::WireFormat;
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::GatewayError;
+use crate::limits::{Admission, StreamAllowance};
+use crate::relay::exchange::Routed;
+use crate::relay::{Exchange, Outcome, RelayStream};
+use crate::routing::Dispatched;
+
+/// Response header: the model the deployment was asked for.
+pub const UPSTREAM_MODEL_HEADER: &str = "x-tollgate-upstream-model";
+
+pub(super) async fn respond(
+    state: &Arc<AppState>,
+    progress: &Progress,
+    caller: Caller,
+    mut outbound: Outbound,
+    dispatched: Dispatched<'_>,
+    admission: Option<Admission>,
+) -> Result<Response, GatewayError> {
+    let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
+    let Dispatched {
+        target,
+        upstream,
+        route,
+        lease,
+    } = dispatched;
+    let dialects = Dialects {
+        client: progress.api.format(),
+        upstream: target.deployment.provider.format(),
+    };
+    let stream = outbound.request.is_stream();
+    let requested_model = outbound.request.model().to_string();
+    // A same-dialect stream counts its prompt (for the request record) once its first
+    // output has gone to the client: nothing before that needs it.
+    let defer_count = stream && dialects.same() && outbound.prompt_tokens.is_none();
+    let attempts = route.attempts_sent();
+    let routed = Routed {
+        route: progress.api.route(),
+        client_format: dialects.client,
+        target: &target,
+        requested_model: &requested_model,
+        stream,
+        // A deferred count sets the exchange's estimate when it records the request.
+        prompt_estimate: if defer_count {
+            0
+        } else {
+            outbound.prompt_tokens()
+        },
+        route_log: Some(route),
+        lease: Some(lease),
+    };
+    let exchange = Exchange::begin(
+        state,
+        &progress.request_id.0,
+        caller,
+        routed,
+        progress.received_at,
+    );
+    let routed_at = SystemTime::now();
+    if !defer_count {
+        exchange.record_request_at(routed_at);
+    }
+    let mut headers = HeaderMap::new();
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    set("x-tollgate-deployment", &exchange.deployment);
+    set("x-tollgate-provider", exchange.provider);
+    set(UPSTREAM_MODEL_HEADER, &exchange.upstream_model);
+    set(
+        ROUTE_HEADER,
+        progress.route_trace.as_deref().unwrap_or("none"),
+    );
+    headers.insert("x-tollgate-attempts", HeaderValue::from(attempts));
+    if let Some(rate) = &rate_headers {
+        rate.apply(&mut headers);
+    }
+
+    let mut response = if stream {
+        let adapter = dialects.stream_adapter(
+            &outbound.request,
+            &requested_model,
+            exchange.prompt_estimate,
+        );
+        // OpenAI-style streams carry about one token per content event, Anthropic's a few.
+        let tokens_per_event = match dialects.upstream {
+            WireFormat::OpenAi => 1,
+            WireFormat::Anthropic => 2,
+        };
+        let allowance = reservation.map(|r| {
+            StreamAllowance::new(
+                Some(r),
+                tokens_per_event,
+                state.config.limits.stream_increment_tokens,
+            )
+        });
+        let mut body = RelayStream::new(upstream.body, adapter, exchange).with_allowance(allowance);
+        if defer_count {
+            body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
+        }
+        let mut r = Response::new(Body::from_stream(body));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
+    } else {
+        let prompt_estimate = outbound.prompt_tokens();
+        let mut unfinished = Unfinished(Some((exchange, prompt_estimate)));
+        let whole = async {
+            let raw = collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes)
+                .await?;
+            dialects.whole_body(&outbound.request, raw, &requested_model, prompt_estimate)
+        }
+        .await;
+        let Some((exchange, _)) = unfinished.0.take() else {
+            return Err(GatewayError::Internal("the exchange was lost".to_string()));
+        };
+        let Whole {
+            body,
+            usage,
+            finish_reason,
+        } = match whole {
+            Ok(w) => w,
+            Err(e) => {
+                drop(exchange.fail(&e));
+                return Err(e);
+            }
+        };
+        let done_at = Instant::now();
+        if let Some(r) = reservation {
+            r.settle(&usage);
+        }
+        // The body leaves only once its completion record is durable.
+        exchange
+            .finish(
+                Outcome::Completed,
+                usage,
+                finish_reason,
+                0,
+                Some(done_at),
+                done_at.elapsed(),
+            )
+            .await;
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    response.headers_mut().extend(headers);
+    Ok(response)
+}
+
+/// A whole response's exchange while its upstream body is read: if the client goes away
+/// meanwhile (the handler is dropped), the request is recorded as cut, billed for its prompt
+/// (the provider had it) and no output (none was delivered).
+struct Unfinished(Option<(Exchange, u64)>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some((exchange, prompt_estimate)) = self.0.take() {
+            let usage = TokenUsage {
+                input_tokens: prompt_estimate,
+                source: UsageSource::Counted,
+                ..TokenUsage::default()
+            };
+            drop(exchange.finish(
+                Outcome::ClientDisconnected,
+                usage,
+                None,
+                0,
+                None,
+                Duration::ZERO,
+            ));
+        }
+    }
+}
