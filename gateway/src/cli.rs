@@ -29,6 +29,15 @@ pub struct Cli {
     /// PostgreSQL URL of the metadata store; without it the embedded SQLite store is used.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Log lines as `text` (coloured on a terminal only) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "TOLLGATE_LOG_FORMAT"
+    )]
+    pub log_format: tollgate_pipeline::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,11 +9,13 @@
 //! | [`sink`] | ledger (PostgreSQL, SQLite), balances (Redis, memory), analytics (ClickHouse) |
 //! | [`recovery`] | the scanner that publishes recovered completions for requests a gateway lost |
 //! | [`config`] | what to read and where to write, from flags or the gateway's config |
+//! | [`logging`] | log lines (text or JSON) of both binaries |
 //! | [`testkit`] | synthetic completion events for tests and benchmarks |
 
 pub mod config;
 pub mod dataflow;
 pub mod fact;
+pub mod logging;
 pub mod recovery;
 pub mod sink;
 pub mod source;

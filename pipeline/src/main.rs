@@ -101,17 +101,14 @@ struct Args {
     /// Fault injection for crash tests: abort right after the n-th ledger commit.
     #[arg(long, env = "TOLLGATE_PIPELINE_ABORT_AFTER_COMMIT", hide = true)]
     abort_after_commit: Option<u64>,
+    /// Log lines as `text` (coloured on a terminal only) or `json`.
+    #[arg(long, value_enum, default_value_t, env = "TOLLGATE_LOG_FORMAT")]
+    log_format: tollgate_pipeline::logging::LogFormat,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    tollgate_pipeline::logging::init(args.log_format);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
