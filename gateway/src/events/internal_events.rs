@@ -156,6 +156,22 @@ impl EventMetrics {
         })
     }
 
+    /// The sink's state from its gauges (see [`super::SinkState`]); `spool_max_bytes` is the
+    /// disk spool's bound (0: the sink has none). Nearly full (99 %) already counts as not
+    /// durable: the next records may not fit.
+    pub fn state(&self, spool_max_bytes: u64) -> super::SinkState {
+        let spool_bytes = u64::try_from(self.spool_bytes.get()).unwrap_or(0);
+        if spool_max_bytes > 0 && spool_bytes >= spool_max_bytes / 100 * 99 {
+            super::SinkState::NotDurable
+        } else if self.spool_active.get() > 0 {
+            super::SinkState::Spooling
+        } else if self.overflow_events.get() > 0 {
+            super::SinkState::Overflowing
+        } else {
+            super::SinkState::Ok
+        }
+    }
+
     /// Every collector, for the gateway's registry.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         let mine: Vec<Box<dyn Collector>> = vec![
@@ -465,5 +481,28 @@ impl EventsPublished {
         if let Some(l) = self.latency {
             m.latency_by_topic[i].observe(l.as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::events::SinkState;
+
+    #[test]
+    fn the_sink_state_follows_the_gauges_worst_first() {
+        let m = EventMetrics::new().unwrap();
+        assert_eq!(m.state(1000), SinkState::Ok);
+        m.overflow_events.set(3);
+        assert_eq!(m.state(1000), SinkState::Overflowing);
+        m.spool_active.set(1);
+        m.spool_bytes.set(500);
+        assert_eq!(m.state(1000), SinkState::Spooling);
+        m.spool_bytes.set(990);
+        assert_eq!(m.state(1000), SinkState::NotDurable);
+        // Without a spool bound (the local log), bytes never make it not durable.
+        assert_eq!(m.state(0), SinkState::Spooling);
     }
 }
