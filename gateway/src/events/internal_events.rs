@@ -86,7 +86,7 @@ impl EventMetrics {
         )?;
         let by_topic_counter = |t: Topic| published.with_label_values(&[t.label()]);
         let by_topic_hist = |t: Topic| produce_latency.with_label_values(&[t.label()]);
-        Ok(EventMetrics {
+        let metrics = EventMetrics {
             handoff_queue: gauge(
                 "tollgate_events_handoff_queue_events",
                 "Events handed over by the relay, waiting for the sink's writer thread",
@@ -153,7 +153,13 @@ impl EventMetrics {
                 "Tokens (input + output) of completion events that were lost: usage that will not be billed",
             )?,
             durability: DurabilityMetrics::new()?,
-        })
+        };
+        // Every drop reason exported from the start (at 0), so that `increase()` and alerts
+        // see the first drop.
+        for reason in DropReason::ALL {
+            metrics.dropped.with_label_values(&[reason.label()]);
+        }
+        Ok(metrics)
     }
 
     /// The sink's state from its gauges (see [`super::SinkState`]); `spool_max_bytes` is the
