@@ -25,6 +25,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The deploy/ tests run `promtool check config|rules` and a real Prometheus against the
+# gateway and tollgate-pipeline (tests/tests/deploy_observability.rs, tests/python/test_deploy.py):
+# Debian's `prometheus` package ships both binaries. Only the package is installed; the
+# tests start their own Prometheus on loopback (the package's own service is not used).
+step "Debian packages the tests need (prometheus: promtool and the server)"
+missing=()
+for pkg in prometheus; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 step "services on loopback (PostgreSQL, Redis, Kafka, ClickHouse) via scripts/services.sh"
 eval "$(scripts/services.sh up postgres redis kafka clickhouse)"
 export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BOOTSTRAP" \
@@ -33,7 +47,7 @@ export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BO
 unset DATABASE_URL KAFKA_BOOTSTRAP REDIS_URL CLICKHOUSE_URL
 export TOLLGATE_BIN_DIR="$TARGET_DIR/debug"
 
-step "Python SDKs for the conformance tests (openai, anthropic, pytest)"
+step "Python packages for the tests (openai, anthropic, pytest, PyYAML)"
 if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$CACHE"
   python3 -m venv "$VENV"

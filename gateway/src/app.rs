@@ -110,6 +110,9 @@ impl AppState {
         metrics
             .register(limiter.collectors())
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        metrics
+            .track_cost(limiter.price_book(), config.metrics.cost_tenant_labels_max)
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
         limiter.spawn_recovery();
         let billing = match crate::billing::embedded_log_path(
             &config.billing,

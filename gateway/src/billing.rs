@@ -47,6 +47,7 @@ use crate::config::ConfigError;
 use crate::events::EventsConfig;
 use crate::metrics::BillingMetrics;
 use crate::store::LedgerLocation;
+pub use tollgate_pipeline::metrics::RecoveryCollector;
 
 /// First wait before a failed pipeline is restarted.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -245,7 +246,10 @@ impl EmbeddedPipeline {
             },
             balances: BalanceSpec::Memory(balances),
             analytics: AnalyticsSpec::None,
-            options: config.options(stop.clone()),
+            options: Options {
+                metrics: Some(metrics.pipeline.clone()),
+                ..config.options(stop.clone())
+            },
         };
         let recovery_counters = Arc::new(RecoveryCounters::default());
         let recovery = if config.recovery {
@@ -365,72 +369,6 @@ fn supervise(config: &PipelineConfig, stop: &AtomicBool, metrics: &BillingMetric
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     metrics.up.set(0);
-}
-
-/// `tollgate_billing_recovered_total`, `..._recovery_evicted_total`,
-/// `..._recovery_unrecoverable_total` and `..._recovery_publish_failures_total`: the
-/// scanner's own atomic counters (the pipeline crate has no metrics registry), copied into
-/// Prometheus counters when scraped.
-pub struct RecoveryCollector {
-    counters: Arc<RecoveryCounters>,
-    published: prometheus::IntCounter,
-    evicted: prometheus::IntCounter,
-    unrecoverable: prometheus::IntCounter,
-    publish_failures: prometheus::IntCounter,
-}
-
-impl RecoveryCollector {
-    fn new(counters: Arc<RecoveryCounters>) -> Result<RecoveryCollector, prometheus::Error> {
-        Ok(RecoveryCollector {
-            counters,
-            published: prometheus::IntCounter::new(
-                "tollgate_billing_recovered_total",
-                "Recovered completions published for requests a gateway lost (re-publishes included)",
-            )?,
-            evicted: prometheus::IntCounter::new(
-                "tollgate_billing_recovery_evicted_total",
-                "Open requests the recovery scanner evicted at its memory bound (not recovered)",
-            )?,
-            unrecoverable: prometheus::IntCounter::new(
-                "tollgate_billing_recovery_unrecoverable_total",
-                "Requests seen only by their chunks that timed out (nothing to recover them from)",
-            )?,
-            publish_failures: prometheus::IntCounter::new(
-                "tollgate_billing_recovery_publish_failures_total",
-                "Recovered completions that failed to publish (retried)",
-            )?,
-        })
-    }
-
-    fn pairs(&self) -> [(&prometheus::IntCounter, &std::sync::atomic::AtomicU64); 4] {
-        let c = &self.counters;
-        [
-            (&self.published, &c.published),
-            (&self.evicted, &c.evicted),
-            (&self.unrecoverable, &c.unrecoverable),
-            (&self.publish_failures, &c.publish_failures),
-        ]
-    }
-}
-
-impl prometheus::core::Collector for RecoveryCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.pairs()
-            .into_iter()
-            .flat_map(|(m, _)| m.desc())
-            .collect()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.pairs()
-            .into_iter()
-            .flat_map(|(m, value)| {
-                m.reset();
-                m.inc_by(value.load(Ordering::Relaxed));
-                m.collect()
-            })
-            .collect()
-    }
 }
 
 /// The `billing-recovery` thread: runs the recovery scanner until the stop flag is set,

@@ -13,6 +13,7 @@
 //! | `[limits]` | quotas and rate limits: memory or Redis ([`crate::limits::LimitsConfig`]) |
 //! | `[[deployments]]`, `[[models]]` | provider deployments and the model aliases they serve |
 //! | `[routing]` | strategy, retries, breakers, hedging, rate-limit steering ([`crate::routing::config`]) |
+//! | `[metrics]` | label bounds of the Prometheus metrics ([`MetricsConfig`]) |
 //!
 //! `[billing]` keys (`TOLLGATE__BILLING__PIPELINE=off` and the like override them):
 //! - `pipeline = "embedded" | "off"`: run the billing pipeline inside the gateway, over the
@@ -68,6 +69,27 @@ pub struct Config {
     /// How aliases choose among their deployments, retry, fall back and hedge.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Label bounds of the Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `tollgate_cost_total` has a `tenant` label for at most this many tenants (the first
+    /// ones this process sees); later tenants are summed under `tenant="other"`. 0: every
+    /// tenant is `other`.
+    pub cost_tenant_labels_max: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            cost_tenant_labels_max: 100,
+        }
+    }
 }
 
 /// Most serving threads `server.threads` may ask for.

@@ -1,11 +1,20 @@
 //! Prometheus metrics. Labels are bounded: route, model alias pattern, provider, status class
-//! and error kind; never a request id, key, tenant or free-form client string.
+//! and error kind; never a request id, key or free-form client string. The one tenant label,
+//! on `tollgate_cost_total`, is capped ([`CostMeter`]).
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+
+use crate::limits::PriceBook;
 use crate::relay::CompletionRecord;
 
 /// Buckets for latencies from 50 µs to 2 minutes.
@@ -24,6 +33,8 @@ pub struct Metrics {
     overhead: HistogramVec,
     tokens: IntCounterVec,
     in_flight: IntGaugeVec,
+    /// Set once the price book is known ([`Metrics::track_cost`]).
+    cost: OnceLock<std::sync::Arc<CostMeter>>,
 }
 
 /// Metric construction failures (only on duplicate registration, a programming error).
@@ -93,11 +104,27 @@ impl Metrics {
             overhead,
             tokens,
             in_flight,
+            cost: OnceLock::new(),
         })
+    }
+
+    /// Starts counting `tollgate_cost_total` with `prices`, with at most `max_tenants` tenant
+    /// labels (see [`CostMeter`]). Only the first call counts.
+    pub fn track_cost(&self, prices: PriceBook, max_tenants: usize) -> Result<(), MetricsError> {
+        if self.cost.get().is_some() {
+            return Ok(());
+        }
+        let meter = std::sync::Arc::new(CostMeter::new(prices, max_tenants)?);
+        self.register(vec![Box::new(CostCollector(meter.clone()))])?;
+        let _ = self.cost.set(meter);
+        Ok(())
     }
 
     /// Records a finished request.
     pub fn observe_completion(&self, r: &CompletionRecord) {
+        if let Some(cost) = self.cost.get() {
+            cost.observe(r);
+        }
         let labels = [r.route, r.model_label.as_str(), r.provider];
         self.requests
             .with_label_values(&[
@@ -175,8 +202,14 @@ impl Metrics {
             "tollgate_billing_pipeline_failures_total",
             "Times the embedded billing pipeline stopped with an error (each is followed by a restart)",
         )?;
+        let pipeline = tollgate_pipeline::metrics::PipelineMetrics::new()?;
         self.register(vec![Box::new(up.clone()), Box::new(failures.clone())])?;
-        Ok(BillingMetrics { up, failures })
+        self.register(pipeline.collectors())?;
+        Ok(BillingMetrics {
+            up,
+            failures,
+            pipeline,
+        })
     }
 
     /// Creates and registers the serving threads' metrics ([`crate::server`]).
@@ -225,6 +258,110 @@ impl Metrics {
     }
 }
 
+/// The tenant label of tenants past the cap.
+pub const OTHER_TENANTS: &str = "other";
+
+/// `tollgate_cost_total{tenant, model, currency}`: what completed requests cost at the price
+/// book in force (the pipeline's rule, so it tracks the ledger; the ledger is the authority).
+/// Totals are kept as exact decimals and converted to floats only when exported.
+///
+/// Cardinality: `model` is the alias pattern (from the config) and `currency` comes from the
+/// price book; `tenant` is the tenant id for the first `max_tenants` tenants this process
+/// sees, and `other` for every later one (a tenant never moves between series, so `rate()`
+/// stays right). Unpriced completions cost nothing and are not counted here.
+pub struct CostMeter {
+    prices: PriceBook,
+    max_tenants: usize,
+    state: Mutex<CostState>,
+    exported: prometheus::CounterVec,
+}
+
+#[derive(Default)]
+struct CostState {
+    /// Tenants with a label of their own.
+    labelled: HashSet<String>,
+    /// tenant label → model → currency → total.
+    totals: HashMap<String, HashMap<String, HashMap<String, Decimal>>>,
+}
+
+impl CostMeter {
+    fn new(prices: PriceBook, max_tenants: usize) -> Result<CostMeter, MetricsError> {
+        Ok(CostMeter {
+            prices,
+            max_tenants,
+            state: Mutex::new(CostState::default()),
+            exported: prometheus::CounterVec::new(
+                Opts::new(
+                    "tollgate_cost_total",
+                    "Cost of completed requests at the price book in force, by tenant (capped; the rest as `other`), model alias and currency",
+                ),
+                &["tenant", "model", "currency"],
+            )?,
+        })
+    }
+
+    fn observe(&self, r: &CompletionRecord) {
+        let Some(price) = self.prices.lookup(&r.tenant_id, &r.upstream_model) else {
+            return;
+        };
+        let cost = price.cost(&r.usage);
+        if cost.is_zero() {
+            return;
+        }
+        let mut st = self.state.lock();
+        let tenant = if st.labelled.contains(&r.tenant_id) {
+            r.tenant_id.as_str()
+        } else if st.labelled.len() < self.max_tenants {
+            st.labelled.insert(r.tenant_id.clone());
+            r.tenant_id.as_str()
+        } else {
+            OTHER_TENANTS
+        };
+        // Allocates only for a combination not seen before.
+        let by_model = match st.totals.get_mut(tenant) {
+            Some(m) => m,
+            None => st.totals.entry(tenant.to_string()).or_default(),
+        };
+        let by_currency = match by_model.get_mut(r.model_label.as_str()) {
+            Some(m) => m,
+            None => by_model.entry(r.model_label.clone()).or_default(),
+        };
+        match by_currency.get_mut(price.currency.as_str()) {
+            Some(total) => *total += cost,
+            None => {
+                by_currency.insert(price.currency.clone(), cost);
+            }
+        }
+    }
+}
+
+/// Exports a [`CostMeter`]: the exact totals become floats here, at each scrape.
+struct CostCollector(std::sync::Arc<CostMeter>);
+
+impl prometheus::core::Collector for CostCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.exported.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        // Under the lock, so that two concurrent scrapes never see a counter go down.
+        let st = self.0.state.lock();
+        for (tenant, by_model) in &st.totals {
+            for (model, by_currency) in by_model {
+                for (currency, total) in by_currency {
+                    let c = self
+                        .0
+                        .exported
+                        .with_label_values(&[tenant, model, currency]);
+                    c.reset();
+                    c.inc_by(total.to_f64().unwrap_or(f64::MAX));
+                }
+            }
+        }
+        self.0.exported.collect()
+    }
+}
+
 /// Decrements the in-flight gauge on drop.
 pub struct InFlight(prometheus::IntGauge);
 
@@ -254,6 +391,8 @@ pub struct BillingMetrics {
     pub up: IntGauge,
     /// `tollgate_billing_pipeline_failures_total`.
     pub failures: IntCounter,
+    /// The pipeline's own metrics (`tollgate_pipeline_*`), as `tollgate-pipeline` exports them.
+    pub pipeline: tollgate_pipeline::metrics::PipelineMetrics,
 }
 
 /// Routing metrics: per-deployment state (set before each scrape) and counters of retries,
@@ -387,5 +526,62 @@ impl RoutingMetrics {
         self.breaker_transitions
             .with_label_values(&[deployment, state])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tollgate_schemas::pricing::PriceRow;
+
+    fn price(model: &str) -> PriceRow {
+        PriceRow {
+            model: model.to_string(),
+            tenant_id: None,
+            effective_from_ms: 0,
+            input_per_mtok: Decimal::new(1, 1), // 0.1 per million
+            cached_input_per_mtok: Decimal::ZERO,
+            output_per_mtok: Decimal::new(3, 1), // 0.3 per million
+            currency: "USD".into(),
+        }
+    }
+
+    fn cost_lines(m: &Metrics) -> Vec<String> {
+        m.render()
+            .lines()
+            .filter(|l| l.starts_with("tollgate_cost_total{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn cost_is_exact_per_tenant_and_later_tenants_share_other() {
+        let m = Metrics::new().unwrap();
+        m.track_cost(PriceBook::from_rows(vec![price("normal")]), 2)
+            .unwrap();
+        // 9 input + 20 output tokens: 0.0000009 + 0.000006 = 0.0000069, many times over:
+        // summed as decimals, so a million of them is exactly 6.9.
+        let record = crate::events::wire::tests::completion("t1", "r");
+        for _ in 0..1_000_000 {
+            m.observe_completion(&record);
+        }
+        for tenant in ["t2", "t3", "t4", "t2"] {
+            m.observe_completion(&crate::events::wire::tests::completion(tenant, "r"));
+        }
+        let mut unpriced = crate::events::wire::tests::completion("t5", "r");
+        unpriced.upstream_model = "unpriced".into();
+        m.observe_completion(&unpriced);
+        let mut lines = cost_lines(&m);
+        lines.sort();
+        assert_eq!(
+            lines,
+            vec![
+                "tollgate_cost_total{currency=\"USD\",model=\"oa/*\",tenant=\"other\"} 0.0000138",
+                "tollgate_cost_total{currency=\"USD\",model=\"oa/*\",tenant=\"t1\"} 6.9",
+                "tollgate_cost_total{currency=\"USD\",model=\"oa/*\",tenant=\"t2\"} 0.0000138",
+            ]
+        );
     }
 }

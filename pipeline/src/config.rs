@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::fact::SourceRecord;
+use crate::metrics::PipelineMetrics;
 use crate::sink::memory::MemoryBalances;
 
 /// Where completion events come from.
@@ -75,6 +76,8 @@ pub struct Options {
     /// source holds at that moment, then commits it all and returns.
     pub stop: Option<Arc<AtomicBool>>,
     pub abort_after_commit: Option<AbortAfterCommit>,
+    /// Where the workers and the committer count what they do (none: not counted).
+    pub metrics: Option<PipelineMetrics>,
 }
 
 impl Default for Options {
@@ -88,6 +91,7 @@ impl Default for Options {
             exit_when_idle_ms: None,
             stop: None,
             abort_after_commit: None,
+            metrics: None,
         }
     }
 }

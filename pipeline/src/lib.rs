@@ -7,6 +7,7 @@
 //! | [`source`] | reading partitions: Kafka, the gateway's local log, memory (tests, benchmarks) |
 //! | [`dataflow`] | the timely/differential dataflow and the worker loop that drives it |
 //! | [`sink`] | ledger (PostgreSQL, SQLite), balances (Redis, memory), analytics (ClickHouse) |
+//! | [`metrics`] | Prometheus metrics and the `/metrics` listener of `tollgate-pipeline` |
 //! | [`recovery`] | the scanner that publishes recovered completions for requests a gateway lost |
 //! | [`config`] | what to read and where to write, from flags or the gateway's config |
 //! | [`logging`] | log lines (text or JSON) of both binaries |
@@ -16,6 +17,7 @@ pub mod config;
 pub mod dataflow;
 pub mod fact;
 pub mod logging;
+pub mod metrics;
 pub mod recovery;
 pub mod sink;
 pub mod source;

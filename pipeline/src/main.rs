@@ -8,6 +8,9 @@
 //! Process 0 also runs the recovery scanner ([`tollgate_pipeline::recovery`]) on a thread of
 //! its own, over the same Kafka cluster (or local log): requests a gateway lost get a recovered
 //! completion after `--orphan-timeout-ms`. `--no-recovery` turns it off.
+//!
+//! `--metrics-listen ADDR` serves Prometheus metrics at `GET /metrics` (see
+//! [`tollgate_pipeline::metrics`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate_pipeline::config::{
     AbortAfterCommit, AnalyticsSpec, BalanceSpec, LedgerSpec, Options, PipelineConfig, SourceSpec,
 };
+use tollgate_pipeline::metrics::{PipelineMetrics, RecoveryCollector};
 use tollgate_pipeline::recovery::{RecoveryCounters, RecoveryOptions, Topics};
 use tollgate_pipeline::Cluster;
 use tollgate_schemas::events::topics;
@@ -98,6 +102,10 @@ struct Args {
     /// Exit after this long without a new record (benchmarks, tests).
     #[arg(long)]
     exit_when_idle_ms: Option<u64>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. `127.0.0.1:9465`);
+    /// unset: no metrics listener.
+    #[arg(long, env = "TOLLGATE_PIPELINE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Fault injection for crash tests: abort right after the n-th ledger commit.
     #[arg(long, env = "TOLLGATE_PIPELINE_ABORT_AFTER_COMMIT", hide = true)]
     abort_after_commit: Option<u64>,
@@ -126,8 +134,12 @@ enum RecoverySpec {
 
 /// Runs the recovery scanner until `stop` is set, restarting it after a failure (it rebuilds
 /// its state from its look-back window) with a backoff of 1 s doubling up to 30 s.
-fn supervise_recovery(spec: &RecoverySpec, options: &RecoveryOptions, stop: &AtomicBool) {
-    let counters = Arc::new(RecoveryCounters::default());
+fn supervise_recovery(
+    spec: &RecoverySpec,
+    options: &RecoveryOptions,
+    counters: &Arc<RecoveryCounters>,
+    stop: &AtomicBool,
+) {
     let mut backoff = Duration::from_secs(1);
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
@@ -160,6 +172,23 @@ fn supervise_recovery(spec: &RecoverySpec, options: &RecoveryOptions, stop: &Ato
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Registers the pipeline's and the recovery scanner's metrics and serves them on `addr`.
+fn serve_metrics(addr: &str, recovery: &Arc<RecoveryCounters>) -> Result<PipelineMetrics, String> {
+    let metrics = PipelineMetrics::new().map_err(|e| e.to_string())?;
+    let registry = prometheus::Registry::new();
+    let recovery = RecoveryCollector::new(recovery.clone()).map_err(|e| format!("metrics: {e}"))?;
+    for c in metrics
+        .collectors()
+        .into_iter()
+        .chain([Box::new(recovery) as Box<dyn prometheus::core::Collector>])
+    {
+        registry.register(c).map_err(|e| format!("metrics: {e}"))?;
+    }
+    let bound = tollgate_pipeline::metrics::serve(addr, registry).map_err(|e| e.to_string())?;
+    tracing::info!(%bound, "serving metrics at /metrics");
+    Ok(metrics)
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -212,6 +241,11 @@ fn run(args: Args) -> Result<(), String> {
         },
         None => AnalyticsSpec::None,
     };
+    let recovery_counters = Arc::new(RecoveryCounters::default());
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, &recovery_counters)?),
+        None => None,
+    };
     let config = PipelineConfig {
         source,
         ledger,
@@ -223,6 +257,7 @@ fn run(args: Args) -> Result<(), String> {
             price_refresh_ms: args.price_refresh_ms,
             exit_when_idle_ms: args.exit_when_idle_ms,
             abort_after_commit: args.abort_after_commit.map(AbortAfterCommit),
+            metrics,
             ..Options::default()
         },
     };
@@ -235,10 +270,11 @@ fn run(args: Args) -> Result<(), String> {
     let scanner = match recovery {
         Some(spec) => {
             let flag = stop.clone();
+            let counters = recovery_counters.clone();
             Some(
                 std::thread::Builder::new()
                     .name("recovery".to_string())
-                    .spawn(move || supervise_recovery(&spec, &recovery_options, &flag))
+                    .spawn(move || supervise_recovery(&spec, &recovery_options, &counters, &flag))
                     .map_err(|e| format!("cannot start the recovery scanner: {e}"))?,
             )
         }

@@ -57,7 +57,7 @@ pub struct DurabilityMetrics {
 
 impl DurabilityMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        Ok(DurabilityMetrics {
+        let metrics = DurabilityMetrics {
             wait: Histogram::with_opts(
                 HistogramOpts::new(
                     "tollgate_completion_durable_wait_seconds",
@@ -72,7 +72,12 @@ impl DurabilityMetrics {
                 ),
                 &["reason"],
             )?,
-        })
+        };
+        // Every reason exported from the start (at 0), so that `increase()` sees the first one.
+        for reason in ["timeout", "lost"] {
+            metrics.not_durable.with_label_values(&[reason]);
+        }
+        Ok(metrics)
     }
 
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {

@@ -86,7 +86,7 @@ impl EventMetrics {
         )?;
         let by_topic_counter = |t: Topic| published.with_label_values(&[t.label()]);
         let by_topic_hist = |t: Topic| produce_latency.with_label_values(&[t.label()]);
-        Ok(EventMetrics {
+        let metrics = EventMetrics {
             handoff_queue: gauge(
                 "tollgate_events_handoff_queue_events",
                 "Events handed over by the relay, waiting for the sink's writer thread",
@@ -153,7 +153,29 @@ impl EventMetrics {
                 "Tokens (input + output) of completion events that were lost: usage that will not be billed",
             )?,
             durability: DurabilityMetrics::new()?,
-        })
+        };
+        // Every drop reason exported from the start (at 0), so that `increase()` and alerts
+        // see the first drop.
+        for reason in DropReason::ALL {
+            metrics.dropped.with_label_values(&[reason.label()]);
+        }
+        Ok(metrics)
+    }
+
+    /// The sink's state from its gauges (see [`super::SinkState`]); `spool_max_bytes` is the
+    /// disk spool's bound (0: the sink has none). Nearly full (99 %) already counts as not
+    /// durable: the next records may not fit.
+    pub fn state(&self, spool_max_bytes: u64) -> super::SinkState {
+        let spool_bytes = u64::try_from(self.spool_bytes.get()).unwrap_or(0);
+        if spool_max_bytes > 0 && spool_bytes >= spool_max_bytes / 100 * 99 {
+            super::SinkState::NotDurable
+        } else if self.spool_active.get() > 0 {
+            super::SinkState::Spooling
+        } else if self.overflow_events.get() > 0 {
+            super::SinkState::Overflowing
+        } else {
+            super::SinkState::Ok
+        }
     }
 
     /// Every collector, for the gateway's registry.
@@ -465,5 +487,28 @@ impl EventsPublished {
         if let Some(l) = self.latency {
             m.latency_by_topic[i].observe(l.as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::events::SinkState;
+
+    #[test]
+    fn the_sink_state_follows_the_gauges_worst_first() {
+        let m = EventMetrics::new().unwrap();
+        assert_eq!(m.state(1000), SinkState::Ok);
+        m.overflow_events.set(3);
+        assert_eq!(m.state(1000), SinkState::Overflowing);
+        m.spool_active.set(1);
+        m.spool_bytes.set(500);
+        assert_eq!(m.state(1000), SinkState::Spooling);
+        m.spool_bytes.set(990);
+        assert_eq!(m.state(1000), SinkState::NotDurable);
+        // Without a spool bound (the local log), bytes never make it not durable.
+        assert_eq!(m.state(0), SinkState::Spooling);
     }
 }

@@ -55,7 +55,7 @@ use super::internal_events::{
 };
 use super::spool::{Lane, Position, Spool, SpoolOptions, SpoolRecord};
 use super::wire::{ChunkTokens, Handed, Handoff, Record, Topic};
-use super::{durable_handoff, ms, EventSink, EventsError, KafkaConfig, Topics};
+use super::{durable_handoff, ms, EventSink, EventsError, KafkaConfig, SinkState, Topics};
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 
 /// Most records taken from the hand-off channel per loop turn (then delivery reports are served).
@@ -72,6 +72,8 @@ pub struct KafkaSink {
     handoff: Arc<Handoff>,
     control: Sender<()>,
     metrics: EventMetrics,
+    /// The disk spool's bound (for [`EventSink::state`]).
+    spool_max_bytes: u64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -160,6 +162,7 @@ impl KafkaSink {
             handoff,
             control,
             metrics,
+            spool_max_bytes: config.spool_max_bytes,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -195,6 +198,10 @@ impl EventSink for KafkaSink {
                 let _ = tokio::task::spawn_blocking(move || h.join()).await;
             }
         })
+    }
+
+    fn state(&self) -> SinkState {
+        self.metrics.state(self.spool_max_bytes)
     }
 
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {

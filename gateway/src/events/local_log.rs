@@ -361,6 +361,11 @@ impl EventSink for LocalSink {
         })
     }
 
+    fn state(&self) -> super::SinkState {
+        // No disk spool of its own: the log is the destination; only the overflow counts.
+        self.metrics.state(0)
+    }
+
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         self.metrics.collectors()
     }

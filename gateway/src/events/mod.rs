@@ -318,6 +318,34 @@ pub enum EventsError {
     LocalLog(#[from] sqlx::Error),
 }
 
+/// What `/readyz` reports about the event sink, worst first in severity order
+/// (`NotDurable` makes the gateway unready; the others are served, and reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SinkState {
+    /// Records go where they should: Kafka acknowledges them, or the local log commits them.
+    Ok,
+    /// The hand-off queue was full and records go to the overflow spool on disk: the writer
+    /// is behind (a slow disk or a stalled producer). Still durable.
+    Overflowing,
+    /// Kafka does not acknowledge (down, or unreachable): new records go to the disk spool and
+    /// are replayed in order when it answers. Still durable.
+    Spooling,
+    /// The disk spool is (nearly) full: new records are about to be, or are being, lost.
+    NotDurable,
+}
+
+impl SinkState {
+    /// The state's name in `/readyz`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SinkState::Ok => "ok",
+            SinkState::Overflowing => "overflowing",
+            SinkState::Spooling => "spooling",
+            SinkState::NotDurable => "not_durable",
+        }
+    }
+}
+
 /// Receives every request, chunk and completion record. Each method is called on the request
 /// path and must return at once: hand the record over, never wait on I/O.
 pub trait EventSink: Send + Sync {
@@ -332,6 +360,11 @@ pub trait EventSink: Send + Sync {
     /// answer in time). Call once when the server has stopped; records after it are dropped.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+    /// Whether records currently reach their destination, for `/readyz` (read from the
+    /// sink's gauges: cheap, never waits).
+    fn state(&self) -> SinkState {
+        SinkState::Ok
     }
     /// This sink's Prometheus collectors, for the gateway's registry.
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {

@@ -76,7 +76,7 @@ impl PriceBook {
 
     /// A book from rows.
     #[cfg(test)]
-    fn from_rows(rows: Vec<PriceRow>) -> PriceBook {
+    pub(crate) fn from_rows(rows: Vec<PriceRow>) -> PriceBook {
         let mut by_model: HashMap<String, Vec<PriceRow>> = HashMap::new();
         for r in rows {
             by_model.entry(r.model.clone()).or_default().push(r);
@@ -95,6 +95,15 @@ impl PriceBook {
         let book = crate::store::price_schedules(store.list_prices(None).await?);
         *self.by_model.write() = book;
         Ok(())
+    }
+
+    /// The row in force now for `tenant_id` and `model`, if it is priced.
+    pub fn lookup(&self, tenant_id: &str, model: &str) -> Option<PriceRow> {
+        self.by_model
+            .read()
+            .get(model)
+            .and_then(|s| s.lookup(tenant_id, now_ms()))
+            .cloned()
     }
 
     /// The dearest row in force now for `tenant_id` among `models` (compared on the

@@ -287,6 +287,27 @@ impl Limiter {
         self.metrics.collectors()
     }
 
+    /// The price book the limiter estimates spend with (shared: it refreshes itself).
+    pub fn price_book(&self) -> PriceBook {
+        self.prices.clone()
+    }
+
+    /// For `/readyz`: the backend (`redis` or `memory`) and its state: `ok`, `degraded`
+    /// (Redis was unreachable; limits are enforced per instance until it answers) or
+    /// `unreachable` (Redis does not answer a PING now; the next request will degrade).
+    pub async fn state(&self) -> (&'static str, &'static str) {
+        let Some(shared) = &self.shared else {
+            return ("memory", "ok");
+        };
+        if self.is_degraded() {
+            return ("redis", "degraded");
+        }
+        match shared.ping().await {
+            Ok(()) => ("redis", "ok"),
+            Err(_) => ("redis", "unreachable"),
+        }
+    }
+
     /// Whether limits are currently enforced per instance because Redis is unreachable.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)

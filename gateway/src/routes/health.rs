@@ -15,15 +15,47 @@ pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-/// Ready when the metadata store answers (keys can be validated).
+/// Readiness, with a JSON body naming each check:
+///
+/// ```json
+/// {"status": "ready", "checks": {"store": {"status": "ok"},
+///   "events": {"status": "ok"}, "limiter": {"status": "ok", "backend": "redis"}}}
+/// ```
+///
+/// - `store`: `ok` or `unreachable` (keys cannot be validated: unready, 503);
+/// - `events`: `ok`, `overflowing` (the sink's writer is behind; records go to the overflow
+///   spool), `spooling` (Kafka does not acknowledge; records go to the disk spool) or
+///   `not_durable` (the spool is full: records are being lost; unready, 503);
+/// - `limiter`: `ok`, `degraded` (Redis was unreachable: limits are enforced per instance)
+///   or `unreachable` (Redis does not answer now; the next request will degrade).
+///
+/// `status` is `unavailable` (503) when a check makes the gateway unready, else `degraded`
+/// (200: serving, with a check not `ok`) or `ready` (200).
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.store.ping().await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": "metadata store unreachable"})),
-        )
-            .into_response(),
+    let store_ok = state.store.ping().await.is_ok();
+    let events = state.sink.state();
+    let (backend, limiter) = state.limiter.state().await;
+    let unready = !store_ok || events == crate::events::SinkState::NotDurable;
+    let degraded = events != crate::events::SinkState::Ok || limiter != "ok";
+    let status = if unready {
+        "unavailable"
+    } else if degraded {
+        "degraded"
+    } else {
+        "ready"
+    };
+    let body = Json(json!({
+        "status": status,
+        "checks": {
+            "store": {"status": if store_ok { "ok" } else { "unreachable" }},
+            "events": {"status": events.label()},
+            "limiter": {"status": limiter, "backend": backend},
+        },
+    }));
+    if unready {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else {
+        body.into_response()
     }
 }
 

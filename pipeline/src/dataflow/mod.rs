@@ -138,6 +138,7 @@ fn open_committer(config: &PipelineConfig, index: usize) -> Result<Committer, Pi
         balances,
         analytics,
         config.options.abort_after_commit,
+        config.options.metrics.clone(),
     ))
 }
 
@@ -436,6 +437,10 @@ pub fn run_worker(
             last_record = Instant::now();
         }
         report.records += buffer.len() as u64;
+        if let Some(m) = &options.metrics {
+            let replay = buffer.iter().filter(|r| r.replay_only).count() as u64;
+            m.read(polled as u64 - replay, replay);
+        }
         for record in buffer.drain(..) {
             if !record.replay_only {
                 let p = moved.entry(record.partition).or_insert(Position {
@@ -476,6 +481,11 @@ pub fn run_worker(
             worker.step_or_park(Some(Duration::from_millis(1)));
         }
         worker.step();
+        if let Some(m) = &options.metrics {
+            // The probe's frontier is the oldest epoch not yet committed (empty: all are).
+            let oldest = probe.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
+            m.epochs_in_flight(index, epoch.saturating_sub(oldest));
+        }
     }
 
     drop(records_in);

@@ -19,6 +19,7 @@ use tollgate_schemas::pricing::PriceRow;
 use super::{Analytics, Balance, BalanceStore, Ledger, LedgerBatch, Position, SinkError};
 use crate::config::AbortAfterCommit;
 use crate::fact::billing_period;
+use crate::metrics::PipelineMetrics;
 
 /// What a commit did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +35,7 @@ pub struct Committer {
     balances: Option<Arc<dyn BalanceStore>>,
     analytics: Option<Arc<dyn Analytics>>,
     abort_after_commit: Option<AbortAfterCommit>,
+    metrics: Option<PipelineMetrics>,
     commits: u64,
     balances_stale: bool,
     outbox_pending: bool,
@@ -47,6 +49,7 @@ impl Committer {
         balances: Option<Arc<dyn BalanceStore>>,
         analytics: Option<Arc<dyn Analytics>>,
         abort_after_commit: Option<AbortAfterCommit>,
+        metrics: Option<PipelineMetrics>,
     ) -> Committer {
         Committer {
             runtime,
@@ -54,6 +57,7 @@ impl Committer {
             balances,
             analytics,
             abort_after_commit,
+            metrics,
             commits: 0,
             balances_stale: true,
             outbox_pending: true,
@@ -101,7 +105,10 @@ impl Committer {
                 });
                 match result {
                     Ok(()) => self.balances_stale = false,
-                    Err(e) => tracing::warn!(error = %e, "balances not refreshed; will retry"),
+                    Err(e) => {
+                        self.count(PipelineMetrics::balance_publish_failed);
+                        tracing::warn!(error = %e, "balances not refreshed; will retry")
+                    }
                 }
             } else {
                 self.balances_stale = false;
@@ -126,12 +133,19 @@ impl Committer {
                         self.analytics_prepared = true;
                     }
                     Err(e) => {
+                        self.count(PipelineMetrics::analytics_write_failed);
                         tracing::warn!(error = %e, "analytics outbox not drained; will retry")
                     }
                 }
             } else {
                 self.outbox_pending = false;
             }
+        }
+    }
+
+    fn count(&self, what: fn(&PipelineMetrics)) {
+        if let Some(m) = &self.metrics {
+            what(m);
         }
     }
 
@@ -146,7 +160,15 @@ impl Committer {
             });
         };
         let with_outbox = self.analytics.is_some();
-        let balances = self.runtime.block_on(ledger.commit(batch, with_outbox))?;
+        let started = std::time::Instant::now();
+        let committed = self.runtime.block_on(ledger.commit(batch, with_outbox));
+        if let Some(m) = &self.metrics {
+            match &committed {
+                Ok(_) => m.committed(batch, started.elapsed()),
+                Err(_) => m.commit_failed(started.elapsed()),
+            }
+        }
+        let balances = committed?;
         self.commits += 1;
         if let Some(AbortAfterCommit(n)) = self.abort_after_commit {
             if self.commits >= n {
@@ -159,6 +181,7 @@ impl Committer {
         }
         if let Some(store) = self.balances.clone() {
             if let Err(e) = self.runtime.block_on(store.publish(&balances)) {
+                self.count(PipelineMetrics::balance_publish_failed);
                 tracing::warn!(error = %e, "balances not published; will refresh");
                 self.balances_stale = true;
             }
@@ -175,6 +198,7 @@ impl Committer {
                     ledger.ack_outbox(outbox.seq).await
                 });
                 if let Err(e) = written {
+                    self.count(PipelineMetrics::analytics_write_failed);
                     tracing::warn!(error = %e, "analytics batch not written; left in the outbox");
                     self.outbox_pending = true;
                 }
