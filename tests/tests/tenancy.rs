@@ -848,3 +848,40 @@ async fn usage_reports_the_ledger_by_model_and_day_with_exact_decimals() {
         .collect();
     assert_eq!(days, [("2026-11-02", "gpt-4o"), ("2026-11-03", "claude")]);
 }
+
+#[tokio::test]
+async fn the_admin_api_refuses_bad_input_in_openai_shape_and_checks_the_token_first() {
+    let h = Harness::start().await;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("{}/admin/v1{p}", h.base_url);
+    let shape = |v: &Value| v["error"]["type"] == "invalid_request_error";
+    // The token is checked before the body is read: a bad token with a bad body is a 401.
+    let r = client
+        .post(url("/tenants"))
+        .bearer_auth("not-the-token")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(url("/tenants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(shape(&v), "{v}");
+    let r = client
+        .get(url("/audit?limit=lots"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(shape(&v), "{v}");
+}

@@ -53,6 +53,21 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 type AdminResult = Result<Response, ApiError>;
 
+/// The admin API's caller, checked against the admin token before anything else of the
+/// request is read: an extractor, so that no handler can forget it.
+pub struct AdminCaller(Admin);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        admin(state, &parts.headers).map(AdminCaller)
+    }
+}
+
 fn admin(state: &AppState, headers: &HeaderMap) -> Result<Admin, ApiError> {
     let token = state.admin_token.as_deref().ok_or(ApiError {
         error: GatewayError::NotFound(
@@ -68,6 +83,46 @@ fn admin(state: &AppState, headers: &HeaderMap) -> Result<Admin, ApiError> {
         });
     }
     Ok(state.admin("admin-api"))
+}
+
+/// A JSON body; one that is not JSON is a 400 in OpenAI's error shape (axum's own rejection
+/// is plain text).
+pub struct AdminJson(serde_json::Value);
+
+impl axum::extract::FromRequest<Arc<AppState>> for AdminJson {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let limit = state.config.server.max_body_bytes;
+        let (parts, body) = request.into_parts();
+        let bytes = super::inference::read_body(&parts.headers, body, limit)
+            .await
+            .in_format(WireFormat::OpenAi)?;
+        serde_json::from_slice(&bytes)
+            .map(AdminJson)
+            .map_err(|e| GatewayError::bad_request(format!("The body is not valid JSON: {e}")))
+            .in_format(WireFormat::OpenAi)
+    }
+}
+
+/// A query string; a malformed one is a 400 in OpenAI's error shape.
+pub struct AdminQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for AdminQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(q)| AdminQuery(q))
+            .map_err(|e| GatewayError::bad_request(format!("Invalid query string: {e}")))
+            .in_format(WireFormat::OpenAi)
+    }
 }
 
 fn body<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
@@ -125,12 +180,7 @@ struct TenantBody {
     plan: Option<String>,
 }
 
-async fn create_tenant(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn create_tenant(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: TenantBody = body(v)?;
     ok(
         StatusCode::CREATED,
@@ -140,35 +190,23 @@ async fn create_tenant(
     )
 }
 
-async fn list_tenants(State(s): State<Arc<AppState>>, h: HeaderMap) -> AdminResult {
-    list(
-        admin(&s, &h)?
-            .list_tenants()
-            .await
-            .in_format(WireFormat::OpenAi)?,
-    )
+async fn list_tenants(AdminCaller(a): AdminCaller) -> AdminResult {
+    list(a.list_tenants().await.in_format(WireFormat::OpenAi)?)
 }
 
-async fn get_tenant(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Path(t): Path<String>,
-) -> AdminResult {
+async fn get_tenant(AdminCaller(a): AdminCaller, Path(t): Path<String>) -> AdminResult {
     ok(
         StatusCode::OK,
-        admin(&s, &h)?
-            .tenant(&t)
-            .await
-            .in_format(WireFormat::OpenAi)?,
+        a.tenant(&t).await.in_format(WireFormat::OpenAi)?,
     )
 }
 
 async fn suspend_tenant(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
 ) -> AdminResult {
-    let tenant = admin(&s, &h)?
+    let tenant = a
         .set_tenant_active(&t, false)
         .await
         .in_format(WireFormat::OpenAi)?;
@@ -178,10 +216,10 @@ async fn suspend_tenant(
 
 async fn activate_tenant(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
 ) -> AdminResult {
-    let tenant = admin(&s, &h)?
+    let tenant = a
         .set_tenant_active(&t, true)
         .await
         .in_format(WireFormat::OpenAi)?;
@@ -196,12 +234,10 @@ struct PlanRef {
 }
 
 async fn set_plan(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
-    Json(v): Json<serde_json::Value>,
+    AdminJson(v): AdminJson,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let b: PlanRef = body(v)?;
     ok(
         StatusCode::OK,
@@ -266,11 +302,10 @@ fn all_models() -> String {
 
 async fn set_tenant_limit(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
-    Json(v): Json<serde_json::Value>,
+    AdminJson(v): AdminJson,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let b: TenantLimitBody = body(v)?;
     let limits = KeyLimits {
         rpm_limit: b.rpm_limit,
@@ -295,11 +330,10 @@ struct LimitModelQuery {
 
 async fn delete_tenant_limit(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
-    Query(q): Query<LimitModelQuery>,
+    AdminQuery(q): AdminQuery<LimitModelQuery>,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     a.delete_tenant_limit(&t, &q.model)
         .await
         .in_format(WireFormat::OpenAi)?;
@@ -311,14 +345,9 @@ async fn delete_tenant_limit(
     )
 }
 
-async fn list_tenant_limits(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Path(t): Path<String>,
-) -> AdminResult {
+async fn list_tenant_limits(AdminCaller(a): AdminCaller, Path(t): Path<String>) -> AdminResult {
     list(
-        admin(&s, &h)?
-            .tenant_limits(Some(&t))
+        a.tenant_limits(Some(&t))
             .await
             .in_format(WireFormat::OpenAi)?,
     )
@@ -348,12 +377,7 @@ struct KeyBody {
     enforcement: Enforcement,
 }
 
-async fn create_key(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn create_key(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: KeyBody = body(v)?;
     let limits = KeyLimits {
         rpm_limit: b.rpm_limit,
@@ -382,13 +406,11 @@ struct TenantQuery {
 }
 
 async fn list_keys(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Query(q): Query<TenantQuery>,
+    AdminCaller(a): AdminCaller,
+    AdminQuery(q): AdminQuery<TenantQuery>,
 ) -> AdminResult {
     list(
-        admin(&s, &h)?
-            .list_keys(q.tenant.as_deref())
+        a.list_keys(q.tenant.as_deref())
             .await
             .in_format(WireFormat::OpenAi)?,
     )
@@ -403,10 +425,9 @@ struct KeyRef {
 
 async fn revoke_key(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
+    AdminCaller(a): AdminCaller,
+    AdminJson(v): AdminJson,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let b: KeyRef = body(v)?;
     let key = a.revoke_key(&b.key).await.in_format(WireFormat::OpenAi)?;
     s.auth.forget_key(&key.id);
@@ -415,10 +436,9 @@ async fn revoke_key(
 
 async fn rotate_key(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
+    AdminCaller(a): AdminCaller,
+    AdminJson(v): AdminJson,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let b: KeyRef = body(v)?;
     let old = a.resolve_key(&b.key).await.in_format(WireFormat::OpenAi)?;
     let issued = a.rotate_key(&old).await.in_format(WireFormat::OpenAi)?;
@@ -436,10 +456,9 @@ struct KeyLimitsBody {
 
 async fn set_limits(
     State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
+    AdminCaller(a): AdminCaller,
+    AdminJson(v): AdminJson,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let b: KeyLimitsBody = body(v)?;
     let limits = b.limits.limits();
     let key = a
@@ -474,12 +493,7 @@ fn usd() -> String {
     "USD".to_string()
 }
 
-async fn create_plan(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn create_plan(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: PlanBody = body(v)?;
     let plan = Plan {
         id: String::new(),
@@ -496,13 +510,8 @@ async fn create_plan(
     )
 }
 
-async fn list_plans(State(s): State<Arc<AppState>>, h: HeaderMap) -> AdminResult {
-    list(
-        admin(&s, &h)?
-            .list_plans()
-            .await
-            .in_format(WireFormat::OpenAi)?,
-    )
+async fn list_plans(AdminCaller(a): AdminCaller) -> AdminResult {
+    list(a.list_plans().await.in_format(WireFormat::OpenAi)?)
 }
 
 /// A price-book entry as the API and CLI accept it.
@@ -538,12 +547,7 @@ impl PriceBody {
     }
 }
 
-async fn add_price(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn add_price(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: PriceBody = body(v)?;
     ok(
         StatusCode::CREATED,
@@ -559,13 +563,11 @@ struct ModelQuery {
 }
 
 async fn list_prices(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Query(q): Query<ModelQuery>,
+    AdminCaller(a): AdminCaller,
+    AdminQuery(q): AdminQuery<ModelQuery>,
 ) -> AdminResult {
     list(
-        admin(&s, &h)?
-            .list_prices(q.model.as_deref())
+        a.list_prices(q.model.as_deref())
             .await
             .in_format(WireFormat::OpenAi)?,
     )
@@ -585,12 +587,7 @@ struct DiscountBody {
     effective_to: Option<OffsetDateTime>,
 }
 
-async fn add_discount(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn add_discount(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: DiscountBody = body(v)?;
     let d = Discount {
         tenant_id: b.tenant,
@@ -606,13 +603,11 @@ async fn add_discount(
 }
 
 async fn list_discounts(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Query(q): Query<TenantQuery>,
+    AdminCaller(a): AdminCaller,
+    AdminQuery(q): AdminQuery<TenantQuery>,
 ) -> AdminResult {
     list(
-        admin(&s, &h)?
-            .list_discounts(q.tenant.as_deref())
+        a.list_discounts(q.tenant.as_deref())
             .await
             .in_format(WireFormat::OpenAi)?,
     )
@@ -626,12 +621,7 @@ struct CredentialBody {
     secret: String,
 }
 
-async fn put_credential(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Json(v): Json<serde_json::Value>,
-) -> AdminResult {
-    let a = admin(&s, &h)?;
+async fn put_credential(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: CredentialBody = body(v)?;
     ok(
         StatusCode::CREATED,
@@ -641,22 +631,12 @@ async fn put_credential(
     )
 }
 
-async fn list_credentials(State(s): State<Arc<AppState>>, h: HeaderMap) -> AdminResult {
-    list(
-        admin(&s, &h)?
-            .list_credentials()
-            .await
-            .in_format(WireFormat::OpenAi)?,
-    )
+async fn list_credentials(AdminCaller(a): AdminCaller) -> AdminResult {
+    list(a.list_credentials().await.in_format(WireFormat::OpenAi)?)
 }
 
-async fn delete_credential(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Path(name): Path<String>,
-) -> AdminResult {
-    admin(&s, &h)?
-        .delete_credential(&name)
+async fn delete_credential(AdminCaller(a): AdminCaller, Path(name): Path<String>) -> AdminResult {
+    a.delete_credential(&name)
         .await
         .in_format(WireFormat::OpenAi)?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -669,19 +649,13 @@ struct AuditQuery {
 
 /// `GET /admin/v1/deployments`: each deployment's breaker, in-flight count, latency
 /// estimate, rate-limit state and spend, as this gateway instance sees them.
-async fn deployments(State(s): State<Arc<AppState>>, h: HeaderMap) -> AdminResult {
-    admin(&s, &h)?;
+async fn deployments(State(s): State<Arc<AppState>>, _: AdminCaller) -> AdminResult {
     list(s.router.status())
 }
 
-async fn audit(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Query(q): Query<AuditQuery>,
-) -> AdminResult {
+async fn audit(AdminCaller(a): AdminCaller, AdminQuery(q): AdminQuery<AuditQuery>) -> AdminResult {
     list(
-        admin(&s, &h)?
-            .audit_log(q.limit.unwrap_or(100))
+        a.audit_log(q.limit.unwrap_or(100))
             .await
             .in_format(WireFormat::OpenAi)?,
     )
@@ -696,11 +670,9 @@ struct InvoiceQuery {
 
 /// The invoices of a period: a JSON array of the objects `tollgate invoices export` writes.
 async fn list_invoices(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
+    AdminCaller(a): AdminCaller,
     q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> AdminResult {
-    let a = admin(&s, &h)?;
     let Query(q) = q.map_err(|e| ApiError {
         error: GatewayError::bad_param(e.body_text(), "period"),
         format: WireFormat::OpenAi,
@@ -713,15 +685,10 @@ async fn list_invoices(
     )
 }
 
-async fn close_period(
-    State(s): State<Arc<AppState>>,
-    h: HeaderMap,
-    Path(period): Path<String>,
-) -> AdminResult {
+async fn close_period(AdminCaller(a): AdminCaller, Path(period): Path<String>) -> AdminResult {
     ok(
         StatusCode::OK,
-        admin(&s, &h)?
-            .close_period(&period)
+        a.close_period(&period)
             .await
             .in_format(WireFormat::OpenAi)?,
     )
