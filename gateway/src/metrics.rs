@@ -408,6 +408,8 @@ pub struct RoutingMetrics {
     hedges: IntCounterVec,
     attempts: IntCounterVec,
     breaker_transitions: IntCounterVec,
+    /// Rounds of shared deployment accounting that failed (`routing/shared.rs`).
+    pub shared_sync_failures: prometheus::IntCounter,
 }
 
 impl RoutingMetrics {
@@ -469,6 +471,11 @@ impl RoutingMetrics {
                 ),
                 &["deployment", "state"],
             )?,
+            shared_sync_failures: prometheus::IntCounter::new(
+                "tollgate_routing_shared_sync_failures_total",
+                "Rounds of deployment RPM/TPM accounting not shared through Redis (each instance \
+                 then counts alone)",
+            )?,
         })
     }
 
@@ -483,6 +490,7 @@ impl RoutingMetrics {
             Box::new(self.hedges.clone()),
             Box::new(self.attempts.clone()),
             Box::new(self.breaker_transitions.clone()),
+            Box::new(self.shared_sync_failures.clone()),
         ]
     }
 

@@ -523,3 +523,81 @@ async fn the_app_refuses_bad_requests_in_each_apis_shape() {
     // Nothing of it reached the upstream.
     assert!(h.upstream.requests().is_empty());
 }
+
+/// Two gateway instances sharing one provider key (`limits = { rpm = 10 }`) through Redis
+/// stay under its limit together: what one sent counts against the other once synced.
+#[tokio::test]
+async fn two_gateways_share_a_deployments_requests_per_minute_through_redis() {
+    let Ok(redis) = std::env::var("TOLLGATE_REDIS_URL") else {
+        tollgate_tests::service_missing(
+            "two_gateways_share_a_deployments_requests_per_minute_through_redis",
+            "needs TOLLGATE_REDIS_URL (scripts/services.sh up redis)",
+        );
+        return;
+    };
+    // A fresh deployment name: Redis keeps a name's counters for three minutes.
+    let name = format!("shared-{}", std::process::id() ^ rand_tail());
+    let routing = format!(
+        "max_retry_after_ms = 0\n\n[routing.rate_limits]\nshared_redis_url = \"{redis}\"\n\
+         shared_sync_ms = 50\n"
+    );
+    let start = || async {
+        let up = upstream().await;
+        let body = [
+            dep("openai", &name, &up, "gpt-up", "limits = { rpm = 10 }\n"),
+            alias("limited", &[&name], ""),
+        ]
+        .concat();
+        // The upstream lives as long as its gateway.
+        (gateway(&routing, &body).await, up)
+    };
+    let ((a, _up_a), (b, _up_b)) = (start().await, start().await);
+    let served = |h: &Harness, n: usize| {
+        let h_base = h.base_url.clone();
+        let key = h.key.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let mut ok = 0;
+            for _ in 0..n {
+                let resp = client
+                    .post(format!("{h_base}/v1/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&chat("limited", false))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let route = header(&resp, "x-tollgate-route");
+                assert!(
+                    status == 200 || status == 429,
+                    "{status} {route}: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+                ok += usize::from(status == 200);
+            }
+            ok
+        }
+    };
+    assert_eq!(served(&a, 6).await, 6);
+    // A few sync rounds: b has learnt of a's six.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        served(&b, 10).await,
+        4,
+        "b may send only what a left of the 10"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        served(&a, 3).await,
+        0,
+        "the key's minute is used up on both"
+    );
+}
+
+/// Some bits that differ between runs of the test binary.
+fn rand_tail() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}

@@ -34,7 +34,7 @@ mod estimate;
 mod headers;
 mod memory;
 mod redis;
-mod resp;
+pub(crate) mod resp;
 mod scopes;
 
 use std::future::Future;
@@ -170,7 +170,7 @@ pub(crate) struct Settlement<'a> {
 /// A limiter failed to answer (Redis unreachable or too slow).
 #[derive(Debug, thiserror::Error)]
 #[error("limiter unavailable: {0}")]
-pub(crate) struct Unavailable(pub String);
+pub struct Unavailable(pub String);
 
 /// Which limiter holds a reservation: it is settled where it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

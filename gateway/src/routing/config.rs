@@ -159,6 +159,11 @@ pub struct RateLimitConfig {
     pub near_limit_requests: u64,
     /// The same for tokens left.
     pub near_limit_tokens: u64,
+    /// Share deployments' RPM/TPM accounting with the other gateway instances through this
+    /// Redis (see `routing/shared.rs`); unset: each instance counts alone.
+    pub shared_redis_url: Option<String>,
+    /// How often the shared accounting is exchanged with Redis.
+    pub shared_sync_ms: u64,
 }
 
 impl Default for RateLimitConfig {
@@ -167,6 +172,8 @@ impl Default for RateLimitConfig {
             follow_upstream_headers: true,
             near_limit_requests: 2,
             near_limit_tokens: 2_000,
+            shared_redis_url: None,
+            shared_sync_ms: 250,
         }
     }
 }

@@ -142,14 +142,17 @@ impl MemoryLimiter {
     }
 }
 
-impl DeploymentLimiter for MemoryLimiter {
-    fn check(
+impl MemoryLimiter {
+    /// [`DeploymentLimiter::check`] with `others` (what other gateway instances used over the
+    /// minute, see `shared.rs`) counted against the deployment's limit.
+    pub fn check_with(
         &self,
         deployment: &str,
         tenant: &str,
         limits: &DeploymentLimits,
         tokens: u64,
         now: Instant,
+        others: MinuteUsage,
     ) -> Result<(), Instant> {
         if limits.rpm.is_none() && limits.tpm.is_none() {
             return Ok(());
@@ -159,7 +162,9 @@ impl DeploymentLimiter for MemoryLimiter {
         };
         let mut u = u.lock();
         u.roll(now);
-        let (used, bucket_end) = u.total.estimate(now);
+        let (mut used, bucket_end) = u.total.estimate(now);
+        used.requests += others.requests;
+        used.tokens = used.tokens.saturating_add(others.tokens);
         let over = |used: MinuteUsage, rpm: Option<f64>, tpm: Option<f64>| {
             rpm.is_some_and(|rpm| used.requests as f64 >= rpm)
                 || tpm.is_some_and(|tpm| {
@@ -188,6 +193,26 @@ impl DeploymentLimiter for MemoryLimiter {
         } else {
             Ok(())
         }
+    }
+}
+
+impl DeploymentLimiter for MemoryLimiter {
+    fn check(
+        &self,
+        deployment: &str,
+        tenant: &str,
+        limits: &DeploymentLimits,
+        tokens: u64,
+        now: Instant,
+    ) -> Result<(), Instant> {
+        self.check_with(
+            deployment,
+            tenant,
+            limits,
+            tokens,
+            now,
+            MinuteUsage::default(),
+        )
     }
 
     fn record_request(&self, deployment: &str, tenant: &str, now: Instant) {

@@ -25,6 +25,7 @@ pub mod health;
 pub mod hedge;
 pub mod limiter;
 pub mod retry;
+pub mod shared;
 pub mod strategy;
 pub mod vllm;
 
@@ -52,6 +53,7 @@ pub use dispatch::{
 };
 use health::Health;
 use limiter::{DeploymentLimiter, MemoryLimiter};
+use shared::SharedLimiter;
 
 /// Most deployments one alias may list (a request's tried set is a 64-bit mask).
 pub const MAX_DEPLOYMENTS_PER_ALIAS: usize = 64;
@@ -150,6 +152,9 @@ pub struct ModelRouter {
     deployments: Vec<Arc<Deployment>>,
     pub config: RoutingConfig,
     limiter: Arc<dyn DeploymentLimiter>,
+    /// The limiter again when it is shared through Redis (its sync task starts with the
+    /// background work).
+    shared: Option<Arc<SharedLimiter>>,
     pub metrics: RoutingMetrics,
 }
 
@@ -194,11 +199,17 @@ impl ModelRouter {
             }
         }
         wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-        let limiter = Arc::new(MemoryLimiter::new(
-            all.iter()
-                .filter(|d| d.limits.rpm.is_some() || d.limits.tpm.is_some())
-                .map(|d| d.name.as_str()),
-        ));
+        let limited = all
+            .iter()
+            .filter(|d| d.limits.rpm.is_some() || d.limits.tpm.is_some())
+            .map(|d| d.name.as_str());
+        let (limiter, shared): (Arc<dyn DeploymentLimiter>, _) =
+            if config.routing.rate_limits.shared_redis_url.is_some() {
+                let shared = Arc::new(SharedLimiter::new(limited));
+                (shared.clone(), Some(shared))
+            } else {
+                (Arc::new(MemoryLimiter::new(limited)), None)
+            };
         let metrics = RoutingMetrics::new()
             .map_err(|e| GatewayError::Internal(format!("routing metrics: {e}")))?;
         Ok(ModelRouter {
@@ -207,6 +218,7 @@ impl ModelRouter {
             deployments: all,
             config: config.routing.clone(),
             limiter,
+            shared,
             metrics,
         })
     }
@@ -214,6 +226,14 @@ impl ModelRouter {
     /// Starts the background work routing needs (vLLM metrics pollers); call once, inside the
     /// runtime.
     pub fn start_background(&self) {
+        let rate_limits = &self.config.rate_limits;
+        if let (Some(shared), Some(url)) = (&self.shared, &rate_limits.shared_redis_url) {
+            let every = Duration::from_millis(rate_limits.shared_sync_ms);
+            let failures = self.metrics.shared_sync_failures.clone();
+            if let Err(e) = shared::spawn_sync(shared.clone(), url, every, failures) {
+                tracing::error!(error = %e, "routing.rate_limits.shared_redis_url: counting per instance");
+            }
+        }
         for d in &self.deployments {
             if let Some((url, every)) = &d.metrics_url {
                 vllm::spawn_poller(d.name.clone(), url.clone(), *every, d.health.clone());
