@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod health;
 pub mod hedge;
 pub mod limiter;
+pub mod plan;
 pub mod retry;
 pub mod strategy;
 pub mod vllm;
