@@ -4,16 +4,40 @@
 //! while this runs, so every attempt is free to fail.
 //!
 //! ```text
-//! pick (strategy; breaker, rate limits) ─▶ send ─▶ first byte? ─▶ done
-//!    ▲                                        │ error
-//!    │        next deployment ◀── 429, 401/403/404, timeout, retries spent
-//!    │        same deployment ◀── 5xx, connection error (backoff with full jitter, retry-after)
-//!    └─ other alias ◀── context window / content policy (alias fallbacks)
-//!                   answer the client ◀── 4xx that is the client's fault
+//! choose (strategy; breaker, rate limits; last resort) ─▶ send ─▶ first byte? ─▶ done
+//!    ▲                                                        │ error
+//!    └──────────────── plan.next_action (plan.rs) ◀───────────┘
+//!        Retry(wait): same deployment     5xx, connection error (backoff, retry-after)
+//!        NextDeployment                   429, 401/403/404, timeout, retries spent
+//!        SwitchAlias                      context window / content policy (alias fallbacks)
+//!        Fail                             4xx that is the client's fault; nothing left to try
 //! ```
 //!
+//! The loop sends and waits; what to do after a failure is [`Plan`]'s decision (its module
+//! docs hold the rules: the attempt budget is shared so that every deployment of the alias
+//! gets a turn before the request fails). Which deployment comes next is `strategy.rs`'s.
+//!
+//! **When every breaker is open** (or every deployment left has one open), the request is not
+//! refused: the deployments it has not been sent to are tried through their open breakers
+//! as probes, the one whose last success is the most recent first
+//! ([`strategy::last_resort`]), within the attempt budget and the deadline. Such a last-resort
+//! deployment keeps its retries: there is nowhere better to go.
+//!
+//! **Breaker counting.** A failed attempt (5xx, connection error, timeout) is not counted by
+//! the deployment's breaker at once: while the request retries the same deployment, its
+//! failures there are held (`Unsettled`). If a retry gets a first byte, they are forgiven —
+//! the deployment served the request, and the breaker counts one successful call. If the
+//! request leaves the deployment any other way (moves on, fails, is dropped), each held
+//! failure is counted as before. So a deployment that answers every request on its first
+//! retry (scenario: 503 to every other call) never trips its breaker, while one whose failures
+//! lose requests does, by the same consecutive-failure and ratio thresholds. The cost of the
+//! forgiven failures still shows: in the route log, the `x-tollgate-route` header and the
+//! per-attempt metrics. Half-open probes are the exception: their outcome is counted at once,
+//! since it decides the breaker's state.
+//!
 //! High-priority requests (and aliases with `hedge = true`) race a second deployment after
-//! `[routing.hedge] delay_ms` without a first byte (`hedge.rs`).
+//! `[routing.hedge] delay_ms` without a first byte (`ModelRouter::hedged` over
+//! [`hedge::race`]).
 //!
 //! The single-deployment, first-try path costs one pick (no allocation), one breaker check,
 //! one attempt record and the deadline timer around the upstream call.
@@ -1087,4 +1111,58 @@ fn excluded(alias: &Alias, req: &DispatchRequest<'_>, pins: bool) -> Result<u64,
         });
     }
     Ok(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use super::super::breaker::{BreakerState, CallResult};
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn failures_a_retry_recovered_are_forgiven_and_lost_ones_are_counted() {
+        let config = Config::from_toml(
+            r#"
+[server]
+mock_models = false
+[routing.breaker]
+consecutive_failures = 3
+min_calls = 4
+[[deployments]]
+type = "mock"
+name = "b"
+[[models]]
+name = "x"
+deployments = ["b"]
+"#,
+        )
+        .unwrap();
+        let r = ModelRouter::from_config(&config, &HashMap::new()).unwrap();
+        let d = r.alias("x").unwrap().deployments[0].clone();
+        let (breaker, now) = (&d.health.breaker, Instant::now());
+        // Fifty requests that each fail once and are served by their retry: half the calls
+        // failed, none of the requests was lost.
+        for _ in 0..50 {
+            let mut held = Unsettled::new(&r);
+            held.hold(&d);
+            breaker.record(now, CallResult::Success { slow: false }, false);
+            held.forgive();
+        }
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        // A request that leaves after two failures: both count.
+        let mut held = Unsettled::new(&r);
+        held.hold(&d);
+        held.hold(&d);
+        held.settle();
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        // One dropped while it waited to retry: its failure counts too (three in a row).
+        let mut held = Unsettled::new(&r);
+        held.hold(&d);
+        drop(held);
+        assert_eq!(breaker.state(now), BreakerState::Open);
+    }
 }
