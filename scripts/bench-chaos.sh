@@ -26,6 +26,8 @@
 #   HEDGE_MS [50]     hedge delay of the hedged mode
 #   CHUNKS [20]       SSE chunks per response
 #   UNREACHABLE [0]   1: add the `dead` deployment
+#   ONLY              the alias's deployments, in order, from: dead flaky healthy slow
+#                     (default: flaky healthy slow, with dead first if UNREACHABLE=1)
 #   MODES [off retries lowest_latency hedged ordered]   which modes to run
 #   BUILD [1]         0: use already built release binaries
 #   KEEP_TMP [0]      1: keep the temporary directory (configs, logs, JSON results)
@@ -102,13 +104,28 @@ PORT_FLAKY=$MOCK_PORT
 start_mock slow --latency-ms "$SLOW_MS"
 PORT_SLOW=$MOCK_PORT
 log "upstreams: healthy :$PORT_HEALTHY, flaky :$PORT_FLAKY ($FAIL_RATIO × $FAIL_STATUS), slow :$PORT_SLOW (${SLOW_MS} ms)"
-DEPLOYMENTS=(flaky:$PORT_FLAKY healthy:$PORT_HEALTHY slow:$PORT_SLOW)
-if [[ $UNREACHABLE == 1 ]]; then
-    # Free now and never listened on: every connection is refused.
-    PORT_DEAD=$(free_port)
-    DEPLOYMENTS=(dead:$PORT_DEAD "${DEPLOYMENTS[@]}")
-    log "unreachable: dead :$PORT_DEAD"
-fi
+# Nobody listens on the dead port: every connection is refused. It is below free_port's range,
+# so no gateway started later is given it.
+PORT_DEAD=""
+for ((i = 0; i < 100; i++)); do
+    p=$((10000 + RANDOM % 10000))
+    if ! port_in_use "$p"; then
+        PORT_DEAD=$p
+        break
+    fi
+done
+[[ -n $PORT_DEAD ]] || die "no unused port for the dead deployment"
+declare -A PORT_OF=([dead]=$PORT_DEAD [flaky]=$PORT_FLAKY [healthy]=$PORT_HEALTHY [slow]=$PORT_SLOW)
+declare -A ABOUT=([dead]="dead (connection refused)" [flaky]="flaky ($FAIL_RATIO of requests answer $FAIL_STATUS)"
+    [healthy]="healthy" [slow]="slow (${SLOW_MS} ms before every answer)")
+if [[ $UNREACHABLE == 1 ]]; then ONLY=${ONLY:-dead flaky healthy slow}; else ONLY=${ONLY:-flaky healthy slow}; fi
+read -r -a NAMES <<<"$ONLY"
+DEPLOYMENTS=()
+for n in "${NAMES[@]}"; do
+    [[ -n ${PORT_OF[$n]:-} ]] || die "unknown deployment $n in ONLY"
+    DEPLOYMENTS+=("$n:${PORT_OF[$n]}")
+done
+log "alias: ${NAMES[*]} (dead :$PORT_DEAD)"
 ALIAS_LIST=$(printf '"%s", ' "${DEPLOYMENTS[@]%%:*}")
 ALIAS_LIST=${ALIAS_LIST%, }
 export CHAOS_UPSTREAM_KEY=x
@@ -153,9 +170,9 @@ done
 echo
 echo "## Chaos benchmark"
 echo
-echo "${#DEPLOYMENTS[@]} deployments behind one alias, in this order:" \
-    "$([[ $UNREACHABLE == 1 ]] && echo "dead (connection refused);") flaky ($FAIL_RATIO of requests answer $FAIL_STATUS);" \
-    "healthy; slow (${SLOW_MS} ms before every answer). $REQUESTS streamed requests per mode at concurrency" \
+ABOUT_LIST=$(for n in "${NAMES[@]}"; do printf '%s; ' "${ABOUT[$n]}"; done)
+echo "${#DEPLOYMENTS[@]} deployments behind one alias, in this order: ${ABOUT_LIST%; }." \
+    "$REQUESTS streamed requests per mode at concurrency" \
     "$CONCURRENCY, $CHUNKS chunks each; TTFT of successful requests, in ms."
 echo
 echo "| routing | ok | errors | success rate | TTFT p50 | TTFT p90 | TTFT p99 |"
