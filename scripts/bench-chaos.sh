@@ -3,12 +3,16 @@
 #   healthy   answers normally
 #   flaky     fails FAIL_RATIO of its requests (HTTP FAIL_STATUS before any byte)
 #   slow      waits SLOW_MS before every answer
-# The same streaming load runs through the gateway in three routing modes, each on a fresh
+#   dead      (UNREACHABLE=1 only) a loopback port nobody listens on: connections refused
+# The alias lists them as dead, flaky, healthy, slow (an `ordered` alias meets the failing ones
+# first).
+# The same streaming load runs through the gateway in each routing mode, on a fresh
 # gateway process (no state carried over):
 #   off             weighted random, one attempt per request, breakers off
 #   retries         weighted random with the default retries, fallbacks and breakers
 #   lowest_latency  the same, with the lowest-latency strategy
 #   hedged          lowest_latency, every request high priority (hedged after HEDGE_MS)
+#   ordered         the default retries, fallbacks and breakers, strategy = "ordered"
 # and prints a markdown table: client-visible success rate and time to first token.
 #
 # Usage: scripts/bench-chaos.sh            (from anywhere)
@@ -21,6 +25,10 @@
 #   SLOW_MS [300]     the slow deployment's delay before answering
 #   HEDGE_MS [50]     hedge delay of the hedged mode
 #   CHUNKS [20]       SSE chunks per response
+#   UNREACHABLE [0]   1: add the `dead` deployment
+#   ONLY              the alias's deployments, in order, from: dead flaky healthy slow
+#                     (default: flaky healthy slow, with dead first if UNREACHABLE=1)
+#   MODES [off retries lowest_latency hedged ordered]   which modes to run
 #   BUILD [1]         0: use already built release binaries
 #   KEEP_TMP [0]      1: keep the temporary directory (configs, logs, JSON results)
 #   MOCK_BIN, GATEWAY_BIN, LOAD_BIN   override the binaries' paths
@@ -35,6 +43,8 @@ FAIL_STATUS=${FAIL_STATUS:-503}
 SLOW_MS=${SLOW_MS:-300}
 HEDGE_MS=${HEDGE_MS:-50}
 CHUNKS=${CHUNKS:-20}
+UNREACHABLE=${UNREACHABLE:-0}
+read -r -a MODES <<<"${MODES:-off retries lowest_latency hedged ordered}"
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 export RUST_LOG=${RUST_LOG:-warn}
@@ -94,6 +104,30 @@ PORT_FLAKY=$MOCK_PORT
 start_mock slow --latency-ms "$SLOW_MS"
 PORT_SLOW=$MOCK_PORT
 log "upstreams: healthy :$PORT_HEALTHY, flaky :$PORT_FLAKY ($FAIL_RATIO × $FAIL_STATUS), slow :$PORT_SLOW (${SLOW_MS} ms)"
+# Nobody listens on the dead port: every connection is refused. It is below free_port's range,
+# so no gateway started later is given it.
+PORT_DEAD=""
+for ((i = 0; i < 100; i++)); do
+    p=$((10000 + RANDOM % 10000))
+    if ! port_in_use "$p"; then
+        PORT_DEAD=$p
+        break
+    fi
+done
+[[ -n $PORT_DEAD ]] || die "no unused port for the dead deployment"
+declare -A PORT_OF=([dead]=$PORT_DEAD [flaky]=$PORT_FLAKY [healthy]=$PORT_HEALTHY [slow]=$PORT_SLOW)
+declare -A ABOUT=([dead]="dead (connection refused)" [flaky]="flaky ($FAIL_RATIO of requests answer $FAIL_STATUS)"
+    [healthy]="healthy" [slow]="slow (${SLOW_MS} ms before every answer)")
+if [[ $UNREACHABLE == 1 ]]; then ONLY=${ONLY:-dead flaky healthy slow}; else ONLY=${ONLY:-flaky healthy slow}; fi
+read -r -a NAMES <<<"$ONLY"
+DEPLOYMENTS=()
+for n in "${NAMES[@]}"; do
+    [[ -n ${PORT_OF[$n]:-} ]] || die "unknown deployment $n in ONLY"
+    DEPLOYMENTS+=("$n:${PORT_OF[$n]}")
+done
+log "alias: ${NAMES[*]} (dead :$PORT_DEAD)"
+ALIAS_LIST=$(printf '"%s", ' "${DEPLOYMENTS[@]%%:*}")
+ALIAS_LIST=${ALIAS_LIST%, }
 export CHAOS_UPSTREAM_KEY=x
 
 # ---------------------------------------------------------------------------- modes
@@ -103,18 +137,19 @@ routing_for() {
     retries) printf '[routing]\nstrategy = "weighted_random"\n' ;;
     lowest_latency) printf '[routing]\nstrategy = "lowest_latency"\n' ;;
     hedged) printf '[routing]\nstrategy = "lowest_latency"\n[routing.hedge]\ndelay_ms = %s\n' "$HEDGE_MS" ;;
+    ordered) printf '[routing]\nstrategy = "ordered"\n' ;;
+    *) die "unknown mode $1" ;;
     esac
 }
 
-MODES=(off retries lowest_latency hedged)
 for mode in "${MODES[@]}"; do
     dir="$TMP/$mode"
     mkdir -p "$dir/data"
     {
-        for d in healthy:$PORT_HEALTHY flaky:$PORT_FLAKY slow:$PORT_SLOW; do
+        for d in "${DEPLOYMENTS[@]}"; do
             printf '[[deployments]]\ntype = "openai"\nname = "%s"\nmodel = "gpt"\nbase_url = "http://127.0.0.1:%s/v1"\napi_key_env = "CHAOS_UPSTREAM_KEY"\n\n' "${d%%:*}" "${d#*:}"
         done
-        printf '[[models]]\nname = "chaos"\ndeployments = ["healthy", "flaky", "slow"]\n\n[events]\ntype = "log"\n\n'
+        printf '[[models]]\nname = "chaos"\ndeployments = [%s]\n\n[events]\ntype = "log"\n\n' "$ALIAS_LIST"
         routing_for "$mode"
     } >"$dir/gateway.toml"
     key=$(default_tenant_key "$dir/data")
@@ -135,8 +170,9 @@ done
 echo
 echo "## Chaos benchmark"
 echo
-echo "3 deployments behind one alias: healthy; flaky ($FAIL_RATIO of requests answer $FAIL_STATUS);" \
-    "slow (${SLOW_MS} ms before every answer). $REQUESTS streamed requests per mode at concurrency" \
+ABOUT_LIST=$(for n in "${NAMES[@]}"; do printf '%s; ' "${ABOUT[$n]}"; done)
+echo "${#DEPLOYMENTS[@]} deployments behind one alias, in this order: ${ABOUT_LIST%; }." \
+    "$REQUESTS streamed requests per mode at concurrency" \
     "$CONCURRENCY, $CHUNKS chunks each; TTFT of successful requests, in ms."
 echo
 echo "| routing | ok | errors | success rate | TTFT p50 | TTFT p90 | TTFT p99 |"

@@ -2,7 +2,8 @@
 //! fault-injecting mock upstreams (one server per deployment), one test per behaviour:
 //! retries, `retry-after`, no retry of client errors, the deadline, resets, hangs, drops
 //! mid-stream, breakers, cross-provider fallback, pins, strategies, hedging, context-window
-//! fallback and rate-limit steering.
+//! fallback and rate-limit steering; and the faults routing must ride out (unreachable and
+//! half-failing deployments, dead deployments ahead of a live one, every breaker open).
 //!
 //! Timings here are orderings ("took at least the retry-after"), never thresholds.
 
@@ -25,10 +26,15 @@ async fn upstream() -> MockUpstream {
 
 /// A `[[deployments]]` entry for `up` (`kind`: openai, anthropic, vllm).
 fn dep(kind: &str, name: &str, up: &MockUpstream, model: &str, extra: &str) -> String {
+    dep_at(kind, name, &up.base_url(), model, extra)
+}
+
+/// A `[[deployments]]` entry for the server at `url` (`http://host:port`).
+fn dep_at(kind: &str, name: &str, url: &str, model: &str, extra: &str) -> String {
     let base = if kind == "anthropic" {
-        up.base_url()
+        url.to_string()
     } else {
-        format!("{}/v1", up.base_url())
+        format!("{url}/v1")
     };
     let timeout = if extra.contains("first_byte_timeout_ms") {
         ""
@@ -58,6 +64,16 @@ async fn gateway(routing: &str, body: &str) -> Harness {
          [routing.retry]\nbase_backoff_ms = 5\nmax_backoff_ms = 20\n{routing}\n{body}"
     );
     Harness::start_with_config(upstream().await, &config).await
+}
+
+/// `n` loopback addresses nobody listens on (bound, then closed): connections are refused.
+fn unreachable(n: usize) -> Vec<String> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect()
 }
 
 fn chat(model: &str, stream: bool) -> Value {
@@ -707,4 +723,118 @@ async fn local_rpm_limits_steer_load_away() {
         v
     };
     assert_eq!(served, ["a", "a", "b", "b"]);
+}
+
+#[tokio::test]
+async fn an_unreachable_first_and_a_flaky_second_serve_every_request() {
+    // `b` answers 503 to every other request: each request succeeds on its first retry.
+    let b = upstream().await;
+    b.set_faults(Faults::ratio(Fault::Status(503), 0.5));
+    let dead = unreachable(1);
+    let h = gateway(
+        "[routing.breaker]\nopen_ms = 600000",
+        &format!(
+            "{}{}{}",
+            dep_at("openai", "a", &dead[0], "gpt", ""),
+            dep("openai", "b", &b, "gpt", ""),
+            alias("m", &["a", "b"], "strategy = \"ordered\"")
+        ),
+    )
+    .await;
+    let mut failed = Vec::new();
+    for i in 0..200 {
+        let (status, deployment, route, _) = ask(&h, "m", &[]).await;
+        if (status, deployment.as_str()) != (200, "b") {
+            failed.push((i, status, route));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 200 failed: {failed:?}",
+        failed.len()
+    );
+    // Every 503 of `b` was recovered by the same request's retry: not counted by its breaker.
+    // `a` lost every request it was sent: its breaker opened.
+    let states = deployment_states(&h).await;
+    assert_eq!(
+        (states["a"].as_str(), states["b"].as_str()),
+        (Some("open"), Some("closed"))
+    );
+    // The 503s alternate with successes, so after the first request every first try hits one.
+    assert_eq!(b.request_count(), 399);
+}
+
+#[tokio::test]
+async fn the_third_deployment_serves_the_first_request_when_the_first_two_are_down() {
+    let c = upstream().await;
+    let dead = unreachable(2);
+    let h = gateway(
+        "",
+        &format!(
+            "{}{}{}{}",
+            dep_at("openai", "dead", &dead[0], "gpt", ""),
+            dep_at("openai", "dead2", &dead[1], "gpt", ""),
+            dep("openai", "third", &c, "gpt", ""),
+            alias("m", &["dead", "dead2", "third"], "strategy = \"ordered\"")
+        ),
+    )
+    .await;
+    let (status, deployment, route, body) = ask(&h, "m", &[]).await;
+    assert_eq!(
+        (status, deployment.as_str()),
+        (200, "third"),
+        "{route} {body}"
+    );
+    // The default 6 attempts: retries of the first two leave one for the third.
+    assert_eq!(
+        route,
+        "dead:unreachable,dead:unreachable,dead:unreachable,\
+         dead2:unreachable,dead2:unreachable,third:ok"
+    );
+}
+
+#[tokio::test]
+async fn when_every_breaker_is_open_they_are_tried_most_recent_success_first() {
+    let (a, b) = (upstream().await, upstream().await);
+    a.set_faults(Faults::always(Fault::Status(500)));
+    let h = gateway(
+        "max_retries = 0\n[routing.breaker]\nconsecutive_failures = 2\nopen_ms = 600000",
+        &format!(
+            "{}{}{}",
+            dep("openai", "a", &a, "gpt", ""),
+            dep("openai", "b", &b, "gpt", ""),
+            alias("m", &["a", "b"], "strategy = \"ordered\"")
+        ),
+    )
+    .await;
+    // `a` fails until its breaker opens; `b` serves.
+    for _ in 0..2 {
+        let (status, _, route, _) = ask(&h, "m", &[]).await;
+        assert_eq!((status, route.as_str()), (200, "a:500,b:ok"));
+    }
+    // `b` fails too. `a`, though its breaker is open, is still tried before the request fails.
+    b.set_faults(Faults::always(Fault::Status(500)));
+    for _ in 0..2 {
+        assert_ne!(ask(&h, "m", &[]).await.0, 200);
+    }
+    let failed: Vec<String> = h
+        .completions(4)
+        .await
+        .iter()
+        .filter(|r| r.outcome != Outcome::Completed)
+        .map(|r| r.route_log.as_ref().unwrap().trace())
+        .collect();
+    assert_eq!(failed, ["b:500,a:500", "b:500,a:500"]);
+    let states = deployment_states(&h).await;
+    assert_eq!(
+        (states["a"].as_str(), states["b"].as_str()),
+        (Some("open"), Some("open"))
+    );
+    // `a` recovers. Every breaker is open: `b`, whose last success is the more recent, goes
+    // first, then `a` serves — not one probe and a 502.
+    a.set_faults(Faults::none());
+    let (status, deployment, route, _) = ask(&h, "m", &[]).await;
+    assert_eq!((status, deployment.as_str()), (200, "a"), "{route}");
+    assert_eq!(route, "b:500,a:ok");
+    assert_eq!(deployment_states(&h).await["a"], "closed");
 }

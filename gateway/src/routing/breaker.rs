@@ -12,7 +12,9 @@
 //!
 //! Slow calls (time to first byte over `slow_call_ms`) count as failures in the ratio but do
 //! not break the run of successes that the consecutive count watches. Time is passed in, so
-//! the state machine is tested without sleeping.
+//! the state machine is tested without sleeping. Which failures reach the breaker is the
+//! dispatcher's rule (`dispatch.rs`, "Breaker counting": a failure the request's own retry
+//! on the same deployment recovered is not counted).
 
 use std::time::{Duration, Instant};
 

@@ -4,16 +4,40 @@
 //! while this runs, so every attempt is free to fail.
 //!
 //! ```text
-//! pick (strategy; breaker, rate limits) ─▶ send ─▶ first byte? ─▶ done
-//!    ▲                                        │ error
-//!    │        next deployment ◀── 429, 401/403/404, timeout, retries spent
-//!    │        same deployment ◀── 5xx, connection error (backoff with full jitter, retry-after)
-//!    └─ other alias ◀── context window / content policy (alias fallbacks)
-//!                   answer the client ◀── 4xx that is the client's fault
+//! choose (strategy; breaker, rate limits; last resort) ─▶ send ─▶ first byte? ─▶ done
+//!    ▲                                                        │ error
+//!    └──────────────── plan.next_action (plan.rs) ◀───────────┘
+//!        Retry(wait): same deployment     5xx, connection error (backoff, retry-after)
+//!        NextDeployment                   429, 401/403/404, timeout, retries spent
+//!        SwitchAlias                      context window / content policy (alias fallbacks)
+//!        Fail                             4xx that is the client's fault; nothing left to try
 //! ```
 //!
+//! The loop sends and waits; what to do after a failure is [`Plan`]'s decision (its module
+//! docs hold the rules: the attempt budget is shared so that every deployment of the alias
+//! gets a turn before the request fails). Which deployment comes next is `strategy.rs`'s.
+//!
+//! **When every breaker is open** (or every deployment left has one open), the request is not
+//! refused: the deployments it has not been sent to are tried through their open breakers
+//! as probes, the one whose last success is the most recent first
+//! ([`strategy::last_resort`]), within the attempt budget and the deadline. Such a last-resort
+//! deployment keeps its retries: there is nowhere better to go.
+//!
+//! **Breaker counting.** A failed attempt (5xx, connection error, timeout) is not counted by
+//! the deployment's breaker at once: while the request retries the same deployment, its
+//! failures there are held (`Unsettled`). If a retry gets a first byte, they are forgiven —
+//! the deployment served the request, and the breaker counts one successful call. If the
+//! request leaves the deployment any other way (moves on, fails, is dropped), each held
+//! failure is counted as before. So a deployment that answers every request on its first
+//! retry (scenario: 503 to every other call) never trips its breaker, while one whose failures
+//! lose requests does, by the same consecutive-failure and ratio thresholds. The cost of the
+//! forgiven failures still shows: in the route log, the `x-tollgate-route` header and the
+//! per-attempt metrics. Half-open probes are the exception: their outcome is counted at once,
+//! since it decides the breaker's state.
+//!
 //! High-priority requests (and aliases with `hedge = true`) race a second deployment after
-//! `[routing.hedge] delay_ms` without a first byte (`hedge.rs`).
+//! `[routing.hedge] delay_ms` without a first byte (`ModelRouter::hedged` over
+//! [`hedge::race`]).
 //!
 //! The single-deployment, first-try path costs one pick (no allocation), one breaker check,
 //! one attempt record and the deadline timer around the upstream call.
@@ -30,6 +54,7 @@ use super::breaker::{Admission, Breaker};
 use super::health::InFlightGuard;
 use super::hedge::{self, Raced};
 use super::limiter::DeploymentLimiter;
+use super::plan::{Action, Budget, Failed, Plan};
 use super::retry::{self, Deadline, Disposition};
 use super::strategy::{self, Pick, RankInput, Unavailable};
 use super::{Alias, Deployment, ModelRouter, Strategy, Target};
@@ -314,6 +339,93 @@ struct AttemptDone {
     result: Result<UpstreamResponse, GatewayError>,
     guard: InFlightGuard,
     elapsed: Duration,
+    /// A failure its breaker has not counted yet: the dispatcher settles it once it knows
+    /// whether a retry recovers it (see the module docs, "Breaker counting").
+    unsettled: bool,
+    /// The routing deadline, not the upstream, ended the attempt.
+    cut_by_deadline: bool,
+}
+
+/// What [`ModelRouter::choose`] found.
+enum Chosen {
+    /// Send to this deployment (`true`: as the last resort, through its open breaker).
+    Deployment(usize, bool),
+    /// Waited for a rate limit to reset: choose again.
+    Waited,
+    /// Nothing can take the request; the error to answer if no attempt left one.
+    Nothing(Option<GatewayError>),
+}
+
+/// The request a hedge belongs to.
+struct Hedging<'a, 'q, 'm> {
+    alias: &'a Alias,
+    suffix: Option<&'m str>,
+    req: &'q DispatchRequest<'m>,
+    first_idx: usize,
+    deadline: Deadline,
+}
+
+/// Retryable failures of one deployment in one request that its breaker has not counted yet.
+/// Held while the request retries that deployment: forgiven if a retry gets a first byte,
+/// counted (one failure each) when the request leaves the deployment any other way — moving
+/// on, failing, or being dropped.
+struct Unsettled<'a> {
+    router: &'a ModelRouter,
+    deployment: Option<Arc<Deployment>>,
+    failures: u32,
+}
+
+impl<'a> Unsettled<'a> {
+    fn new(router: &'a ModelRouter) -> Unsettled<'a> {
+        Unsettled {
+            router,
+            deployment: None,
+            failures: 0,
+        }
+    }
+
+    /// Whether the failures held are `d`'s.
+    fn is(&self, d: &Arc<Deployment>) -> bool {
+        self.deployment.as_ref().is_some_and(|h| Arc::ptr_eq(h, d))
+    }
+
+    /// Holds one more failure of `d` (settling another deployment's first).
+    fn hold(&mut self, d: &Arc<Deployment>) {
+        if !self.is(d) {
+            self.settle();
+            self.deployment = Some(d.clone());
+        }
+        self.failures += 1;
+    }
+
+    /// A retry on the same deployment got a first byte: the failures are not counted.
+    fn forgive(&mut self) {
+        self.deployment = None;
+        self.failures = 0;
+    }
+
+    /// Counts the failures held.
+    fn settle(&mut self) {
+        if let Some(d) = self.deployment.take() {
+            self.router.charge_failures(&d, self.failures);
+        }
+        self.failures = 0;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// Every deployment of `alias` (bit i = index i).
+fn all_of(alias: &Alias) -> u64 {
+    if alias.deployments.len() >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << alias.deployments.len()) - 1
+    }
 }
 
 /// Frees a half-open breaker's probe slot if the attempt is dropped before it ends.
@@ -340,7 +452,8 @@ fn target<'r>(alias: &'r Alias, d: &Arc<Deployment>, upstream_model: String) -> 
 
 impl ModelRouter {
     /// Sends the request to the alias's deployments until one answers with a first byte, or
-    /// nothing is left to try (see the module docs).
+    /// nothing is left to try (see the module docs). The decisions are [`Plan`]'s; this loop
+    /// picks, sends and waits.
     pub async fn dispatch<'r>(
         &'r self,
         req: &DispatchRequest<'_>,
@@ -366,314 +479,189 @@ impl ModelRouter {
             ));
         };
         log.strategy = alias.strategy.label();
-        let mut tried = match excluded(alias, req, true) {
-            Ok(mask) => mask,
+        let eligible = match excluded(alias, req, true) {
+            Ok(mask) => !mask & all_of(alias),
             Err(e) => return Err(failure(e, None, log)),
         };
         if req.pins.deployment.is_some() || req.pins.provider.is_some() {
             log.reason = Some("pinned");
         }
         let retry = &self.config.retry;
+        let mut plan = Plan::new(
+            Budget {
+                max_attempts: retry.max_attempts,
+                max_retries: retry.max_retries,
+                max_retry_after: Duration::from_millis(retry.max_retry_after_ms),
+            },
+            eligible,
+        );
         let deadline = Deadline::after(started, retry.deadline_ms);
-        let max_retry_after = Duration::from_millis(retry.max_retry_after_ms);
         let mut last: Option<(GatewayError, Target<'r>)> = None;
-        let mut attempts = 0u32;
-        let mut alias_switches = 0u32;
+        let mut unsettled = Unsettled::new(self);
+        // The deployment of a retry decided by the plan (and whether it is a last resort).
+        let mut again: Option<(usize, bool)> = None;
 
-        'deployments: while attempts < retry.max_attempts && !deadline.passed() {
-            let input = self.rank_input(req, alias, body);
-            let mut forced = false;
-            let picked = strategy::pick(
-                alias.strategy,
-                &alias.deployments,
-                tried,
-                &input,
-                &*self.limiter,
-                &mut rand::thread_rng(),
-            );
-            let idx = match picked {
-                Pick::Deployment(i) => i,
-                Pick::Exhausted => break,
-                Pick::Unavailable(Unavailable::RateLimited(until)) => {
-                    // Every deployment left is at its limit: wait for the first reset if it
-                    // is near enough, else answer 429.
-                    let wait = until.saturating_duration_since(Instant::now());
-                    if wait <= max_retry_after && deadline.allows_wait(wait) {
-                        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
-                        continue;
-                    }
-                    if last.is_none() {
-                        last = Some((
-                            GatewayError::Upstream {
-                                status: 429,
-                                message: format!(
-                                    "Every deployment of `{}` is at its rate limit.",
-                                    alias.name
-                                ),
-                                retry_after_s: Some(wait.as_secs().max(1)),
-                                param: None,
-                                code: None,
-                            },
-                            self.first_target(alias, req.model, suffix),
-                        ));
-                    }
-                    break;
-                }
-                // Every deployment left has its breaker open and none has been tried for
-                // this request: rather than refuse, send it to one of them as a probe.
-                Pick::Unavailable(Unavailable::BreakerOpen) if last.is_none() => {
-                    match (0..alias.deployments.len().min(64)).find(|i| tried & (1u64 << i) == 0) {
-                        Some(i) => {
-                            forced = true;
-                            i
+        while plan.can_send() && !deadline.passed() {
+            let is_retry = again.is_some();
+            let (idx, last_resort) = match again.take() {
+                Some(next) => next,
+                None => match self.choose(alias, req, body, &plan, deadline).await {
+                    Chosen::Deployment(i, last_resort) => (i, last_resort),
+                    Chosen::Waited => continue,
+                    Chosen::Nothing(why) => {
+                        if last.is_none() {
+                            last = why.map(|e| (e, self.first_target(alias, req.model, suffix)));
                         }
-                        None => break,
+                        break;
                     }
-                }
-                Pick::Unavailable(Unavailable::BreakerOpen) => {
-                    if last.is_none() {
-                        last = Some((
-                            GatewayError::UpstreamUnavailable(format!(
-                                "every deployment of `{}` is failing (circuit breakers open)",
-                                alias.name
-                            )),
-                            self.first_target(alias, req.model, suffix),
-                        ));
-                    }
-                    break;
-                }
+                },
             };
-            tried |= 1u64 << idx;
             let d = alias.deployments[idx].clone();
             let model = d.upstream_model(req.model, suffix);
-            if let Some((e, _)) = &last {
-                self.metrics.fallback(&alias.name, e.label());
-            }
-            let hedge = (req.high_priority || alias.hedge) && req.stream && !log.hedged;
-            let mut retry_n = 0u32;
-            loop {
-                let admission = if std::mem::take(&mut forced) {
-                    d.health.breaker.force_probe();
-                    Admission::Probe
-                } else {
-                    d.health.breaker.admit(Instant::now())
-                };
-                if admission == Admission::Rejected {
-                    log.push(&d, AttemptOutcome::BreakerOpen, Duration::ZERO);
-                    continue 'deployments;
+            if !is_retry {
+                if let Some((e, _)) = &last {
+                    self.metrics.fallback(&alias.name, e.label());
                 }
-                let probe = admission == Admission::Probe;
-                let bytes = match body.body_for(d.provider.format(), &model) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        if probe {
-                            d.health.breaker.abandon_probe();
-                        }
-                        return Err(failure(e, Some(target(alias, &d, model)), log));
+            }
+            let admission = if last_resort {
+                d.health.breaker.force_probe();
+                Admission::Probe
+            } else {
+                d.health.breaker.admit(Instant::now())
+            };
+            if admission == Admission::Rejected {
+                log.push(&d, AttemptOutcome::BreakerOpen, Duration::ZERO);
+                unsettled.settle();
+                plan.passed_over(idx);
+                continue;
+            }
+            let probe = admission == Admission::Probe;
+            let bytes = match body.body_for(d.provider.format(), &model) {
+                Ok(b) => b,
+                Err(e) => {
+                    if probe {
+                        d.health.breaker.abandon_probe();
                     }
+                    return Err(failure(e, Some(target(alias, &d, model)), log));
+                }
+            };
+            plan.sent(idx);
+            log.first_sent_at.get_or_insert_with(Instant::now);
+            let first = self.attempt(d.clone(), model, req, bytes, probe, true, deadline);
+            let hedge = (req.high_priority || alias.hedge)
+                && req.stream
+                && req.endpoint == Endpoint::Chat
+                && !log.hedged
+                && !is_retry
+                && plan.can_send();
+            let done = if hedge {
+                let hedging = Hedging {
+                    alias,
+                    suffix,
+                    req,
+                    first_idx: idx,
+                    deadline,
                 };
-                attempts += 1;
-                log.first_sent_at.get_or_insert_with(Instant::now);
-                let first = self.attempt(d.clone(), model.clone(), req, bytes, probe, deadline);
-                let done = if hedge && retry_n == 0 && req.endpoint == Endpoint::Chat {
-                    let delay = Duration::from_millis(self.config.hedge.delay_ms);
-                    let mut second_idx = None;
-                    let second = || {
-                        let (i, d2, admission) =
-                            self.hedge_candidate(alias, tried, req, &mut *body)?;
-                        let model2 = d2.upstream_model(req.model, suffix);
-                        let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
-                            if admission == Admission::Probe {
-                                d2.health.breaker.abandon_probe();
-                            }
-                            return None;
-                        };
-                        second_idx = Some(i);
-                        Some(self.attempt(
-                            d2,
-                            model2,
-                            req,
-                            bytes2,
-                            admission == Admission::Probe,
-                            deadline,
-                        ))
+                self.hedged(hedging, first, body, &mut plan, &mut log).await
+            } else {
+                first.await
+            };
+            let AttemptDone {
+                deployment: served_by,
+                upstream_model,
+                result,
+                guard,
+                elapsed,
+                unsettled: charge_pending,
+                cut_by_deadline,
+            } = done;
+            let e = match result {
+                Ok(upstream) => {
+                    if unsettled.is(&served_by) {
+                        unsettled.forgive();
+                    }
+                    log.push(&served_by, AttemptOutcome::Ok, elapsed);
+                    let lease = Lease {
+                        deployment: served_by.clone(),
+                        tenant: req.tenant.clone(),
+                        _in_flight: guard,
+                        limiter: self.limiter.clone(),
                     };
-                    let raced =
-                        hedge::race(first, second, delay, |a: &AttemptDone| a.result.is_ok()).await;
-                    if let Some(i) = second_idx {
-                        tried |= 1u64 << i;
-                        attempts += 1;
-                        log.hedged = true;
+                    return Ok(Dispatched {
+                        target: target(alias, &served_by, upstream_model),
+                        upstream,
+                        route: log,
+                        lease,
+                    });
+                }
+                Err(e) => e,
+            };
+            drop(guard);
+            log.push(&served_by, AttemptOutcome::of(&e), elapsed);
+            let disposition = retry::classify(&e, retry.retry_timeouts);
+            let failed = Failed {
+                disposition,
+                retry_after: retry_after(&e),
+                rate_limited: matches!(e, GatewayError::Upstream { status: 429, .. }),
+                backoff: retry::backoff(retry, plan.retries_here(), &mut rand::thread_rng()),
+                remaining: deadline.remaining(),
+                breaker_admits: last_resort || d.health.breaker.would_admit(Instant::now()),
+                elsewhere: disposition == Disposition::NextDeployment
+                    && self.has_another(alias, req, body, &plan),
+                fallback: match disposition {
+                    Disposition::ContextWindow => alias.context_window_fallback.as_deref(),
+                    Disposition::ContentPolicy => alias.content_policy_fallback.as_deref(),
+                    _ => None,
+                },
+            };
+            let action = plan.next_action(&failed);
+            if charge_pending {
+                unsettled.hold(&served_by);
+            }
+            if !matches!(action, Action::Retry(_)) {
+                unsettled.settle();
+            }
+            match action {
+                Action::Retry(wait) => {
+                    self.metrics.retry(&alias.name, &d.name);
+                    last = Some((e, target(alias, &served_by, upstream_model)));
+                    tokio::time::sleep(wait).await;
+                    again = Some((idx, last_resort));
+                }
+                Action::NextDeployment => {
+                    last = Some((e, target(alias, &served_by, upstream_model)));
+                }
+                Action::SwitchAlias { to, reason } => match self.alias(to) {
+                    Some(next) => {
+                        self.metrics.fallback(&alias.name, reason);
+                        alias = next;
+                        suffix = None;
+                        plan.switched_alias(
+                            !excluded(alias, req, false).unwrap_or(0) & all_of(alias),
+                        );
+                        log.reason = Some(reason);
+                        last = None;
                     }
-                    match raced {
-                        Raced::Alone(done) => done,
-                        Raced::Won { winner, result } => {
-                            let loser_idx = if winner == 0 { second_idx } else { Some(idx) };
-                            if let Some(li) = loser_idx {
-                                let loser = alias.deployments[li].clone();
-                                let loser_model = loser.upstream_model(req.model, suffix);
-                                let prompt_tokens = body.prompt_tokens();
-                                self.record_hedge_loser(
-                                    &mut log,
-                                    &loser,
-                                    loser_model,
-                                    prompt_tokens,
-                                );
-                            }
-                            self.metrics.hedge(
-                                &alias.name,
-                                if winner == 0 {
-                                    "first_won"
-                                } else {
-                                    "hedge_won"
-                                },
-                            );
-                            result
-                        }
-                        Raced::Both([a, b]) => {
-                            // The first to finish failed; take the one that succeeded, if any.
-                            let (ok, failed) = if b.result.is_ok() { (b, a) } else { (a, b) };
-                            let e = match &failed.result {
-                                Err(e) => e.clone(),
-                                Ok(_) => GatewayError::Internal("hedge".to_string()),
-                            };
-                            log.push(&failed.deployment, AttemptOutcome::of(&e), failed.elapsed);
-                            self.metrics.hedge(&alias.name, "one_failed");
-                            if ok.result.is_err() {
-                                // Both failed: classify by the first deployment's error.
-                                let (first_done, other) = if ok.deployment.name == d.name {
-                                    (ok, failed)
-                                } else {
-                                    (failed, ok)
-                                };
-                                drop(other);
-                                first_done
-                            } else {
-                                ok
-                            }
-                        }
+                    None => {
+                        return Err(failure(
+                            e,
+                            Some(target(alias, &served_by, upstream_model)),
+                            log,
+                        ))
                     }
-                } else {
-                    first.await
-                };
-                let AttemptDone {
-                    deployment: served_by,
-                    upstream_model,
-                    result,
-                    guard,
-                    elapsed,
-                } = done;
-                match result {
-                    Ok(upstream) => {
-                        log.push(&served_by, AttemptOutcome::Ok, elapsed);
-                        let lease = Lease {
-                            deployment: served_by.clone(),
-                            tenant: req.tenant.clone(),
-                            _in_flight: guard,
-                            limiter: self.limiter.clone(),
-                        };
-                        return Ok(Dispatched {
-                            target: target(alias, &served_by, upstream_model),
-                            upstream,
-                            route: log,
-                            lease,
-                        });
-                    }
-                    Err(e) => {
-                        drop(guard);
-                        log.push(&served_by, AttemptOutcome::of(&e), elapsed);
-                        let disposition = retry::classify(&e, retry.retry_timeouts);
-                        match disposition {
-                            Disposition::Fatal => {
-                                return Err(failure(
-                                    e,
-                                    Some(target(alias, &served_by, upstream_model)),
-                                    log,
-                                ));
-                            }
-                            Disposition::ContextWindow | Disposition::ContentPolicy => {
-                                let (next, reason) = if disposition == Disposition::ContextWindow {
-                                    (&alias.context_window_fallback, "context_window_fallback")
-                                } else {
-                                    (&alias.content_policy_fallback, "content_policy_fallback")
-                                };
-                                match next.as_deref().and_then(|n| self.alias(n)) {
-                                    Some(next) if alias_switches < 2 => {
-                                        self.metrics.fallback(&alias.name, reason);
-                                        alias_switches += 1;
-                                        alias = next;
-                                        suffix = None;
-                                        tried = excluded(alias, req, false).unwrap_or(0);
-                                        log.reason = Some(reason);
-                                        last = None;
-                                        continue 'deployments;
-                                    }
-                                    _ => {
-                                        return Err(failure(
-                                            e,
-                                            Some(target(alias, &served_by, upstream_model)),
-                                            log,
-                                        ))
-                                    }
-                                }
-                            }
-                            Disposition::Retry => {
-                                let retry_after = retry_after(&e);
-                                let wait = retry::backoff(retry, retry_n, &mut rand::thread_rng())
-                                    .max(retry_after.unwrap_or_default());
-                                let may_retry = retry_n < retry.max_retries
-                                    && attempts < retry.max_attempts
-                                    && served_by.name == d.name
-                                    && retry_after.is_none_or(|r| r <= max_retry_after)
-                                    && d.health.breaker.would_admit(Instant::now())
-                                    && deadline.allows_wait(wait);
-                                last = Some((e, target(alias, &served_by, upstream_model)));
-                                if may_retry {
-                                    self.metrics.retry(&alias.name, &d.name);
-                                    tokio::time::sleep(wait).await;
-                                    retry_n += 1;
-                                    continue;
-                                }
-                                continue 'deployments;
-                            }
-                            Disposition::NextDeployment => {
-                                // A 429 with nowhere else to go: wait as the upstream asked
-                                // and try the same deployment again.
-                                let wait = retry_after(&e).unwrap_or(Duration::from_secs(1));
-                                let is_429 =
-                                    matches!(e, GatewayError::Upstream { status: 429, .. });
-                                let elsewhere = matches!(
-                                    strategy::pick(
-                                        Strategy::Ordered,
-                                        &alias.deployments,
-                                        tried,
-                                        &self.rank_input(req, alias, body),
-                                        &*self.limiter,
-                                        &mut rand::thread_rng(),
-                                    ),
-                                    Pick::Deployment(_)
-                                );
-                                let may_wait = is_429
-                                    && !elsewhere
-                                    && served_by.name == d.name
-                                    && retry_n < retry.max_retries
-                                    && attempts < retry.max_attempts
-                                    && wait <= max_retry_after
-                                    && deadline.allows_wait(wait);
-                                last = Some((e, target(alias, &served_by, upstream_model)));
-                                if may_wait {
-                                    self.metrics.retry(&alias.name, &d.name);
-                                    tokio::time::sleep(wait).await;
-                                    retry_n += 1;
-                                    continue;
-                                }
-                                continue 'deployments;
-                            }
-                        }
-                    }
+                },
+                Action::Fail => {
+                    // An attempt the deadline cut short says less than the upstream's own
+                    // error before it (the 503 that kept being retried, say).
+                    let (e, t) = match last {
+                        Some(earlier) if cut_by_deadline => earlier,
+                        _ => (e, target(alias, &served_by, upstream_model)),
+                    };
+                    return Err(failure(e, Some(t), log));
                 }
             }
         }
+        drop(unsettled);
         let (error, last_target) = match last {
             Some((e, t)) => (e, Some(t)),
             None if deadline.passed() => (
@@ -692,6 +680,190 @@ impl ModelRouter {
             ),
         };
         Err(failure(error, last_target, log))
+    }
+
+    /// The next deployment for a request: the strategy's pick among those not yet passed;
+    /// when every one left is at a rate limit, a wait for the first reset (if near and the
+    /// deadline allows); when none is left or only open breakers keep them out, the last
+    /// resort ([`strategy::last_resort`]) among those never sent.
+    async fn choose(
+        &self,
+        alias: &Alias,
+        req: &DispatchRequest<'_>,
+        body: &mut dyn UpstreamBody,
+        plan: &Plan,
+        deadline: Deadline,
+    ) -> Chosen {
+        let input = self.rank_input(req, alias, body);
+        let picked = strategy::pick(
+            alias.strategy,
+            &alias.deployments,
+            plan.not_to_pick(),
+            &input,
+            &*self.limiter,
+            &mut rand::thread_rng(),
+        );
+        let rate_limited = match picked {
+            Pick::Deployment(i) => return Chosen::Deployment(i, false),
+            Pick::Unavailable(Unavailable::RateLimited(until)) => {
+                let wait = until.saturating_duration_since(Instant::now());
+                let max_wait = Duration::from_millis(self.config.retry.max_retry_after_ms);
+                if wait <= max_wait && deadline.allows_wait(wait) {
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                    return Chosen::Waited;
+                }
+                Some(wait)
+            }
+            Pick::Exhausted | Pick::Unavailable(Unavailable::BreakerOpen) => None,
+        };
+        if let Some(i) =
+            strategy::last_resort(&alias.deployments, plan.unsent(), &input, &*self.limiter)
+        {
+            return Chosen::Deployment(i, true);
+        }
+        Chosen::Nothing(match rate_limited {
+            Some(wait) => Some(GatewayError::Upstream {
+                status: 429,
+                message: format!("Every deployment of `{}` is at its rate limit.", alias.name),
+                retry_after_s: Some(wait.as_secs().max(1)),
+                param: None,
+                code: None,
+            }),
+            None if plan.attempts() == 0 => Some(GatewayError::UpstreamUnavailable(format!(
+                "every deployment of `{}` is failing (circuit breakers open)",
+                alias.name
+            ))),
+            None => None,
+        })
+    }
+
+    /// Whether the strategy could offer another deployment now (a 429 then moves on rather
+    /// than waits).
+    fn has_another(
+        &self,
+        alias: &Alias,
+        req: &DispatchRequest<'_>,
+        body: &mut dyn UpstreamBody,
+        plan: &Plan,
+    ) -> bool {
+        matches!(
+            strategy::pick(
+                Strategy::Ordered,
+                &alias.deployments,
+                plan.not_to_pick(),
+                &self.rank_input(req, alias, body),
+                &*self.limiter,
+                &mut rand::thread_rng(),
+            ),
+            Pick::Deployment(_)
+        )
+    }
+
+    /// Races `first` against a hedge to the strategy's next pick, sent after
+    /// `[routing.hedge] delay_ms` without a first byte ([`hedge::race`]); returns the attempt
+    /// that decides the request: the winner, or the first deployment's failure when both
+    /// failed. The loser is recorded in `log` (cancelled, its estimated cost kept).
+    async fn hedged(
+        &self,
+        h: Hedging<'_, '_, '_>,
+        first: impl std::future::Future<Output = AttemptDone>,
+        body: &mut dyn UpstreamBody,
+        plan: &mut Plan,
+        log: &mut RouteLog,
+    ) -> AttemptDone {
+        let Hedging {
+            alias,
+            suffix,
+            req,
+            first_idx,
+            deadline,
+        } = h;
+        let delay = Duration::from_millis(self.config.hedge.delay_ms);
+        let not_to_pick = plan.not_to_pick();
+        let mut second_idx = None;
+        let second = || {
+            let (i, d2, admission) = self.hedge_candidate(alias, not_to_pick, req, &mut *body)?;
+            let model2 = d2.upstream_model(req.model, suffix);
+            let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
+                if admission == Admission::Probe {
+                    d2.health.breaker.abandon_probe();
+                }
+                return None;
+            };
+            second_idx = Some(i);
+            Some(self.attempt(
+                d2,
+                model2,
+                req,
+                bytes2,
+                admission == Admission::Probe,
+                false,
+                deadline,
+            ))
+        };
+        let raced = hedge::race(first, second, delay, |a: &AttemptDone| a.result.is_ok()).await;
+        if let Some(i) = second_idx {
+            plan.hedged(i);
+            log.hedged = true;
+        }
+        match raced {
+            Raced::Alone(done) => done,
+            Raced::Won { winner, result } => {
+                let loser_idx = if winner == 0 {
+                    second_idx
+                } else {
+                    Some(first_idx)
+                };
+                if let Some(li) = loser_idx {
+                    let loser = alias.deployments[li].clone();
+                    let loser_model = loser.upstream_model(req.model, suffix);
+                    let prompt_tokens = body.prompt_tokens();
+                    self.record_hedge_loser(log, &loser, loser_model, prompt_tokens);
+                }
+                self.metrics.hedge(
+                    &alias.name,
+                    if winner == 0 {
+                        "first_won"
+                    } else {
+                        "hedge_won"
+                    },
+                );
+                result
+            }
+            Raced::Both([a, b]) => {
+                // The first to finish failed; take the one that succeeded, if any.
+                let (ok, failed) = if b.result.is_ok() { (b, a) } else { (a, b) };
+                let e = match &failed.result {
+                    Err(e) => e.clone(),
+                    Ok(_) => GatewayError::Internal("hedge".to_string()),
+                };
+                log.push(&failed.deployment, AttemptOutcome::of(&e), failed.elapsed);
+                self.metrics.hedge(&alias.name, "one_failed");
+                // With both failed, `ok` is the first attempt (results come in attempt order):
+                // the request goes on from its error.
+                if failed.unsettled {
+                    self.charge_failures(&failed.deployment, 1);
+                }
+                ok
+            }
+        }
+    }
+
+    /// Counts `n` failures of `d` in its breaker (failures a retry did not recover).
+    fn charge_failures(&self, d: &Deployment, n: u32) {
+        use super::breaker::CallResult;
+        let now = Instant::now();
+        for _ in 0..n {
+            let transition = d.health.breaker.record(now, CallResult::Failure, false);
+            self.breaker_changed(d, transition);
+        }
+    }
+
+    fn breaker_changed(&self, d: &Deployment, transition: Option<super::breaker::BreakerState>) {
+        if let Some(state) = transition {
+            tracing::warn!(deployment = %d.name, state = state.label(), "circuit breaker changed state");
+            self.metrics.breaker_transition(&d.name, state.label());
+        }
     }
 
     /// What the strategy ranks with; the prompt is counted only if `alias`'s ranking or
@@ -783,7 +955,11 @@ impl ModelRouter {
     }
 
     /// One attempt on `d`: counts it, sends, waits (bounded by the deadline) for the first
-    /// byte, and feeds the outcome to the deployment's health and breaker.
+    /// byte, and feeds the outcome to the deployment's health and breaker. With `defer`, a
+    /// failure of a call that is not a probe is left for the dispatcher to count
+    /// ([`AttemptDone::unsettled`]); a probe's outcome is always counted at once, since it
+    /// decides the breaker's state.
+    #[allow(clippy::too_many_arguments)] // one call's inputs, each from a different place
     async fn attempt(
         &self,
         d: Arc<Deployment>,
@@ -791,6 +967,7 @@ impl ModelRouter {
         req: &DispatchRequest<'_>,
         bytes: Bytes,
         probe: bool,
+        defer: bool,
         deadline: Deadline,
     ) -> AttemptDone {
         let mut slot = ProbeSlot {
@@ -803,23 +980,29 @@ impl ModelRouter {
         }
         let guard = d.health.start();
         let send = d.provider.send(req.endpoint, bytes, req.forwarded);
+        let mut cut_by_deadline = false;
         let result = match tokio::time::timeout(deadline.remaining(), send).await {
             Ok(r) => r,
-            Err(_) => Err(GatewayError::UpstreamTimeout(format!(
-                "no first byte within the routing deadline of {} ms",
-                self.config.retry.deadline_ms
-            ))),
+            Err(_) => {
+                cut_by_deadline = true;
+                Err(GatewayError::UpstreamTimeout(format!(
+                    "no first byte within the routing deadline of {} ms",
+                    self.config.retry.deadline_ms
+                )))
+            }
         };
         let elapsed = sent.elapsed();
         slot.armed = false;
         drop(slot);
-        self.observe(&d, &result, elapsed, probe);
+        let unsettled = self.observe(&d, &result, elapsed, probe, defer && !probe);
         AttemptDone {
             deployment: d,
             upstream_model,
             result,
             guard,
             elapsed,
+            unsettled,
+            cut_by_deadline,
         }
     }
 
@@ -829,12 +1012,14 @@ impl ModelRouter {
         result: &Result<UpstreamResponse, GatewayError>,
         elapsed: Duration,
         probe: bool,
-    ) {
+        defer_failure: bool,
+    ) -> bool {
         use super::breaker::CallResult;
         let now = Instant::now();
         let breaker = &d.health.breaker;
         let transition = match result {
             Ok(response) => {
+                d.health.mark_success(now);
                 if self.config.rate_limits.follow_upstream_headers {
                     d.health.observe_rate_headers(&response.headers, now);
                 }
@@ -861,15 +1046,14 @@ impl ModelRouter {
                         | Disposition::ContentPolicy => {
                             breaker.record(now, CallResult::Success { slow: false }, probe)
                         }
+                        _ if defer_failure => return true,
                         _ => breaker.record(now, CallResult::Failure, probe),
                     },
                 }
             }
         };
-        if let Some(state) = transition {
-            tracing::warn!(deployment = %d.name, state = state.label(), "circuit breaker changed state");
-            self.metrics.breaker_transition(&d.name, state.label());
-        }
+        self.breaker_changed(d, transition);
+        false
     }
 }
 
@@ -927,4 +1111,58 @@ fn excluded(alias: &Alias, req: &DispatchRequest<'_>, pins: bool) -> Result<u64,
         });
     }
     Ok(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use super::super::breaker::{BreakerState, CallResult};
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn failures_a_retry_recovered_are_forgiven_and_lost_ones_are_counted() {
+        let config = Config::from_toml(
+            r#"
+[server]
+mock_models = false
+[routing.breaker]
+consecutive_failures = 3
+min_calls = 4
+[[deployments]]
+type = "mock"
+name = "b"
+[[models]]
+name = "x"
+deployments = ["b"]
+"#,
+        )
+        .unwrap();
+        let r = ModelRouter::from_config(&config, &HashMap::new()).unwrap();
+        let d = r.alias("x").unwrap().deployments[0].clone();
+        let (breaker, now) = (&d.health.breaker, Instant::now());
+        // Fifty requests that each fail once and are served by their retry: half the calls
+        // failed, none of the requests was lost.
+        for _ in 0..50 {
+            let mut held = Unsettled::new(&r);
+            held.hold(&d);
+            breaker.record(now, CallResult::Success { slow: false }, false);
+            held.forgive();
+        }
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        // A request that leaves after two failures: both count.
+        let mut held = Unsettled::new(&r);
+        held.hold(&d);
+        held.hold(&d);
+        held.settle();
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        // One dropped while it waited to retry: its failure counts too (three in a row).
+        let mut held = Unsettled::new(&r);
+        held.hold(&d);
+        drop(held);
+        assert_eq!(breaker.state(now), BreakerState::Open);
+    }
 }

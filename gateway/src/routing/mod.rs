@@ -9,8 +9,9 @@
 //! |---|---|
 //! | `mod.rs` | [`ModelRouter`]: deployments and aliases built from the config, alias lookup |
 //! | `config.rs` | the `[routing]` table, per-deployment and per-alias routing keys |
-//! | `dispatch.rs` | [`ModelRouter::dispatch`]: the attempt loop (pick, send, retry, fall back, hedge) and its [`RouteLog`] |
-//! | `strategy.rs` | which deployment next: the strategies, and who is unavailable |
+//! | `dispatch.rs` | [`ModelRouter::dispatch`]: the attempt loop (choose, send, act on the plan, hedge), breaker counting, and its [`RouteLog`] |
+//! | `plan.rs` | what to do after a failed attempt: retry, next deployment, other alias, fail (a pure state machine; the attempt budget's fairness) |
+//! | `strategy.rs` | which deployment next: the strategies, who is unavailable, the last resort when every breaker is open |
 //! | `retry.rs` | error classification, backoff with full jitter, the deadline |
 //! | `breaker.rs` | the per-deployment circuit breaker state machine |
 //! | `hedge.rs` | racing a second request against a slow first one |
@@ -24,6 +25,7 @@ pub mod dispatch;
 pub mod health;
 pub mod hedge;
 pub mod limiter;
+pub mod plan;
 pub mod retry;
 pub mod shared;
 pub mod strategy;
@@ -764,6 +766,37 @@ deployments = ["a", "b", "c"]
             pick_with(&r, Strategy::LowestCost, 0b100),
             Pick::Unavailable(Unavailable::BreakerOpen)
         );
+    }
+
+    #[test]
+    fn the_last_resort_is_the_deployment_that_succeeded_most_recently() {
+        let r = router(THREE);
+        let alias = r.alias("x").unwrap();
+        let now = Instant::now();
+        for d in &alias.deployments {
+            for _ in 0..5 {
+                d.health
+                    .breaker
+                    .record(now, breaker::CallResult::Failure, false);
+            }
+        }
+        let last_resort = |candidates| {
+            strategy::last_resort(&alias.deployments, candidates, &input(), &*r.limiter)
+        };
+        // None ever succeeded: config order.
+        assert_eq!(last_resort(0b111), Some(0));
+        alias.deployments[2].health.mark_success(now);
+        alias.deployments[1]
+            .health
+            .mark_success(now + Duration::from_millis(5));
+        assert_eq!(last_resort(0b111), Some(1));
+        assert_eq!(last_resort(0b101), Some(2));
+        assert_eq!(last_resort(0), None);
+        // A deployment over a rate limit is not forced.
+        alias.deployments[1]
+            .health
+            .block_for(Some(Duration::from_secs(5)), now);
+        assert_eq!(last_resort(0b111), Some(2));
     }
 
     #[test]

@@ -163,6 +163,34 @@ pub fn pick(
         .map_or(Pick::Exhausted, Pick::Deployment)
 }
 
+/// The deployment a request goes to when the strategy has none left to offer but some of
+/// `candidates` (bit i = index i) were never sent this request: only an open breaker (or a
+/// probe slot taken at the moment of sending) keeps them out, and a breaker moves load to
+/// healthy deployments, it does not turn away requests nobody else can serve. The one whose
+/// last success is the most recent goes first (those that never succeeded last, ties in config
+/// order). Deployments over a rate limit are not candidates: the limit is the operator's (or
+/// the upstream's) word.
+pub fn last_resort(
+    deployments: &[Arc<Deployment>],
+    candidates: u64,
+    input: &RankInput,
+    limiter: &dyn DeploymentLimiter,
+) -> Option<usize> {
+    let tokens = input.prompt_tokens + input.expected_output_tokens;
+    let mut best: Option<(usize, Option<Instant>)> = None;
+    for (i, d) in deployments.iter().enumerate().take(64) {
+        if candidates & (1u64 << i) == 0 || rate_tier(d, input, tokens, limiter).is_err() {
+            continue;
+        }
+        let last = d.health.last_success();
+        // `None` < `Some(_)`: a deployment that never succeeded loses to any that did.
+        if best.is_none_or(|(_, b)| last > b) {
+            best = Some((i, last));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 fn tier(
     d: &Deployment,
     input: &RankInput,
@@ -172,6 +200,16 @@ fn tier(
     if !d.health.breaker.would_admit(input.now) {
         return Err(Unavailable::BreakerOpen);
     }
+    rate_tier(d, input, tokens, limiter)
+}
+
+/// [`tier`] as the rate limits alone see it.
+fn rate_tier(
+    d: &Deployment,
+    input: &RankInput,
+    tokens: u64,
+    limiter: &dyn DeploymentLimiter,
+) -> Result<Tier, Unavailable> {
     if let Err(until) = limiter.check(&d.name, &input.tenant, &d.limits, tokens, input.now) {
         return Err(Unavailable::RateLimited(until));
     }
