@@ -17,17 +17,17 @@ pub async fn upstream() -> MockUpstream {
 
 /// A `[[deployments]]` entry for `up` (`kind`: openai, anthropic, vllm).
 pub fn dep(kind: &str, name: &str, up: &MockUpstream, model: &str, extra: &str) -> String {
-    let base = if kind == "anthropic" {
-        up.base_url()
-    } else {
-        format!("{}/v1", up.base_url())
-    };
-    dep_at(kind, name, &base, model, extra)
+    dep_at(kind, name, &up.base_url(), model, extra)
 }
 
-/// A `[[deployments]]` entry at `base_url` (an address nobody listens on makes an
-/// unreachable deployment: `http://127.0.0.1:1/v1`).
-pub fn dep_at(kind: &str, name: &str, base_url: &str, model: &str, extra: &str) -> String {
+/// A `[[deployments]]` entry for the server at `url` (`http://host:port`; see
+/// [`unreachable`] for one that refuses connections).
+pub fn dep_at(kind: &str, name: &str, url: &str, model: &str, extra: &str) -> String {
+    let base = if kind == "anthropic" {
+        url.to_string()
+    } else {
+        format!("{url}/v1")
+    };
     let timeout = if extra.contains("first_byte_timeout_ms") {
         ""
     } else {
@@ -35,8 +35,18 @@ pub fn dep_at(kind: &str, name: &str, base_url: &str, model: &str, extra: &str) 
     };
     format!(
         "\n[[deployments]]\ntype = \"{kind}\"\nname = \"{name}\"\nmodel = \"{model}\"\n\
-         base_url = \"{base_url}\"\napi_key_env = \"{UPSTREAM_KEY_ENV}\"\n{timeout}{extra}\n"
+         base_url = \"{base}\"\napi_key_env = \"{UPSTREAM_KEY_ENV}\"\n{timeout}{extra}\n"
     )
+}
+
+/// `n` loopback addresses nobody listens on (bound, then closed): connections are refused.
+pub fn unreachable(n: usize) -> Vec<String> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| format!("http://{}", l.local_addr().expect("address")))
+        .collect()
 }
 
 /// A `[[models]]` entry.

@@ -17,7 +17,7 @@ use tollgate_tests::harness::{sse_events, Harness};
 use tollgate_tests::routes_config::{alias, dep, dep_at, gateway, upstream};
 
 /// An address nobody listens on: connections are refused.
-const NOWHERE: &str = "http://127.0.0.1:1/v1";
+const NOWHERE: &str = "http://127.0.0.1:1";
 
 fn header(resp: &reqwest::Response, name: &str) -> String {
     resp.headers()
@@ -58,13 +58,7 @@ async fn every_response_carries_its_request_id_and_route_and_errors_keep_upstrea
     let config = [
         dep("openai", "good", &up, "gpt-up", ""),
         dep_at("openai", "dead", NOWHERE, "gpt-dead", ""),
-        dep_at(
-            "anthropic",
-            "dead-an",
-            "http://127.0.0.1:1",
-            "claude-dead",
-            "",
-        ),
+        dep_at("anthropic", "dead-an", NOWHERE, "claude-dead", ""),
         alias("smart", &["good"], ""),
         alias("broken", &["dead", "dead-an"], ""),
     ]
@@ -210,8 +204,7 @@ async fn embeddings_take_the_same_path_retried_fallen_back_and_billed() {
             "overloaded",
             "embeddings = true\n",
         ),
-        dep("openai", "emb-nowhere", &up, "x", "embeddings = true\n")
-            .replace(&format!("{}/v1", up.base_url()), NOWHERE),
+        dep_at("openai", "emb-nowhere", NOWHERE, "x", "embeddings = true\n"),
         dep("openai", "emb-ok", &up, "no-usage", "embeddings = true\n"),
         alias(
             "embed",

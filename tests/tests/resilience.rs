@@ -13,68 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tollgate_gateway::relay::Outcome;
-use tollgate_tests::harness::{sse_events, Harness, ADMIN_TOKEN, UPSTREAM_KEY_ENV};
+use tollgate_tests::harness::{sse_events, Harness, ADMIN_TOKEN};
 use tollgate_tests::mock_upstream::{
     Fault, Faults, MockOptions, MockUpstream, RateLimitHeaders, CHUNKS_BEFORE_FAILURE,
 };
-
-async fn upstream() -> MockUpstream {
-    MockUpstream::start(MockOptions::default())
-        .await
-        .expect("mock upstream")
-}
-
-/// A `[[deployments]]` entry for `up` (`kind`: openai, anthropic, vllm).
-fn dep(kind: &str, name: &str, up: &MockUpstream, model: &str, extra: &str) -> String {
-    dep_at(kind, name, &up.base_url(), model, extra)
-}
-
-/// A `[[deployments]]` entry for the server at `url` (`http://host:port`).
-fn dep_at(kind: &str, name: &str, url: &str, model: &str, extra: &str) -> String {
-    let base = if kind == "anthropic" {
-        url.to_string()
-    } else {
-        format!("{url}/v1")
-    };
-    let timeout = if extra.contains("first_byte_timeout_ms") {
-        ""
-    } else {
-        "first_byte_timeout_ms = 3000\n"
-    };
-    format!(
-        "\n[[deployments]]\ntype = \"{kind}\"\nname = \"{name}\"\nmodel = \"{model}\"\n\
-         base_url = \"{base}\"\napi_key_env = \"{UPSTREAM_KEY_ENV}\"\n{timeout}{extra}\n"
-    )
-}
-
-/// A `[[models]]` entry.
-fn alias(name: &str, deployments: &[&str], extra: &str) -> String {
-    let list: Vec<String> = deployments.iter().map(|d| format!("\"{d}\"")).collect();
-    format!(
-        "\n[[models]]\nname = \"{name}\"\ndeployments = [{}]\n{extra}\n",
-        list.join(", ")
-    )
-}
-
-/// Starts the gateway with `body` (deployments, models, routing tables) after a header that
-/// turns off the built-in models and makes backoff short.
-async fn gateway(routing: &str, body: &str) -> Harness {
-    let config = format!(
-        "[server]\nmock_models = false\nenv_providers = false\n\n\
-         [routing.retry]\nbase_backoff_ms = 5\nmax_backoff_ms = 20\n{routing}\n{body}"
-    );
-    Harness::start_with_config(upstream().await, &config).await
-}
-
-/// `n` loopback addresses nobody listens on (bound, then closed): connections are refused.
-fn unreachable(n: usize) -> Vec<String> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| format!("http://{}", l.local_addr().unwrap()))
-        .collect()
-}
+use tollgate_tests::routes_config::{alias, dep, dep_at, gateway, unreachable, upstream};
 
 fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream,
