@@ -55,6 +55,8 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
+    /// The exact response cache, when `[cache] enabled`.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
     /// The admin API's bearer token (`TOLLGATE_ADMIN_TOKEN`); `None` disables the admin API.
     pub admin_token: Option<String>,
     /// Encrypts provider credentials (`TOLLGATE_MASTER_KEY`).
@@ -144,7 +146,14 @@ impl AppState {
             }
             None => None,
         };
+        let cache = crate::cache::ResponseCache::from_config(
+            &config.cache,
+            metrics
+                .cache()
+                .map_err(|e| GatewayError::Internal(e.to_string()))?,
+        )?;
         Ok(Arc::new(AppState {
+            cache,
             auth,
             config,
             store,

@@ -72,6 +72,9 @@ pub struct Config {
     /// Label bounds of the Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The exact response cache (off by default).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
 }
 
 /// Prometheus metrics settings.
@@ -402,6 +405,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.cache.enabled
+            && self.cache.backend == crate::cache::Backend::Redis
+            && self.cache.redis_url.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "cache.backend = \"redis\" needs cache.redis_url".to_string(),
+            ));
+        }
         if self.server.threads > MAX_SERVING_THREADS {
             return Err(ConfigError::Invalid(format!(
                 "server.threads is {}; at most {MAX_SERVING_THREADS} (0: one per core)",

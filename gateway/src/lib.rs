@@ -12,6 +12,7 @@
 //! | [`admin`] | admin actions shared by the admin API and the CLI |
 //! | [`secrets`] | provider credentials encrypted at rest (AES-256-GCM) |
 //! | [`api`] | OpenAI and Anthropic request/response types, validation |
+//! | [`cache`] | the exact response cache: key, memory and Redis stores |
 //! | [`limits`] | quotas and rate limits: pre-flight estimate, reserve/settle (Redis or memory) |
 //! | [`routing`] | model aliases → deployments; strategy, retries, fallbacks, breakers, hedging, rate-limit steering |
 //! | [`providers`] | provider seam: OpenAI(-compatible), Anthropic, mock |
@@ -31,6 +32,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod billing;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -593,3 +593,121 @@ mod tests {
         );
     }
 }
+
+/// The response cache's series (`crate::cache`).
+#[derive(Clone)]
+pub struct CacheMetrics {
+    lookups: IntCounterVec,
+    bypasses: IntCounterVec,
+    stores: IntCounterVec,
+    errors: IntCounterVec,
+    lookup_seconds: prometheus::Histogram,
+    bytes: IntGauge,
+    evictions: IntGauge,
+    saved_tokens: IntCounterVec,
+}
+
+impl Metrics {
+    /// The cache's series, registered.
+    pub fn cache(&self) -> Result<CacheMetrics, MetricsError> {
+        let m = CacheMetrics {
+            lookups: IntCounterVec::new(
+                Opts::new("tollgate_cache_lookups_total", "Cache lookups, by result"),
+                &["result"],
+            )?,
+            bypasses: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_cache_bypasses_total",
+                    "Requests the cache stayed out of, by reason",
+                ),
+                &["reason"],
+            )?,
+            stores: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_cache_stores_total",
+                    "Answers offered to the cache, by result (stored, too_large, tenant_budget)",
+                ),
+                &["result"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_cache_errors_total",
+                    "Cache store failures (the request went on without the cache)",
+                ),
+                &["operation"],
+            )?,
+            lookup_seconds: prometheus::Histogram::with_opts(
+                HistogramOpts::new("tollgate_cache_lookup_seconds", "Cache lookup latency")
+                    .buckets(vec![
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+                    ]),
+            )?,
+            bytes: IntGauge::new(
+                "tollgate_cache_bytes",
+                "Bytes held by this gateway's memory cache",
+            )?,
+            evictions: IntGauge::new(
+                "tollgate_cache_evictions",
+                "Entries this gateway's memory cache evicted since start",
+            )?,
+            saved_tokens: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_cache_saved_tokens_total",
+                    "Tokens cache hits answered without a provider, by model and kind",
+                ),
+                &["model", "kind"],
+            )?,
+        };
+        self.register(vec![
+            Box::new(m.lookups.clone()),
+            Box::new(m.bypasses.clone()),
+            Box::new(m.stores.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.lookup_seconds.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.evictions.clone()),
+            Box::new(m.saved_tokens.clone()),
+        ])?;
+        Ok(m)
+    }
+}
+
+impl CacheMetrics {
+    pub fn hit(&self) {
+        self.lookups.with_label_values(&["hit"]).inc();
+    }
+    pub fn miss(&self) {
+        self.lookups.with_label_values(&["miss"]).inc();
+    }
+    pub fn bypass(&self, reason: &str) {
+        self.bypasses.with_label_values(&[reason]).inc();
+    }
+    pub fn stored(&self) {
+        self.stores.with_label_values(&["stored"]).inc();
+    }
+    pub fn not_stored(&self, reason: &str) {
+        self.stores.with_label_values(&[reason]).inc();
+    }
+    pub fn error(&self, operation: &str) {
+        self.errors.with_label_values(&[operation]).inc();
+    }
+    pub fn lookup(&self, took: std::time::Duration) {
+        self.lookup_seconds.observe(took.as_secs_f64());
+    }
+    pub fn set_store(&self, bytes: u64, evictions: u64) {
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.evictions
+            .set(i64::try_from(evictions).unwrap_or(i64::MAX));
+    }
+    pub fn saved(&self, model: &str, usage: &tollgate_schemas::TokenUsage) {
+        let count = |kind: &str, n: u64| {
+            if n > 0 {
+                self.saved_tokens
+                    .with_label_values(&[model, kind])
+                    .inc_by(n);
+            }
+        };
+        count("input", usage.input_tokens);
+        count("output", usage.output_tokens);
+    }
+}

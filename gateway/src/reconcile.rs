@@ -579,6 +579,7 @@ mod tests {
             retries: 0,
             fallbacks: 0,
             cache_hit: false,
+            cache_saved_usage: None,
             price_book_version: None,
             received_at: t.into(),
         };

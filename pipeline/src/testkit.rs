@@ -126,6 +126,7 @@ impl Synthetic {
             retries: 0,
             fallbacks: 0,
             cache_hit: false,
+            cache_saved_usage: None,
             price_book_version: None,
             received_at: format_event_time(t),
         }

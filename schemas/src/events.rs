@@ -297,6 +297,11 @@ pub struct CompletionEvent {
     pub fallbacks: u32,
     /// Whether the answer came from a response cache.
     pub cache_hit: bool,
+    /// A cache hit billed free (`[cache] bill_hits = "free"`): the usage of the original
+    /// answer, which the hit saved; `usage` is then what was billed (nothing). Absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_saved_usage: Option<TokenUsage>,
     /// Version of the price book used for the pre-flight cost estimate; `null` when none was.
     pub price_book_version: Option<String>,
     /// When the gateway received the request (RFC 3339, UTC, milliseconds).
@@ -504,6 +509,7 @@ mod tests {
             retries: 0,
             fallbacks: 0,
             cache_hit: false,
+            cache_saved_usage: None,
             price_book_version: None,
             received_at: format_event_time(t),
         };

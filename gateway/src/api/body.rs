@@ -93,6 +93,11 @@ impl RequestBody {
     }
 
     /// The raw JSON of the last member named `key` (JSON objects keep the last duplicate).
+    /// The body as the client sent it.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.members
             .iter()

@@ -204,8 +204,8 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         gateway_overhead_us: saturating_u64(r.gateway_overhead.as_micros()),
         retries: r.route_log.as_ref().map_or(0, |route| route.retries()),
         fallbacks: r.route_log.as_ref().map_or(0, |route| route.fallbacks()),
-        // There is no response cache yet.
-        cache_hit: false,
+        cache_hit: r.cache_hit.is_some(),
+        cache_saved_usage: r.cache_hit.and_then(|hit| hit.saved),
         // TODO(issue 6): the price-book version used for the pre-flight estimate.
         price_book_version: None,
         received_at: format_event_time(r.received_at()),
@@ -571,6 +571,7 @@ pub(crate) mod tests {
             started_at: SystemTime::now(),
             ended_at: SystemTime::now(),
             route_log: None,
+            cache_hit: None,
         }
     }
 

@@ -72,6 +72,16 @@ pub struct Exchange {
     pub lease: Option<Arc<Lease>>,
     /// The level of the request's access-log line.
     pub access_log: AccessLog,
+    /// Answered from the response cache.
+    pub cache_hit: Option<CacheHit>,
+}
+
+/// A request answered from the response cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheHit {
+    /// The original answer's usage when the hit is billed free (`usage` then bills nothing);
+    /// `None` when it is billed in full.
+    pub saved: Option<TokenUsage>,
 }
 
 /// A request accepted and routed (before the upstream call).
@@ -162,6 +172,8 @@ pub struct CompletionRecord {
     pub ended_at: SystemTime,
     /// How the request was routed (retries, fallbacks, attempts, hedge loser).
     pub route_log: Option<Arc<RouteLog>>,
+    /// Answered from the response cache (`None`: not a cache hit).
+    pub cache_hit: Option<CacheHit>,
 }
 
 impl CompletionRecord {
@@ -171,6 +183,16 @@ impl CompletionRecord {
             .checked_sub(self.duration)
             .unwrap_or(self.ended_at)
     }
+}
+
+/// A request answered from the cache, for [`Exchange::cached`].
+pub struct CachedAnswer<'a> {
+    pub route: &'static str,
+    pub client_format: WireFormat,
+    pub requested_model: &'a str,
+    pub entry: &'a crate::cache::Entry,
+    /// What the hit saves the tenant (billed free), or `None` (billed in full).
+    pub saved: Option<TokenUsage>,
 }
 
 /// What a request was routed to, for [`Exchange::begin`].
@@ -223,6 +245,41 @@ impl Exchange {
             route_log: routed.route_log.map(Arc::new),
             lease: routed.lease.map(Arc::new),
             access_log: state.config.server.access_log,
+            cache_hit: None,
+        }
+    }
+
+    /// The exchange of a request answered from the cache with `entry` (no deployment was
+    /// called: it names the one the original answer came from, provider `cache`).
+    pub fn cached(
+        state: &crate::app::AppState,
+        request_id: &str,
+        caller: Caller,
+        hit: CachedAnswer<'_>,
+        received_at: Instant,
+    ) -> Exchange {
+        let now = Instant::now();
+        Exchange {
+            request_id: request_id.to_string(),
+            caller,
+            route: hit.route,
+            client_format: hit.client_format,
+            model_label: hit.entry.model_label.clone(),
+            requested_model: hit.requested_model.to_string(),
+            deployment: hit.entry.deployment.clone(),
+            provider: "cache",
+            upstream_model: hit.entry.upstream_model.clone(),
+            stream: hit.entry.stream,
+            prompt_estimate: hit.entry.usage.input_tokens,
+            received_at,
+            upstream_sent_at: now,
+            started_at: SystemTime::now(),
+            metrics: state.metrics.clone(),
+            sink: state.sink.clone(),
+            route_log: None,
+            lease: None,
+            access_log: state.config.server.access_log,
+            cache_hit: Some(CacheHit { saved: hit.saved }),
         }
     }
 
@@ -398,6 +455,7 @@ impl Exchange {
             started_at: self.started_at,
             ended_at: SystemTime::now(),
             route_log: self.route_log.clone(),
+            cache_hit: self.cache_hit,
         };
         self.metrics.observe_completion(&record);
         self.sink.record_completion(record)

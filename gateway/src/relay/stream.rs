@@ -38,6 +38,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
+use crate::cache::CacheFill;
 use crate::events::{Durable, EventSink};
 use crate::limits::StreamAllowance;
 use crate::providers::BodyStream;
@@ -89,6 +90,10 @@ pub struct RelayStream {
     /// of the same burst) goes out without waiting for the barrier, so that no output the
     /// chunk records report is held back behind it.
     terminal_at: Option<usize>,
+    /// The client's bytes gathered for the response cache, and, once the stream completed
+    /// normally, what to store them with (stored when the last byte has gone out).
+    cache_fill: Option<CacheFill>,
+    cache_ready: Option<(tollgate_schemas::TokenUsage, Option<String>, u64)>,
     /// The upstream's terminal event was seen before its body ended: read the rest (for
     /// connection reuse) while the last bytes wait.
     drain_upstream: bool,
@@ -128,8 +133,17 @@ impl RelayStream {
             held_chunks: Vec::new(),
             barrier: None,
             terminal_at: None,
+            cache_fill: None,
+            cache_ready: None,
             drain_upstream: false,
         }
+    }
+
+    /// Gathers what the client receives for the response cache (stored if the stream
+    /// completes normally).
+    pub fn with_cache_fill(mut self, fill: Option<CacheFill>) -> Self {
+        self.cache_fill = fill;
+        self
     }
 
     /// Holds `allowance` against the request's limits while the stream runs.
@@ -201,6 +215,12 @@ impl RelayStream {
             allowance.settle(&usage);
         }
         let client_gone = outcome == Outcome::ClientDisconnected;
+        if outcome == Outcome::Completed {
+            self.cache_ready = Some((usage, state.finish_reason.clone(), self.next_chunk));
+        } else {
+            // Interrupted, failed or cut: never cached.
+            self.cache_fill = None;
+        }
         let durable = self.exchange.finish(
             outcome,
             usage,
@@ -313,7 +333,20 @@ impl RelayStream {
         if let Some(t) = self.first_upstream_at.take() {
             self.post_processing = t.elapsed();
         }
-        Some(self.out.split_to(at).freeze())
+        let bytes = self.out.split_to(at).freeze();
+        if let Some(fill) = self.cache_fill.as_mut() {
+            fill.push(&bytes);
+        }
+        Some(bytes)
+    }
+
+    /// The stream has ended: a completed one is offered to the cache.
+    fn store_in_cache(&mut self) {
+        if let (Some(fill), Some((usage, finish, chunks))) =
+            (self.cache_fill.take(), self.cache_ready.take())
+        {
+            fill.complete(usage, finish, chunks);
+        }
     }
 }
 
@@ -362,7 +395,11 @@ impl Stream for RelayStream {
                     this.barrier = None;
                 }
                 this.drain(cx);
-                return Poll::Ready(this.take_out().map(Ok));
+                let last = this.take_out();
+                if last.is_none() {
+                    this.store_in_cache();
+                }
+                return Poll::Ready(last.map(Ok));
             }
             match this.upstream.as_mut().poll_next(cx) {
                 // Nothing more is ready upstream: send what this poll gathered.
@@ -627,6 +664,7 @@ mod relay_tests {
             route_log: None,
             lease: None,
             access_log: crate::access_log::AccessLog::Off,
+            cache_hit: None,
         };
         let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
             BURST.as_bytes(),

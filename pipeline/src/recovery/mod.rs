@@ -447,6 +447,7 @@ fn recovered_completion(r: &RequestEvent, open: &Open) -> CompletionEvent {
         retries: 0,
         fallbacks: 0,
         cache_hit: false,
+        cache_saved_usage: None,
         price_book_version: None,
         received_at: r.received_at.clone(),
     }

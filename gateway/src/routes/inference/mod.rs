@@ -2,10 +2,10 @@
 //! either dialect — as named steps:
 //!
 //! ```text
-//! authenticate ─▶ parse ─▶ admit ─▶ route ─▶ respond
-//!  (body read,     (the     (model    (the router: deployments,   (relay a stream, or
-//!   bounded; key)   API's    allowed,  retries, fallbacks until   translate a whole body;
-//!                   JSON)    limits)   a first byte arrives)      the completion record)
+//! authenticate ─▶ parse ─▶ admit ─▶ cache? ─▶ route ─▶ respond
+//!  (body read,     (the     (model    (an exact   (the router: deployments,   (relay a stream, or
+//!   bounded; key)   API's    allowed,  hit is      retries, fallbacks until   translate a whole body;
+//!                   JSON)    limits)   replayed)   a first byte arrives)      the completion record)
 //! ```
 //!
 //! Every response, error or not, carries `x-request-id` (the `request_id` layer) and
@@ -36,6 +36,7 @@ use super::request_id::RequestId;
 use crate::access_log::AccessLine;
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::cache::{CachePlan, ResponseCache};
 use crate::error::GatewayError;
 use crate::limits::{Admission, Estimate};
 use crate::providers::{BodyStream, Forwarded};
@@ -68,6 +69,8 @@ struct Progress {
     route_trace: Option<String>,
     /// The request's completion record (and so its access-log line) is written.
     recorded: bool,
+    /// What the response cache did (`x-tollgate-cache`); `None` when it is off.
+    cache: Option<crate::cache::Outcome>,
 }
 
 /// Serves one inference request of `api`.
@@ -82,6 +85,7 @@ pub async fn serve(state: Arc<AppState>, request: axum::extract::Request, api: A
         model: None,
         route_trace: None,
         recorded: false,
+        cache: None,
     };
     let _in_flight = state.metrics.in_flight(api.route());
     match run(&state, &mut progress, parts.headers, body).await {
@@ -101,10 +105,56 @@ async fn run(
     let mut outbound = parse(progress.api, bytes).await?;
     progress.model = Some(outbound.request.model().to_string());
     let admission = admit(state, &caller, &mut outbound).await?;
+    let cache = cache_step(state, progress, &caller, &headers, &outbound);
+    if let Some((cache, plan)) = &cache {
+        if let Some(entry) = cache.lookup(plan).await {
+            progress.cache = Some(crate::cache::Outcome::Hit);
+            progress.route_trace = Some("cache:hit".to_string());
+            progress.recorded = true;
+            return respond::cached(state, progress, caller, &outbound, entry, admission).await;
+        }
+    }
     let dispatched = route(state, progress, &caller, &headers, &mut outbound).await?;
     progress.route_trace = Some(dispatched.route.trace());
     progress.recorded = true;
-    respond::respond(state, progress, caller, outbound, dispatched, admission).await
+    respond::respond(
+        state, progress, caller, outbound, dispatched, admission, cache,
+    )
+    .await
+}
+
+/// The response cache's part, when it is on: what it does for this request (`None`: it
+/// stays out, and `progress` says why).
+fn cache_step(
+    state: &AppState,
+    progress: &mut Progress,
+    caller: &Caller,
+    headers: &HeaderMap,
+    outbound: &Outbound,
+) -> Option<(Arc<ResponseCache>, CachePlan)> {
+    let cache = state.cache.as_ref()?;
+    let request = &outbound.request;
+    let planned = cache.plan(
+        headers,
+        &caller.tenant_id,
+        progress.api.route(),
+        request.model(),
+        request.raw().as_bytes(),
+    );
+    match planned {
+        Ok(plan) => {
+            progress.cache = Some(if plan.read {
+                crate::cache::Outcome::Miss
+            } else {
+                crate::cache::Outcome::Refresh
+            });
+            Some((cache.clone(), plan))
+        }
+        Err(outcome) => {
+            progress.cache = Some(outcome);
+            None
+        }
+    }
 }
 
 /// Reads the body (bounded) and authenticates the caller. The body is read first so that an

@@ -89,6 +89,15 @@ impl ClientRequest {
         })
     }
 
+    /// The body as the client sent it.
+    pub fn raw(&self) -> &RequestBody {
+        match self {
+            ClientRequest::OpenAi(raw, _)
+            | ClientRequest::Anthropic(raw, _)
+            | ClientRequest::Embeddings(raw, _) => raw,
+        }
+    }
+
     pub fn model(&self) -> &str {
         match self {
             ClientRequest::OpenAi(_, r) => &r.model,

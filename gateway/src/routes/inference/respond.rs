@@ -21,8 +21,10 @@ use super::{collect_upstream, Progress, ROUTE_HEADER};
 use crate::api::WireFormat;
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::cache::{BillHits, CacheFill, CachePlan, Entry, ResponseCache, CACHE_HEADER};
 use crate::error::GatewayError;
 use crate::limits::{Admission, StreamAllowance};
+use crate::relay::exchange::CachedAnswer;
 use crate::relay::exchange::Routed;
 use crate::relay::{Exchange, Outcome, RelayStream};
 use crate::routing::Dispatched;
@@ -37,6 +39,7 @@ pub(super) async fn respond(
     mut outbound: Outbound,
     dispatched: Dispatched<'_>,
     admission: Option<Admission>,
+    cache: Option<(Arc<ResponseCache>, CachePlan)>,
 ) -> Result<Response, GatewayError> {
     let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
     let Dispatched {
@@ -98,6 +101,17 @@ pub(super) async fn respond(
     if let Some(rate) = &rate_headers {
         rate.apply(&mut headers);
     }
+    if let Some(outcome) = progress.cache {
+        headers.insert(CACHE_HEADER, HeaderValue::from_static(outcome.label()));
+    }
+    // Where the answer came from, for a cache entry made of it.
+    let origin = Entry {
+        stream,
+        model_label: exchange.model_label.clone(),
+        deployment: exchange.deployment.clone(),
+        upstream_model: exchange.upstream_model.clone(),
+        ..Entry::default()
+    };
 
     let mut response = if stream {
         let adapter = dialects.stream_adapter(
@@ -117,7 +131,10 @@ pub(super) async fn respond(
                 state.config.limits.stream_increment_tokens,
             )
         });
-        let mut body = RelayStream::new(upstream.body, adapter, exchange).with_allowance(allowance);
+        let fill = cache.map(|(cache, plan)| CacheFill::new(cache, plan, origin));
+        let mut body = RelayStream::new(upstream.body, adapter, exchange)
+            .with_allowance(allowance)
+            .with_cache_fill(fill);
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
@@ -162,12 +179,21 @@ pub(super) async fn respond(
             .finish(
                 Outcome::Completed,
                 usage,
-                finish_reason,
+                finish_reason.clone(),
                 0,
                 Some(done_at),
                 done_at.elapsed(),
             )
             .await;
+        if let Some((cache, plan)) = cache {
+            let entry = Entry {
+                body: body.clone(),
+                usage,
+                finish_reason,
+                ..origin
+            };
+            cache.store(&plan, entry);
+        }
         let mut r = Response::new(Body::from(body));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -202,4 +228,78 @@ impl Drop for Unfinished {
             ));
         }
     }
+}
+
+/// A request answered from the cache: replayed as the original client received it (a
+/// stream's events sent at once), recorded like any request with `cache_hit` and billed as
+/// `[cache] bill_hits` says.
+pub(super) async fn cached(
+    state: &Arc<AppState>,
+    progress: &Progress,
+    caller: Caller,
+    outbound: &Outbound,
+    entry: Entry,
+    admission: Option<Admission>,
+) -> Result<Response, GatewayError> {
+    let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
+    let free = state
+        .cache
+        .as_ref()
+        .is_none_or(|c| c.config.bill_hits == BillHits::Free);
+    let billed = if free {
+        TokenUsage::default()
+    } else {
+        entry.usage
+    };
+    let requested_model = outbound.request.model();
+    let exchange = Exchange::cached(
+        state,
+        &progress.request_id.0,
+        caller,
+        CachedAnswer {
+            route: progress.api.route(),
+            client_format: progress.api.format(),
+            requested_model,
+            entry: &entry,
+            saved: free.then_some(entry.usage),
+        },
+        progress.received_at,
+    );
+    exchange.record_request();
+    if let Some(r) = reservation {
+        r.settle(&billed);
+    }
+    if let (Some(cache), true) = (&state.cache, free) {
+        cache.saved(&entry.model_label, &entry.usage);
+    }
+    // The answer leaves once its completion record is durable, as any other.
+    exchange
+        .finish(
+            Outcome::Completed,
+            billed,
+            entry.finish_reason.clone(),
+            entry.chunks,
+            Some(Instant::now()),
+            Duration::ZERO,
+        )
+        .await;
+    let mut r = Response::new(Body::from(entry.body));
+    let h = r.headers_mut();
+    let content_type = if entry.stream {
+        "text/event-stream; charset=utf-8"
+    } else {
+        "application/json"
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    h.insert(ROUTE_HEADER, HeaderValue::from_static("cache:hit"));
+    h.insert("x-tollgate-provider", HeaderValue::from_static("cache"));
+    h.insert("x-tollgate-attempts", HeaderValue::from(0));
+    if let Ok(v) = HeaderValue::from_str(&entry.upstream_model) {
+        h.insert(UPSTREAM_MODEL_HEADER, v);
+    }
+    if let Some(rate) = &rate_headers {
+        rate.apply(h);
+    }
+    Ok(r)
 }

@@ -1,0 +1,381 @@
+//! The exact response cache (`[cache]`, off by default): an answer is replayed to a request of
+//! the same tenant whose model and every output-affecting member are the same
+//! ([`key::cache_key`]).
+//!
+//! | file | owns |
+//! |---|---|
+//! | `key.rs` | the key: tenant, API, model, canonical JSON of the body |
+//! | `memory.rs` | bounded LRU store of the embedded default |
+//! | `redis.rs` + `put.lua` | the shared store: TTL, per-tenant byte budget |
+//!
+//! What is stored is what the client received, in its dialect, with the model it asked for:
+//! a whole answer's JSON, or a stream's SSE bytes, replayed with the same events (sent at
+//! once). Only answers that completed normally are stored — never an interrupted stream, an
+//! upstream error, a cut by a limit, or one over `max_entry_bytes`.
+//!
+//! Per request: `Cache-Control: no-store` or `x-tollgate-cache: bypass` neither reads nor
+//! stores; `Cache-Control: no-cache` or `x-tollgate-cache: refresh` skips the read and stores
+//! the fresh answer. Responses say `x-tollgate-cache: hit | miss | refresh | bypass`.
+//!
+//! Billing (`bill_hits`): `free` (default) records a hit with no tokens billed and the tokens
+//! it saved in the completion event (`cache_saved_usage`); `full` bills the tokens of the
+//! original answer. Either way the event says `cache_hit: true`.
+
+mod key;
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::http::HeaderMap;
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tollgate_schemas::TokenUsage;
+
+pub use key::{cache_key, CacheKey};
+
+use crate::error::GatewayError;
+use crate::metrics::CacheMetrics;
+
+/// Request and response header of the cache's per-request control and outcome.
+pub const CACHE_HEADER: &str = "x-tollgate-cache";
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// `memory` (this process) or `redis` (shared by every gateway).
+    pub backend: Backend,
+    /// Redis URL for `backend = "redis"`.
+    pub redis_url: Option<String>,
+    pub ttl_s: u64,
+    /// The memory store's bound, all tenants together.
+    pub max_bytes: usize,
+    /// Each tenant's bound (both stores).
+    pub tenant_max_bytes: usize,
+    /// Larger answers are not stored.
+    pub max_entry_bytes: usize,
+    /// Models (as clients name them) never cached.
+    pub exclude_models: Vec<String>,
+    pub bill_hits: BillHits,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// What a cache hit costs the tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillHits {
+    /// Nothing; the saved tokens are recorded beside.
+    #[default]
+    Free,
+    /// The tokens of the original answer.
+    Full,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            backend: Backend::Memory,
+            redis_url: None,
+            ttl_s: 24 * 3600,
+            max_bytes: 64 * 1024 * 1024,
+            tenant_max_bytes: 16 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+            exclude_models: Vec::new(),
+            bill_hits: BillHits::Free,
+        }
+    }
+}
+
+/// One cached answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Entry {
+    /// SSE bytes (a stream) or JSON (a whole answer), as the client received them.
+    #[serde(skip)]
+    pub body: Bytes,
+    pub stream: bool,
+    /// What the original answer used (what a hit saves, or bills with `bill_hits = "full"`).
+    pub usage: TokenUsage,
+    pub finish_reason: Option<String>,
+    /// Where the original answer came from.
+    pub model_label: String,
+    pub deployment: String,
+    pub upstream_model: String,
+    pub chunks: u64,
+}
+
+impl Entry {
+    /// Bytes it takes in a store.
+    pub fn size(&self) -> usize {
+        self.body.len() + 256 + self.model_label.len() + self.deployment.len()
+    }
+
+    /// `[u32 header length][header JSON][body]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + header.len() + self.body.len());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let header = bytes.get(4..4 + len)?;
+        let mut entry: Entry = serde_json::from_slice(header).ok()?;
+        entry.body = Bytes::copy_from_slice(bytes.get(4 + len..)?);
+        Some(entry)
+    }
+}
+
+/// Whether an entry was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Yes,
+    TooLarge,
+    OverBudget,
+}
+
+/// Where entries live.
+#[async_trait]
+pub trait CacheStore: Send + Sync {
+    async fn get(&self, tenant: &str, key: &CacheKey) -> Result<Option<Entry>, String>;
+    async fn put(&self, tenant: &str, key: &CacheKey, entry: Entry) -> Result<Stored, String>;
+    /// Bytes held (the memory store; 0 when the store does not know).
+    fn bytes(&self) -> u64;
+    fn evictions(&self) -> u64;
+    fn label(&self) -> &'static str;
+}
+
+/// What the cache does for one request.
+#[derive(Debug, Clone)]
+pub struct CachePlan {
+    pub key: CacheKey,
+    pub tenant: String,
+    /// Look the key up.
+    pub read: bool,
+    /// Store the answer once it completed normally.
+    pub write: bool,
+}
+
+/// The cache, as the request path uses it.
+pub struct ResponseCache {
+    store: Arc<dyn CacheStore>,
+    pub config: CacheConfig,
+    metrics: CacheMetrics,
+}
+
+/// The outcome a response reports (`x-tollgate-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Refresh,
+    Bypass,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Refresh => "refresh",
+            Outcome::Bypass => "bypass",
+        }
+    }
+}
+
+impl ResponseCache {
+    /// The cache `config` asks for; `None` when it is off.
+    pub fn from_config(
+        config: &CacheConfig,
+        metrics: CacheMetrics,
+    ) -> Result<Option<Arc<ResponseCache>>, GatewayError> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let ttl = Duration::from_secs(config.ttl_s);
+        let store: Arc<dyn CacheStore> = match config.backend {
+            Backend::Memory => Arc::new(memory::MemoryStore::new(
+                config.max_bytes,
+                config.tenant_max_bytes,
+                ttl,
+            )),
+            Backend::Redis => {
+                let url = config.redis_url.as_deref().unwrap_or_default();
+                Arc::new(
+                    redis::RedisStore::new(url, ttl, config.tenant_max_bytes)
+                        .map_err(|e| GatewayError::Internal(format!("cache.redis_url: {e}")))?,
+                )
+            }
+        };
+        Ok(Some(Arc::new(ResponseCache {
+            store,
+            config: config.clone(),
+            metrics,
+        })))
+    }
+
+    /// What to do for a request of `tenant` to `model` on `api` with `body`, given its
+    /// headers: `Err(outcome)` when the cache stays out of it (`Bypass`).
+    pub fn plan(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+        api: &str,
+        model: &str,
+        body: &[u8],
+    ) -> Result<CachePlan, Outcome> {
+        let control = |name: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|d| d.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        };
+        let cache_control = control("cache-control");
+        let ours = control(CACHE_HEADER);
+        let has = |list: &[String], d: &str| list.iter().any(|x| x == d);
+        let bypass = has(&cache_control, "no-store")
+            || has(&ours, "bypass")
+            || self.config.exclude_models.iter().any(|m| m == model);
+        if bypass {
+            self.metrics.bypass("requested");
+            return Err(Outcome::Bypass);
+        }
+        let refresh = has(&cache_control, "no-cache") || has(&ours, "refresh");
+        let key = cache_key(tenant, api, model, body).map_err(|_| {
+            self.metrics.bypass("unreadable");
+            Outcome::Bypass
+        })?;
+        Ok(CachePlan {
+            key,
+            tenant: tenant.to_string(),
+            read: !refresh,
+            write: true,
+        })
+    }
+
+    /// The entry for `plan`, if any (a store error is a miss, logged once per error).
+    pub async fn lookup(&self, plan: &CachePlan) -> Option<Entry> {
+        if !plan.read {
+            return None;
+        }
+        let started = Instant::now();
+        let found = self.store.get(&plan.tenant, &plan.key).await;
+        self.metrics.lookup(started.elapsed());
+        match found {
+            Ok(Some(entry)) => {
+                self.metrics.hit();
+                Some(entry)
+            }
+            Ok(None) => {
+                self.metrics.miss();
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, store = self.store.label(), "cache lookup failed; answered as a miss");
+                self.metrics.error("lookup");
+                None
+            }
+        }
+    }
+
+    /// Stores `entry` for `plan` (in the background: the response does not wait for it).
+    pub fn store(self: &Arc<Self>, plan: &CachePlan, entry: Entry) {
+        if !plan.write {
+            return;
+        }
+        if entry.body.len() > self.config.max_entry_bytes {
+            self.metrics.not_stored("too_large");
+            return;
+        }
+        let (cache, plan) = (self.clone(), plan.clone());
+        tokio::spawn(async move {
+            match cache.store.put(&plan.tenant, &plan.key, entry).await {
+                Ok(Stored::Yes) => cache.metrics.stored(),
+                Ok(Stored::TooLarge) => cache.metrics.not_stored("too_large"),
+                Ok(Stored::OverBudget) => cache.metrics.not_stored("tenant_budget"),
+                Err(e) => {
+                    tracing::warn!(error = %e, store = cache.store.label(), "cache store failed");
+                    cache.metrics.error("store");
+                }
+            }
+            cache
+                .metrics
+                .set_store(cache.store.bytes(), cache.store.evictions());
+        });
+    }
+
+    /// Counts what a hit saved (tokens, for the savings series).
+    pub fn saved(&self, model: &str, usage: &TokenUsage) {
+        self.metrics.saved(model, usage);
+    }
+}
+
+/// A stream's bytes gathered for the cache while they are relayed, stored only if the stream
+/// completes normally.
+pub struct CacheFill {
+    cache: Arc<ResponseCache>,
+    plan: CachePlan,
+    buf: BytesMut,
+    /// Over `max_entry_bytes`: nothing more is gathered, nothing stored.
+    abandoned: bool,
+    /// Where the answer came from (the entry's metadata).
+    pub origin: Entry,
+}
+
+impl CacheFill {
+    pub fn new(cache: Arc<ResponseCache>, plan: CachePlan, origin: Entry) -> CacheFill {
+        CacheFill {
+            cache,
+            plan,
+            buf: BytesMut::new(),
+            abandoned: false,
+            origin,
+        }
+    }
+
+    /// Bytes the client was sent.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.abandoned {
+            return;
+        }
+        if self.buf.len() + bytes.len() > self.cache.config.max_entry_bytes {
+            self.abandoned = true;
+            self.buf = BytesMut::new();
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The stream completed normally with `usage`: store what it sent.
+    pub fn complete(self, usage: TokenUsage, finish_reason: Option<String>, chunks: u64) {
+        if self.abandoned {
+            self.cache.metrics.not_stored("too_large");
+            return;
+        }
+        let entry = Entry {
+            body: self.buf.freeze(),
+            usage,
+            finish_reason,
+            chunks,
+            ..self.origin
+        };
+        self.cache.store(&self.plan, entry);
+    }
+}
