@@ -72,6 +72,9 @@ pub struct Config {
     /// Label bounds of the Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces (off unless an OTLP endpoint is set).
+    #[serde(default)]
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 /// Prometheus metrics settings.
@@ -424,6 +427,7 @@ impl Config {
         }
         self.billing.validate(&self.events)?;
         self.limits.validate()?;
+        self.tracing.validate()?;
         let mut names = std::collections::HashSet::new();
         for d in &self.deployments {
             if !names.insert(d.name()) {
