@@ -75,8 +75,9 @@ async fn chat(
 /// SIGTERM, and waits for the process to exit (its exporter flushes on the way out).
 async fn terminate(gw: &mut GatewayProcess) {
     let pid = gw.child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    // The shell's own `kill`: no procps needed.
+    let sent = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status()
         .unwrap();
     assert!(sent.success());
@@ -159,6 +160,8 @@ async fn each_request_is_one_trace_parented_to_the_client_and_continued_upstream
     }
     let relay = one(streamed, "relay");
     assert_eq!(relay.attr("stream"), Some("true"));
+    // Time spent working in the relay vs waiting for the upstream.
+    assert!(relay.attr("busy_ns").is_some() && relay.attr("idle_ns").is_some());
     // The request span lasts until the relay's last byte.
     assert!(root.end_unix_nano >= relay.end_unix_nano);
 
