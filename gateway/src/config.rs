@@ -75,6 +75,9 @@ pub struct Config {
     /// The exact response cache (off by default).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,
+    /// OpenTelemetry traces (off unless an OTLP endpoint is set).
+    #[serde(default)]
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 /// Prometheus metrics settings.
@@ -435,6 +438,7 @@ impl Config {
         }
         self.billing.validate(&self.events)?;
         self.limits.validate()?;
+        self.tracing.validate()?;
         let mut names = std::collections::HashSet::new();
         for d in &self.deployments {
             if !names.insert(d.name()) {

@@ -24,6 +24,7 @@
 //! | [`billing`] | `[billing]` config; the billing pipeline embedded in the gateway process |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`access_log`] | one log line per inference request |
+//! | [`telemetry`] | OpenTelemetry traces: `[tracing]`, the request's spans, trace context in and out |
 //! | [`config`] | configuration file and environment |
 
 pub mod access_log;
@@ -47,5 +48,6 @@ pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tokens;
 pub mod translate;

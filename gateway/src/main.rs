@@ -13,6 +13,7 @@ use tollgate_gateway::app::{self, AppState};
 use tollgate_gateway::config::Config;
 use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV};
 use tollgate_gateway::store::KeyLimits;
+use tollgate_gateway::telemetry::Telemetry;
 
 /// glibc's allocator took about an eighth of the gateway's CPU time under load (every request
 /// allocates its parsed body, headers, records); mimalloc's per-thread pages cost a fraction.
@@ -21,7 +22,22 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tollgate_pipeline::logging::init(cli.log_format);
+    // `serve` reads its configuration before logging starts: `[tracing]` decides whether a
+    // trace layer goes beside the log lines.
+    let config = match &cli.command {
+        Command::Serve { config, .. } => match Config::load(config.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(&e),
+        },
+        _ => None,
+    };
+    let telemetry = match config.as_ref().map(|c| Telemetry::start(&c.tracing)) {
+        Some(Err(e)) => return fail(&e),
+        Some(Ok(t)) => t,
+        None => None,
+    };
+    let (telemetry, traces) = telemetry.unzip();
+    tollgate_pipeline::logging::init_with_traces(cli.log_format, traces);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -32,25 +48,29 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli, config));
+    // The last spans go out once every request is done; outside the runtime, which the
+    // exporter does not use.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {e}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
 }
 
-async fn run(cli: Cli) -> Result<(), CliError> {
+fn fail(e: &dyn std::fmt::Display) -> std::process::ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {e}");
+    std::process::ExitCode::FAILURE
+}
+
+async fn run(cli: Cli, config: Option<Config>) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { config, listen } => {
-            serve(
-                &cli.data_dir,
-                cli.database_url.as_deref(),
-                config.as_deref(),
-                listen,
-            )
-            .await
+        Command::Serve { listen, .. } => {
+            // Loaded by `main` for every `serve`.
+            let config = config.unwrap_or_default();
+            serve(&cli.data_dir, cli.database_url.as_deref(), config, listen).await
         }
         command @ Command::Reconcile { .. } => {
             let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
@@ -66,10 +86,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 async fn serve(
     data_dir: &Path,
     database_url: Option<&str>,
-    config_path: Option<&Path>,
+    config: Config,
     listen: Option<String>,
 ) -> Result<(), CliError> {
-    let config = Config::load(config_path)?;
     let master_key = MasterKey::from_env(MASTER_KEY_ENV)?.map(Arc::new);
     tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up);
     let store =

@@ -4,6 +4,7 @@ pub mod chaos;
 pub mod harness;
 pub mod load;
 pub mod mock_upstream;
+pub mod otlp;
 pub mod process;
 pub mod routes_config;
 

@@ -64,6 +64,7 @@ impl Provider for AnthropicProvider {
         if let Some(key) = self.http.secret.expose() {
             headers.push(("x-api-key", key));
         }
+        forwarded.trace_headers(&mut headers);
         self.http.post("/v1/messages", &headers, body).await
     }
 }

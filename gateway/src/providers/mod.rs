@@ -46,11 +46,26 @@ pub struct UpstreamResponse {
     pub body: BodyStream,
 }
 
-/// Request headers from the client that a provider may forward (e.g. `anthropic-beta`).
+/// Request headers from the client that a provider may forward (e.g. `anthropic-beta`), and
+/// the W3C trace context of the attempt (set per attempt when tracing is on).
 #[derive(Debug, Default, Clone)]
 pub struct Forwarded {
     pub anthropic_version: Option<String>,
     pub anthropic_beta: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl Forwarded {
+    /// Appends the trace context headers, if any, to an upstream request's `headers`.
+    pub fn trace_headers<'a>(&'a self, headers: &mut Vec<(&'static str, &'a str)>) {
+        if let Some(v) = &self.traceparent {
+            headers.push(("traceparent", v));
+        }
+        if let Some(v) = &self.tracestate {
+            headers.push(("tracestate", v));
+        }
+    }
 }
 
 /// One kind of upstream.

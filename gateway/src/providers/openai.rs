@@ -42,7 +42,7 @@ impl Provider for OpenAiProvider {
         &self,
         endpoint: Endpoint,
         body: Bytes,
-        _forwarded: &Forwarded,
+        forwarded: &Forwarded,
     ) -> Result<UpstreamResponse, GatewayError> {
         let path = match endpoint {
             Endpoint::Chat => "/chat/completions",
@@ -53,6 +53,7 @@ impl Provider for OpenAiProvider {
         if let Some(auth) = &auth {
             headers.push(("authorization", auth.as_str()));
         }
+        forwarded.trace_headers(&mut headers);
         self.http.post(path, &headers, body).await
     }
 }

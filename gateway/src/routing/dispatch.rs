@@ -61,6 +61,8 @@ use super::{Alias, Deployment, ModelRouter, Strategy, Target};
 use crate::api::WireFormat;
 use crate::error::GatewayError;
 use crate::providers::{Endpoint, Forwarded, UpstreamResponse};
+use crate::telemetry;
+use tracing::Instrument;
 
 /// Builds the upstream body for each attempt, in the attempt's dialect and model (a request
 /// may be sent several times, to providers of either dialect).
@@ -979,7 +981,14 @@ impl ModelRouter {
             self.limiter.record_request(&d.name, &req.tenant, sent);
         }
         let guard = d.health.start();
-        let send = d.provider.send(req.endpoint, bytes, req.forwarded);
+        let span = telemetry::attempt_span(&d.name, d.provider.label(), &upstream_model);
+        let first_byte =
+            telemetry::span!(parent: &span, "upstream.first_byte", otel.kind = "client");
+        let forwarded = telemetry::forwarded_in(req.forwarded, &first_byte);
+        let send = d
+            .provider
+            .send(req.endpoint, bytes, &forwarded)
+            .instrument(first_byte);
         let mut cut_by_deadline = false;
         let result = match tokio::time::timeout(deadline.remaining(), send).await {
             Ok(r) => r,
@@ -994,6 +1003,7 @@ impl ModelRouter {
         let elapsed = sent.elapsed();
         slot.armed = false;
         drop(slot);
+        telemetry::record_attempt(&span, &result);
         let unsettled = self.observe(&d, &result, elapsed, probe, defer && !probe);
         AttemptDone {
             deployment: d,

@@ -28,6 +28,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tracing::Instrument;
 
 pub use request::Api;
 use request::{ClientRequest, Outbound};
@@ -43,6 +44,7 @@ use crate::providers::{BodyStream, Forwarded};
 use crate::relay::exchange::Routed;
 use crate::relay::Exchange;
 use crate::routing::{DispatchRequest, Dispatched, Pins};
+use crate::telemetry;
 
 /// Request bodies from this size on are parsed and their prompt counted on the blocking pool,
 /// not on the serving thread, whose other streams would wait meanwhile (a megabyte of prompt
@@ -87,11 +89,23 @@ pub async fn serve(state: Arc<AppState>, request: axum::extract::Request, api: A
         recorded: false,
         cache: None,
     };
+    let span = telemetry::request_span(api, &progress.request_id.0, &parts.headers);
     let _in_flight = state.metrics.in_flight(api.route());
-    match run(&state, &mut progress, parts.headers, body).await {
+    let response = match run(&state, &mut progress, parts.headers, body)
+        .instrument(span.clone())
+        .await
+    {
         Ok(response) => response,
         Err(e) => error_response(&state, &progress, e),
-    }
+    };
+    telemetry::record_request(
+        &span,
+        progress.caller.as_ref().map(|c| c.tenant_id.as_str()),
+        progress.model.as_deref(),
+        response.status().as_u16(),
+        progress.route_trace.as_deref(),
+    );
+    response
 }
 
 async fn run(
@@ -100,11 +114,17 @@ async fn run(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let (caller, bytes) = authenticate(state, &headers, body).await?;
+    let (caller, bytes) = authenticate(state, &headers, body)
+        .instrument(telemetry::span!("authenticate"))
+        .await?;
     progress.caller = Some(caller.clone());
-    let mut outbound = parse(progress.api, bytes).await?;
+    let mut outbound = parse(progress.api, bytes)
+        .instrument(telemetry::span!("parse"))
+        .await?;
     progress.model = Some(outbound.request.model().to_string());
-    let admission = admit(state, &caller, &mut outbound).await?;
+    let admission = admit(state, &caller, &mut outbound)
+        .instrument(telemetry::span!("admit"))
+        .await?;
     let cache = cache_step(state, progress, &caller, &headers, &outbound);
     if let Some((cache, plan)) = &cache {
         if let Some(entry) = cache.lookup(plan).await {
@@ -114,7 +134,9 @@ async fn run(
             return respond::cached(state, progress, caller, &outbound, entry, admission).await;
         }
     }
-    let dispatched = route(state, progress, &caller, &headers, &mut outbound).await?;
+    let dispatched = route(state, progress, &caller, &headers, &mut outbound)
+        .instrument(telemetry::span!("route"))
+        .await?;
     progress.route_trace = Some(dispatched.route.trace());
     progress.recorded = true;
     respond::respond(
@@ -369,6 +391,7 @@ fn forwarded_headers(headers: &HeaderMap) -> Forwarded {
     Forwarded {
         anthropic_version: get("anthropic-version"),
         anthropic_beta: get("anthropic-beta"),
+        ..Forwarded::default()
     }
 }
 

@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use tollgate_schemas::{TokenUsage, UsageSource};
+use tracing::Instrument;
 
 use super::dialects::{Dialects, Whole};
 use super::request::Outbound;
@@ -28,6 +29,7 @@ use crate::relay::exchange::CachedAnswer;
 use crate::relay::exchange::Routed;
 use crate::relay::{Exchange, Outcome, RelayStream};
 use crate::routing::Dispatched;
+use crate::telemetry::{self, InSpan};
 
 /// Response header: the model the deployment was asked for.
 pub const UPSTREAM_MODEL_HEADER: &str = "x-tollgate-upstream-model";
@@ -113,6 +115,8 @@ pub(super) async fn respond(
         ..Entry::default()
     };
 
+    // From the first byte to the last (a whole body: read, translated, recorded).
+    let relay_span = telemetry::span!("relay", stream);
     let mut response = if stream {
         let adapter = dialects.stream_adapter(
             &outbound.request,
@@ -138,7 +142,16 @@ pub(super) async fn respond(
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
-        let mut r = Response::new(Body::from_stream(body));
+        let mut r = if relay_span.is_disabled() {
+            Response::new(Body::from_stream(body))
+        } else {
+            let request_span = tracing::Span::current();
+            Response::new(Body::from_stream(InSpan::new(
+                body,
+                request_span,
+                relay_span,
+            )))
+        };
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -155,6 +168,7 @@ pub(super) async fn respond(
                 .await?;
             dialects.whole_body(&outbound.request, raw, &requested_model, prompt_estimate)
         }
+        .instrument(relay_span.clone())
         .await;
         let Some((exchange, _)) = unfinished.0.take() else {
             return Err(GatewayError::Internal("the exchange was lost".to_string()));
