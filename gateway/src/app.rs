@@ -102,7 +102,8 @@ impl AppState {
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             Duration::from_millis(config.server.key_cache_ttl_ms),
-        ));
+        )
+        .trust_edge(config.edge.trusted_secret.clone()));
         auth.follow().await?;
         let balances = MemoryBalances::new();
         let limiter =
