@@ -14,8 +14,13 @@
 //! The limits are the ones the HTTP path enforces (the key's `rpm_limit`/`tpm_limit`, the
 //! tenant's `*` row or plan), counted by the same limiter (memory or Redis) over the same
 //! sliding minute, on the edge's own counters ([`Limiter::count_at_edge`]). A descriptor
-//! without a limit is `OK`. Each answer carries OpenAI's `x-ratelimit-*` headers (the
-//! tightest descriptor) and, when over a limit, the 429 body the HTTP path would send.
+//! without a limit is `OK`. A refusal carries OpenAI's `x-ratelimit-*` headers (the tightest
+//! descriptor of each kind), `retry-after` and the 429 body the HTTP path would send; an
+//! allowed request gets those headers from the gateway that serves it. Per-descriptor
+//! statuses feed Envoy's own `x-ratelimit-limit/remaining/reset` headers.
+//!
+//! With more than one gateway the limiter must be shared (`limits.backend = "redis"`): Envoy
+//! spreads its calls over every gateway's service, and in-memory counts would be per gateway.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -176,16 +181,18 @@ impl pb::RateLimitService for RateLimit {
                 *slot = c;
             }
         }
-        for c in tightest.values() {
-            for (name, value) in c.count.headers.lines() {
-                response.response_headers_to_add.push(HeaderValue {
-                    key: name.to_string(),
-                    value,
-                    ..HeaderValue::default()
-                });
-            }
-        }
         if let Some(e) = refusal {
+            // Only on a refusal: an allowed request gets the same headers from the gateway
+            // that serves it (one copy of each, counted on the same limits).
+            for c in tightest.values() {
+                for (name, value) in c.count.headers.lines() {
+                    response.response_headers_to_add.push(HeaderValue {
+                        key: name.to_string(),
+                        value,
+                        ..HeaderValue::default()
+                    });
+                }
+            }
             response.raw_body = e.body(WireFormat::OpenAi).to_string().into_bytes();
             response.response_headers_to_add.push(HeaderValue {
                 key: "content-type".to_string(),
