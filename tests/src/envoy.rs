@@ -37,7 +37,9 @@ pub fn deploy_config() -> String {
 pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
         .args(["-subj", "/CN=localhost"])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         // A server certificate, not a CA one (TLS clients refuse a CA as the end entity).
@@ -100,12 +102,12 @@ pub fn render(config: &str, a: &EdgeAddrs<'_>) -> String {
             format!("{{ address: 127.0.0.1, port_value: {grpc} }}"),
         );
     }
-    swap(
-        "/etc/envoy/tls/server.crt",
-        a.cert.display().to_string(),
-    );
+    swap("/etc/envoy/tls/server.crt", a.cert.display().to_string());
     swap("/etc/envoy/tls/server.key", a.key.display().to_string());
-    swap("path: /dev/stdout", format!("path: {}", a.access_log.display()));
+    swap(
+        "path: /dev/stdout",
+        format!("path: {}", a.access_log.display()),
+    );
     // Health checks every second instead of five: the tests start the gateways just before.
     out = out.replace("interval: 5s", "interval: 1s");
     out
@@ -114,7 +116,13 @@ pub fn render(config: &str, a: &EdgeAddrs<'_>) -> String {
 /// Runs `envoy --mode validate` on `config_path`: (success, what it printed).
 pub fn validate(bin: &Path, config_path: &Path) -> (bool, String) {
     let out = Command::new(bin)
-        .args(["--mode", "validate", "--disable-hot-restart", "-l", "warning"])
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+        ])
         .arg("-c")
         .arg(config_path)
         .output()

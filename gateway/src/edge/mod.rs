@@ -109,7 +109,10 @@ impl EdgeMetrics {
     }
 
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![Box::new(self.authz.clone()), Box::new(self.ratelimit.clone())]
+        vec![
+            Box::new(self.authz.clone()),
+            Box::new(self.ratelimit.clone()),
+        ]
     }
 }
 
@@ -189,6 +192,28 @@ impl EdgeServer {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("the edge gRPC server failed: {e}"),
             Err(e) => tracing::warn!("the edge gRPC server task failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn edge_config_is_validated() {
+        let ok = Config::from_toml(
+            "[edge]\ngrpc_listen = \"127.0.0.1:9090\"\ntrusted_secret = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.edge.grpc_listen.as_deref(), Some("127.0.0.1:9090"));
+        for bad in [
+            "[edge]\ntrusted_secret = \"short\"\n",
+            "[edge]\ntrusted_secret = \"has spaces in it, sixteen+\"\n",
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[edge]\ngrpc_listen = \"127.0.0.1:9000\"\n",
+            "[edge]\ngrpc_listn = \"127.0.0.1:9090\"\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
     }
 }

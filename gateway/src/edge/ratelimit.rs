@@ -72,7 +72,10 @@ fn asked(d: &RateLimitDescriptor) -> Option<Asked<'_>> {
         .collect();
     let key = entries.get("key").copied();
     Some(Asked {
-        credential: entries.get("credential").copied().filter(|c| !c.is_empty())?,
+        credential: entries
+            .get("credential")
+            .copied()
+            .filter(|c| !c.is_empty())?,
         tenant: entries.get("tenant").copied(),
         key,
         scope: if key.is_some() {
@@ -258,7 +261,11 @@ mod tests {
         let d = descriptor(&[("tenant", "ten_1"), ("key", "key_1"), ("credential", "h")]);
         let a = asked(&d).unwrap();
         assert_eq!((a.scope, a.kind), (Scope::Key, Kind::Requests));
-        let d = descriptor(&[("tenant", "ten_1"), ("credential", "h"), ("usage", "tokens")]);
+        let d = descriptor(&[
+            ("tenant", "ten_1"),
+            ("credential", "h"),
+            ("usage", "tokens"),
+        ]);
         let a = asked(&d).unwrap();
         assert_eq!((a.scope, a.kind), (Scope::Tenant, Kind::Tokens));
         assert_eq!(asked(&descriptor(&[("tenant", "ten_1")])), None);
