@@ -9,6 +9,10 @@
 //! `NOTIFY`: immediately; SQLite: within its 200 ms poll). While the invalidation feed is
 //! down the cache is bypassed, so a revocation is never missed. Expiry is checked on every
 //! request, cached or not. Entries also age out after `key_cache_ttl_ms` as a backstop.
+//!
+//! Behind Envoy, a request may carry no key but the identity Envoy's ext_authz call
+//! established (`x-tollgate-key-hash`...): it is believed only with `edge.trusted_secret`
+//! ([`crate::edge::trust`]) and resolved through the same cache, by the key's stored hash.
 
 pub mod keys;
 
