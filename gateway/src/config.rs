@@ -14,6 +14,7 @@
 //! | `[[deployments]]`, `[[models]]` | provider deployments and the model aliases they serve |
 //! | `[routing]` | strategy, retries, breakers, hedging, rate-limit steering ([`crate::routing::config`]) |
 //! | `[metrics]` | label bounds of the Prometheus metrics ([`MetricsConfig`]) |
+//! | `[edge]` | the gRPC services for an Envoy edge, and trust in its identity headers ([`crate::edge::EdgeConfig`]) |
 //!
 //! `[billing]` keys (`TOLLGATE__BILLING__PIPELINE=off` and the like override them):
 //! - `pipeline = "embedded" | "off"`: run the billing pipeline inside the gateway, over the
@@ -78,6 +79,9 @@ pub struct Config {
     /// OpenTelemetry traces (off unless an OTLP endpoint is set).
     #[serde(default)]
     pub tracing: crate::telemetry::TracingConfig,
+    /// Envoy in front: ext_authz and rate-limit gRPC services, trusted identity headers.
+    #[serde(default)]
+    pub edge: crate::edge::EdgeConfig,
 }
 
 /// Prometheus metrics settings.
@@ -439,6 +443,7 @@ impl Config {
         self.billing.validate(&self.events)?;
         self.limits.validate()?;
         self.tracing.validate()?;
+        self.edge.validate(&self.server)?;
         let mut names = std::collections::HashSet::new();
         for d in &self.deployments {
             if !names.insert(d.name()) {

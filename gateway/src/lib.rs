@@ -8,6 +8,7 @@
 //! | [`app`] | state, router, layers |
 //! | [`routes`] | HTTP handlers per API surface |
 //! | [`auth`] | API key format, authentication and its cache |
+//! | [`edge`] | Envoy in front: ext_authz and rate-limit gRPC services, trusted identity headers |
 //! | [`store`] | metadata store seam: PostgreSQL, SQLite embedded |
 //! | [`admin`] | admin actions shared by the admin API and the CLI |
 //! | [`secrets`] | provider credentials encrypted at rest (AES-256-GCM) |
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod billing;
 pub mod cache;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod events;
 pub mod invoices;

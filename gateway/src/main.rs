@@ -148,6 +148,7 @@ async fn serve(
         }
         None => None,
     };
+    let edge = tollgate_gateway::edge::EdgeServer::start(&state).await?;
     tracing::info!(
         "tollgate listening on http://{} (models: {}; admin API {})",
         listener.local_addr()?,
@@ -166,6 +167,9 @@ async fn serve(
             Ok(Err(e)) => tracing::warn!("the metrics listener failed: {e}"),
             Err(e) => tracing::warn!("the metrics listener task failed: {e}"),
         }
+    }
+    if let Some(edge) = edge {
+        edge.stop().await;
     }
     // Shutdown work may use store connections a serving thread opened: its runtime runs on
     // until `stopped` goes.

@@ -1,6 +1,7 @@
 //! Test support for Tollgate's end-to-end tests and benchmarks.
 
 pub mod chaos;
+pub mod envoy;
 pub mod harness;
 pub mod load;
 pub mod mock_upstream;

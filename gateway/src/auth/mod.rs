@@ -9,6 +9,10 @@
 //! `NOTIFY`: immediately; SQLite: within its 200 ms poll). While the invalidation feed is
 //! down the cache is bypassed, so a revocation is never missed. Expiry is checked on every
 //! request, cached or not. Entries also age out after `key_cache_ttl_ms` as a backstop.
+//!
+//! Behind Envoy, a request may carry no key but the identity Envoy's ext_authz call
+//! established (`x-tollgate-key-hash`...): it is believed only with `edge.trusted_secret`
+//! ([`crate::edge::trust`]) and resolved through the same cache, by the key's stored hash.
 
 pub mod keys;
 
@@ -94,6 +98,8 @@ pub struct Authenticator {
     cache_trusted: AtomicBool,
     /// Key ids used since the last flush of `last_used_at`.
     used: Mutex<HashMap<String, OffsetDateTime>>,
+    /// `edge.trusted_secret`: identity headers are believed only with it.
+    edge_secret: Option<String>,
 }
 
 impl Authenticator {
@@ -105,7 +111,15 @@ impl Authenticator {
             cache: RwLock::new(HashMap::new()),
             cache_trusted: AtomicBool::new(false),
             used: Mutex::new(HashMap::new()),
+            edge_secret: None,
         }
+    }
+
+    /// Believes the identity headers of requests that carry `secret` (`edge.trusted_secret`:
+    /// Envoy adds it after its ext_authz call passed); `None` never believes them.
+    pub fn trust_edge(mut self, secret: Option<String>) -> Self {
+        self.edge_secret = secret.filter(|s| !s.is_empty());
+        self
     }
 
     /// Subscribes to the store's invalidations and applies them for as long as `self` lives;
@@ -173,6 +187,11 @@ impl Authenticator {
 
     /// Authenticates the key in `headers`.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        // Behind Envoy: its identity headers, trusted only with the edge's shared secret.
+        if let Some(edge) = crate::edge::trust::identity(headers, self.edge_secret.as_deref()) {
+            let caller = self.authenticate_hash(edge.key_hash).await?;
+            return edge.check(caller);
+        }
         let secret = key_from_headers(headers).ok_or_else(|| {
             GatewayError::Unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
@@ -190,7 +209,13 @@ impl Authenticator {
                     .to_string(),
             ));
         }
-        let hash = keys::hash(secret);
+        self.authenticate_hash(&keys::hash(secret)).await
+    }
+
+    /// Authenticates a key by its stored form (the SHA-256 of the secret): the edge's
+    /// rate-limit service and requests Envoy already authorized ([`crate::edge::trust`]).
+    pub async fn authenticate_hash(&self, hash: &str) -> Result<Caller, GatewayError> {
+        let hash = hash.to_string();
         if self.cache_trusted.load(Ordering::Acquire) {
             if let Some(c) = self.cache.read().get(&hash) {
                 if c.at.elapsed() < self.ttl {

@@ -23,7 +23,7 @@ pub struct RateHeaders {
     tokens: Option<Figure>,
 }
 
-fn ms_to_next_minute() -> u64 {
+pub(crate) fn ms_to_next_minute() -> u64 {
     let now = u64::try_from(tollgate_schemas::events::unix_ms(SystemTime::now())).unwrap_or(0);
     60_000 - now % 60_000
 }

@@ -374,6 +374,65 @@ impl Limiter {
         }))
     }
 
+    /// Counts `hits` against `caller`'s per-minute limit of `kind` (requests or tokens) in
+    /// `scope`, for the edge's rate-limit service ([`crate::edge`]). The limit is the one the
+    /// HTTP path enforces (same config, same store), counted on counters of the edge's own
+    /// (`…:edge`), so a request that passes both is never counted twice on one of them.
+    /// `hits = 0` only reads (refused once the window is full). `None`: no such limit.
+    pub async fn count_at_edge(
+        &self,
+        caller: &Caller,
+        scope: Scope,
+        kind: Kind,
+        hits: u64,
+    ) -> Option<EdgeCount> {
+        if !matches!(kind, Kind::Requests | Kind::Tokens) {
+            return None;
+        }
+        let period = estimate::current_period();
+        let check = scopes::checks(caller, "", &period, &self.config.key_prefix)
+            .into_iter()
+            .find(|c| c.scope == scope && c.kind == kind)?;
+        // Counted as an amount (`hits`) on a sliding window: the tokens rule does that.
+        let mut counter = check.clone();
+        counter.kind = Kind::Tokens;
+        counter.key.push_str(":edge");
+        let request_id = format!("edge_{}", uuid::Uuid::now_v7().simple());
+        let ask = Ask {
+            request_id: &request_id,
+            checks: std::slice::from_ref(&counter),
+            tokens: hits,
+            micros: 0,
+            extend: false,
+        };
+        let (_, mut verdict) = self.reserve(&ask).await;
+        let used = verdict.used.first().copied().unwrap_or(0);
+        if hits == 0 && used >= check.limit {
+            verdict.failed = Some(0);
+        }
+        let asked = Asked {
+            tokens: hits,
+            micros: 0,
+        };
+        let checks = std::slice::from_ref(&check);
+        let headers = RateHeaders::from_verdict(checks, &verdict, &asked);
+        let refusal = verdict.failed.map(|_| {
+            self.metrics
+                .refused
+                .with_label_values(&[check.scope.label(), check.kind.label()])
+                .inc();
+            headers::refusal(&check, used, &asked, &headers)
+        });
+        let granted = if refusal.is_none() { hits } else { 0 };
+        Some(EdgeCount {
+            limit: check.limit,
+            remaining: check.limit.saturating_sub(used).saturating_sub(granted),
+            reset_ms: headers::ms_to_next_minute(),
+            headers,
+            refusal,
+        })
+    }
+
     /// One reserve of `estimate`; returns where it was made, the verdict, and what was asked
     /// (tokens and spend; the ids are the caller's).
     async fn try_reserve(
@@ -483,6 +542,20 @@ impl Limiter {
             _ => self.local.settle(s),
         }
     }
+}
+
+/// What [`Limiter::count_at_edge`] found.
+#[derive(Debug)]
+pub struct EdgeCount {
+    pub limit: u64,
+    /// What is left in the window after these hits.
+    pub remaining: u64,
+    /// Until the current minute window ends.
+    pub reset_ms: u64,
+    /// The `x-ratelimit-*` headers the HTTP path would send.
+    pub headers: RateHeaders,
+    /// The 429 the HTTP path would answer, when the hits do not fit.
+    pub refusal: Option<GatewayError>,
 }
 
 /// An admitted request: its reservation and the headers to send.
