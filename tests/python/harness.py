@@ -198,8 +198,8 @@ def _run_cli(binary: Path, data_dir: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def _gateway_config(upstream: MockUpstream) -> str:
-    return f"""
+def _gateway_config(upstream: MockUpstream, extra: str = "") -> str:
+    return extra + f"""
 [server]
 max_body_bytes = {MAX_BODY_BYTES}
 env_providers = false
@@ -256,9 +256,15 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path) -> str:
 
 
 def start_gateway(
-    upstream: MockUpstream, workdir: Path, upstream_key: str, *, tenant: str = "sdk-tests"
+    upstream: MockUpstream,
+    workdir: Path,
+    upstream_key: str,
+    *,
+    tenant: str = "sdk-tests",
+    extra_config: str = "",
 ) -> Gateway:
-    """Creates a tenant and key in a fresh data dir under `workdir`, then serves."""
+    """Creates a tenant and key in a fresh data dir under `workdir`, then serves;
+    `extra_config` (TOML tables) goes before the deployments."""
     binary = _binary("tollgate")
     data_dir = workdir / "data"
     data_dir.mkdir()
@@ -270,7 +276,7 @@ def start_gateway(
     assert re.fullmatch(r"tg_\w+", key), f"`keys create` printed {key!r}, not a key alone"
 
     config_path = workdir / "tollgate.toml"
-    config_path.write_text(_gateway_config(upstream))
+    config_path.write_text(_gateway_config(upstream, extra_config))
     log_path = workdir / "gateway.stderr.log"
     stdout_path = workdir / "gateway.stdout.log"
 
