@@ -208,6 +208,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(routes::chat::messages))
         .route("/v1/embeddings", post(routes::chat::embeddings))
         .route("/embeddings", post(routes::chat::embeddings))
+        .route("/v1/realtime/chat", get(routes::realtime::chat))
         .route("/v1/models", get(routes::models::list))
         .route("/models", get(routes::models::list))
         .route("/v1/usage", get(routes::usage::usage))

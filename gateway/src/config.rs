@@ -76,6 +76,9 @@ pub struct Config {
     /// The exact response cache (off by default).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,
+    /// Chat completions over WebSockets (`GET /v1/realtime/chat`).
+    #[serde(default)]
+    pub realtime: crate::routes::realtime::RealtimeConfig,
     /// OpenTelemetry traces (off unless an OTLP endpoint is set).
     #[serde(default)]
     pub tracing: crate::telemetry::TracingConfig,

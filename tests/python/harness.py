@@ -168,11 +168,12 @@ class Gateway:
         _stop(self.proc)
 
 
-def start_mock_upstream() -> MockUpstream:
-    """Starts `tollgate-mock-upstream` on a free port; returns once it listens."""
+def start_mock_upstream(*args: str) -> MockUpstream:
+    """Starts `tollgate-mock-upstream` on a free port (with extra `args`, e.g. `--chunks`);
+    returns once it listens."""
     binary = _binary("tollgate-mock-upstream")
     proc = subprocess.Popen(
-        [str(binary), "--listen", "127.0.0.1:0"],
+        [str(binary), "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -185,7 +186,7 @@ def start_mock_upstream() -> MockUpstream:
     return MockUpstream(addr=match.group(1), proc=proc)
 
 
-def _run_cli(binary: Path, data_dir: Path, *args: str) -> str:
+def run_cli(binary: Path, data_dir: Path, *args: str) -> str:
     done = subprocess.run(
         [str(binary), "--data-dir", str(data_dir), *args],
         capture_output=True,
@@ -270,9 +271,9 @@ def start_gateway(
     data_dir.mkdir()
 
     # Tenant and key first, so `serve` does not create a default one.
-    tenant_id = _run_cli(binary, data_dir, "tenants", "create", tenant)
+    tenant_id = run_cli(binary, data_dir, "tenants", "create", tenant)
     assert tenant_id, "`tenants create` printed no tenant id"
-    key = _run_cli(binary, data_dir, "keys", "create", "--tenant", tenant)
+    key = run_cli(binary, data_dir, "keys", "create", "--tenant", tenant)
     assert re.fullmatch(r"tg_\w+", key), f"`keys create` printed {key!r}, not a key alone"
 
     config_path = workdir / "tollgate.toml"

@@ -235,9 +235,19 @@ fn high_watermarks(bootstrap: &str) -> Offsets {
             "topic {topic} missing: start Kafka with scripts/services.sh"
         );
         for p in 0..partitions {
-            let (_, high) = c
-                .fetch_watermarks(topic, p, Duration::from_secs(20))
-                .expect("watermarks");
+            // A partition can be between leaders for a moment (a broker that just started,
+            // another client creating topics): that is retried, anything else fails.
+            let mut tries = 0;
+            let high = loop {
+                match c.fetch_watermarks(topic, p, Duration::from_secs(20)) {
+                    Ok((_, high)) => break high,
+                    Err(e) if tries < 40 && e.to_string().contains("leader") => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    Err(e) => panic!("watermarks: {e}"),
+                }
+            };
             out.insert((topic.to_string(), p), high);
         }
     }
