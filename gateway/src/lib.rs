@@ -39,6 +39,8 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod invoices;
 pub mod limits;
 pub mod metrics;

@@ -85,14 +85,26 @@ fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
 }
 
 /// Parses one reply from the front of `buf`: `Ok(None)` when it is not complete yet.
+/// [`parse`]'s length only (the fuzz tests' entry point).
+pub(crate) fn parse_reply(buf: &[u8]) -> Result<Option<usize>, String> {
+    parse(buf).map(|r| r.map(|(_, n)| n))
+}
+
 fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    parse_nested(buf, 0)
+}
+
+/// Arrays nest at most this deep (the gateway's scripts return flat arrays).
+const MAX_DEPTH: usize = 8;
+
+fn parse_nested(buf: &[u8], depth: usize) -> Result<Option<(Reply, usize)>, String> {
     let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
         return Ok(None);
     };
-    let (kind, line) = match buf.split_first() {
-        Some((k, rest)) => (*k, &rest[..line_end - 1]),
-        None => return Ok(None),
-    };
+    if line_end == 0 {
+        return Err("a reply line without a type byte".to_string());
+    }
+    let (kind, line) = (buf[0], &buf[1..line_end]);
     let text = std::str::from_utf8(line).map_err(|e| e.to_string())?;
     let after = line_end + 2;
     let int = || {
@@ -109,23 +121,29 @@ fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
                 return Ok(Some((Reply::Bulk(None), after)));
             }
             let n = usize::try_from(n).map_err(|e| e.to_string())?;
-            if buf.len() < after + n + 2 {
+            let Some(end) = after.checked_add(n).filter(|e| e.checked_add(2).is_some()) else {
+                return Err(format!("bulk string of {n} bytes"));
+            };
+            if buf.len() < end + 2 {
                 return Ok(None);
             }
-            Some((
-                Reply::Bulk(Some(buf[after..after + n].to_vec())),
-                after + n + 2,
-            ))
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err("a bulk string not followed by CRLF".to_string());
+            }
+            Some((Reply::Bulk(Some(buf[after..end].to_vec())), end + 2))
         }
         b'*' => {
             let n = int()?;
             if n < 0 {
                 return Ok(Some((Reply::Array(Vec::new()), after)));
             }
+            if depth >= MAX_DEPTH {
+                return Err(format!("arrays nested deeper than {MAX_DEPTH}"));
+            }
             let mut items = Vec::new();
             let mut at = after;
             for _ in 0..n {
-                match parse(&buf[at..])? {
+                match parse_nested(&buf[at..], depth + 1)? {
                     Some((item, used)) => {
                         items.push(item);
                         at += used;

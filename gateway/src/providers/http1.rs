@@ -371,6 +371,32 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failure> {
     }
 }
 
+/// [`parse_head`]'s length only (the fuzz tests' entry point).
+pub(crate) fn parse_head_len(buf: &[u8]) -> Result<Option<usize>, String> {
+    parse_head(buf)
+        .map(|r| r.map(|(n, _)| n))
+        .map_err(|e| e.to_string())
+}
+
+/// A chunked body fed to the decoder in pieces cut at `cuts` (the fuzz tests' entry point):
+/// the payload and whether the body ended.
+pub(crate) fn decode_chunked(input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, bool), String> {
+    let mut decoder = Decoder::Chunked(ChunkedDecoder::default());
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+        buf.extend_from_slice(&input[from..cut]);
+        from = cut;
+        let bytes = decoder.decode(&mut buf).map_err(|e| format!("{e:?}"))?;
+        out.extend_from_slice(&bytes);
+        if decoder.is_done() {
+            break;
+        }
+    }
+    Ok((out, decoder.is_done()))
+}
+
 /// Parses a response head at the start of `buf`: `None` if incomplete; else its length and
 /// the head (`None` for an interim 1xx response, which the caller skips).
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, GatewayError> {

@@ -414,3 +414,41 @@ fn high_priority(headers: &HeaderMap) -> bool {
         .get(PRIORITY_HEADER)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"high"))
 }
+
+/// The fuzz tests' entry point (`crate::fuzz_targets`): parses `body` as `api`'s request (0:
+/// chat completions, 1: messages, 2: embeddings) and, when it parses, computes everything
+/// the path computes from it before routing.
+pub(crate) fn fuzz_request(api: u8, body: Bytes) -> Result<(), GatewayError> {
+    let api = match api % 3 {
+        0 => Api::ChatCompletions,
+        1 => Api::Messages,
+        _ => Api::Embeddings,
+    };
+    let request = ClientRequest::parse(api, body)?;
+    let _ = request.prompt_estimate();
+    let _ = request.output_estimate(256);
+    let _ = request.expected_output();
+    let _ = request.is_stream();
+    let _ = crate::cache::cache_key("t", api.route(), request.model(), request.raw().as_bytes());
+    for upstream in [
+        crate::api::WireFormat::OpenAi,
+        crate::api::WireFormat::Anthropic,
+    ] {
+        let _ = request.body_for(upstream, "upstream-model");
+    }
+    Ok(())
+}
+
+/// The fuzz tests' stream adapters: every pair of dialects, each renaming the model.
+pub(crate) fn fuzz_adapters() -> Vec<Box<dyn crate::relay::StreamAdapter>> {
+    use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
+    use crate::relay::rename::Renamed;
+    use crate::translate::stream::{AnthropicToOpenAi, OpenAiToAnthropic};
+    vec![
+        Renamed::wrap(Box::new(OpenAiPassthrough::new(true)), "alias"),
+        Box::new(OpenAiPassthrough::new(false)),
+        Renamed::wrap(Box::new(AnthropicPassthrough::new()), "alias"),
+        Box::new(AnthropicToOpenAi::new(true, "alias")),
+        Box::new(OpenAiToAnthropic::new("alias", 7)),
+    ]
+}
