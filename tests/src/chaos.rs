@@ -90,19 +90,7 @@ pub async fn stream_one(
 /// gaps between them), drawn from a seed taken from the clock and printed, so that a failing
 /// schedule can be replayed with `TOLLGATE_CHAOS_SEED`.
 pub fn kill_schedule(n: usize) -> Vec<Duration> {
-    let mut seed = std::env::var("TOLLGATE_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    #[allow(clippy::print_stdout)] // the schedule must be reproducible from the output
-    {
-        println!("kill schedule seed: TOLLGATE_CHAOS_SEED={seed}");
-    }
+    let mut seed = crate::seed("TOLLGATE_CHAOS_SEED");
     (0..n)
         .map(|_| {
             // xorshift64

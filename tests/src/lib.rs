@@ -22,3 +22,22 @@ pub fn service_missing(test: &str, why: &str) {
         println!("SKIPPED {test}: {why}");
     }
 }
+
+/// A seed for a randomized test: `var` from the environment (to replay a run), else the
+/// clock; printed, so that a failing run can be replayed.
+pub fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+        | 1;
+    #[allow(clippy::print_stdout)] // the run must be reproducible from the output
+    {
+        println!("seed: {var}={seed}");
+    }
+    seed
+}

@@ -158,3 +158,33 @@ fn rand_suffix() -> String {
         .unwrap_or(0);
     format!("{nanos:x}")
 }
+
+/// Creates tenant `name` and a key of it through the admin API of the gateway at `base`
+/// (started with `TOLLGATE_ADMIN_TOKEN` = [`crate::harness::ADMIN_TOKEN`]); returns the key's
+/// secret and the tenant's id.
+pub async fn admin_tenant_key(base: &str, name: &str) -> (String, String) {
+    let client = reqwest::Client::new();
+    let tenant = client
+        .post(format!("{base}/admin/v1/tenants"))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .json(&serde_json::json!({"name": name}))
+        .send()
+        .await
+        .expect("tenant request");
+    assert_eq!(tenant.status().as_u16(), 201, "tenant {name}");
+    let tenant: serde_json::Value = tenant.json().await.expect("tenant body");
+    let key: serde_json::Value = client
+        .post(format!("{base}/admin/v1/keys"))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .json(&serde_json::json!({"tenant": name, "name": "k"}))
+        .send()
+        .await
+        .expect("key request")
+        .json()
+        .await
+        .expect("key body");
+    (
+        key["secret"].as_str().expect("secret").to_string(),
+        tenant["id"].as_str().expect("tenant id").to_string(),
+    )
+}

@@ -123,24 +123,11 @@ fn cuts(rng: &mut Rng, len: usize) -> Vec<usize> {
 
 /// Runs `check` on the corpus, then on mutated inputs.
 fn fuzz(target: &str, mut check: impl FnMut(&[u8], &mut Rng)) {
-    let seed = std::env::var("TOLLGATE_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
+    let seed = tollgate_tests::seed("TOLLGATE_FUZZ_SEED");
     let cases: usize = std::env::var("TOLLGATE_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3000);
-    #[allow(clippy::print_stdout)] // the run must be reproducible from the output
-    {
-        println!("{target}: TOLLGATE_FUZZ_SEED={seed}, {cases} cases");
-    }
     let corpus = corpus(target);
     let mut rng = Rng(seed);
     for input in &corpus {

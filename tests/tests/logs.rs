@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tollgate_tests::harness::ADMIN_TOKEN;
-use tollgate_tests::process::GatewayProcess;
+use tollgate_tests::process::{admin_tenant_key, GatewayProcess};
 
 /// A deployment nobody listens to, aliased `broken`, beside the built-in mock models.
 const CONFIG: &str = r#"
@@ -41,29 +41,6 @@ async fn start(dir: &std::path::Path, format: &str) -> GatewayProcess {
     .await
 }
 
-async fn key(base: &str) -> String {
-    let client = reqwest::Client::new();
-    let t = client
-        .post(format!("{base}/admin/v1/tenants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "logs"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(t.status().as_u16(), 201);
-    let k: Value = client
-        .post(format!("{base}/admin/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"tenant": "logs", "name": "k"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    k["secret"].as_str().unwrap().to_string()
-}
-
 /// Sends the request; returns (status, request id).
 async fn send(base: &str, key: Option<&str>, model: &str, stream: bool) -> (u16, String) {
     let mut r = reqwest::Client::new()
@@ -84,7 +61,7 @@ async fn send(base: &str, key: Option<&str>, model: &str, stream: bool) -> (u16,
 async fn json_logs_parse_and_every_request_has_one_access_line() {
     let dir = tempfile::tempdir().unwrap();
     let gw = start(dir.path(), "json").await;
-    let key = key(&gw.base_url).await;
+    let (key, _) = admin_tenant_key(&gw.base_url, "logs").await;
     let sent = [
         send(&gw.base_url, Some(&key), "mock/fast", false).await,
         send(&gw.base_url, Some(&key), "mock/fast", true).await,
@@ -140,7 +117,7 @@ async fn json_logs_parse_and_every_request_has_one_access_line() {
 async fn text_logs_written_to_a_file_have_no_escape_codes() {
     let dir = tempfile::tempdir().unwrap();
     let gw = start(dir.path(), "text").await;
-    let key = key(&gw.base_url).await;
+    let (key, _) = admin_tenant_key(&gw.base_url, "logs").await;
     let (status, id) = send(&gw.base_url, Some(&key), "mock/fast", false).await;
     assert_eq!(status, 200);
     let mut log = String::new();

@@ -9,44 +9,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tollgate_tests::harness::{Harness, ADMIN_TOKEN, UPSTREAM_KEY, UPSTREAM_KEY_ENV};
 use tollgate_tests::mock_upstream::Fault;
 use tollgate_tests::otlp::{OtlpReceiver, ReceivedSpan};
-use tollgate_tests::process::GatewayProcess;
+use tollgate_tests::process::{admin_tenant_key, GatewayProcess};
 use tollgate_tests::routes_config::{alias, dep, upstream};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 const ROOT: &str = "POST /v1/chat/completions";
-
-async fn key(base: &str) -> (String, String) {
-    let client = reqwest::Client::new();
-    let t: Value = client
-        .post(format!("{base}/admin/v1/tenants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "otel"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let k: Value = client
-        .post(format!("{base}/admin/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"tenant": "otel", "name": "k"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        k["secret"].as_str().unwrap().to_string(),
-        t["id"].as_str().unwrap().to_string(),
-    )
-}
 
 /// Sends a chat request and reads its whole body; returns (status, request id, route).
 async fn chat(
@@ -127,7 +99,7 @@ async fn each_request_is_one_trace_parented_to_the_client_and_continued_upstream
         dir.path().join("gw.log"),
     )
     .await;
-    let (key, tenant) = key(&gw.base_url).await;
+    let (key, tenant) = admin_tenant_key(&gw.base_url, "otel").await;
 
     let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
     let (status, streamed_id, route) = chat(&gw.base_url, &key, true, Some(&traceparent)).await;

@@ -6,31 +6,9 @@
 
 use serde_json::{json, Value};
 use tollgate_tests::harness::ADMIN_TOKEN;
-use tollgate_tests::process::{free_port, GatewayProcess};
+use tollgate_tests::process::{admin_tenant_key, free_port, GatewayProcess};
 
 /// Creates tenant `name` and a key through the admin API; returns the secret.
-async fn key(base: &str, name: &str) -> String {
-    let client = reqwest::Client::new();
-    let tenant = client
-        .post(format!("{base}/admin/v1/tenants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": name}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(tenant.status().as_u16(), 201);
-    let key: Value = client
-        .post(format!("{base}/admin/v1/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"tenant": name, "name": "k"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    key["secret"].as_str().unwrap().to_string()
-}
 
 #[tokio::test]
 async fn a_production_gateway_serves_metrics_on_its_own_port_and_no_mock_models() {
@@ -69,7 +47,7 @@ async fn a_production_gateway_serves_metrics_on_its_own_port_and_no_mock_models(
     assert_eq!(scraped.status().as_u16(), 200);
     assert!(scraped.text().await.unwrap().contains("tollgate_"));
 
-    let key = key(&gw.base_url, "acme").await;
+    let (key, _) = admin_tenant_key(&gw.base_url, "acme").await;
     for model in ["mock/fast", "openai/gpt-4o-mini"] {
         let refused = client
             .post(format!("{}/v1/chat/completions", gw.base_url))

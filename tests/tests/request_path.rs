@@ -298,17 +298,7 @@ async fn every_request_record_has_exactly_one_completion_whatever_happens() {
     config.push_str(&dep_at("openai", "nowhere", NOWHERE, "x", ""));
     config.push_str(&alias("nowhere", &["nowhere"], ""));
     let h = gateway("max_retry_after_ms = 0\ndeadline_ms = 1500\n", &config).await;
-    let seed = std::env::var("TOLLGATE_PATH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    println!("request mix seed: TOLLGATE_PATH_SEED={seed}");
+    let seed = tollgate_tests::seed("TOLLGATE_PATH_SEED");
     let mut rng = Rng(seed);
     let mut plans = Vec::new();
     for _ in 0..48 {
