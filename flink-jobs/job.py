@@ -34,7 +34,6 @@ def jdbc_from_database_url(url):
     )
 
 
-
 def latest_checkpoint(directory):
     """The newest complete checkpoint (a chk-N with its _metadata) under directory, if any."""
     best = None
@@ -88,7 +87,9 @@ def main():
     with open(a.sql, encoding="utf-8") as f:
         sql = f.read()
     for name, value in variables.items():
-        sql = sql.replace("${" + name + "}", value.replace("'", "''") if name != "KAFKA_BOUNDED" else value)
+        if name != "KAFKA_BOUNDED":  # a piece of SQL; every other value is a string literal
+            value = value.replace("'", "''")
+        sql = sql.replace("${" + name + "}", value)
     left = re.findall(r"\$\{[A-Z_]+\}", sql)
     if left:
         raise SystemExit(f"unknown variables in {a.sql}: {sorted(set(left))}")
