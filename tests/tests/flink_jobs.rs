@@ -626,6 +626,53 @@ async fn flink_and_the_pipeline_agree_on_the_same_events() {
         unpriced("usage_minutes").await,
         "unpriced completions"
     );
+
+    // `tollgate reconcile --flink` agrees for every period of the events, then shows a row
+    // tampered with by one unit of the 18th decimal place and fails.
+    let periods: std::collections::BTreeSet<&String> = want.periods.keys().map(|k| &k.1).collect();
+    for period in &periods {
+        let (ok, text) = reconcile_flink(&s, period);
+        assert!(ok, "reconcile --flink {period}:\n{text}");
+        assert!(text.contains(", 0 with differences"), "{text}");
+    }
+    let (tenant, model, minute) = flink.minutes.keys().next().unwrap().clone();
+    sqlx::query(
+        "UPDATE flink_usage_minutes SET cost = cost + 0.000000000000000001 \
+         WHERE tenant_id = $1 AND model = $2 AND (extract(epoch FROM minute) * 1000)::BIGINT = $3",
+    )
+    .bind(&tenant)
+    .bind(&model)
+    .bind(minute)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (ok, text) = reconcile_flink(&s, &billing_period(minute));
+    assert!(
+        !ok,
+        "a tampered Flink row must fail the reconciliation:\n{text}"
+    );
+    let at = tollgate_schemas::events::rfc3339_from_unix_ms(minute);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{tenant}\t{model}\t{at}\t")))
+        .unwrap_or_else(|| panic!("no differing row for {tenant} {model} {at}:\n{text}"));
+    assert!(row.ends_with("\tDIFFERENT"), "{row}");
+    assert!(text.contains(", 1 with differences"), "{text}");
+}
+
+/// `tollgate reconcile --flink --period P`: (succeeded, standard output).
+fn reconcile_flink(s: &Services, period: &str) -> (bool, String) {
+    let out = Command::new(bin_dir().join("tollgate"))
+        .args(["--database-url", &s.database_url, "reconcile", "--flink"])
+        .args(["--period", period])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("tollgate runs (cargo build --workspace --bins)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    (
+        out.status.success(),
+        format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
