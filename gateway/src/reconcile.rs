@@ -14,7 +14,8 @@
 //! how many were replaced by a real completion that arrived later.
 //!
 //! Requests and exact costs must be equal in every column; any difference is printed and the
-//! command fails. A price inserted with an `effective_from` in the past after its events were
+//! command fails. With `--flink` it compares instead the Flink SQL job's tables (flink-jobs/)
+//! with the ledger, per tenant × model × minute and per tenant × period ([`reconcile_flink`]). A price inserted with an `effective_from` in the past after its events were
 //! billed shows up here as a difference (the ledger is never restated silently).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -213,6 +214,151 @@ pub async fn reconcile(
         }
     }
     Ok(report)
+}
+
+/// `reconcile --flink`: the ledger's and the Flink job's figures (requests, exact cost) of one
+/// row; `None` where that side has no row (counted as zero).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlinkRow {
+    pub ledger: Option<Figure>,
+    pub flink: Option<Figure>,
+}
+
+impl FlinkRow {
+    pub fn agrees(&self) -> bool {
+        self.ledger.unwrap_or_default() == self.flink.unwrap_or_default()
+    }
+}
+
+/// The ledger (`usage_minutes`, `usage_periods`) next to the Flink SQL job's tables
+/// (`flink_usage_minutes`, `flink_usage_periods`, flink-jobs/sql/postgres.sql) for a period.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlinkReport {
+    /// Per (tenant, model, minute start in ms since the epoch, UTC).
+    pub minutes: BTreeMap<(String, String, i64), FlinkRow>,
+    /// Per (tenant, currency): the period's totals.
+    pub periods: BTreeMap<(String, String), FlinkRow>,
+}
+
+impl FlinkReport {
+    /// Rows (minutes and period totals) whose two sides differ.
+    pub fn differences(&self) -> usize {
+        let minutes = self.minutes.values().filter(|r| !r.agrees()).count();
+        minutes + self.periods.values().filter(|r| !r.agrees()).count()
+    }
+}
+
+/// Compares the Flink job's tables with the PostgreSQL ledger for `period`, per tenant ×
+/// model × minute and per tenant × currency. The period totals compare the ledger's booking
+/// period with Flink's event-time month: they differ by design when late events of a closed
+/// period were booked into the next one (the minutes never do).
+pub async fn reconcile_flink(
+    store: &dyn MetaStore,
+    period: &str,
+) -> Result<FlinkReport, ReconcileError> {
+    let p = Period::parse(period).map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+    let LedgerLocation::Postgres { url } = store.ledger_location() else {
+        return Err(ReconcileError::Invalid(
+            "--flink compares PostgreSQL tables: give --database-url".into(),
+        ));
+    };
+    let (start_ms, end_ms) = (offset_unix_ms(p.start()), offset_unix_ms(p.end()));
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let mut report = FlinkReport::default();
+    // The ledger's minute is a TIMESTAMPTZ, Flink's a UTC TIMESTAMP: epoch of both is the
+    // same instant.
+    for (flink, table, bound) in [
+        (
+            false,
+            "usage_minutes",
+            "to_timestamp($1::double precision / 1000)",
+        ),
+        (
+            true,
+            "flink_usage_minutes",
+            "(to_timestamp($1::double precision / 1000) AT TIME ZONE 'UTC')",
+        ),
+    ] {
+        let upper = bound.replace("$1", "$2");
+        let sql = format!(
+            "SELECT tenant_id, model, (extract(epoch FROM minute) * 1000)::BIGINT, \
+             requests, cost FROM {table} WHERE minute >= {bound} AND minute < {upper}"
+        );
+        for r in sqlx::query(&sql)
+            .bind(start_ms as f64)
+            .bind(end_ms as f64)
+            .fetch_all(&pool)
+            .await?
+        {
+            let row = report
+                .minutes
+                .entry((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+                .or_default();
+            let figure = Some((r.try_get(3)?, r.try_get(4)?));
+            if flink {
+                row.flink = figure;
+            } else {
+                row.ledger = figure;
+            }
+        }
+    }
+    for (flink, table) in [(false, "usage_periods"), (true, "flink_usage_periods")] {
+        let sql =
+            format!("SELECT tenant_id, currency, requests, cost FROM {table} WHERE period = $1");
+        for r in sqlx::query(&sql).bind(period).fetch_all(&pool).await? {
+            let row = report
+                .periods
+                .entry((r.try_get(0)?, r.try_get(1)?))
+                .or_default();
+            let figure = Some((r.try_get(2)?, r.try_get(3)?));
+            if flink {
+                row.flink = figure;
+            } else {
+                row.ledger = figure;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The `--flink` report as text: the differing rows (every row with `all`) and a summary.
+pub fn render_flink(report: &FlinkReport, all: bool) -> String {
+    let opt = |f: &Option<Figure>| {
+        f.as_ref()
+            .map(|f| format!("{} / {}", f.0, f.1.normalize()))
+            .unwrap_or_else(|| "-".into())
+    };
+    let status = |r: &FlinkRow| if r.agrees() { "ok" } else { "DIFFERENT" };
+    let mut out = String::from("tenant\tmodel\tminute\tledger\tflink\tstatus\n");
+    for ((tenant, model, minute_ms), r) in &report.minutes {
+        if all || !r.agrees() {
+            out.push_str(&format!(
+                "{tenant}\t{model}\t{}\t{}\t{}\t{}\n",
+                rfc3339_from_unix_ms(*minute_ms),
+                opt(&r.ledger),
+                opt(&r.flink),
+                status(r)
+            ));
+        }
+    }
+    out.push_str("\ntenant\tcurrency\tledger (period)\tflink (period)\tstatus\n");
+    for ((tenant, currency), r) in &report.periods {
+        if all || !r.agrees() {
+            out.push_str(&format!(
+                "{tenant}\t{currency}\t{}\t{}\t{}\n",
+                opt(&r.ledger),
+                opt(&r.flink),
+                status(r)
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "{} tenant × model × minute rows, {} tenant × currency period rows, {} with differences\n",
+        report.minutes.len(),
+        report.periods.len(),
+        report.differences()
+    ));
+    out
 }
 
 /// Recovered completions per (tenant, model).

@@ -36,14 +36,34 @@ pub struct PriceRow {
 }
 
 impl PriceRow {
-    /// What `usage` costs at this row's prices (exact, unrounded).
+    /// What `usage` costs at this row's prices (exact, unrounded): [`cost`].
     pub fn cost(&self, usage: &TokenUsage) -> Decimal {
-        let per_mtok = Decimal::from(usage.uncached_input_tokens()) * self.input_per_mtok
-            + Decimal::from(usage.cached_input_tokens) * self.cached_input_per_mtok
-            + Decimal::from(usage.cache_write_input_tokens) * self.input_per_mtok
-            + Decimal::from(usage.output_tokens) * self.output_per_mtok;
-        per_mtok / Decimal::from(1_000_000u32)
+        cost(
+            usage,
+            self.input_per_mtok,
+            self.cached_input_per_mtok,
+            self.output_per_mtok,
+        )
     }
+}
+
+/// The pricing rule, the one place it is written: what `usage` costs at these prices per
+/// million tokens, exact and unrounded. Uncached input and cache writes are billed at the input
+/// price, cache reads at the cached-input price, output at the output price. The pipeline (via
+/// [`PriceRow::cost`]), reconciliation and the Arroyo UDF (`flink-jobs/arroyo-udf`) call it;
+/// the Flink SQL job (`flink-jobs/sql/usage.sql`) writes the same formula in SQL and is tested
+/// against the pipeline.
+pub fn cost(
+    usage: &TokenUsage,
+    input_per_mtok: Decimal,
+    cached_input_per_mtok: Decimal,
+    output_per_mtok: Decimal,
+) -> Decimal {
+    let per_mtok = Decimal::from(usage.uncached_input_tokens()) * input_per_mtok
+        + Decimal::from(usage.cached_input_tokens) * cached_input_per_mtok
+        + Decimal::from(usage.cache_write_input_tokens) * input_per_mtok
+        + Decimal::from(usage.output_tokens) * output_per_mtok;
+    per_mtok / Decimal::from(1_000_000u32)
 }
 
 /// Every price-book row of one model, ordered for lookups.
