@@ -340,6 +340,11 @@ async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
 
 /// Produces `events` (keyed by tenant, like the gateway) and waits until Kafka has them all.
 fn produce(bootstrap: &str, topic: &str, events: &[Synthetic], malformed: bool) {
+    produce_paced(bootstrap, topic, events, malformed, false);
+}
+
+/// [`produce`]; `paced`: 10 events, then a 40 ms pause, and so on.
+fn produce_paced(bootstrap: &str, topic: &str, events: &[Synthetic], malformed: bool, paced: bool) {
     let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -366,6 +371,10 @@ fn produce(bootstrap: &str, topic: &str, events: &[Synthetic], malformed: bool) 
         send(&e.tenant_id, e.event_ms, &e.payload());
         if malformed && i == events.len() / 3 {
             send("ten_0", e.event_ms, b"{\"not\": \"a completion\"");
+        }
+        if paced && i % 10 == 9 {
+            p.flush(Duration::from_secs(30)).unwrap();
+            std::thread::sleep(Duration::from_millis(40));
         }
     }
     p.flush(Duration::from_secs(30)).unwrap();
@@ -699,9 +708,28 @@ async fn flink_killed_mid_stream_resumes_from_its_checkpoint() {
     let n = first_unique.len() as i64;
     wait_for_requests(&pool, "flink_usage_periods", n, Some(&mut flink)).await;
     wait_for_checkpoint(&checkpoints, 1, &flink).await;
-    produce(&s.kafka, &topic, second, false);
-    let seen = requests_in(&pool, "flink_usage_periods").await;
+    // The second half trickles in (10 events every 40 ms) while the job runs; it is killed
+    // once some of it is written (rows newer than the last checkpoint, which the restarted
+    // job must overwrite, not add to).
+    let producer = {
+        let (kafka, topic, second) = (s.kafka.clone(), topic.clone(), second.to_vec());
+        std::thread::spawn(move || produce_paced(&kafka, &topic, &second, false, true))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        let seen = requests_in(&pool, "flink_usage_periods").await;
+        if seen > n {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "none of the second half written:\n{}",
+            tail(&flink.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     flink.kill();
+    producer.join().unwrap();
     println!(
         "killed with {seen} of {} requests written",
         scenario.expected.requests()
