@@ -10,13 +10,13 @@
 //! was generated so far.
 //!
 //! The durability barrier: once the stream's terminal event (`[DONE]`, `message_stop`, an
-//! error event) is written, the completion is recorded and the terminal event's bytes wait
+//! error event) is written, the completion is recorded and the bytes still to go out wait
 //! until the sink says the record is durable (`crate::events::durable`); meanwhile the
 //! upstream body is read to its end so that its connection can be reused. Everything before
-//! the terminal event goes out as it arrives, the output of the terminal event's own burst
-//! included: the chunk records of that output are already on their way to the sink, and a
-//! crash that leaves the completion unrecorded bills the stream from them (what the client
-//! received), never for output held back.
+//! the terminal event's burst goes out as it arrives. (Known gap: the chunk records of a held
+//! burst are handed to the sink before its bytes leave, so a crash in that window can bill a
+//! recovered stream for output it did not deliver; recording chunks when their bytes are
+//! handed to the server would close it.)
 //!
 //! A same-dialect stream also carries its request record ([`RelayStream::with_request_record`]):
 //! the prompt estimate it needs is counted after the first output has gone out, and the
@@ -86,10 +86,6 @@ pub struct RelayStream {
     held_chunks: Vec<(Duration, Bytes)>,
     /// The completion's durability ticket: the last bytes wait for it.
     barrier: Option<Durable>,
-    /// Where in `out` the upstream's terminal event begins: what comes before it (the output
-    /// of the same burst) goes out without waiting for the barrier, so that no output the
-    /// chunk records report is held back behind it.
-    terminal_at: Option<usize>,
     /// The client's bytes gathered for the response cache, and, once the stream completed
     /// normally, what to store them with (stored when the last byte has gone out).
     cache_fill: Option<CacheFill>,
@@ -132,7 +128,6 @@ impl RelayStream {
             request_record: None,
             held_chunks: Vec::new(),
             barrier: None,
-            terminal_at: None,
             cache_fill: None,
             cache_ready: None,
             drain_upstream: false,
@@ -292,11 +287,7 @@ impl RelayStream {
         let from = self.out.len();
         let mut stopped = false;
         while let Some(frame) = self.parser.next_frame() {
-            let before = self.out.len();
             self.adapter.on_frame(frame, &mut self.out);
-            if self.terminal_at.is_none() && self.adapter.state().terminated {
-                self.terminal_at = Some(before);
-            }
             if first_alone && self.adapter.state().first_output_at.is_some() {
                 stopped = !self.out.is_empty();
                 break;
@@ -316,14 +307,7 @@ impl RelayStream {
     }
 
     fn take_out(&mut self) -> Option<Bytes> {
-        self.terminal_at = None;
         self.take_out_to(self.out.len())
-    }
-
-    /// The output before the terminal event, if any is left.
-    fn take_before_terminal(&mut self) -> Option<Bytes> {
-        let at = self.terminal_at.take()?;
-        self.take_out_to(at)
     }
 
     fn take_out_to(&mut self, at: usize) -> Option<Bytes> {
@@ -381,15 +365,10 @@ impl Stream for RelayStream {
             if this.done {
                 if this.barrier.is_some() {
                     this.drain(cx);
-                    // The terminal bytes wait until the completion record is durable; the
-                    // output before them does not (its chunk records are already on their
-                    // way: a crash now bills the client for output it had received).
+                    // The terminal bytes wait until the completion record is durable.
                     if let Some(barrier) = this.barrier.as_mut() {
                         if Pin::new(barrier).poll(cx).is_pending() {
-                            return match this.take_before_terminal() {
-                                Some(b) => Poll::Ready(Some(Ok(b))),
-                                None => Poll::Pending,
-                            };
+                            return Poll::Pending;
                         }
                     }
                     this.barrier = None;
@@ -627,16 +606,13 @@ mod relay_tests {
             .collect();
         let mut s = relay(Arc::default(), Arc::default());
         s.exchange.sink = sink.clone();
-        // The burst ends in `[DONE]`: the completion is recorded, the output before `[DONE]`
-        // goes out, and `[DONE]` waits until the sink says the completion is durable.
-        let done = "data: [DONE]\n\n";
-        let output = BURST.strip_suffix(done).unwrap();
-        assert_eq!(poll(&mut s), Poll::Ready(Some(output.to_string())));
+        // The burst ends in `[DONE]`: the completion is recorded, and nothing of the last
+        // write leaves until the sink says it is durable.
         assert_eq!(poll(&mut s), Poll::Pending);
         assert_eq!(poll(&mut s), Poll::Pending);
         let ticket = sink.pending.lock().pop().unwrap();
         ticket.done();
-        assert_eq!(poll(&mut s), Poll::Ready(Some(done.to_string())));
+        assert_eq!(poll(&mut s), Poll::Ready(Some(BURST.to_string())));
         assert_eq!(poll(&mut s), Poll::Ready(None));
         drop((s, busy));
         assert!(sink.pending.lock().is_empty(), "one completion per stream");
