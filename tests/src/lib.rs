@@ -3,6 +3,7 @@
 pub mod chaos;
 pub mod envoy;
 pub mod harness;
+pub mod kafka;
 pub mod load;
 pub mod mock_upstream;
 pub mod otlp;

@@ -23,8 +23,6 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
@@ -78,31 +76,6 @@ async fn services(test: &str) -> Option<Services> {
             );
             None
         }
-    }
-}
-
-fn suffix() -> String {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}_{:x}", std::process::id(), n % 0xffff_ffff)
-}
-
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .unwrap();
-    for r in results {
-        r.unwrap();
     }
 }
 
@@ -441,11 +414,11 @@ async fn crashes_at_random_moments_lose_and_double_count_nothing() {
     let Some(s) = services("crashes_at_random_moments_lose_and_double_count_nothing").await else {
         return;
     };
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let topic = format!("llm.completions.crash_{id}");
     let redis_prefix = format!("tollgate_test_{id}:");
     let ch_db = format!("tollgate_test_{id}");
-    create_topic(&s.kafka, &topic, 6).await;
+    tollgate_tests::kafka::create_topic(&s.kafka, &topic, 6).await;
     clickhouse_database(&s.clickhouse, &ch_db, true).await;
     let pool = sqlx::PgPool::connect(&s.database_url).await.unwrap();
     // The pipeline migrates the database; so does this (same migrations) to seed prices first.
@@ -625,9 +598,9 @@ async fn a_two_process_cluster_writes_the_same_ledger_as_one_worker() {
     let Some(second_db) = fresh_postgres_database().await else {
         return;
     };
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let topic = format!("llm.completions.cluster_{id}");
-    create_topic(&s.kafka, &topic, 6).await;
+    tollgate_tests::kafka::create_topic(&s.kafka, &topic, 6).await;
     let mut rng = Rng::new(42);
     let now = tollgate_schemas::events::unix_ms(SystemTime::now());
     let p = producer(&s.kafka);
@@ -754,10 +727,10 @@ async fn reconcile_agrees_and_then_reports_a_tampered_clickhouse_row() {
     else {
         return;
     };
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let topic = format!("llm.completions.reconcile_{id}");
     let ch_db = format!("tollgate_test_{id}");
-    create_topic(&s.kafka, &topic, 3).await;
+    tollgate_tests::kafka::create_topic(&s.kafka, &topic, 3).await;
     clickhouse_database(&s.clickhouse, &ch_db, true).await;
     tollgate_pipeline::sink::postgres::PostgresLedger::connect(&s.database_url)
         .await
@@ -878,7 +851,10 @@ fn consume_topic(bootstrap: &str, topic: &str) -> Vec<(String, serde_json::Value
     use rdkafka::message::Message;
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("tollgate-test-{}", suffix()))
+        .set(
+            "group.id",
+            format!("tollgate-test-{}", tollgate_tests::kafka::unique_suffix()),
+        )
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
@@ -924,11 +900,11 @@ async fn kafka_and_postgres_bill_each_client_once_through_gateway_and_pipeline_k
     let Some(s) = services(test).await else {
         return;
     };
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let [requests, chunks, completions] =
         ["requests", "chunks", "completions"].map(|t| format!("llm.{t}.chaos_{id}"));
     for t in [&requests, &chunks, &completions] {
-        create_topic(&s.kafka, t, 3).await;
+        tollgate_tests::kafka::create_topic(&s.kafka, t, 3).await;
     }
     let ch_db = format!("tollgate_test_{id}");
     clickhouse_database(&s.clickhouse, &ch_db, true).await;

@@ -32,8 +32,6 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
@@ -77,14 +75,6 @@ async fn services(test: &str) -> Option<Services> {
         database_url,
         kafka,
     })
-}
-
-fn suffix() -> String {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}_{:x}", std::process::id(), n % 0xffff_ffff)
 }
 
 fn dec(s: &str) -> Decimal {
@@ -321,23 +311,6 @@ fn scenario(seed: u64) -> Scenario {
     }
 }
 
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-}
-
 /// Produces `events` (keyed by tenant, like the gateway) and waits until Kafka has them all.
 fn produce(bootstrap: &str, topic: &str, events: &[Synthetic], malformed: bool) {
     produce_paced(bootstrap, topic, events, malformed, false);
@@ -539,22 +512,8 @@ async fn wait_for_requests(
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("TOLLGATE_FLINK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (TOLLGATE_FLINK_SEED replays it)");
-    seed
-}
-
 async fn prepare(s: &Services, topic: &str, scenario: &Scenario) -> sqlx::PgPool {
-    create_topic(&s.kafka, topic, 3).await;
+    tollgate_tests::kafka::create_topic(&s.kafka, topic, 3).await;
     // The pipeline's migrations create the price book (and the ledger).
     tollgate_pipeline::sink::postgres::PostgresLedger::connect(&s.database_url)
         .await
@@ -586,9 +545,9 @@ async fn flink_and_the_pipeline_agree_on_the_same_events() {
         return;
     };
     let _one_at_a_time = FLINK.lock().await;
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let topic = format!("llm.completions.flink_{id}");
-    let scenario = scenario(seed());
+    let scenario = scenario(tollgate_tests::seed("TOLLGATE_FLINK_SEED"));
     let pool = prepare(&s, &topic, &scenario).await;
     produce(&s.kafka, &topic, &scenario.events, true);
     let want = &scenario.expected;
@@ -691,9 +650,9 @@ async fn flink_killed_mid_stream_resumes_from_its_checkpoint() {
         return;
     };
     let _one_at_a_time = FLINK.lock().await;
-    let id = suffix();
+    let id = tollgate_tests::kafka::unique_suffix();
     let topic = format!("llm.completions.flinkkill_{id}");
-    let scenario = scenario(seed());
+    let scenario = scenario(tollgate_tests::seed("TOLLGATE_FLINK_SEED"));
     let pool = prepare(&s, &topic, &scenario).await;
     let (first, second) = scenario.events.split_at(scenario.events.len() / 2);
     produce(&s.kafka, &topic, first, false);
