@@ -259,6 +259,8 @@ impl ChunkTokens {
     /// Sets a chunk record's running token count; a completion ends its stream's count.
     pub fn stamp(&mut self, record: &mut Record) {
         match record {
+            // The completion was recorded first and ended the count.
+            Record::Chunk(c) if c.after_completion => {}
             Record::Chunk(c) => {
                 let text = crate::relay::event_output_text(c.stream.client_format, &c.data);
                 let n = crate::tokens::count_text(&c.stream.upstream_model, &text);
@@ -536,6 +538,7 @@ pub(crate) mod tests {
             sequence,
             offset: Duration::from_micros(1500 + sequence),
             bytes: 120,
+            after_completion: false,
             tokens: None,
             data: bytes::Bytes::from_static(
                 b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hello world\"}}]}\n\n",
@@ -620,6 +623,18 @@ pub(crate) mod tests {
         assert_eq!(counter.len(), 1);
         counter.stamp(&mut Record::Completion(Box::new(completion("t", "r1"))));
         assert!(counter.is_empty());
+        // The burst that waited for the completion to be durable is not counted again.
+        let mut late = chunk("t", "r1", 3);
+        late.after_completion = true;
+        let mut r = Record::Chunk(late);
+        counter.stamp(&mut r);
+        let m = r.to_wire().unwrap();
+        let e: ChunkEvent = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(e.tokens, None);
+        assert!(
+            counter.is_empty(),
+            "no count left behind for a finished stream"
+        );
     }
 
     #[test]

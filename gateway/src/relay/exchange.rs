@@ -133,6 +133,9 @@ pub struct ChunkRecord {
     /// Output tokens relayed so far, this chunk included (counted by the sink's writer
     /// thread, off the request path; `None` until then).
     pub tokens: Option<u64>,
+    /// Recorded after the stream's completion (the burst held behind the durability
+    /// barrier): the completion bills the stream, so its tokens are not counted.
+    pub after_completion: bool,
     /// The SSE event as the client receives it (for counting its tokens).
     pub data: bytes::Bytes,
 }

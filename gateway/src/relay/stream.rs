@@ -13,10 +13,13 @@
 //! error event) is written, the completion is recorded and the bytes still to go out wait
 //! until the sink says the record is durable (`crate::events::durable`); meanwhile the
 //! upstream body is read to its end so that its connection can be reused. Everything before
-//! the terminal event's burst goes out as it arrives. (Known gap: the chunk records of a held
-//! burst are handed to the sink before its bytes leave, so a crash in that window can bill a
-//! recovered stream for output it did not deliver; recording chunks when their bytes are
-//! handed to the server would close it.)
+//! the terminal event's burst goes out as it arrives.
+//!
+//! Chunk records are made when their bytes are handed to the server, never before: the
+//! chunks of a burst held behind the barrier are recorded after the completion is durable
+//! (marked [`ChunkRecord::after_completion`]), so a crash while they wait can never bill a
+//! recovered stream for output the client did not get. The completion counts them (they
+//! are on their way), unless the client has gone.
 //!
 //! A same-dialect stream also carries its request record ([`RelayStream::with_request_record`]):
 //! the prompt estimate it needs is counted after the first output has gone out, and the
@@ -39,7 +42,7 @@ use futures_util::Stream;
 
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
 use crate::cache::CacheFill;
-use crate::events::{Durable, EventSink};
+use crate::events::Durable;
 use crate::limits::StreamAllowance;
 use crate::providers::BodyStream;
 
@@ -167,7 +170,7 @@ impl RelayStream {
         self.exchange.record_request_at(routed_at);
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
         for (offset, event) in self.held_chunks.drain(..) {
-            record_chunk(sink.as_ref(), info, next, offset, event);
+            sink.record_chunk(chunk_record(info, next, offset, event));
         }
     }
 
@@ -187,9 +190,7 @@ impl RelayStream {
                 crate::limits::Scope::TenantModel => "your organization on this model",
             }
         );
-        let from = self.out.len();
         self.adapter.on_error(&message, &mut self.out);
-        self.record_chunks(from);
         self.finish(Outcome::LimitExceeded(message));
     }
 
@@ -210,8 +211,15 @@ impl RelayStream {
             allowance.settle(&usage);
         }
         let client_gone = outcome == Outcome::ClientDisconnected;
+        // The chunks still to go out are recorded as they leave, after the completion; it
+        // counts them unless nobody is left to receive them.
+        let chunks = if client_gone {
+            self.next_chunk
+        } else {
+            self.next_chunk + count_data_events(&self.out)
+        };
         if outcome == Outcome::Completed {
-            self.cache_ready = Some((usage, state.finish_reason.clone(), self.next_chunk));
+            self.cache_ready = Some((usage, state.finish_reason.clone(), chunks));
         } else {
             // Interrupted, failed or cut: never cached.
             self.cache_fill = None;
@@ -220,7 +228,7 @@ impl RelayStream {
             outcome,
             usage,
             state.finish_reason.clone(),
-            self.next_chunk,
+            chunks,
             state.first_output_at,
             self.post_processing,
         );
@@ -233,9 +241,7 @@ impl RelayStream {
     /// The upstream's terminal event was relayed: the stream is complete, whether or not
     /// the upstream body has ended yet.
     fn complete(&mut self) {
-        let from = self.out.len();
         self.adapter.on_end(&mut self.out);
-        self.record_chunks(from);
         self.finish(Outcome::Completed);
         self.frames_held = false;
         self.drain_upstream = true;
@@ -252,29 +258,23 @@ impl RelayStream {
         }
     }
 
-    /// Reports each SSE data event the adapter wrote into `out` from `from` on.
-    fn record_chunks(&mut self, from: usize) {
-        if self.out.len() <= from {
-            return;
-        }
+    /// Reports each SSE data event in `bytes`, which are being handed to the server.
+    fn record_chunks(&mut self, bytes: &Bytes) {
         let offset = self.stream_info.received_at.elapsed();
         if self.request_record.is_some() {
-            // The request record goes first; these wait for it (sizes only).
+            // The request record goes first; these wait for it.
             let held = &mut self.held_chunks;
-            for_each_data_event(&self.out[from..], |event| {
-                held.push((offset, Bytes::copy_from_slice(event)));
-            });
+            for_each_data_event(bytes, |event| held.push((offset, bytes.slice(event))));
             return;
         }
+        let after_completion = self.done;
         let (sink, info, next) = (&self.exchange.sink, &self.stream_info, &mut self.next_chunk);
-        for_each_data_event(&self.out[from..], |event| {
-            record_chunk(
-                sink.as_ref(),
-                info,
-                next,
-                offset,
-                Bytes::copy_from_slice(event),
-            );
+        for_each_data_event(bytes, |event| {
+            let record = chunk_record(info, next, offset, bytes.slice(event));
+            sink.record_chunk(ChunkRecord {
+                after_completion,
+                ..record
+            });
         });
     }
 
@@ -284,7 +284,6 @@ impl RelayStream {
     fn relay_frames(&mut self) -> bool {
         let first_alone = self.first_sent == FirstOutput::Pending
             && OPEN_STREAMS.load(Ordering::Relaxed) <= light_load_streams();
-        let from = self.out.len();
         let mut stopped = false;
         while let Some(frame) = self.parser.next_frame() {
             self.adapter.on_frame(frame, &mut self.out);
@@ -301,7 +300,6 @@ impl RelayStream {
                 FirstOutput::Done
             };
         }
-        self.record_chunks(from);
         self.frames_held = stopped;
         stopped
     }
@@ -318,6 +316,7 @@ impl RelayStream {
             self.post_processing = t.elapsed();
         }
         let bytes = self.out.split_to(at).freeze();
+        self.record_chunks(&bytes);
         if let Some(fill) = self.cache_fill.as_mut() {
             fill.push(&bytes);
         }
@@ -416,24 +415,19 @@ impl Stream for RelayStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let message = e.to_string();
-                    let from = this.out.len();
                     this.adapter.on_error(&message, &mut this.out);
-                    this.record_chunks(from);
                     this.finish(Outcome::UpstreamError(message));
                 }
                 Poll::Ready(None) => {
-                    let from = this.out.len();
                     if let Some(frame) = this.parser.finish() {
                         this.adapter.on_frame(frame, &mut this.out);
                     }
                     if this.adapter.state().terminated {
                         this.adapter.on_end(&mut this.out);
-                        this.record_chunks(from);
                         this.finish(Outcome::Completed);
                     } else {
                         let message = "upstream closed the stream before it was complete";
                         this.adapter.on_error(message, &mut this.out);
-                        this.record_chunks(from);
                         this.finish(Outcome::UpstreamError(message.to_string()));
                     }
                 }
@@ -449,30 +443,38 @@ impl Drop for RelayStream {
     }
 }
 
-/// Hands the stream's next chunk record to the sink.
-fn record_chunk(
-    sink: &dyn EventSink,
+/// The stream's next chunk record.
+fn chunk_record(
     stream: &Arc<StreamInfo>,
     next: &mut u64,
     offset: Duration,
     event: Bytes,
-) {
-    sink.record_chunk(ChunkRecord {
+) -> ChunkRecord {
+    let record = ChunkRecord {
         stream: stream.clone(),
         sequence: *next,
         offset,
         bytes: event.len() as u64,
         tokens: None,
+        after_completion: false,
         data: event,
-    });
+    };
     *next += 1;
+    record
+}
+
+/// SSE events with a `data` field in `buf` (see [`for_each_data_event`]).
+fn count_data_events(buf: &[u8]) -> u64 {
+    let mut n = 0;
+    for_each_data_event(buf, |_| n += 1);
+    n
 }
 
 /// Calls `f(event)` for each SSE event in `buf` that carries a `data` field, with the
-/// event's bytes (its blank line included). `buf` holds whole events as written for the
+/// event's byte range (its blank line included). `buf` holds whole events as written for the
 /// client; lines may end in LF, CRLF or CR (a same-dialect relay forwards the upstream's own
 /// line endings). A last event without its blank line still counts.
-fn for_each_data_event(buf: &[u8], mut f: impl FnMut(&[u8])) {
+fn for_each_data_event(buf: &[u8], mut f: impl FnMut(std::ops::Range<usize>)) {
     let is_data =
         |line: &[u8]| line.starts_with(b"data") && matches!(line.get(4), None | Some(b':'));
     let (mut event_start, mut line_start, mut has_data) = (0, 0, false);
@@ -485,7 +487,7 @@ fn for_each_data_event(buf: &[u8], mut f: impl FnMut(&[u8])) {
         let line = &buf[line_start..end];
         if line.is_empty() {
             if has_data {
-                f(&buf[event_start..next]);
+                f(event_start..next);
             }
             event_start = next;
             has_data = false;
@@ -495,7 +497,7 @@ fn for_each_data_event(buf: &[u8], mut f: impl FnMut(&[u8])) {
         line_start = next;
     }
     if (has_data || is_data(&buf[line_start..])) && event_start < buf.len() {
-        f(&buf[event_start..]);
+        f(event_start..buf.len());
     }
 }
 
@@ -506,6 +508,7 @@ mod tests {
     fn lengths(buf: &[u8]) -> Vec<u64> {
         let mut v = Vec::new();
         for_each_data_event(buf, |e| v.push(e.len() as u64));
+        assert_eq!(super::count_data_events(buf), v.len() as u64);
         v
     }
 
@@ -547,6 +550,7 @@ mod relay_tests {
     use super::*;
     use crate::api::WireFormat;
     use crate::auth::Caller;
+    use crate::events::EventSink;
     use crate::relay::passthrough::OpenAiPassthrough;
     use crate::relay::{CompletionRecord, RequestRecord};
 
@@ -688,10 +692,12 @@ mod relay_tests {
             [
                 "request 42",
                 "chunk 0",
+                // The rest of the burst ends the stream: it leaves (and is recorded) once the
+                // completion is recorded.
+                "completion",
                 "chunk 1",
                 "chunk 2",
                 "chunk 3",
-                "completion"
             ]
         );
 
