@@ -554,6 +554,10 @@ mod relay_tests {
     use crate::relay::passthrough::OpenAiPassthrough;
     use crate::relay::{CompletionRecord, RequestRecord};
 
+    /// The load signal (`OPEN_STREAMS`) is process-wide: tests that depend on it run one
+    /// at a time.
+    static LOAD: Mutex<()> = Mutex::new(());
+
     /// Remembers the order records arrive in.
     #[derive(Default)]
     struct Ordered(Mutex<Vec<String>>);
@@ -582,12 +586,16 @@ mod relay_tests {
     struct Tickets {
         barrier: crate::events::durable::Barrier,
         pending: Mutex<Vec<crate::events::durable::DurableTx>>,
+        chunks: Mutex<Vec<(u64, bool)>>,
     }
 
     impl EventSink for Tickets {
         fn record_request(&self, _: RequestRecord) {}
-        fn record_chunk(&self, _: ChunkRecord) {}
-        fn record_completion(&self, _: CompletionRecord) -> crate::events::Durable {
+        fn record_chunk(&self, r: ChunkRecord) {
+            self.chunks.lock().push((r.sequence, r.after_completion));
+        }
+        fn record_completion(&self, c: CompletionRecord) -> crate::events::Durable {
+            assert_eq!(c.chunks, 4, "the held chunks are counted");
             let (tx, durable) = self.barrier.ticket().unwrap();
             self.pending.lock().push(tx);
             durable
@@ -596,6 +604,7 @@ mod relay_tests {
 
     #[tokio::test]
     async fn the_terminal_event_waits_until_the_completion_is_durable() {
+        let _load = LOAD.lock();
         let sink = Arc::new(Tickets {
             barrier: crate::events::durable::Barrier {
                 policy: crate::events::DurabilityPolicy::Completion,
@@ -603,6 +612,7 @@ mod relay_tests {
                 metrics: crate::events::durable::DurabilityMetrics::new().unwrap(),
             },
             pending: Mutex::default(),
+            chunks: Mutex::default(),
         });
         // Under load (more streams than cores), so the whole burst is one write.
         let busy: Vec<_> = (0..light_load_streams())
@@ -614,9 +624,15 @@ mod relay_tests {
         // write leaves until the sink says it is durable.
         assert_eq!(poll(&mut s), Poll::Pending);
         assert_eq!(poll(&mut s), Poll::Pending);
+        // Its chunks are not recorded while they wait: a crash now must not bill them.
+        assert!(sink.chunks.lock().is_empty());
         let ticket = sink.pending.lock().pop().unwrap();
         ticket.done();
         assert_eq!(poll(&mut s), Poll::Ready(Some(BURST.to_string())));
+        assert_eq!(
+            *sink.chunks.lock(),
+            [(0, true), (1, true), (2, true), (3, true)]
+        );
         assert_eq!(poll(&mut s), Poll::Ready(None));
         drop((s, busy));
         assert!(sink.pending.lock().is_empty(), "one completion per stream");
@@ -664,6 +680,7 @@ mod relay_tests {
 
     #[test]
     fn a_bursts_first_output_goes_out_alone_and_its_records_stay_in_order() {
+        let _load = LOAD.lock();
         let (sink, counted) = (
             Arc::new(Ordered::default()),
             Arc::new(AtomicBool::new(false)),
