@@ -304,10 +304,9 @@ impl CostMeter {
         let Some(price) = self.prices.lookup(&r.tenant_id, &r.upstream_model) else {
             return;
         };
-        let cost = price.cost(&r.usage);
-        if cost.is_zero() {
+        let Some(cost) = price.cost(&r.usage).filter(|c| !c.is_zero()) else {
             return;
-        }
+        };
         let mut st = self.state.lock();
         let tenant = if st.labelled.contains(&r.tenant_id) {
             r.tenant_id.as_str()

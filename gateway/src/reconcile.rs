@@ -129,7 +129,7 @@ pub async fn reconcile(
         let cost = schedules
             .get(&e.upstream_model)
             .and_then(|s| s.lookup(&e.tenant_id, at))
-            .map(|row| row.cost(&e.usage))
+            .and_then(|row| row.cost(&e.usage))
             .unwrap_or_default();
         let r = report.entry((e.tenant_id, e.upstream_model)).or_default();
         r.events.0 += 1;

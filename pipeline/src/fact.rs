@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_schemas::events::{parse_event_time, unix_ms, CompletionStatus};
 use tollgate_schemas::pricing::PriceRow;
+use tollgate_schemas::usage::MAX_TOKENS_PER_COUNT;
 use tollgate_schemas::TokenUsage;
 
 /// One message read from a source partition.
@@ -176,6 +177,10 @@ pub struct Details {
     pub offset: i64,
 }
 
+/// Longest time to first token or latency kept (a week): analytics sums stay in range
+/// whatever a producer writes. Billing does not use them.
+const MAX_DURATION_MS: u64 = 7 * 86_400_000;
+
 impl Completion {
     /// Parses a `llm.completions` message, with its [`Details`] if `with_details`; `Err` says
     /// why it cannot be billed (the same checks either way).
@@ -202,6 +207,18 @@ impl Completion {
             return Err("tenant_id is empty".into());
         }
         let u = event.usage;
+        for (field, n) in [
+            ("input_tokens", u.input_tokens),
+            ("cached_input_tokens", u.cached_input_tokens),
+            ("cache_write_input_tokens", u.cache_write_input_tokens),
+            ("output_tokens", u.output_tokens),
+        ] {
+            if n > MAX_TOKENS_PER_COUNT {
+                return Err(format!(
+                    "usage.{field} = {n} is above the most a completion may count ({MAX_TOKENS_PER_COUNT})"
+                ));
+            }
+        }
         let request_key = request_key(&event.request_id);
         let details = with_details.then(|| {
             Box::new(Details {
@@ -213,7 +230,7 @@ impl Completion {
                 provider: event.provider.into_owned(),
                 deployment: event.deployment.into_owned(),
                 stream: event.stream,
-                latency_ms: event.latency_ms,
+                latency_ms: event.latency_ms.min(MAX_DURATION_MS),
                 retries: event.retries,
                 fallbacks: event.fallbacks,
                 partition: record.partition,
@@ -234,7 +251,7 @@ impl Completion {
             cache_write_input_tokens: u.cache_write_input_tokens,
             output_tokens: u.output_tokens,
             usage_counted: u.source != tollgate_schemas::UsageSource::Provider,
-            ttft_ms: event.ttft_ms,
+            ttft_ms: event.ttft_ms.map(|ms| ms.min(MAX_DURATION_MS)),
             details,
         })
     }
@@ -423,12 +440,7 @@ impl UnitPrices {
 pub const DEFAULT_CURRENCY: &str = "USD";
 
 impl PricedFact {
-    pub fn new(fact: Fact, price: Option<&PriceRow>) -> PricedFact {
-        let cost = price.map_or(Decimal::ZERO, |p| p.cost(&fact.usage()));
-        PricedFact::with_cost(fact, price, cost)
-    }
-
-    /// [`PricedFact::new`] with the cost already computed (`price`'s cost of its usage).
+    /// A fact with `price`'s cost of its usage (computed by the caller).
     pub fn with_cost(fact: Fact, price: Option<&PriceRow>, cost: Decimal) -> PricedFact {
         match price {
             Some(p) => PricedFact {

@@ -121,7 +121,7 @@ impl Synthetic {
             usage: self.usage,
             chunks: 10,
             ttft_ms: self.ttft_ms,
-            latency_ms: self.ttft_ms.unwrap_or(0) + 100,
+            latency_ms: self.ttft_ms.unwrap_or(0).saturating_add(100),
             gateway_overhead_us: 100,
             retries: 0,
             fallbacks: 0,

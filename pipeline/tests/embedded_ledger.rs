@@ -272,6 +272,73 @@ async fn a_restart_resumes_after_the_committed_positions_and_still_drops_duplica
     assert_eq!(minute_cost, want_cost);
 }
 
+/// What a hostile producer or a hand-edited price book can put in front of the pipeline: it
+/// refuses counts beyond the pricing bounds (a reject, not a negative ledger), ignores price
+/// rows out of range (their model is unpriced), clamps durations, and bills the rest exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn numbers_out_of_range_are_refused_and_billing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path()).await;
+    seed_prices(&pool, 1).await;
+    sqlx::query(
+        "INSERT INTO prices (model, tenant_id, effective_from, input_per_mtok, cached_input_per_mtok, output_per_mtok, currency, created_at)
+         VALUES ('model-1', '', '1970-01-01T00:00:00Z', '79228162514264337593543950335', '0', '0', 'USD', '1970-01-01T00:00:00Z')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut rng = Rng::new(5);
+    let mut good: Vec<Synthetic> = (0..20)
+        .map(|_| Synthetic::random(&mut rng, 2, 1, T0))
+        .collect();
+    good[3].ttft_ms = Some(u64::MAX);
+    let mut unpriced = Synthetic::random(&mut rng, 1, 1, T0);
+    unpriced.model = "model-1".into();
+    let mut huge = Synthetic::random(&mut rng, 1, 1, T0);
+    huge.usage.input_tokens = u64::MAX;
+    let mut just_over = Synthetic::random(&mut rng, 1, 1, T0);
+    just_over.usage.output_tokens = tollgate_schemas::usage::MAX_TOKENS_PER_COUNT + 1;
+    let mut records: Vec<_> = good
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.record(0, i as i64))
+        .collect();
+    records.push(unpriced.record(0, 20));
+    records.push(huge.record(0, 21));
+    records.push(just_over.record(0, 22));
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || run(records, &path, 1))
+        .await
+        .unwrap();
+
+    let rejects: Vec<(i64, String)> =
+        sqlx::query_as("SELECT \"offset\", reason FROM pipeline_rejects ORDER BY \"offset\"")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rejects.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [21, 22],
+        "{rejects:?}"
+    );
+    assert!(rejects[0].1.contains("input_tokens"), "{rejects:?}");
+    let (_, requests, cost) = ledger_totals(&pool).await;
+    assert_eq!(requests, 21);
+    assert_eq!(cost, good.iter().map(expected_cost).sum::<Decimal>());
+    let (input, unpriced_n): (i64, i64) =
+        sqlx::query_as("SELECT sum(input_tokens), sum(unpriced) FROM usage_minutes")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let want_input: u64 = good
+        .iter()
+        .chain([&unpriced])
+        .map(|s| s.usage.input_tokens)
+        .sum();
+    assert_eq!(input, want_input as i64);
+    assert_eq!(unpriced_n, 1, "the model whose price row is out of range");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_messages_are_kept_as_rejects_not_billed() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,12 @@
 //! bills), the gateway (pre-flight estimates) and finance exports.
 //!
 //! Rules (the README's "Billing rules" repeats them):
-//! - Prices are per million tokens, exact decimals (at most 12 decimal places).
+//! - Prices are per million tokens, exact decimals: at most 12 decimal places, from 0 to
+//!   [`MAX_PRICE_PER_MTOK`] ([`check_price`]; the admin API, the CLI, the configuration and
+//!   the pipeline's price-book reader all apply it).
+//! - A completion's token counts are at most [`crate::usage::MAX_TOKENS_PER_COUNT`] each (the
+//!   pipeline refuses larger ones). Within these bounds every cost below is exact in a
+//!   `Decimal`; outside them [`cost`] says `None` rather than round or panic.
 //! - For a tenant, model and instant `t`: the tenant's own override with the latest
 //!   `effective_from <= t` applies if there is one; otherwise the list price (no tenant) with
 //!   the latest `effective_from <= t`; otherwise the completion is unpriced (cost 0, counted
@@ -35,9 +40,69 @@ pub struct PriceRow {
     pub currency: String,
 }
 
+/// Highest price per million tokens accepted (a million units of the currency).
+pub const MAX_PRICE_PER_MTOK: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+/// Most decimal places of a price.
+pub const MAX_PRICE_SCALE: u32 = 12;
+
+/// Largest amount of money accepted for a fee, budget or spend limit (10^12 units).
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0);
+
+/// Most decimal places of an amount of money.
+pub const MAX_AMOUNT_SCALE: u32 = 12;
+
+/// Why a price or an amount of money is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("must not be negative")]
+    Negative,
+    #[error("must be at most {0}")]
+    TooLarge(Decimal),
+    #[error("must have at most {0} decimal places")]
+    TooPrecise(u32),
+}
+
+/// A price per million tokens is within `0..=MAX_PRICE_PER_MTOK` with at most
+/// [`MAX_PRICE_SCALE`] decimal places.
+pub fn check_price(v: Decimal) -> Result<(), MoneyError> {
+    check_decimal(v, MAX_PRICE_PER_MTOK, MAX_PRICE_SCALE)
+}
+
+/// An amount of money (fee, budget, spend limit) is within `0..=MAX_AMOUNT` with at most
+/// [`MAX_AMOUNT_SCALE`] decimal places.
+pub fn check_amount(v: Decimal) -> Result<(), MoneyError> {
+    check_decimal(v, MAX_AMOUNT, MAX_AMOUNT_SCALE)
+}
+
+fn check_decimal(v: Decimal, max: Decimal, max_scale: u32) -> Result<(), MoneyError> {
+    if v.is_sign_negative() && !v.is_zero() {
+        return Err(MoneyError::Negative);
+    }
+    if v > max {
+        return Err(MoneyError::TooLarge(max));
+    }
+    if v.normalize().scale() > max_scale {
+        return Err(MoneyError::TooPrecise(max_scale));
+    }
+    Ok(())
+}
+
 impl PriceRow {
+    /// Each of the row's prices passes [`check_price`]; `Err` names the first that does not.
+    pub fn check(&self) -> Result<(), (&'static str, MoneyError)> {
+        for (name, v) in [
+            ("input_per_mtok", self.input_per_mtok),
+            ("cached_input_per_mtok", self.cached_input_per_mtok),
+            ("output_per_mtok", self.output_per_mtok),
+        ] {
+            check_price(v).map_err(|e| (name, e))?;
+        }
+        Ok(())
+    }
+
     /// What `usage` costs at this row's prices (exact, unrounded): [`cost`].
-    pub fn cost(&self, usage: &TokenUsage) -> Decimal {
+    pub fn cost(&self, usage: &TokenUsage) -> Option<Decimal> {
         cost(
             usage,
             self.input_per_mtok,
@@ -53,17 +118,29 @@ impl PriceRow {
 /// [`PriceRow::cost`]), reconciliation and the Arroyo UDF (`flink-jobs/arroyo-udf`) call it;
 /// the Flink SQL job (`flink-jobs/sql/usage.sql`) writes the same formula in SQL and is tested
 /// against the pipeline.
+///
+/// `None` when a price or a count is outside the module's bounds and the result might not be
+/// exact: never a rounded or wrapped cost.
 pub fn cost(
     usage: &TokenUsage,
     input_per_mtok: Decimal,
     cached_input_per_mtok: Decimal,
     output_per_mtok: Decimal,
-) -> Decimal {
-    let per_mtok = Decimal::from(usage.uncached_input_tokens()) * input_per_mtok
-        + Decimal::from(usage.cached_input_tokens) * cached_input_per_mtok
-        + Decimal::from(usage.cache_write_input_tokens) * input_per_mtok
-        + Decimal::from(usage.output_tokens) * output_per_mtok;
-    per_mtok / Decimal::from(1_000_000u32)
+) -> Option<Decimal> {
+    let terms = [
+        (usage.uncached_input_tokens(), input_per_mtok),
+        (usage.cached_input_tokens, cached_input_per_mtok),
+        (usage.cache_write_input_tokens, input_per_mtok),
+        (usage.output_tokens, output_per_mtok),
+    ];
+    let mut per_mtok = Decimal::ZERO;
+    for (tokens, price) in terms {
+        if tokens > crate::usage::MAX_TOKENS_PER_COUNT || check_price(price).is_err() {
+            return None;
+        }
+        per_mtok = per_mtok.checked_add(Decimal::from(tokens).checked_mul(price)?)?;
+    }
+    per_mtok.checked_div(Decimal::from(1_000_000u32))
 }
 
 /// Every price-book row of one model, ordered for lookups.
@@ -157,7 +234,48 @@ mod tests {
         // (800 × 0.150000000001 + 200 × 0.5 + 7 × 0.6) / 1e6
         assert_eq!(
             r.cost(&u),
-            Decimal::from_str("0.000224200000000800").unwrap()
+            Some(Decimal::from_str("0.000224200000000800").unwrap())
         );
+    }
+
+    #[test]
+    fn costs_at_the_bounds_are_exact_and_beyond_them_there_is_none() {
+        let max = TokenUsage {
+            input_tokens: crate::usage::MAX_TOKENS_PER_COUNT,
+            cached_input_tokens: 0,
+            cache_write_input_tokens: 0,
+            output_tokens: crate::usage::MAX_TOKENS_PER_COUNT,
+            source: UsageSource::Provider,
+        };
+        let price = Decimal::from_str("999999.999999999999").unwrap();
+        assert_eq!(check_price(price), Ok(()));
+        let c = cost(&max, price, price, price).unwrap();
+        // 2 × 10^9 × 999999.999999999999 / 10^6, to the last digit.
+        assert_eq!(c, Decimal::from_str("1999999999.999999998").unwrap());
+        let over = TokenUsage {
+            output_tokens: crate::usage::MAX_TOKENS_PER_COUNT + 1,
+            ..max
+        };
+        assert_eq!(cost(&over, price, price, price), None);
+        let huge = Decimal::from_str("79228162514264337593543950335").unwrap();
+        assert_eq!(cost(&max, huge, price, price), None);
+        assert_eq!(
+            check_price(huge),
+            Err(MoneyError::TooLarge(MAX_PRICE_PER_MTOK))
+        );
+        assert_eq!(
+            check_price(Decimal::from_str("0.0000000000001").unwrap()),
+            Err(MoneyError::TooPrecise(12))
+        );
+        assert_eq!(
+            check_price(Decimal::from_str("-1").unwrap()),
+            Err(MoneyError::Negative)
+        );
+        assert_eq!(
+            check_price(Decimal::from_str("1.500000000000000").unwrap()),
+            Ok(())
+        );
+        assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000u64));
+        assert_eq!(MAX_PRICE_PER_MTOK, Decimal::from(1_000_000u32));
     }
 }

@@ -8,6 +8,12 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Most tokens one count of a completion (input, cached input, cache-write input, output)
+/// may hold: far above any model's window, low enough that sums and costs stay exact. The
+/// gateway records the upstream's usage only when it is within its own, lower ceiling; the
+/// pipeline refuses a completion beyond this one (`pipeline_rejects`).
+pub const MAX_TOKENS_PER_COUNT: u64 = 1_000_000_000;
+
 /// Where a usage figure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]

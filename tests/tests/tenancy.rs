@@ -344,6 +344,39 @@ async fn admin_api_manages_plans_prices_discounts_limits_and_audits_everything()
         .as_str()
         .unwrap()
         .contains("input_per_mtok"));
+    // Out of range or finer than the price book keeps: refused, naming the field (such a
+    // price once made the embedded pipeline panic on the next request).
+    for (field, value, says) in [
+        (
+            "input_per_mtok",
+            "79228162514264337593543950335",
+            "at most 1000000",
+        ),
+        ("output_per_mtok", "1000000.000000000001", "at most"),
+        ("cached_input_per_mtok", "0.0000000000001", "decimal places"),
+    ] {
+        let mut body = json!({"model": "gpt-4o", "input_per_mtok": "1",
+            "cached_input_per_mtok": "1", "output_per_mtok": "1"});
+        body[field] = json!(value);
+        let (s, v) = admin_call(b, M::POST, "/prices", Some(body)).await;
+        assert_eq!((s, v["error"]["param"].as_str()), (400, Some(field)), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    let (s, v) = admin_call(
+        b,
+        M::POST,
+        "/plans",
+        Some(json!({"name": "huge", "monthly_fee": "10000000000000"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("monthly_fee")),
+        "{v}"
+    );
     assert_eq!(
         admin_call(
             b,

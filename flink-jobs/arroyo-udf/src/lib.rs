@@ -5,7 +5,8 @@
 //! pipeline's `PriceRow::cost` calls. Arroyo's UDF interface (arroyo-udf-plugin 0.2) has no
 //! decimal type, so prices come in and the cost goes out as decimal strings, exact; an Arroyo
 //! query casts the result: `CAST(tollgate_cost(...) AS DECIMAL(38, 18))`. A price that is not
-//! a decimal number gives NULL (never a panic inside the engine).
+//! a decimal number, or a price or count beyond the pricing rule's bounds, gives NULL (never
+//! a panic inside the engine).
 //!
 //! Built with `cargo build --release`, the dynamic library
 //! (`target/release/libtollgate_arroyo_udf.so`) exports `__run`, the entry point that
@@ -42,6 +43,6 @@ pub fn tollgate_cost(
         price(input_per_mtok)?,
         price(cached_input_per_mtok)?,
         price(output_per_mtok)?,
-    );
+    )?;
     Some(cost.to_string())
 }

@@ -68,6 +68,7 @@ fn pipeline_cost(c: &Case) -> Decimal {
         currency: "USD".into(),
     }
     .cost(&usage(c))
+    .unwrap()
 }
 
 /// The dynamic library cargo built for this crate (next to the test's deps directory).

@@ -366,7 +366,7 @@ impl Admin {
             ("cached_input_per_mtok", price.cached_input_per_mtok),
             ("output_per_mtok", price.output_per_mtok),
         ] {
-            check_money(name, v)?;
+            check_price(name, v)?;
         }
         check_currency(&price.currency)?;
         if let Some(t) = &price.tenant_id {
@@ -382,9 +382,12 @@ impl Admin {
     }
 
     pub async fn add_discount(&self, mut d: Discount) -> Result<Discount, GatewayError> {
-        if d.percent <= Decimal::ZERO || d.percent > Decimal::ONE_HUNDRED {
+        if d.percent <= Decimal::ZERO
+            || d.percent > Decimal::ONE_HUNDRED
+            || d.percent.normalize().scale() > 6
+        {
             return Err(GatewayError::bad_param(
-                "percent must be in (0, 100]",
+                "percent must be in (0, 100] with at most 6 decimal places",
                 "percent",
             ));
         }
@@ -544,13 +547,13 @@ impl Admin {
 }
 
 fn check_money(name: &str, v: Decimal) -> Result<(), GatewayError> {
-    if v.is_sign_negative() {
-        return Err(GatewayError::bad_param(
-            format!("{name} must not be negative"),
-            name,
-        ));
-    }
-    Ok(())
+    tollgate_schemas::pricing::check_amount(v)
+        .map_err(|e| GatewayError::bad_param(format!("{name} {e}"), name))
+}
+
+fn check_price(name: &str, v: Decimal) -> Result<(), GatewayError> {
+    tollgate_schemas::pricing::check_price(v)
+        .map_err(|e| GatewayError::bad_param(format!("{name} {e}"), name))
 }
 
 fn check_currency(c: &str) -> Result<(), GatewayError> {

@@ -130,14 +130,24 @@ pub fn current_period() -> String {
     tollgate_pipeline::fact::billing_period(now_ms())
 }
 
+/// What `usage` costs at `price`, in whole micro-units rounded up; a cost beyond the exact
+/// range (absurd counts) is as much as can be counted, so that any spend limit refuses it.
+pub fn cost_micros(price: &PriceRow, usage: &TokenUsage) -> u64 {
+    price.cost(usage).map_or(u64::MAX, micros)
+}
+
 /// `amount` in whole micro-units, rounded up (never under-counts spend).
 pub fn micros(amount: Decimal) -> u64 {
-    whole_micros((amount * Decimal::from(1_000_000u32)).ceil())
+    amount
+        .checked_mul(Decimal::from(1_000_000u32))
+        .map_or(u64::MAX, |m| whole_micros(m.ceil()))
 }
 
 /// A limit in whole micro-units, rounded down (never allows more than the limit).
 pub fn micros_floor(amount: Decimal) -> u64 {
-    whole_micros((amount * Decimal::from(1_000_000u32)).floor())
+    amount
+        .checked_mul(Decimal::from(1_000_000u32))
+        .map_or(u64::MAX, |m| whole_micros(m.floor()))
 }
 
 /// A whole number of micro-units; negative amounts are none, huge ones saturate.
@@ -196,7 +206,7 @@ mod tests {
             output_capped: true,
             models,
         };
-        let cost = book.price("t2", &e.models).map(|p| p.cost(&e.usage()));
+        let cost = book.price("t2", &e.models).and_then(|p| p.cost(&e.usage()));
         // 1000 × 3 + 500 × 10 per million.
         assert_eq!(cost, Some(Decimal::new(8, 3)));
     }

@@ -442,7 +442,7 @@ impl Limiter {
         estimate: &Estimate,
         price: Option<&tollgate_schemas::pricing::PriceRow>,
     ) -> (Holder, Verdict, Asked) {
-        let micros = price.map_or(0, |p| estimate::micros(p.cost(&estimate.usage())));
+        let micros = price.map_or(0, |p| estimate::cost_micros(p, &estimate.usage()));
         let ask = Ask {
             request_id,
             checks,
@@ -602,10 +602,13 @@ impl Reservation {
     /// Reserves `tokens` more output tokens; `Err` names the hard limit that refuses.
     pub async fn extend(&mut self, tokens: u64) -> Result<(), Check> {
         let micros = self.price.as_ref().map_or(0, |p| {
-            estimate::micros(p.cost(&TokenUsage {
-                output_tokens: tokens,
-                ..TokenUsage::default()
-            }))
+            estimate::cost_micros(
+                p,
+                &TokenUsage {
+                    output_tokens: tokens,
+                    ..TokenUsage::default()
+                },
+            )
         });
         let ask = Ask {
             request_id: &self.request_id,
@@ -636,7 +639,7 @@ impl Reservation {
         let micros = self
             .price
             .as_ref()
-            .map_or(0, |p| estimate::micros(p.cost(usage)));
+            .map_or(0, |p| estimate::cost_micros(p, usage));
         let tokens_delta = i64::try_from(actual_tokens).unwrap_or(i64::MAX)
             - i64::try_from(self.tokens).unwrap_or(i64::MAX);
         self.finish(tokens_delta, micros);

@@ -192,10 +192,19 @@ pub struct DeploymentLimits {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentPrice {
-    #[serde(deserialize_with = "decimal")]
+    #[serde(deserialize_with = "price")]
     pub input_per_mtok: Decimal,
-    #[serde(deserialize_with = "decimal")]
+    #[serde(deserialize_with = "price")]
     pub output_per_mtok: Decimal,
+}
+
+/// A price per million tokens (see [`decimal`]) within the bounds every price has
+/// (`tollgate_schemas::pricing::check_price`).
+fn price<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    let v = decimal(d)?;
+    tollgate_schemas::pricing::check_price(v)
+        .map_err(|e| serde::de::Error::custom(format!("a price per million tokens {e}")))?;
+    Ok(v)
 }
 
 /// A decimal from a TOML string (`"2.50"`, exact) or number.
@@ -224,7 +233,7 @@ pub fn decimal_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
 
     use super::*;
 
@@ -238,5 +247,12 @@ mod tests {
             toml::from_str(r#"price = { input_per_mtok = "2.50", output_per_mtok = 10 }"#).unwrap();
         assert_eq!(t.price.input_per_mtok, Decimal::new(250, 2));
         assert_eq!(t.price.output_per_mtok, Decimal::from(10));
+        let huge =
+            r#"price = { input_per_mtok = "79228162514264337593543950335", output_per_mtok = 1 }"#;
+        let Err(e) = toml::from_str::<T>(huge) else {
+            panic!("a price out of range is refused");
+        };
+        let e = e.to_string();
+        assert!(e.contains("must be at most 1000000"), "{e}");
     }
 }

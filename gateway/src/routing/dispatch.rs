@@ -308,14 +308,11 @@ impl Lease {
     }
 }
 
-/// `usage` at `d`'s configured price (cached input at the input price).
+/// `usage` at `d`'s configured price by the pricing rule (cached input at the input price);
+/// `None` when unpriced or beyond the rule's exact range.
 pub fn price_of(d: &Deployment, usage: &TokenUsage) -> Option<Decimal> {
-    d.price.as_ref().map(|p| {
-        (Decimal::from(usage.input_tokens) * p.input_per_mtok
-            + Decimal::from(usage.cache_write_input_tokens) * p.input_per_mtok
-            + Decimal::from(usage.output_tokens) * p.output_per_mtok)
-            / Decimal::from(1_000_000u32)
-    })
+    let p = d.price.as_ref()?;
+    tollgate_schemas::pricing::cost(usage, p.input_per_mtok, p.input_per_mtok, p.output_per_mtok)
 }
 
 /// A dispatched request: the upstream response (first byte arrived) and how it got there.

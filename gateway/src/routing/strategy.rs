@@ -17,6 +17,7 @@ use super::config::Strategy;
 use super::health::Headroom;
 use super::limiter::DeploymentLimiter;
 use super::Deployment;
+use tollgate_schemas::TokenUsage;
 
 /// One in twenty `lowest_latency` picks explores a random deployment, so that an estimate
 /// made during a bad minute is measured again.
@@ -229,12 +230,15 @@ fn rate_tier(
     }
 }
 
-/// The cost of the request at `d`'s price, with the expected output; `None` when unpriced.
+/// The cost of the request at `d`'s price, with the expected output; `None` when unpriced
+/// (or beyond the exact range: absurd token counts).
 pub fn expected_cost(d: &Deployment, input: &RankInput) -> Option<Decimal> {
-    d.price.as_ref().map(|p| {
-        Decimal::from(input.prompt_tokens) * p.input_per_mtok
-            + Decimal::from(input.expected_output_tokens) * p.output_per_mtok
-    })
+    let usage = TokenUsage {
+        input_tokens: input.prompt_tokens,
+        output_tokens: input.expected_output_tokens,
+        ..TokenUsage::default()
+    };
+    super::dispatch::price_of(d, &usage)
 }
 
 /// Monthly commit not yet spent; `None` without a commit.

@@ -91,7 +91,8 @@ pub struct KeyLimits {
 }
 
 impl KeyLimits {
-    /// Refuses non-positive request/token/concurrency limits and negative spend.
+    /// Refuses non-positive request/token/concurrency limits and a spend limit out of range
+    /// (`tollgate_schemas::pricing::check_amount`).
     pub fn validate(&self) -> Result<(), StoreError> {
         for (name, v) in [
             ("rpm_limit", self.rpm_limit),
@@ -104,10 +105,9 @@ impl KeyLimits {
                 )));
             }
         }
-        if matches!(self.spend_limit, Some(s) if s.is_sign_negative()) {
-            return Err(StoreError::Invalid(
-                "spend_limit must not be negative".to_string(),
-            ));
+        if let Some(s) = self.spend_limit {
+            tollgate_schemas::pricing::check_amount(s)
+                .map_err(|e| StoreError::Invalid(format!("spend_limit {e}")))?;
         }
         Ok(())
     }

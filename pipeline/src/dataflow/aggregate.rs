@@ -281,7 +281,7 @@ mod tests {
                 usage.cache_write_input_tokens,
                 usage.output_tokens,
             ];
-            let cost = price.map_or(Decimal::ZERO, |p| p.cost(&usage));
+            let cost = price.map_or(Decimal::ZERO, |p| p.cost(&usage).unwrap());
             sums.totals(SumKey {
                 tenant_id: tenant.clone(),
                 model: model.clone(),

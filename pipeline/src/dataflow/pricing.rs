@@ -109,6 +109,31 @@ impl PriceBook {
     }
 }
 
+/// The row in force for `c` with its id, and what `c` costs at it; unpriced (no row, cost 0)
+/// when there is none. A cost out of the exact range cannot happen (the source refuses
+/// counts, the price-book reader prices, beyond the bounds of `tollgate_schemas::pricing`);
+/// should it all the same, the completion is counted as unpriced and said so in the log,
+/// never rounded and never a panic.
+fn priced<'b>(
+    schedules: Option<&'b Schedules>,
+    c: &Completion,
+) -> (Option<(u32, &'b PriceRow)>, Decimal) {
+    let Some((id, row)) = lookup(schedules, c) else {
+        return (None, Decimal::ZERO);
+    };
+    match row.cost(&c.usage()) {
+        Some(cost) => (Some((id, row)), cost),
+        None => {
+            tracing::error!(
+                tenant_id = %c.tenant_id,
+                model = %c.model,
+                "a completion's cost is out of the exact range: counted as unpriced"
+            );
+            (None, Decimal::ZERO)
+        }
+    }
+}
+
 /// The row in force for `c` and its id, if any.
 fn lookup<'b>(schedules: Option<&'b Schedules>, c: &Completion) -> Option<(u32, &'b PriceRow)> {
     let (schedule, ids) = schedules?.get(&c.model)?;
@@ -158,8 +183,7 @@ pub fn price_and_sum<'s>(
                         .or_insert_with(|| (cap, EpochSums::default()));
                     let mut facts = Vec::new();
                     for c in batch {
-                        let price = lookup(schedules, &c);
-                        let cost = price.map_or(Decimal::ZERO, |(_, p)| p.cost(&c.usage()));
+                        let (price, cost) = priced(schedules, &c);
                         let tokens = [
                             c.input_tokens,
                             c.cached_input_tokens,

@@ -80,11 +80,26 @@ impl Committer {
         }
     }
 
+    /// The price book, without rows whose prices are out of range (written before the admin
+    /// API checked them, or by hand): those are logged and left unpriced, never billed with.
     pub fn prices(&self) -> Result<Vec<PriceRow>, SinkError> {
-        match &self.ledger {
-            Some(l) => self.runtime.block_on(l.prices()),
-            None => Ok(Vec::new()),
-        }
+        let mut rows = match &self.ledger {
+            Some(l) => self.runtime.block_on(l.prices())?,
+            None => Vec::new(),
+        };
+        rows.retain(|row| match row.check() {
+            Ok(()) => true,
+            Err((field, e)) => {
+                tracing::error!(
+                    model = %row.model,
+                    tenant_id = row.tenant_id.as_deref().unwrap_or(""),
+                    effective_from_ms = row.effective_from_ms,
+                    "price row ignored: {field} {e}"
+                );
+                false
+            }
+        });
+        Ok(rows)
     }
 
     /// Brings balances and analytics up to the ledger (after a crash, or a sink outage).
