@@ -55,11 +55,24 @@ impl Secret {
         }
     }
 
+    /// The secret when it is long enough to be told apart from ordinary text.
+    fn redactable(&self) -> Option<&str> {
+        self.0.as_deref().filter(|s| s.len() >= 4)
+    }
+
     /// `text` with every occurrence of the secret replaced.
     pub fn redact(&self, text: &str) -> String {
-        match &self.0 {
-            Some(s) if s.len() >= 4 => text.replace(s.as_str(), "[REDACTED]"),
-            _ => text.to_string(),
+        match self.redactable() {
+            Some(s) => text.replace(s, super::redact::REDACTED),
+            None => text.to_string(),
+        }
+    }
+
+    /// `body` with every occurrence of the secret replaced ([`super::redact::Redacted`]).
+    pub fn redact_stream(&self, body: BodyStream) -> BodyStream {
+        match self.redactable() {
+            Some(s) => Box::pin(super::redact::Redacted::new(body, s)),
+            None => body,
         }
     }
 }
@@ -241,13 +254,17 @@ impl HttpUpstream {
                 },
             )
             .await;
-            let detail = upstream_detail(status, &text);
+            // Redacted before anything is cut out of it (a cut could split the credential),
+            // and each field after (nothing else reaches the client).
+            let text = self.secret.redact(&String::from_utf8_lossy(&text));
+            let detail = upstream_detail(status, text.as_bytes());
+            let redact = |f: Option<String>| f.map(|v| self.secret.redact(&v));
             return Err(GatewayError::Upstream {
                 status,
                 message: self.secret.redact(&detail.message),
                 retry_after_s: retry_after_secs(&headers),
-                param: detail.param,
-                code: detail.code,
+                param: redact(detail.param),
+                code: redact(detail.code),
             });
         }
         // The first body byte is still "before the response": an upstream that sends headers
@@ -271,6 +288,7 @@ impl HttpUpstream {
                 idle,
             )),
         };
+        let body = self.secret.redact_stream(body);
         Ok(UpstreamResponse { headers, body })
     }
 

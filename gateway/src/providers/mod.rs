@@ -17,6 +17,7 @@ pub mod http;
 pub mod http1;
 pub mod mock;
 pub mod openai;
+pub mod redact;
 
 use std::pin::Pin;
 
