@@ -908,9 +908,58 @@ async fn the_admin_api_refuses_bad_input_in_openai_shape_and_checks_the_token_fi
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert!(shape(&v), "{v}");
+    for bad in [
+        "/audit?limit=lots",
+        "/audit?limit=99999999999999999999999",
+        "/invoices",
+        "/invoices?period=2026-01&period=2026-02",
+    ] {
+        let r = client
+            .get(url(bad))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let v: Value = r.json().await.unwrap();
+        assert!(shape(&v), "{bad}: {v}");
+    }
+    // Too large, wrong content type: still the JSON error shape.
     let r = client
-        .get(url("/audit?limit=lots"))
+        .post(url("/tenants"))
         .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let r = client
+        .post(url("/tenants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/plain")
+        .body(r#"{"name": "x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error() || r.status().is_success());
+    if r.status().is_client_error() {
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    // The tenant API: the key first, then the query, both in OpenAI's shape.
+    let usage = |q: &str| format!("{}/v1/usage{q}", h.base_url);
+    let r = client
+        .get(usage("?period=2026-01&period=2026-02"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(usage("?period=2026-01&period=2026-02"))
+        .bearer_auth(&h.key)
         .send()
         .await
         .unwrap();

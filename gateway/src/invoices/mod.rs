@@ -758,6 +758,21 @@ mod tests {
         assert_eq!(j.lines.len(), 1);
     }
 
+    /// One draft invoice of one usage line.
+    pub(super) fn sample_invoice() -> Invoice {
+        let tenants = vec![tenant("t1", None)];
+        let lines = vec![line("t1", "2026-03", "m", 1000, "1")];
+        build(&InvoiceInputs {
+            period: Period::parse("2026-03").unwrap(),
+            tenants: &tenants,
+            plans: &[],
+            discounts: &[],
+            lines: &lines,
+            closed_at: None,
+        })
+        .remove(0)
+    }
+
     #[test]
     fn drafts_carry_no_issue_date_and_plan_fee_alone_makes_an_invoice() {
         let tenants = vec![tenant("t1", Some("pro"))];

@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use rust_decimal::Decimal;
+
 use super::{Invoice, InvoiceError, InvoiceLine};
 
 /// An export format.
@@ -59,7 +61,17 @@ pub fn json(invoice: &Invoice) -> Result<String, InvoiceError> {
         .map_err(|e| InvoiceError::Output(format!("cannot encode invoice: {e}")))
 }
 
+/// One CSV cell. Text that a spreadsheet would run as a formula (it begins with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return: a tenant named `=HYPERLINK(...)`) is neutralised with
+/// a leading `'`; numbers, negative amounts included, stay numbers.
 fn csv_field(s: &str) -> String {
+    let neutral;
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && Decimal::from_str(s).is_err() {
+        neutral = format!("'{s}");
+        neutral.as_str()
+    } else {
+        s
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -266,8 +278,18 @@ pub fn write_files(
     };
     for (invoice, text) in &rendered {
         let name = format!("{}.{}", invoice.number, format.extension());
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        if let Err(e) = std::fs::write(&tmp, text) {
+        // An unpredictable name, created only if nothing (not even a planted symlink) is
+        // there yet.
+        let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
             cleanup(&staged);
             let _ = std::fs::remove_file(&tmp);
             return Err(out_err("write", &tmp, e));
@@ -283,4 +305,44 @@ pub fn write_files(
         written.push(path.clone());
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::csv_field;
+
+    #[test]
+    fn csv_cells_that_would_be_formulas_are_neutralised_and_numbers_are_not() {
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("+1+1"), "'+1+1");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("-cmd"), "'-cmd");
+        assert_eq!(csv_field("-1.25"), "-1.25");
+        assert_eq!(csv_field("Acme, Inc."), "\"Acme, Inc.\"");
+        assert_eq!(csv_field("plain"), "plain");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let invoice = super::super::tests::sample_invoice();
+        // The name the old scheme used, planted.
+        let name = format!(".{}.csv.tmp-{}", invoice.number, std::process::id());
+        std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        let written = super::write_files(
+            dir.path(),
+            std::slice::from_ref(&invoice),
+            super::Format::Csv,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(std::fs::read_to_string(&written[0])
+            .unwrap()
+            .contains(&invoice.number));
+    }
 }

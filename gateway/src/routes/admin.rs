@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -118,9 +118,8 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, ApiError> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|Query(q)| AdminQuery(q))
-            .map_err(|e| GatewayError::bad_request(format!("Invalid query string: {e}")))
+        super::query::parse(&parts.uri)
+            .map(AdminQuery)
             .in_format(WireFormat::OpenAi)
     }
 }
@@ -671,12 +670,8 @@ struct InvoiceQuery {
 /// The invoices of a period: a JSON array of the objects `tollgate invoices export` writes.
 async fn list_invoices(
     AdminCaller(a): AdminCaller,
-    q: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+    AdminQuery(q): AdminQuery<InvoiceQuery>,
 ) -> AdminResult {
-    let Query(q) = q.map_err(|e| ApiError {
-        error: GatewayError::bad_param(e.body_text(), "period"),
-        format: WireFormat::OpenAi,
-    })?;
     ok(
         StatusCode::OK,
         a.invoices(&q.period, q.tenant.as_deref())

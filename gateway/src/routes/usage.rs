@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rust_decimal::Decimal;
@@ -75,13 +75,14 @@ impl Totals {
 pub async fn usage(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<UsageQuery>,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
     let caller = state
         .auth
         .authenticate(&headers)
         .await
         .in_format(WireFormat::OpenAi)?;
+    let q: UsageQuery = super::query::parse(&uri).in_format(WireFormat::OpenAi)?;
     let now = OffsetDateTime::now_utc();
     let period = q
         .period
