@@ -967,3 +967,84 @@ async fn the_admin_api_refuses_bad_input_in_openai_shape_and_checks_the_token_fi
     let v: Value = r.json().await.unwrap();
     assert!(shape(&v), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_model_lists_are_checked_and_a_restricted_key_sees_only_its_models() {
+    let h = Harness::start().await;
+    let b = h.base_url.as_str();
+    use reqwest::Method as M;
+    let (s, _) = admin_call(b, M::POST, "/tenants", Some(json!({"name": "globex"}))).await;
+    assert_eq!(s, 201);
+    for (body, param) in [
+        (
+            json!({"tenant": "globex", "allowed_models": [""]}),
+            "allowed_models",
+        ),
+        (
+            json!({"tenant": "globex", "allowed_models": []}),
+            "allowed_models",
+        ),
+        (json!({"tenant": "globex", "name": "k".repeat(201)}), "name"),
+        (
+            json!({"tenant": "globex", "name": "a\nforged log line"}),
+            "name",
+        ),
+    ] {
+        let (s, v) = admin_call(b, M::POST, "/keys", Some(body.clone())).await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {v}"
+        );
+    }
+    let (s, v) = admin_call(
+        b,
+        M::POST,
+        "/tenants",
+        Some(json!({"name": "x".repeat(500)})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("name")),
+        "{v}"
+    );
+
+    // A key for one exact model served by a wildcard alias sees that model only.
+    let (s, key) = admin_call(
+        b,
+        M::POST,
+        "/keys",
+        Some(json!({"tenant": "globex", "allowed_models": ["oa/normal"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{key}");
+    let secret = key["secret"].as_str().unwrap();
+    let models: Value = reqwest::Client::new()
+        .get(format!("{b}/v1/models"))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["oa/normal"]);
+    // An unrestricted key sees more than that.
+    let all: Value = reqwest::Client::new()
+        .get(format!("{b}/v1/models"))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(all["data"].as_array().unwrap().len(), 1, "{all}");
+}

@@ -116,6 +116,7 @@ impl Admin {
         name: &str,
         plan: Option<&str>,
     ) -> Result<Tenant, GatewayError> {
+        check_name("name", name, true)?;
         let plan_id = match plan {
             Some(p) => Some(self.plan_id(p).await?),
             None => None,
@@ -224,6 +225,8 @@ impl Admin {
         metadata: serde_json::Value,
     ) -> Result<IssuedKey, GatewayError> {
         let t = self.tenant(tenant).await?;
+        check_name("name", name, false)?;
+        check_allowed_models(allowed_models.as_deref())?;
         if matches!(expires_at, Some(e) if e <= OffsetDateTime::now_utc()) {
             return Err(GatewayError::bad_param(
                 "expires_at is in the past",
@@ -320,6 +323,7 @@ impl Admin {
         allowed_models: Option<Vec<String>>,
         limits: KeyLimits,
     ) -> Result<KeySummary, GatewayError> {
+        check_allowed_models(allowed_models.as_deref())?;
         let id = self.resolve_key(key).await?;
         self.store
             .update_key(&id, allowed_models.clone(), &limits)
@@ -337,6 +341,7 @@ impl Admin {
     }
 
     pub async fn create_plan(&self, plan: Plan) -> Result<Plan, GatewayError> {
+        check_name("name", &plan.name, true)?;
         check_money("monthly_fee", plan.monthly_fee)?;
         if let Some(s) = plan.monthly_spend_limit {
             check_money("monthly_spend_limit", s)?;
@@ -554,6 +559,48 @@ fn check_money(name: &str, v: Decimal) -> Result<(), GatewayError> {
 fn check_price(name: &str, v: Decimal) -> Result<(), GatewayError> {
     tollgate_schemas::pricing::check_price(v)
         .map_err(|e| GatewayError::bad_param(format!("{name} {e}"), name))
+}
+
+/// Longest tenant, key or plan name.
+const MAX_NAME_CHARS: usize = 200;
+
+/// A display name: at most [`MAX_NAME_CHARS`], no control characters (they would forge lines
+/// in logs and exports), and not blank when `required`.
+fn check_name(field: &str, name: &str, required: bool) -> Result<(), GatewayError> {
+    let problem = if required && name.trim().is_empty() {
+        "must not be empty"
+    } else if name.chars().count() > MAX_NAME_CHARS {
+        "is longer than 200 characters"
+    } else if name.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(GatewayError::bad_param(format!("{field} {problem}"), field))
+}
+
+/// A key's model list: absent (every model) or non-empty names; an empty list or an empty
+/// name would make a key that can call nothing.
+fn check_allowed_models(models: Option<&[String]>) -> Result<(), GatewayError> {
+    let Some(models) = models else {
+        return Ok(());
+    };
+    let param = "allowed_models";
+    if models.is_empty() {
+        return Err(GatewayError::bad_param(
+            "allowed_models must name at least one model (leave it out to allow every model)",
+            param,
+        ));
+    }
+    for m in models {
+        if m.trim().is_empty() || m.chars().count() > MAX_NAME_CHARS {
+            return Err(GatewayError::bad_param(
+                "allowed_models entries must be model names of 1 to 200 characters",
+                param,
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_currency(c: &str) -> Result<(), GatewayError> {

@@ -1,5 +1,7 @@
 //! `GET /v1/models`: the aliases the caller may use, in OpenAI's list shape, or Anthropic's
-//! when the client sends `anthropic-version` (as Anthropic's SDKs do).
+//! when the client sends `anthropic-version` (as Anthropic's SDKs do). A key restricted to
+//! some models sees only those: the exact aliases it may use, and the exact names on its
+//! list that a wildcard alias serves.
 
 use std::sync::Arc;
 
@@ -22,8 +24,8 @@ pub async fn list(
     } else {
         WireFormat::OpenAi
     };
-    state.auth.authenticate(&headers).await.in_format(format)?;
-    let names = state.router.model_names();
+    let caller = state.auth.authenticate(&headers).await.in_format(format)?;
+    let names = visible_models(&state, &caller);
     let body = match format {
         WireFormat::OpenAi => json!({
             "object": "list",
@@ -37,4 +39,20 @@ pub async fn list(
         }),
     };
     Ok(Json(body).into_response())
+}
+
+/// The model names `caller` may use, sorted.
+fn visible_models(state: &AppState, caller: &crate::auth::Caller) -> Vec<String> {
+    let mut names = state.router.model_names();
+    let Some(allowed) = &caller.allowed_models else {
+        return names;
+    };
+    names.retain(|n| caller.ensure_model_allowed(n).is_ok());
+    for name in allowed {
+        if !name.ends_with('*') && state.router.serves(name) && !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names.sort();
+    names
 }

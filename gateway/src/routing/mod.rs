@@ -382,6 +382,11 @@ impl ModelRouter {
     }
 
     /// Alias names a client may use (wildcards are not listed: their names are open-ended).
+    /// Whether an alias (exact or wildcard) serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.resolve(model).is_some()
+    }
+
     pub fn model_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.exact.keys().cloned().collect();
         names.sort();
