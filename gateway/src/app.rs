@@ -273,6 +273,21 @@ fn limit_ms(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
+/// The caps on client connections that `config` sets: `server.max_connections`, else derived
+/// from the process's open-files limit as it is now (raise it first:
+/// [`crate::server::connections::raise_fd_limit`]).
+pub fn connection_limits(config: &Config) -> crate::server::connections::ConnectionLimits {
+    use crate::server::connections;
+    let max = match config.server.max_connections {
+        0 => connections::derived_max_connections(connections::fd_limit()),
+        n => n,
+    };
+    connections::ConnectionLimits {
+        max,
+        per_address: config.server.max_connections_per_ip,
+    }
+}
+
 /// Serves the application on `listener` until `shutdown` resolves and every in-flight request
 /// has been answered ([`crate::server`]: one serving thread per core, `server.threads` and
 /// `server.busy_poll_us`). Drop the result after [`AppState::shutdown`].
@@ -285,12 +300,17 @@ pub async fn serve(
         .metrics
         .server()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let server = &state.config.server;
     let options = crate::server::ServeOptions {
-        threads: state.config.server.threads,
-        busy_poll: Duration::from_micros(state.config.server.busy_poll_us),
+        threads: server.threads,
+        busy_poll: Duration::from_micros(server.busy_poll_us),
         metrics: Some(metrics),
-        header_read_timeout: limit_ms(state.config.server.header_read_timeout_ms),
-        shutdown_grace: limit_ms(state.config.server.shutdown_grace_ms),
+        header_read_timeout: limit_ms(server.header_read_timeout_ms),
+        shutdown_grace: limit_ms(server.shutdown_grace_ms),
+        first_byte_timeout: limit_ms(server.first_byte_timeout_ms),
+        idle_timeout: limit_ms(server.idle_timeout_ms),
+        body_read_timeout: limit_ms(server.body_read_timeout_ms),
+        connection_limits: connection_limits(&state.config),
     };
     crate::server::serve(listener, app(state), options, shutdown).await
 }

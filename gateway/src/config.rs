@@ -109,6 +109,8 @@ impl Default for MetricsConfig {
 const MAX_SERVING_THREADS: usize = 1024;
 /// Longest busy-poll window `server.busy_poll_us` may set (10 ms): longer only burns CPU.
 const MAX_BUSY_POLL_US: u64 = 10_000;
+/// Longest server timeout (one day): longer is "no limit" in practice, and is written 0.
+const MAX_SERVER_TIMEOUT_MS: u64 = 86_400_000;
 
 /// HTTP server settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -145,8 +147,28 @@ pub struct ServerConfig {
     /// before it sleeps; 0 turns busy polling off. See `server::busy_poll`.
     pub busy_poll_us: u64,
     /// How long a client may take to send a request's headers, and how long a keep-alive
-    /// connection may wait for its next request, before it is closed; 0: no limit.
+    /// connection may wait for its next request, before it is closed; 0: no limit. A new
+    /// connection's first request (HTTP/1.1 or HTTP/2) must be complete within this time of
+    /// its first byte.
     pub header_read_timeout_ms: u64,
+    /// How long a new connection may take to send its first byte before it is closed; 0: no
+    /// limit.
+    pub first_byte_timeout_ms: u64,
+    /// How long a connection may have no request in progress before it is closed (HTTP/2:
+    /// with a GOAWAY); 0: no limit. HTTP/1.1 keep-alive connections are also closed by
+    /// `header_read_timeout_ms`, whichever comes first.
+    pub idle_timeout_ms: u64,
+    /// How long a request's body may take to arrive, from the end of its head; a slower one
+    /// gets a 408 and its connection is closed. 0: no limit.
+    pub body_read_timeout_ms: u64,
+    /// Most client connections open at once; more are refused at accept with a 503. 0: derived
+    /// from the open-files limit (raised to its hard limit at start-up): half of what is left
+    /// after 256 descriptors kept for the gateway's own files and connections.
+    pub max_connections: usize,
+    /// Most client connections open at once from one client address (IPv6: one /64); more
+    /// are refused at accept with a 503. 0: no such cap (behind a proxy or load balancer that
+    /// connects from few addresses).
+    pub max_connections_per_ip: usize,
     /// How long shutdown waits for in-flight requests (streams) before it cuts them; 0: until
     /// they end. Keep it below the orchestrator's kill timeout (Kubernetes: 30 s).
     pub shutdown_grace_ms: u64,
@@ -169,6 +191,11 @@ impl Default for ServerConfig {
             threads: 0,
             busy_poll_us: 0,
             header_read_timeout_ms: 30_000,
+            first_byte_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_read_timeout_ms: 60_000,
+            max_connections: 0,
+            max_connections_per_ip: 1024,
             shutdown_grace_ms: 20_000,
             access_log: crate::access_log::AccessLog::Info,
         }
@@ -434,6 +461,20 @@ impl Config {
                 "server.busy_poll_us is {}; at most {MAX_BUSY_POLL_US} (0: off)",
                 self.server.busy_poll_us
             )));
+        }
+        let server = &self.server;
+        for (name, ms) in [
+            ("header_read_timeout_ms", server.header_read_timeout_ms),
+            ("first_byte_timeout_ms", server.first_byte_timeout_ms),
+            ("idle_timeout_ms", server.idle_timeout_ms),
+            ("body_read_timeout_ms", server.body_read_timeout_ms),
+            ("shutdown_grace_ms", server.shutdown_grace_ms),
+        ] {
+            if ms > MAX_SERVER_TIMEOUT_MS {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{name} is {ms}; at most {MAX_SERVER_TIMEOUT_MS} (one day; 0: no limit)"
+                )));
+            }
         }
         if let Some(addr) = &self.server.metrics_listen {
             if addr.trim().is_empty() || *addr == self.server.listen {

@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// The request body is over the configured limit.
     #[error("Request body is larger than the limit of {limit_bytes} bytes.")]
     PayloadTooLarge { limit_bytes: usize },
+    /// The request body did not arrive in time (`server.body_read_timeout_ms`).
+    #[error("The request body did not arrive within {limit_ms} ms.")]
+    RequestTimeout { limit_ms: u64 },
     /// The upstream provider answered with an error status before streaming began.
     #[error("{message}")]
     Upstream {
@@ -100,6 +103,7 @@ impl GatewayError {
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Upstream { status, .. } => match *status {
                 // The client's request was at fault: say so with the same status.
@@ -210,6 +214,7 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Upstream { status: 429, .. } => "upstream_rate_limited",
             GatewayError::Upstream { status, .. } if *status >= 500 => "upstream_5xx",
@@ -231,6 +236,9 @@ impl GatewayError {
             GatewayError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             GatewayError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
+            }
+            GatewayError::RequestTimeout { .. } => {
+                ("invalid_request_error", Some("request_timeout"))
             }
             GatewayError::RateLimited { quota: true, .. } => {
                 ("insufficient_quota", Some("insufficient_quota"))
@@ -262,7 +270,7 @@ impl GatewayError {
             413 => "request_too_large",
             429 => "rate_limit_error",
             503 => "overloaded_error",
-            504 => "timeout_error",
+            408 | 504 => "timeout_error",
             _ => "api_error",
         }
     }
@@ -328,7 +336,7 @@ impl GatewayError {
                 }
             }
         }
-        if let GatewayError::PayloadTooLarge { .. } = &self {
+        if let GatewayError::PayloadTooLarge { .. } | GatewayError::RequestTimeout { .. } = &self {
             // The rest of the body is not read: the connection cannot be reused.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -389,6 +397,22 @@ mod tests {
         let a = e.body(WireFormat::Anthropic);
         assert_eq!(a["type"], "error");
         assert_eq!(a["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn a_slow_body_is_a_408_that_closes_the_connection_in_both_shapes() {
+        let e = GatewayError::RequestTimeout { limit_ms: 1000 };
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            e.body(WireFormat::OpenAi)["error"]["code"],
+            "request_timeout"
+        );
+        assert_eq!(
+            e.body(WireFormat::Anthropic)["error"]["type"],
+            "timeout_error"
+        );
+        let response = e.into_response_for(WireFormat::Anthropic);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
     #[test]

@@ -89,6 +89,9 @@ async fn serve(
     config: Config,
     listen: Option<String>,
 ) -> Result<(), CliError> {
+    // Before anything opens files or sockets: as many descriptors as the hard limit allows,
+    // and the connection cap derived from them (unless the config sets one).
+    let fd_limit = tollgate_gateway::server::connections::raise_fd_limit();
     let master_key = MasterKey::from_env(MASTER_KEY_ENV)?.map(Arc::new);
     tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up);
     let store =
@@ -149,15 +152,24 @@ async fn serve(
         None => None,
     };
     let edge = tollgate_gateway::edge::EdgeServer::start(&state).await?;
+    let caps = app::connection_limits(&state.config);
+    let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
     tracing::info!(
-        "tollgate listening on http://{} (models: {}; admin API {})",
+        "tollgate listening on http://{} (models: {}; admin API {}; open files limit {} (was {}); connections at most {}, {} per client address)",
         listener.local_addr()?,
         state.router.model_names().join(", "),
         if state.admin_token.is_some() {
             "on /admin/v1"
         } else {
             "off: set TOLLGATE_ADMIN_TOKEN"
-        }
+        },
+        show(fd_limit.now),
+        show(fd_limit.before),
+        show(u64::try_from(caps.max).ok().filter(|&n| n != u64::MAX)),
+        match caps.per_address {
+            0 => "no cap".to_string(),
+            n => n.to_string(),
+        },
     );
     let stopped = app::serve(listener, state.clone(), shutdown_signal()).await?;
     if let Some((stop, task)) = metrics_task {

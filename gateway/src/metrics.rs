@@ -235,15 +235,39 @@ impl Metrics {
             ),
             &["thread"],
         )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "tollgate_server_connections_refused_total",
+                "Client connections refused at accept because a cap was reached (reason: max_connections, max_connections_per_ip)",
+            ),
+            &["reason"],
+        )?;
+        let timed_out = IntCounterVec::new(
+            Opts::new(
+                "tollgate_server_connections_timed_out_total",
+                "Client connections closed for lack of progress (reason: first_byte, first_request, header_read, idle)",
+            ),
+            &["reason"],
+        )?;
+        let accept_errors = IntCounter::new(
+            "tollgate_server_accept_errors_total",
+            "Failed accept calls (out of file descriptors and the like); each is followed by a short pause",
+        )?;
         self.register(vec![
             Box::new(connections.clone()),
             Box::new(accepted.clone()),
             Box::new(busy_poll.clone()),
+            Box::new(refused.clone()),
+            Box::new(timed_out.clone()),
+            Box::new(accept_errors.clone()),
         ])?;
         Ok(ServerMetrics {
             connections,
             accepted,
             busy_poll,
+            refused,
+            timed_out,
+            accept_errors,
         })
     }
 
@@ -380,6 +404,12 @@ pub struct ServerMetrics {
     pub accepted: IntCounterVec,
     /// `tollgate_server_busy_poll_seconds_total`.
     pub busy_poll: prometheus::CounterVec,
+    /// `tollgate_server_connections_refused_total`, by cap.
+    pub refused: IntCounterVec,
+    /// `tollgate_server_connections_timed_out_total`, by reason.
+    pub timed_out: IntCounterVec,
+    /// `tollgate_server_accept_errors_total`.
+    pub accept_errors: IntCounter,
 }
 
 /// The embedded billing pipeline's health (see [`crate::billing`]). Serving never waits on

@@ -79,9 +79,27 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `tollgate serve` with extra `args` and `env`, and waits (≤ 30 s) for `/readyz`.
     pub async fn start(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> GatewayProcess {
+        GatewayProcess::start_wrapped(&[], args, env, log).await
+    }
+
+    /// Like [`GatewayProcess::start`], run through `wrapper` (a command and its arguments that
+    /// runs the rest of its command line, such as `prlimit --nofile=128 --`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> GatewayProcess {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(tollgate_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(tollgate_bin());
+                cmd
+            }
+            None => Command::new(tollgate_bin()),
+        };
         cmd.args(args)
             .args(["serve", "--listen", &listen])
             .env("RUST_LOG", "info")

@@ -192,7 +192,7 @@ impl Authenticator {
             let caller = self.authenticate_hash(edge.key_hash).await?;
             return edge.check(caller);
         }
-        let secret = key_from_headers(headers).ok_or_else(|| {
+        let secret = key_from_headers(headers)?.ok_or_else(|| {
             GatewayError::Unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or `x-api-key: KEY`."
                     .to_string(),
@@ -310,23 +310,41 @@ fn check_record(record: Option<KeyRecord>) -> Result<Caller, GatewayError> {
     })
 }
 
-/// The key a client sent, if any.
-pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?.trim();
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))?;
-        return Some(token.trim());
-    }
-    headers
+/// The key a client sent, if any: the token of `Authorization: Bearer KEY` (the scheme in
+/// any case, RFC 7235) or `x-api-key: KEY`. An `Authorization` header of another scheme
+/// (`Basic`...) is not a key and does not hide `x-api-key`. Two different keys in one request
+/// are refused: which one would be billed is not the gateway's guess to make.
+pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    let x_api_key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
+        .filter(|k| !k.is_empty());
+    match (bearer, x_api_key) {
+        (Some(a), Some(b)) if a != b => Err(GatewayError::bad_request(
+            "The request carries two different API keys (`Authorization: Bearer` and \
+             `x-api-key`); send one.",
+        )),
+        (Some(key), _) | (None, Some(key)) => Ok(Some(key)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The token of an `Authorization` value whose scheme is `Bearer` (in any case), if it is one.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn caller(models: Option<Vec<&str>>) -> Caller {
@@ -337,6 +355,53 @@ mod tests {
             allowed_models: models.map(|m| m.into_iter().map(String::from).collect()),
             ..Caller::for_tests("t", "k")
         }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, axum::http::HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "bEaReR   k1 ",
+            "Bearer\tk1",
+        ] {
+            let h = headers(&[("authorization", value)]);
+            assert_eq!(key_from_headers(&h), Ok(Some("k1")), "{value}");
+        }
+        for value in ["Bearer", "Bearer ", "Bearerk1", "Token k1"] {
+            let h = headers(&[("authorization", value)]);
+            assert_eq!(key_from_headers(&h), Ok(None), "{value}");
+        }
+    }
+
+    #[test]
+    fn another_authorization_scheme_does_not_hide_x_api_key() {
+        let h = headers(&[("authorization", "Basic dXNlcjpwdw=="), ("x-api-key", "k2")]);
+        assert_eq!(key_from_headers(&h), Ok(Some("k2")));
+        assert_eq!(
+            key_from_headers(&headers(&[("x-api-key", " k2 ")])),
+            Ok(Some("k2"))
+        );
+        assert_eq!(key_from_headers(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn two_different_keys_are_refused_and_the_same_one_twice_is_not() {
+        let h = headers(&[("authorization", "Bearer k1"), ("x-api-key", "k2")]);
+        let err = key_from_headers(&h).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(err.to_string().contains("two different API keys"), "{err}");
+        let h = headers(&[("authorization", "bearer k1"), ("x-api-key", "k1")]);
+        assert_eq!(key_from_headers(&h), Ok(Some("k1")));
     }
 
     #[test]

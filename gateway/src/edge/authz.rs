@@ -100,6 +100,8 @@ fn allowed(caller: &Caller, sent: &HeaderMap) -> CheckResponse {
     let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
     let mut ok = OkHttpResponseBuilder::new();
     let key_hash = crate::auth::key_from_headers(sent)
+        .ok()
+        .flatten()
         .map(keys::hash)
         .unwrap_or_default();
     ok.add_header(TENANT_HEADER, caller.tenant_id.clone(), overwrite, false)

@@ -13,8 +13,19 @@
 //! answer arriving soon after (an upstream's first bytes, a client's next request) does not
 //! pay a thread wake-up, which costs tens of microseconds in a virtual machine.
 //!
-//! Connections that take longer than `header_read_timeout` to send a request's headers, or
-//! that sit idle that long between requests, are closed.
+//! Every connection is bounded in time from accept on ([`serve_connection`]):
+//! - it must send its first byte within `first_byte_timeout`;
+//! - its first request's head must then be complete within `header_read_timeout`, whatever
+//!   the protocol (an HTTP/2 preface and SETTINGS alone do not keep it open), as must every
+//!   later HTTP/1.1 head (hyper's own header timer);
+//! - it is closed once it has had no request in progress for `idle_timeout` (HTTP/2: with a
+//!   GOAWAY; HTTP/1.1 keep-alive connections between requests);
+//! - each request's body must arrive within `body_read_timeout` of its head
+//!   ([`requests::DeadlineBody`]).
+//!
+//! And in number ([`connections`]): connections over the total cap or the per-address cap are
+//! refused at accept with a 503. An `accept` that fails (out of file descriptors) is retried
+//! after a short, growing pause, never in a busy loop, and logged at most every 10 s.
 //!
 //! Shutdown: the acceptor stops accepting, every serving thread asks its connections to close
 //! once their in-flight requests are answered (cutting those still busy after
@@ -24,10 +35,13 @@
 //! its runtime, and the caller's own shutdown work may still use them.
 
 pub mod busy_poll;
+pub mod connections;
+pub mod requests;
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +49,17 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::ServerMetrics;
+use connections::{ConnectionLimits, Holding, RateLimitedLog, Slot, Tracker};
+use requests::{Activity, ConnectionService};
+
+/// Longest pause between failed `accept` calls (out of file descriptors and the like).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a connection closed for idleness may take to finish closing before it is cut.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// How the server runs.
 #[derive(Clone)]
@@ -56,6 +76,32 @@ pub struct ServeOptions {
     /// How long shutdown waits for in-flight requests before it closes their connections;
     /// `None`: until they end.
     pub shutdown_grace: Option<Duration>,
+    /// How long a new connection may take to send its first byte; `None`: no limit.
+    pub first_byte_timeout: Option<Duration>,
+    /// How long a connection may have no request in progress before it is closed; `None`: no
+    /// limit (HTTP/1.1 keep-alive connections are still bounded by `header_read_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// How long a request's body may take to arrive, from its head; `None`: no limit.
+    pub body_read_timeout: Option<Duration>,
+    /// Caps on open connections.
+    pub connection_limits: ConnectionLimits,
+}
+
+impl Default for ServeOptions {
+    /// One thread per core, no busy polling, no metrics, no limits.
+    fn default() -> Self {
+        ServeOptions {
+            threads: 0,
+            busy_poll: Duration::ZERO,
+            metrics: None,
+            header_read_timeout: None,
+            shutdown_grace: None,
+            first_byte_timeout: None,
+            idle_timeout: None,
+            body_read_timeout: None,
+            connection_limits: ConnectionLimits::default(),
+        }
+    }
 }
 
 /// Where a serving thread's connections are in the shutdown.
@@ -112,7 +158,7 @@ impl<T: Default> PerThread<T> {
 
 /// One serving thread as the acceptor sees it.
 struct Worker {
-    connections: mpsc::UnboundedSender<std::net::TcpStream>,
+    connections: mpsc::UnboundedSender<Accepted>,
     /// Connections handed to it and not yet closed.
     open: Arc<AtomicUsize>,
     /// Resolves when the thread has finished (all its connections closed).
@@ -154,19 +200,61 @@ pub async fn serve(
     }
     drop((stopped, released));
 
+    let tracker = Tracker::new(options.connection_limits);
+    let mut refusals_log = RateLimitedLog::default();
+    let mut accept_errors_log = RateLimitedLog::default();
+    let mut backoff = Duration::ZERO;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = Duration::ZERO;
+                accepted
+            }
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
-                // Out of file descriptors and the like: wait rather than spin.
-                tracing::error!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Out of file descriptors and the like: the pending connection stays in the
+                // backlog and the next accept fails at once; pause (10 ms, doubling to 1 s)
+                // rather than spin, and keep serving the open connections meanwhile.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                if let Some(m) = &options.metrics {
+                    m.accept_errors.inc();
+                }
+                if let Some(times) = accept_errors_log.due() {
+                    tracing::error!(
+                        "accept failed ({times} times since the last report): {e}; {} connections open",
+                        tracker.open()
+                    );
+                }
+                let pause = tokio::time::sleep(backoff);
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = pause => continue,
+                }
+            }
+        };
+        let slot = match tracker.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                if let Some(m) = &options.metrics {
+                    m.refused.with_label_values(&[refusal.label()]).inc();
+                }
+                if let Some(times) = refusals_log.due() {
+                    tracing::warn!(
+                        "refused {times} connections since the last report ({}: latest from {}); {} open",
+                        refusal.label(),
+                        peer.ip(),
+                        tracker.open()
+                    );
+                }
+                match stream.into_std() {
+                    Ok(stream) => connections::refuse(stream),
+                    Err(e) => tracing::debug!("cannot refuse a connection cleanly: {e}"),
+                }
                 continue;
             }
         };
@@ -183,7 +271,7 @@ pub async fn serve(
         match stream.into_std() {
             Ok(stream) => {
                 worker.open.fetch_add(1, Ordering::Relaxed);
-                if worker.connections.send(stream).is_err() {
+                if worker.connections.send((stream, slot, peer)).is_err() {
                     worker.open.fetch_sub(1, Ordering::Relaxed);
                     tracing::error!("a serving thread has stopped");
                 }
@@ -216,6 +304,41 @@ struct ThreadMetrics {
     connections: prometheus::IntGauge,
     accepted: prometheus::IntCounter,
     busy_poll: prometheus::Counter,
+    timed_out: prometheus::IntCounterVec,
+}
+
+/// Why a connection was closed for lack of progress: the label of
+/// `tollgate_server_connections_timed_out_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimedOut {
+    /// Nothing within `first_byte_timeout`.
+    FirstByte,
+    /// No complete first request within `header_read_timeout` of the first byte.
+    FirstRequest,
+    /// An HTTP/1.1 head not complete within `header_read_timeout` (hyper's timer).
+    HeaderRead,
+    /// No request in progress for `idle_timeout`.
+    Idle,
+}
+
+impl TimedOut {
+    fn label(self) -> &'static str {
+        match self {
+            TimedOut::FirstByte => "first_byte",
+            TimedOut::FirstRequest => "first_request",
+            TimedOut::HeaderRead => "header_read",
+            TimedOut::Idle => "idle",
+        }
+    }
+}
+
+/// The time limits of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    first_byte: Option<Duration>,
+    header_read: Option<Duration>,
+    idle: Option<Duration>,
+    body_read: Option<Duration>,
 }
 
 fn start_worker(
@@ -230,11 +353,18 @@ fn start_worker(
         options.header_read_timeout,
         options.shutdown_grace,
     );
+    let deadlines = Deadlines {
+        first_byte: options.first_byte_timeout,
+        header_read: options.header_read_timeout,
+        idle: options.idle_timeout,
+        body_read: options.body_read_timeout,
+    };
     let label = index.to_string();
     let metrics = options.metrics.as_ref().map(|m| ThreadMetrics {
         connections: m.connections.with_label_values(&[&label]),
         accepted: m.accepted.with_label_values(&[&label]),
         busy_poll: m.busy_poll.with_label_values(&[&label]),
+        timed_out: m.timed_out.clone(),
     });
     let (connections, incoming) = mpsc::unbounded_channel();
     let open = Arc::new(AtomicUsize::new(0));
@@ -257,6 +387,7 @@ fn start_worker(
                     header_read_timeout,
                     grace,
                     metrics,
+                    deadlines,
                 };
                 run_worker(app, incoming, thread_open, settings, stopped).await;
                 let _ = done_tx.send(());
@@ -277,6 +408,7 @@ struct WorkerSettings {
     header_read_timeout: Option<Duration>,
     grace: Option<Duration>,
     metrics: Option<ThreadMetrics>,
+    deadlines: Deadlines,
 }
 
 /// A serving thread: serves the connections it is handed until told to stop, then closes
@@ -284,7 +416,7 @@ struct WorkerSettings {
 /// have closed.
 async fn run_worker(
     app: Router,
-    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut incoming: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
     settings: WorkerSettings,
     mut stopped: watch::Receiver<()>,
@@ -294,6 +426,7 @@ async fn run_worker(
         header_read_timeout,
         grace,
         metrics,
+        deadlines,
     } = settings;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -307,9 +440,9 @@ async fn run_worker(
     // Each connection holds a clone of `stage_rx`; the sender sees them all dropped.
     let (stage, stage_rx) = watch::channel(Stage::Serving);
     loop {
-        let stream = tokio::select! {
-            stream = incoming.recv() => match stream {
-                Some(stream) => stream,
+        let (stream, slot, peer) = tokio::select! {
+            accepted = incoming.recv() => match accepted {
+                Some(accepted) => accepted,
                 None => break,
             },
             _ = stopped.changed() => break,
@@ -322,16 +455,21 @@ async fn run_worker(
                 continue;
             }
         };
-        let connections = metrics.as_ref().map(|m| {
+        if let Some(m) = &metrics {
             m.accepted.inc();
-            m.connections.clone()
-        });
-        tokio::spawn(serve_connection(
+        }
+        let connection = Connection {
             stream,
-            app.clone(),
+            slot,
+            peer,
+            app: app.clone(),
+            open: open.clone(),
+            metrics: metrics.clone(),
+            deadlines,
+        };
+        tokio::spawn(serve_connection(
+            connection,
             stage_rx.clone(),
-            open.clone(),
-            connections,
             builder.clone(),
         ));
     }
@@ -356,33 +494,121 @@ async fn run_worker(
     }
 }
 
-/// Serves one connection: HTTP/1.1 (or HTTP/2 with prior knowledge) until the client closes
-/// it, or until shutdown: at [`Stage::Closing`] once its in-flight requests are answered, at
-/// [`Stage::Abort`] at once (dropping a stream records it as cut, like a client disconnect).
-async fn serve_connection(
+/// An accepted connection on its way to a serving thread: the socket, its place under the
+/// connection caps and the client's address.
+type Accepted = (std::net::TcpStream, Slot, SocketAddr);
+
+/// One connection, as its serving thread got it.
+struct Connection {
     stream: TcpStream,
+    slot: Slot,
+    peer: SocketAddr,
     app: Router,
-    mut stage: watch::Receiver<Stage>,
+    /// The serving thread's count of open connections.
     open: Arc<AtomicUsize>,
-    connections: Option<prometheus::IntGauge>,
+    metrics: Option<ThreadMetrics>,
+    deadlines: Deadlines,
+}
+
+/// Serves one connection ([`run_connection`]) and counts it while it is open.
+async fn serve_connection(
+    connection: Connection,
+    stage: watch::Receiver<Stage>,
     builder: Builder<TokioExecutor>,
 ) {
-    if let Some(c) = &connections {
-        c.inc();
+    let open = connection.open.clone();
+    let metrics = connection.metrics.clone();
+    if let Some(m) = &metrics {
+        m.connections.inc();
     }
-    let service = TowerToHyperService::new(app);
-    let io = TokioIo::new(busy_poll::Active(stream));
-    let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
+    let timed_out = run_connection(connection, stage, builder).await;
+    if let (Some(m), Some(reason)) = (&metrics, timed_out) {
+        m.timed_out.with_label_values(&[reason.label()]).inc();
+    }
+    open.fetch_sub(1, Ordering::Relaxed);
+    if let Some(m) = &metrics {
+        m.connections.dec();
+    }
+}
+
+/// Serves one connection: HTTP/1.1 (or HTTP/2 with prior knowledge) until the client closes
+/// it, until it times out (returned: why), or until shutdown: at [`Stage::Closing`] once its
+/// in-flight requests are answered, at [`Stage::Abort`] at once (dropping a stream records it
+/// as cut, like a client disconnect).
+///
+/// The idle watchdog is one timer per connection, set for the earliest moment the connection
+/// could be idle for too long and re-checked when it fires; requests in progress are counted
+/// by [`ConnectionService`] without touching it.
+async fn run_connection(
+    connection: Connection,
+    mut stage: watch::Receiver<Stage>,
+    builder: Builder<TokioExecutor>,
+) -> Option<TimedOut> {
+    let Connection {
+        stream,
+        slot,
+        peer,
+        app,
+        deadlines,
+        ..
+    } = connection;
     // Marked seen: only a change after this point asks the connection to close.
     stage.borrow_and_update();
+    if let Some(limit) = deadlines.first_byte {
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            peeked = tokio::time::timeout(limit, stream.peek(&mut probe)) => match peeked {
+                Err(_) => {
+                    tracing::debug!("closing a connection from {peer}: nothing sent within {limit:?}");
+                    return Some(TimedOut::FirstByte);
+                }
+                // Closed (or failed) before sending anything.
+                Ok(Ok(0) | Err(_)) => return None,
+                Ok(Ok(_)) => {}
+            },
+            // Shutting down: a connection that sent nothing has nothing in flight.
+            _ = stage.changed() => return None,
+        }
+    }
+    let activity = Activity::new();
+    let service = ConnectionService::new(app, activity.clone(), deadlines.body_read);
+    let io = TokioIo::new(Holding {
+        io: busy_poll::Active(stream),
+        slot,
+    });
+    let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
+    let watchdog_limit = |served: bool| {
+        if served {
+            deadlines.idle
+        } else {
+            // The first request's head, whatever the protocol, within the header timeout.
+            match (deadlines.header_read, deadlines.idle) {
+                (Some(h), Some(i)) => Some(h.min(i)),
+                (h, i) => h.or(i),
+            }
+        }
+    };
+    let first_check = watchdog_limit(false);
+    let watchdog = tokio::time::sleep(first_check.unwrap_or(Duration::MAX / 4));
+    let mut watchdog = std::pin::pin!(watchdog);
+    let mut watching_idle = first_check.is_some();
+    // Set once the watchdog asked the connection to close: it is cut if it has not closed by
+    // the next check.
+    let mut closing_idle: Option<TimedOut> = None;
     let mut watching = true;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
+                    let header_timeout = e
+                        .downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_timeout);
+                    if header_timeout && closing_idle.is_none() {
+                        return Some(TimedOut::HeaderRead);
+                    }
                     tracing::trace!("connection ended with an error: {e}");
                 }
-                break;
+                return closing_idle;
             }
             changed = stage.changed(), if watching => {
                 if changed.is_err() {
@@ -393,14 +619,41 @@ async fn serve_connection(
                 match now {
                     Stage::Serving => {}
                     Stage::Closing => conn.as_mut().graceful_shutdown(),
-                    Stage::Abort => break,
+                    Stage::Abort => return None,
+                }
+            }
+            () = &mut watchdog, if watching_idle => {
+                let (idle, served) = activity.idle();
+                let Some(limit) = watchdog_limit(served) else {
+                    watching_idle = false;
+                    continue;
+                };
+                let next = match idle {
+                    // Busy: it cannot be idle for too long before `limit` from now.
+                    None => limit,
+                    Some(idle) if idle < limit => limit - idle,
+                    Some(_) if closing_idle.is_some() => {
+                        tracing::debug!("cutting a connection from {peer} that did not close");
+                        return closing_idle;
+                    }
+                    Some(idle) => {
+                        let reason = if served { TimedOut::Idle } else { TimedOut::FirstRequest };
+                        tracing::debug!(
+                            "closing a connection from {peer}: no request for {idle:?} ({})",
+                            reason.label()
+                        );
+                        closing_idle = Some(reason);
+                        conn.as_mut().graceful_shutdown();
+                        IDLE_CLOSE_GRACE
+                    }
+                };
+                if let Some(at) = tokio::time::Instant::now().checked_add(next) {
+                    watchdog.as_mut().reset(at);
+                } else {
+                    watching_idle = false;
                 }
             }
         }
-    }
-    open.fetch_sub(1, Ordering::Relaxed);
-    if let Some(c) = &connections {
-        c.dec();
     }
 }
 
@@ -456,6 +709,7 @@ mod tests {
             metrics: Some(metrics.clone()),
             header_read_timeout: Some(Duration::from_secs(1)),
             shutdown_grace: Some(Duration::from_secs(1)),
+            ..ServeOptions::default()
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
@@ -561,6 +815,108 @@ mod tests {
             assert!(!rest.contains("200 OK"));
         }
         assert!(started.elapsed() >= Duration::from_millis(900));
+        stop_server(stop, server).await;
+    }
+
+    #[tokio::test]
+    async fn silent_connections_and_a_bare_http2_preface_are_closed() {
+        let app = Router::new().route("/thread", get(|| async { serving_thread().to_string() }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
+        let options = ServeOptions {
+            threads: 1,
+            metrics: Some(metrics.clone()),
+            header_read_timeout: Some(Duration::from_secs(1)),
+            first_byte_timeout: Some(Duration::from_millis(500)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..ServeOptions::default()
+        };
+        let server = tokio::spawn(serve(listener, app, options, async {
+            let _ = stopped.await;
+        }));
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut preface = TcpStream::connect(addr).await.unwrap();
+        // The client preface and an empty SETTINGS frame, then nothing.
+        preface
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        read_until_closed(&mut silent, "a silent connection was left open").await;
+        read_until_closed(&mut preface, "a bare HTTP/2 preface was left open").await;
+        read_until_closed(&mut partial, "half an HTTP/2 preface was left open").await;
+        // Counted once the serving thread is done with them (just after they are closed).
+        let count = |reason: &str| metrics.timed_out.with_label_values(&[reason]).get();
+        for _ in 0..500 {
+            if count("first_byte") + count("first_request") == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(count("first_byte"), 1);
+        assert_eq!(count("first_request"), 2);
+        // A client that asks in time is served.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut conn, "/thread").await, "1");
+        stop_server(stop, server).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_address_cap_gets_a_503_and_others_are_served() {
+        let app = Router::new().route("/thread", get(|| async { serving_thread().to_string() }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
+        let options = ServeOptions {
+            threads: 1,
+            metrics: Some(metrics.clone()),
+            connection_limits: ConnectionLimits {
+                max: 100,
+                per_address: 2,
+            },
+            ..ServeOptions::default()
+        };
+        let server = tokio::spawn(serve(listener, app, options, async {
+            let _ = stopped.await;
+        }));
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut first, "/thread").await, "1");
+        assert_eq!(get_on(&mut second, "/thread").await, "1");
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let refused = read_until_closed(&mut third, "the third connection was kept").await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("too_many_connections"), "{refused}");
+        let refusals = metrics
+            .refused
+            .with_label_values(&["max_connections_per_ip"]);
+        assert_eq!(refusals.get(), 1);
+        // Another address is not held to this one's cap (all of 127/8 is loopback).
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut other = other.connect(addr).await.unwrap();
+        assert_eq!(get_on(&mut other, "/thread").await, "1");
+        // A closed connection frees its place.
+        drop(first);
+        let mut again = None;
+        for _ in 0..100 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET /thread HTTP/1.1\r\nhost: test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0u8; 12];
+            if conn.read_exact(&mut head).await.is_ok() && &head == b"HTTP/1.1 200" {
+                again = Some(conn);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(again.is_some(), "the freed place was never given again");
+        drop((second, other, again));
         stop_server(stop, server).await;
     }
 
@@ -677,6 +1033,7 @@ mod tests {
             metrics: None,
             header_read_timeout: None,
             shutdown_grace: None,
+            ..ServeOptions::default()
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;

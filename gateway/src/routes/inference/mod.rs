@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! authenticate ─▶ parse ─▶ admit ─▶ cache? ─▶ route ─▶ respond
-//!  (body read,     (the     (model    (an exact   (the router: deployments,   (relay a stream, or
-//!   bounded; key)   API's    allowed,  hit is      retries, fallbacks until   translate a whole body;
-//!                   JSON)    limits)   replayed)   a first byte arrives)      the completion record)
+//!  (key from the   (the     (model    (an exact   (the router: deployments,   (relay a stream, or
+//!   headers, then   API's    allowed,  hit is      retries, fallbacks until   translate a whole body;
+//!   body: bounded   JSON)    limits)   replayed)   a first byte arrives)      the completion record)
+//!   in size, time)
 //! ```
 //!
 //! Every response, error or not, carries `x-request-id` (the `request_id` layer) and
@@ -73,6 +74,9 @@ struct Progress {
     recorded: bool,
     /// What the response cache did (`x-tollgate-cache`); `None` when it is off.
     cache: Option<crate::cache::Outcome>,
+    /// The request was refused with (part of) its body unread: its connection cannot carry
+    /// another request.
+    body_unread: bool,
 }
 
 /// Serves one inference request of `api`.
@@ -88,6 +92,7 @@ pub async fn serve(state: Arc<AppState>, request: axum::extract::Request, api: A
         route_trace: None,
         recorded: false,
         cache: None,
+        body_unread: false,
     };
     let span = telemetry::request_span(api, &progress.request_id.0, &parts.headers);
     let _in_flight = state.metrics.in_flight(api.route());
@@ -114,7 +119,7 @@ async fn run(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let (caller, bytes) = authenticate(state, &headers, body)
+    let (caller, bytes) = authenticate(state, progress, &headers, body)
         .instrument(telemetry::span!("authenticate"))
         .await?;
     progress.caller = Some(caller.clone());
@@ -179,22 +184,27 @@ fn cache_step(
     }
 }
 
-/// Reads the body (bounded) and authenticates the caller. The body is read first so that an
-/// error answer never leaves unread bytes on a keep-alive connection (which would make the
-/// client's next request on it fail); a body over the limit is a 413 that closes the
-/// connection.
-pub async fn authenticate(
+/// Authenticates the caller from the headers, then reads the body (bounded in size and, by
+/// the server, in time: `server.body_read_timeout_ms`). A request without a valid key is
+/// refused before any of its body is read, so that an unknown client cannot make the gateway
+/// hold its bytes or wait for them; the refusal closes the connection when a body was coming
+/// (its unread bytes would otherwise be taken for the next request). A body over the limit is
+/// a 413, and one that does not arrive in time a 408, both closing the connection.
+async fn authenticate(
     state: &AppState,
+    progress: &mut Progress,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Caller, Bytes), GatewayError> {
-    let bytes = read_body(headers, body, state.config.server.max_body_bytes).await;
-    let caller = state.auth.authenticate(headers).await;
-    match (caller, bytes) {
-        (_, Err(too_large_or_unreadable)) => Err(too_large_or_unreadable),
-        (Err(auth), Ok(_)) => Err(auth),
-        (Ok(caller), Ok(bytes)) => Ok((caller, bytes)),
-    }
+    let caller = match state.auth.authenticate(headers).await {
+        Ok(caller) => caller,
+        Err(refused) => {
+            progress.body_unread = !axum::body::HttpBody::is_end_stream(&body);
+            return Err(refused);
+        }
+    };
+    let bytes = read_body(headers, body, state.config.server.max_body_bytes).await?;
+    Ok((caller, bytes))
 }
 
 /// Validates the body as `api`'s request; a large one is parsed, and its prompt counted, on
@@ -337,10 +347,16 @@ fn error_response(state: &AppState, progress: &Progress, error: GatewayError) ->
     if let Ok(v) = HeaderValue::from_str(trace) {
         response.headers_mut().insert(ROUTE_HEADER, v);
     }
+    if progress.body_unread {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
-/// Reads the request body, refusing more than `limit` bytes with a 413.
+/// Reads the request body, refusing more than `limit` bytes with a 413, and a body that did
+/// not arrive within the server's `body_read_timeout_ms` with a 408.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -356,6 +372,11 @@ pub async fn read_body(
         }
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if let Some(timeout) = crate::server::requests::BodyReadTimeout::find(&e) {
+            return GatewayError::RequestTimeout {
+                limit_ms: timeout.limit_ms,
+            };
+        }
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
