@@ -311,6 +311,13 @@ pub async fn serve(
         idle_timeout: limit_ms(server.idle_timeout_ms),
         body_read_timeout: limit_ms(server.body_read_timeout_ms),
         connection_limits: connection_limits(&state.config),
+        tls: match &server.tls {
+            Some(config) => Some(Arc::new(
+                crate::server::tls::ServerTls::load(config)
+                    .map_err(|e| std::io::Error::other(format!("server.tls: {e}")))?,
+            )),
+            None => None,
+        },
     };
     crate::server::serve(listener, app(state), options, shutdown).await
 }

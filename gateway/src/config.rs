@@ -175,6 +175,9 @@ pub struct ServerConfig {
     /// The level of the access log's lines (`info`, `debug` or `off`); failed requests are
     /// logged at `warn` whatever it says. See `crate::access_log`.
     pub access_log: crate::access_log::AccessLog,
+    /// TLS on the listener (`[server.tls]`: certificate and key files, optional client CAs
+    /// for mTLS, minimum version, reload interval); absent: plain HTTP. See `server::tls`.
+    pub tls: Option<crate::server::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +201,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 1024,
             shutdown_grace_ms: 20_000,
             access_log: crate::access_log::AccessLog::Info,
+            tls: None,
         }
     }
 }

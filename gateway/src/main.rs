@@ -155,7 +155,12 @@ async fn serve(
     let caps = app::connection_limits(&state.config);
     let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
     tracing::info!(
-        "tollgate listening on http://{} (models: {}; admin API {}; open files limit {} (was {}); connections at most {}, {} per client address)",
+        "tollgate listening on {}://{} (models: {}; admin API {}; open files limit {} (was {}); connections at most {}, {} per client address)",
+        if state.config.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         listener.local_addr()?,
         state.router.model_names().join(", "),
         if state.admin_token.is_some() {

@@ -37,6 +37,7 @@
 pub mod busy_poll;
 pub mod connections;
 pub mod requests;
+pub mod tls;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -85,6 +86,8 @@ pub struct ServeOptions {
     pub body_read_timeout: Option<Duration>,
     /// Caps on open connections.
     pub connection_limits: ConnectionLimits,
+    /// TLS on the listener ([`tls`]); `None`: plain HTTP.
+    pub tls: Option<Arc<tls::ServerTls>>,
 }
 
 impl Default for ServeOptions {
@@ -100,6 +103,7 @@ impl Default for ServeOptions {
             idle_timeout: None,
             body_read_timeout: None,
             connection_limits: ConnectionLimits::default(),
+            tls: None,
         }
     }
 }
@@ -199,6 +203,8 @@ pub async fn serve(
         )?);
     }
     drop((stopped, released));
+    // Certificate reloads, for as long as the listener runs.
+    let reloads = options.tls.as_ref().and_then(tls::ServerTls::watch);
 
     let tracker = Tracker::new(options.connection_limits);
     let mut refusals_log = RateLimitedLog::default();
@@ -280,6 +286,9 @@ pub async fn serve(
         }
     }
     drop(listener);
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     drop(stop);
     for worker in workers {
         drop(worker.connections);
@@ -319,6 +328,8 @@ enum TimedOut {
     HeaderRead,
     /// No request in progress for `idle_timeout`.
     Idle,
+    /// The TLS handshake not complete within `header_read_timeout` of the first byte.
+    TlsHandshake,
 }
 
 impl TimedOut {
@@ -328,6 +339,7 @@ impl TimedOut {
             TimedOut::FirstRequest => "first_request",
             TimedOut::HeaderRead => "header_read",
             TimedOut::Idle => "idle",
+            TimedOut::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -359,6 +371,7 @@ fn start_worker(
         idle: options.idle_timeout,
         body_read: options.body_read_timeout,
     };
+    let tls = options.tls.clone();
     let label = index.to_string();
     let metrics = options.metrics.as_ref().map(|m| ThreadMetrics {
         connections: m.connections.with_label_values(&[&label]),
@@ -388,6 +401,7 @@ fn start_worker(
                     grace,
                     metrics,
                     deadlines,
+                    tls,
                 };
                 run_worker(app, incoming, thread_open, settings, stopped).await;
                 let _ = done_tx.send(());
@@ -409,6 +423,7 @@ struct WorkerSettings {
     grace: Option<Duration>,
     metrics: Option<ThreadMetrics>,
     deadlines: Deadlines,
+    tls: Option<Arc<tls::ServerTls>>,
 }
 
 /// A serving thread: serves the connections it is handed until told to stop, then closes
@@ -427,6 +442,7 @@ async fn run_worker(
         grace,
         metrics,
         deadlines,
+        tls,
     } = settings;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -466,6 +482,7 @@ async fn run_worker(
             open: open.clone(),
             metrics: metrics.clone(),
             deadlines,
+            tls: tls.clone(),
         };
         tokio::spawn(serve_connection(
             connection,
@@ -508,6 +525,7 @@ struct Connection {
     open: Arc<AtomicUsize>,
     metrics: Option<ThreadMetrics>,
     deadlines: Deadlines,
+    tls: Option<Arc<tls::ServerTls>>,
 }
 
 /// Serves one connection ([`run_connection`]) and counts it while it is open.
@@ -550,6 +568,7 @@ async fn run_connection(
         peer,
         app,
         deadlines,
+        tls,
         ..
     } = connection;
     // Marked seen: only a change after this point asks the connection to close.
@@ -570,12 +589,57 @@ async fn run_connection(
             _ = stage.changed() => return None,
         }
     }
-    let activity = Activity::new();
-    let service = ConnectionService::new(app, activity.clone(), deadlines.body_read);
-    let io = TokioIo::new(Holding {
+    let io = Holding {
         io: busy_poll::Active(stream),
         slot,
-    });
+    };
+    let Some(tls) = tls else {
+        return drive(TokioIo::new(io), app, peer, deadlines, stage, builder).await;
+    };
+    // The handshake is part of the first request's head: the same time limit.
+    let limit = deadlines
+        .header_read
+        .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT);
+    match tokio::time::timeout(limit, tls.acceptor().accept(io)).await {
+        Err(_) => {
+            tracing::debug!("closing a connection from {peer}: no TLS handshake within {limit:?}");
+            Some(TimedOut::TlsHandshake)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer} failed: {e}");
+            None
+        }
+        Ok(Ok(tls_stream)) => {
+            drive(
+                TokioIo::new(tls_stream),
+                app,
+                peer,
+                deadlines,
+                stage,
+                builder,
+            )
+            .await
+        }
+    }
+}
+
+/// How long a TLS handshake may take when no header read timeout is set.
+const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP on a connection's (plain or TLS) byte stream: the rest of [`run_connection`].
+async fn drive<I>(
+    io: I,
+    app: Router,
+    peer: SocketAddr,
+    deadlines: Deadlines,
+    mut stage: watch::Receiver<Stage>,
+    builder: Builder<TokioExecutor>,
+) -> Option<TimedOut>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let service = ConnectionService::new(app, activity.clone(), deadlines.body_read);
     let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
     let watchdog_limit = |served: bool| {
         if served {
