@@ -381,25 +381,39 @@ async fn a_hand_off_queue_too_small_for_the_load_spills_to_disk_and_loses_nothin
             .fetch_all(&events)
             .await
             .unwrap();
-    let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+    let mut seen = std::collections::HashMap::<String, Vec<(String, Value)>>::new();
     for (topic, payload) in &rows {
         let v: Value = serde_json::from_str(payload).unwrap();
         let id = v["request_id"].as_str().unwrap().to_string();
-        seen.entry(id).or_default().push(topic.clone());
+        seen.entry(id).or_default().push((topic.clone(), v));
     }
     assert_eq!(seen.len() as i64, want.requests);
-    for (id, topics) in &seen {
+    for (id, events) in &seen {
+        let topics: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(topics.first(), Some(&"llm.requests"), "{id}: {topics:?}");
+        let completions: Vec<&Value> = events
+            .iter()
+            .filter(|(t, _)| t == "llm.completions")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(completions.len(), 1, "{id}: {topics:?}");
+        // Chunks in order (those of the last burst follow the completion they waited on),
+        // as many as the completion says.
+        let sequences: Vec<u64> = events
+            .iter()
+            .filter(|(t, _)| t == "llm.chunks")
+            .map(|(_, v)| v["sequence"].as_u64().unwrap())
+            .collect();
         assert_eq!(
-            topics.first().map(String::as_str),
-            Some("llm.requests"),
+            sequences,
+            (0..sequences.len() as u64).collect::<Vec<_>>(),
             "{id}: {topics:?}"
         );
         assert_eq!(
-            topics.last().map(String::as_str),
-            Some("llm.completions"),
-            "{id}: {topics:?}"
+            completions[0]["chunks"].as_u64(),
+            Some(sequences.len() as u64),
+            "{id}"
         );
-        assert_eq!(topics.iter().filter(|t| *t == "llm.completions").count(), 1);
     }
 }
 
