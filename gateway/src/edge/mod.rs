@@ -14,6 +14,10 @@
 //! | `ratelimit.rs` | `envoy.service.ratelimit.v3.RateLimitService`: requests (and tokens) per minute per tenant and key |
 //! | `trust.rs` | the HTTP path's side: identity headers count only with `edge.trusted_secret` |
 //!
+//! Tokens per minute at the edge: Envoy reads a key's and tenant's count before a request,
+//! and adds a request's tokens when its response ends, which the gateway sends as
+//! [`USAGE_TOKENS_HEADER`] (a header, or a stream's trailer: `crate::relay::usage_trailer`).
+//!
 //! The services run in the gateway process on `edge.grpc_listen` ([`serve`]), with
 //! `grpc.health.v1.Health` and server reflection (`grpc.reflection.v1` and `v1alpha`) beside
 //! them. Reflection lists all four services, but describes only Health and itself: the
