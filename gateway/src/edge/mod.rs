@@ -14,8 +14,15 @@
 //! | `ratelimit.rs` | `envoy.service.ratelimit.v3.RateLimitService`: requests (and tokens) per minute per tenant and key |
 //! | `trust.rs` | the HTTP path's side: identity headers count only with `edge.trusted_secret` |
 //!
+//! Tokens per minute at the edge: Envoy reads a key's and tenant's count before a request,
+//! and adds a request's tokens when its response ends, which the gateway sends as
+//! [`USAGE_TOKENS_HEADER`] (a header, or a stream's trailer: `crate::relay::usage_trailer`).
+//!
 //! The services run in the gateway process on `edge.grpc_listen` ([`serve`]), with
-//! `grpc.health.v1.Health` beside them. They use the gateway's own key cache (with its
+//! `grpc.health.v1.Health` and server reflection (`grpc.reflection.v1` and `v1alpha`) beside
+//! them. Reflection lists all four services, but describes only Health and itself: the
+//! `envoy-types` crate compiles Envoy's protos without exporting their descriptor set, so a
+//! client calling ext_authz or the rate-limit service by reflection needs Envoy's protos. They use the gateway's own key cache (with its
 //! revocation feed) and its limiter (memory or Redis), so a key revoked or a limit changed
 //! applies at the edge as it does on the HTTP path.
 
@@ -40,6 +47,16 @@ pub const KEY_ID_HEADER: &str = "x-tollgate-key-id";
 pub const KEY_HASH_HEADER: &str = "x-tollgate-key-hash";
 /// Request header Envoy adds on its way to the gateways: `edge.trusted_secret`.
 pub const EDGE_SECRET_HEADER: &str = "x-tollgate-edge-secret";
+
+/// Response header (whole answers) and trailer (streams): the tokens the request used (input
+/// plus output, as its tokens-per-minute limits count them). Envoy reads it when the stream
+/// ends and sends it to the rate-limit service as `hits_addend` (`deploy/envoy/envoy.yaml`).
+pub const USAGE_TOKENS_HEADER: &str = "x-tollgate-usage-tokens";
+
+/// The gRPC services on `edge.grpc_listen`, as reflection names them.
+pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+pub const RATELIMIT_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// The shortest `edge.trusted_secret` accepted.
 const MIN_SECRET_LEN: usize = 16;
@@ -116,7 +133,7 @@ impl EdgeMetrics {
     }
 }
 
-/// The gRPC router: Authorization, RateLimitService and Health.
+/// The gRPC router: Authorization, RateLimitService, Health and reflection.
 pub async fn services(
     state: &Arc<AppState>,
 ) -> Result<tonic::service::Routes, crate::error::GatewayError> {
@@ -135,8 +152,25 @@ pub async fn services(
     reporter
         .set_serving::<ratelimit::pb::RateLimitServiceServer<ratelimit::RateLimit>>()
         .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(AUTHZ_SERVICE)
+            .with_service_name(RATELIMIT_SERVICE)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| crate::error::GatewayError::Internal(format!("gRPC reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| crate::error::GatewayError::Internal(format!("gRPC reflection: {e}")))?;
     let mut routes = tonic::service::Routes::builder();
     routes
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(health)
         .add_service(authz::pb::AuthorizationServer::new(authz))
         .add_service(ratelimit::pb::RateLimitServiceServer::new(rls));

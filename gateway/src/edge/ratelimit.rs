@@ -9,7 +9,8 @@
 //! | `credential` | `x-tollgate-key-hash` | whose limits (resolved through the key cache); required |
 //! | `tenant` | `x-tollgate-tenant` | checked against the key's tenant |
 //! | `key` | `x-tollgate-key-id` | present: the key's own limit; absent: the tenant's |
-//! | `usage` | `tokens` | count tokens (`hits_addend`, e.g. a finished stream's usage) against tokens per minute; absent: requests per minute |
+//! | `usage` | `tokens` | tokens per minute: `hits_addend` tokens counted if they fit (0 only reads: refused once the minute is full); absent: requests per minute |
+//! | `usage` | `tokens_used` | tokens per minute: what a finished request used (`hits_addend`, sent by Envoy when the stream ends), counted whatever the window holds and never refused |
 //!
 //! The limits are the ones the HTTP path enforces (the key's `rpm_limit`/`tpm_limit`, the
 //! tenant's `*` row or plan), counted by the same limiter (memory or Redis) over the same
@@ -37,7 +38,7 @@ use super::EdgeMetrics;
 use crate::api::WireFormat;
 use crate::auth::Authenticator;
 use crate::error::GatewayError;
-use crate::limits::{EdgeCount, Kind, Limiter, Scope};
+use crate::limits::{EdgeCount, EdgeHits, Kind, Limiter, Scope};
 
 /// The generated server types.
 pub mod pb {
@@ -61,6 +62,8 @@ struct Asked<'a> {
     key: Option<&'a str>,
     scope: Scope,
     kind: Kind,
+    /// `usage = tokens_used`: a record of tokens used, not a question.
+    record: bool,
 }
 
 /// Reads a descriptor's entries; `None` when it names no credential (not one of ours).
@@ -71,6 +74,7 @@ fn asked(d: &RateLimitDescriptor) -> Option<Asked<'_>> {
         .map(|e| (e.key.as_str(), e.value.as_str()))
         .collect();
     let key = entries.get("key").copied();
+    let usage = entries.get("usage").copied();
     Some(Asked {
         credential: entries
             .get("credential")
@@ -83,11 +87,11 @@ fn asked(d: &RateLimitDescriptor) -> Option<Asked<'_>> {
         } else {
             Scope::Tenant
         },
-        kind: if entries.get("usage").copied() == Some("tokens") {
-            Kind::Tokens
-        } else {
-            Kind::Requests
+        kind: match usage {
+            Some("tokens" | "tokens_used") => Kind::Tokens,
+            _ => Kind::Requests,
         },
+        record: usage == Some("tokens_used"),
     })
 }
 
@@ -121,7 +125,16 @@ impl RateLimit {
         }
         Ok(self
             .limiter
-            .count_at_edge(&caller, asked.scope, asked.kind, hits)
+            .count_at_edge(
+                &caller,
+                asked.scope,
+                asked.kind,
+                if asked.record {
+                    EdgeHits::Record(hits)
+                } else {
+                    EdgeHits::Ask(hits)
+                },
+            )
             .await
             .map(|count| Counted {
                 kind: asked.kind,
@@ -267,7 +280,21 @@ mod tests {
             ("usage", "tokens"),
         ]);
         let a = asked(&d).unwrap();
-        assert_eq!((a.scope, a.kind), (Scope::Tenant, Kind::Tokens));
+        assert_eq!(
+            (a.scope, a.kind, a.record),
+            (Scope::Tenant, Kind::Tokens, false)
+        );
+        let d = descriptor(&[
+            ("tenant", "ten_1"),
+            ("key", "key_1"),
+            ("credential", "h"),
+            ("usage", "tokens_used"),
+        ]);
+        let a = asked(&d).unwrap();
+        assert_eq!(
+            (a.scope, a.kind, a.record),
+            (Scope::Key, Kind::Tokens, true)
+        );
         assert_eq!(asked(&descriptor(&[("tenant", "ten_1")])), None);
         assert_eq!(asked(&descriptor(&[("credential", "")])), None);
     }

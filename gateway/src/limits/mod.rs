@@ -378,14 +378,18 @@ impl Limiter {
     /// `scope`, for the edge's rate-limit service ([`crate::edge`]). The limit is the one the
     /// HTTP path enforces (same config, same store), counted on counters of the edge's own
     /// (`…:edge`), so a request that passes both is never counted twice on one of them.
-    /// `hits = 0` only reads (refused once the window is full). `None`: no such limit.
+    /// `None`: no such limit.
     pub async fn count_at_edge(
         &self,
         caller: &Caller,
         scope: Scope,
         kind: Kind,
-        hits: u64,
+        hits: EdgeHits,
     ) -> Option<EdgeCount> {
+        let (hits, record) = match hits {
+            EdgeHits::Ask(n) => (n, false),
+            EdgeHits::Record(n) => (n, true),
+        };
         if !matches!(kind, Kind::Requests | Kind::Tokens) {
             return None;
         }
@@ -397,13 +401,16 @@ impl Limiter {
         let mut counter = check.clone();
         counter.kind = Kind::Tokens;
         counter.key.push_str(":edge");
+        // A record is added whatever the window holds: a soft limit's extension (which never
+        // refuses) does that in both limiters.
+        counter.soft |= record;
         let request_id = format!("edge_{}", uuid::Uuid::now_v7().simple());
         let ask = Ask {
             request_id: &request_id,
             checks: std::slice::from_ref(&counter),
             tokens: hits,
             micros: 0,
-            extend: false,
+            extend: record,
         };
         let (_, mut verdict) = self.reserve(&ask).await;
         let used = verdict.used.first().copied().unwrap_or(0);
@@ -542,6 +549,17 @@ impl Limiter {
             _ => self.local.settle(s),
         }
     }
+}
+
+/// What the edge asks [`Limiter::count_at_edge`] to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeHits {
+    /// Counted only if they fit under the limit (a request about to run); `Ask(0)` only
+    /// reads, and is refused once the window is full.
+    Ask(u64),
+    /// Counted whatever the window holds, never refused: what a finished request used (its
+    /// tokens, reported when its stream ended).
+    Record(u64),
 }
 
 /// What [`Limiter::count_at_edge`] found.

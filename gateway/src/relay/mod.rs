@@ -6,6 +6,7 @@
 //! | `sse.rs` | incremental SSE frame parser |
 //! | `passthrough.rs` | same-dialect stream adapters (bytes forwarded untouched where possible) |
 //! | `stream.rs` | [`RelayStream`]: the response body; drives an adapter, writes a burst's first output at once, reports the request (late) and each SSE data event relayed, finalizes on end or drop |
+//! | `usage_trailer.rs` | a finished stream's token count as the trailer `x-tollgate-usage-tokens` (for Envoy's rate limit at stream end) |
 //! | `exchange.rs` | [`Exchange`]: one request's context, and the request, chunk and completion records it produces |
 //!
 //! Cross-dialect adapters (OpenAI ↔ Anthropic) live in `crate::translate::stream`.
@@ -15,6 +16,7 @@ pub mod passthrough;
 pub mod rename;
 pub mod sse;
 pub mod stream;
+pub mod usage_trailer;
 
 use std::time::Instant;
 

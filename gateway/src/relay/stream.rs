@@ -40,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
+use super::usage_trailer::UsageSlot;
 use super::{ChunkRecord, Exchange, Outcome, SseParser, StreamAdapter, StreamInfo};
 use crate::cache::CacheFill;
 use crate::events::Durable;
@@ -96,6 +97,8 @@ pub struct RelayStream {
     /// The upstream's terminal event was seen before its body ended: read the rest (for
     /// connection reuse) while the last bytes wait.
     drain_upstream: bool,
+    /// Where the finished stream leaves its tokens (the trailer of `usage_trailer.rs`).
+    usage_slot: Option<UsageSlot>,
 }
 
 /// Counts a request's prompt tokens (the pre-flight estimate, taken late).
@@ -134,7 +137,14 @@ impl RelayStream {
             cache_fill: None,
             cache_ready: None,
             drain_upstream: false,
+            usage_slot: None,
         }
+    }
+
+    /// Leaves the tokens the request settles (input plus output) in `slot` when it finishes.
+    pub fn with_usage_slot(mut self, slot: UsageSlot) -> Self {
+        self.usage_slot = Some(slot);
+        self
     }
 
     /// Gathers what the client receives for the response cache (stored if the stream
@@ -209,6 +219,9 @@ impl RelayStream {
         let usage = self.exchange.settle_usage(&state, || adapter.output_text());
         if let Some(allowance) = self.allowance.as_mut() {
             allowance.settle(&usage);
+        }
+        if let Some(slot) = &self.usage_slot {
+            slot.set(usage.input_tokens + usage.output_tokens);
         }
         let client_gone = outcome == Outcome::ClientDisconnected;
         // The chunks still to go out are recorded as they leave, after the completion; it

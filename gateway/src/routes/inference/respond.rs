@@ -23,10 +23,12 @@ use crate::api::WireFormat;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::cache::{BillHits, CacheFill, CachePlan, Entry, ResponseCache, CACHE_HEADER};
+use crate::edge::USAGE_TOKENS_HEADER;
 use crate::error::GatewayError;
 use crate::limits::{Admission, StreamAllowance};
 use crate::relay::exchange::CachedAnswer;
 use crate::relay::exchange::Routed;
+use crate::relay::usage_trailer::{UsageSlot, UsageTrailer};
 use crate::relay::{Exchange, Outcome, RelayStream};
 use crate::routing::Dispatched;
 use crate::telemetry::{self, InSpan};
@@ -136,20 +138,22 @@ pub(super) async fn respond(
             )
         });
         let fill = cache.map(|(cache, plan)| CacheFill::new(cache, plan, origin));
+        let usage_slot = UsageSlot::default();
         let mut body = RelayStream::new(upstream.body, adapter, exchange)
+            .with_usage_slot(usage_slot.clone())
             .with_allowance(allowance)
             .with_cache_fill(fill);
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
+        // The tokens follow the last byte as a trailer, for Envoy's rate limit at stream end.
         let mut r = if relay_span.is_disabled() {
-            Response::new(Body::from_stream(body))
+            Response::new(Body::new(UsageTrailer::new(body, usage_slot)))
         } else {
             let request_span = tracing::Span::current();
-            Response::new(Body::from_stream(InSpan::new(
-                body,
-                request_span,
-                relay_span,
+            Response::new(Body::new(UsageTrailer::new(
+                InSpan::new(body, request_span, relay_span),
+                usage_slot,
             )))
         };
         let h = r.headers_mut();
@@ -159,6 +163,10 @@ pub(super) async fn respond(
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        h.insert(
+            header::TRAILER,
+            HeaderValue::from_static(USAGE_TOKENS_HEADER),
+        );
         r
     } else {
         let prompt_estimate = outbound.prompt_tokens();
@@ -212,6 +220,10 @@ pub(super) async fn respond(
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut().insert(
+            USAGE_TOKENS_HEADER,
+            HeaderValue::from(usage.input_tokens + usage.output_tokens),
         );
         r
     };
@@ -309,6 +321,10 @@ pub(super) async fn cached(
     h.insert(ROUTE_HEADER, HeaderValue::from_static("cache:hit"));
     h.insert("x-tollgate-provider", HeaderValue::from_static("cache"));
     h.insert("x-tollgate-attempts", HeaderValue::from(0));
+    h.insert(
+        USAGE_TOKENS_HEADER,
+        HeaderValue::from(billed.input_tokens + billed.output_tokens),
+    );
     if let Ok(v) = HeaderValue::from_str(&entry.upstream_model) {
         h.insert(UPSTREAM_MODEL_HEADER, v);
     }
