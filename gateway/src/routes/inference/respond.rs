@@ -138,7 +138,9 @@ pub(super) async fn respond(
         let fill = cache.map(|(cache, plan)| CacheFill::new(cache, plan, origin));
         let mut body = RelayStream::new(upstream.body, adapter, exchange)
             .with_allowance(allowance)
-            .with_cache_fill(fill);
+            .with_cache_fill(fill)
+            .with_max_event_bytes(state.config.server.max_upstream_event_bytes)
+            .with_idle_timeout(target.deployment.stream_idle_timeout);
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
