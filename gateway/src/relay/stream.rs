@@ -726,6 +726,7 @@ mod relay_tests {
             lease: None,
             access_log: crate::access_log::AccessLog::Off,
             cache_hit: None,
+            max_reported_tokens: 10_000_000,
         };
         let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
             BURST.as_bytes(),

@@ -168,7 +168,13 @@ pub(super) async fn respond(
         let whole = async {
             let raw = collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes)
                 .await?;
-            dialects.whole_body(&outbound.request, raw, &requested_model, prompt_estimate)
+            dialects.whole_body(
+                &outbound.request,
+                raw,
+                &requested_model,
+                prompt_estimate,
+                state.config.server.max_reported_tokens,
+            )
         }
         .instrument(relay_span.clone())
         .await;
@@ -178,6 +184,7 @@ pub(super) async fn respond(
         let Whole {
             body,
             usage,
+            output_text,
             finish_reason,
         } = match whole {
             Ok(w) => w,
@@ -186,6 +193,7 @@ pub(super) async fn respond(
                 return Err(e);
             }
         };
+        let usage = exchange.vet_usage(usage, || output_text);
         let done_at = Instant::now();
         if let Some(r) = reservation {
             r.settle(&usage);
