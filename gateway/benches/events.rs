@@ -45,6 +45,7 @@ fn chunk(s: &Arc<StreamInfo>, sequence: u64) -> ChunkRecord {
         offset: Duration::from_micros(1200 + sequence * 250),
         bytes: CHUNK_EVENT.len() as u64,
         tokens: None,
+        after_completion: false,
         data: bytes::Bytes::from_static(CHUNK_EVENT),
     }
 }

@@ -18,7 +18,10 @@ fn repeat_to(unit: &str, bytes: usize) -> String {
 
 fn inputs(bytes: usize) -> Vec<(&'static str, String)> {
     vec![
-        ("no_spaces_base64", repeat_to("aGVsbG8gd29ybGQsIHRoaXMgaXM", bytes)),
+        (
+            "no_spaces_base64",
+            repeat_to("aGVsbG8gd29ybGQsIHRoaXMgaXM", bytes),
+        ),
         ("one_char_x", "x".repeat(bytes)),
         ("cjk", repeat_to("漢字かな交じり文の長い段落", bytes)),
         ("emoji", repeat_to("🦀🚀✨👍🏽", bytes)),
@@ -26,7 +29,10 @@ fn inputs(bytes: usize) -> Vec<(&'static str, String)> {
         ("whitespace", " ".repeat(bytes)),
         (
             "prose",
-            repeat_to("The gateway streams every token to the client, and bills it once. ", bytes),
+            repeat_to(
+                "The gateway streams every token to the client, and bills it once. ",
+                bytes,
+            ),
         ),
     ]
 }

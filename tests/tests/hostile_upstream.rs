@@ -37,10 +37,8 @@ name = "idle/*"
 deployments = ["idle"]
 "#
     );
-    let config = mock_config(&base, &extra).replace(
-        "max_body_bytes = 65536",
-        "max_body_bytes = 4194304",
-    );
+    let config =
+        mock_config(&base, &extra).replace("max_body_bytes = 65536", "max_body_bytes = 4194304");
     Harness::start_with_config(upstream, &config).await
 }
 
@@ -76,7 +74,10 @@ async fn a_long_prompt_without_spaces_is_answered_and_so_is_a_small_one_beside_i
         .await;
     assert_eq!(echo.status(), 200);
     let embed = h
-        .post("/v1/embeddings", &json!({"model": "mock/embed", "input": long}))
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "mock/embed", "input": long}),
+        )
         .await;
     assert_eq!(embed.status(), 200, "{}", text(embed).await);
 }
@@ -86,13 +87,22 @@ async fn a_megabyte_run_without_spaces_is_no_500() {
     // tiktoken panicked on this (its regex gives up on a 1 MB piece): a 500 showing a panic.
     let h = start().await;
     let run = "x".repeat(1 << 20);
-    for (model, stream) in [("oa/normal", false), ("oa/normal", true), ("mock/echo", true)] {
+    for (model, stream) in [
+        ("oa/normal", false),
+        ("oa/normal", true),
+        ("mock/echo", true),
+    ] {
         let resp = h
             .post("/v1/chat/completions", &chat(model, &run, stream))
             .await;
         let status = resp.status();
         let body = text(resp).await;
-        assert_eq!(status, 200, "{model} stream={stream}: {}", &body[..body.len().min(300)]);
+        assert_eq!(
+            status,
+            200,
+            "{model} stream={stream}: {}",
+            &body[..body.len().min(300)]
+        );
         if stream {
             assert!(body.contains("[DONE]"), "{model}: the stream did not end");
         }
@@ -114,7 +124,10 @@ async fn a_giant_streamed_reply_without_spaces_ends_with_done_and_is_billed() {
     let h = start().await;
     let requests = (0..4).map(|_| async {
         let resp = h
-            .post("/v1/chat/completions", &chat("oa/giant-no-space", "Go.", true))
+            .post(
+                "/v1/chat/completions",
+                &chat("oa/giant-no-space", "Go.", true),
+            )
             .await;
         assert_eq!(resp.status(), 200);
         text(resp).await
@@ -231,11 +244,17 @@ async fn an_upstream_sending_only_keepalives_or_nothing_is_cut_after_the_idle_ti
 async fn usage_numbers_out_of_range_are_not_billed() {
     let h = start().await;
     let stream = h
-        .post("/v1/chat/completions", &chat("oa/huge-usage", "Hello there.", true))
+        .post(
+            "/v1/chat/completions",
+            &chat("oa/huge-usage", "Hello there.", true),
+        )
         .await;
     assert!(text(stream).await.contains("[DONE]"));
     let whole = h
-        .post("/v1/chat/completions", &chat("oa/huge-usage", "Hello there.", false))
+        .post(
+            "/v1/chat/completions",
+            &chat("oa/huge-usage", "Hello there.", false),
+        )
         .await;
     assert_eq!(whole.status(), 200);
     // Translated for an Anthropic client too.

@@ -360,9 +360,9 @@ impl Exchange {
     ) -> TokenUsage {
         let checked = match state.usage_rejected {
             Some(why) => Err(why),
-            None => state
-                .usage
-                .map_or(Ok(None), |u| usage::within(u, self.max_reported_tokens).map(Some)),
+            None => state.usage.map_or(Ok(None), |u| {
+                usage::within(u, self.max_reported_tokens).map(Some)
+            }),
         };
         match (checked, state.usage_final) {
             (Err(why), _) => {

@@ -254,7 +254,10 @@ mod tests {
     fn an_event_over_the_bound_stops_the_parser() {
         let mut p = SseParser::with_max_event_bytes(64);
         p.push(b"data: ok\n\n");
-        assert_eq!(p.next_frame().map(|f| f.data), Some(Some(Bytes::from("ok"))));
+        assert_eq!(
+            p.next_frame().map(|f| f.data),
+            Some(Some(Bytes::from("ok")))
+        );
         // A line without its end, fed a byte at a time: never more than the bound held.
         for _ in 0..64 {
             p.push(b"x");

@@ -460,7 +460,7 @@ impl Stream for RelayStream {
                     return match this.take_out() {
                         Some(b) => Poll::Ready(Some(Ok(b))),
                         None => Poll::Pending,
-                    }
+                    };
                 }
                 Poll::Ready(Some(Ok(bytes))) => {
                     if this.first_upstream_at.is_none() && this.post_processing.is_zero() {

@@ -107,7 +107,10 @@ impl Dialects {
             (ClientRequest::OpenAi(..), WireFormat::OpenAi) => {
                 let r: openai::ChatResponse = serde_json::from_slice(&raw).map_err(invalid)?;
                 Whole {
-                    usage: r.usage.as_ref().map_or(Ok(TokenUsage::default()), usage::from_openai),
+                    usage: r
+                        .usage
+                        .as_ref()
+                        .map_or(Ok(TokenUsage::default()), usage::from_openai),
                     output_text: String::new(),
                     finish_reason: r.choices.first().and_then(|c| c.finish_reason.clone()),
                     body: renamed(raw),
@@ -143,7 +146,10 @@ impl Dialects {
                 out["model"] = Value::from(model);
                 Whole {
                     finish_reason: out["stop_reason"].as_str().map(str::to_string),
-                    usage: r.usage.as_ref().map_or(Ok(TokenUsage::default()), usage::from_openai),
+                    usage: r
+                        .usage
+                        .as_ref()
+                        .map_or(Ok(TokenUsage::default()), usage::from_openai),
                     output_text: String::new(),
                     body: Bytes::from(out.to_string()),
                 }
@@ -184,7 +190,10 @@ fn whole_output_text(client: WireFormat, body: &[u8]) -> String {
                 return text;
             };
             for c in &r.choices {
-                for s in [&c.message.content, &c.message.refusal].into_iter().flatten() {
+                for s in [&c.message.content, &c.message.refusal]
+                    .into_iter()
+                    .flatten()
+                {
                     text.push_str(s);
                 }
                 for call in c.message.tool_calls.iter().flatten() {
