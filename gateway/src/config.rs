@@ -122,6 +122,17 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest non-streaming upstream response body read.
     pub max_upstream_body_bytes: usize,
+    /// Largest server-sent event read from a streaming upstream (all its lines, up to the
+    /// blank line that ends it); a longer one ends the client's stream with an error event
+    /// and is recorded as an upstream error. Default 8 MiB: the largest legitimate events
+    /// carry base64 images (a 1536×1024 PNG is about 4 MB in base64).
+    pub max_upstream_event_bytes: usize,
+    /// Largest token count an upstream may report for one request (each of input, cached
+    /// input, cache writes and output). A report above it, or inconsistent (a total that is
+    /// not the sum of its parts, more cached tokens than prompt tokens, a sum that
+    /// overflows), is not billed: the gateway's own count is, marked `usage_source =
+    /// counted`, and `tollgate_upstream_usage_rejected_total` counts it.
+    pub max_reported_tokens: u64,
     /// Production mode: no default tenant or key is ever created automatically, the free
     /// `mock/...` models and the `openai/*` / `anthropic/*` routes paid with the operator's
     /// environment keys are off unless enabled explicitly, and `/metrics` is not served on the
@@ -186,6 +197,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".to_string(),
             max_body_bytes: 4 * 1024 * 1024,
             max_upstream_body_bytes: 64 * 1024 * 1024,
+            max_upstream_event_bytes: crate::relay::sse::DEFAULT_MAX_EVENT_BYTES,
+            max_reported_tokens: 10_000_000,
             production: false,
             key_cache_ttl_ms: 5_000,
             mock_models: None,
@@ -313,8 +326,12 @@ pub struct HttpDeploymentConfig {
     /// time-to-first-token timeout).
     #[serde(default = "default_first_byte_timeout_ms")]
     pub first_byte_timeout_ms: u64,
-    /// Longest pause allowed between two body chunks once streaming; 0 (default): none.
-    #[serde(default)]
+    /// Longest pause allowed between two upstream data events once a response has begun
+    /// (keep-alive comments do not count: an upstream that sends only `: ping` is idle), and
+    /// between two body reads of a whole response; when it passes, the stream ends with an
+    /// error event and the request is recorded as an upstream error. Default 120000 (two
+    /// minutes); 0: no bound.
+    #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
     /// Whether this deployment serves `/v1/embeddings`.
     #[serde(default)]
@@ -411,6 +428,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_first_byte_timeout_ms() -> u64 {
     600_000
 }
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
 fn default_metrics_poll_ms() -> u64 {
     1_000
 }
@@ -465,6 +485,13 @@ impl Config {
                 "server.busy_poll_us is {}; at most {MAX_BUSY_POLL_US} (0: off)",
                 self.server.busy_poll_us
             )));
+        }
+        if self.server.max_upstream_event_bytes == 0 || self.server.max_reported_tokens == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_upstream_event_bytes and server.max_reported_tokens must be at \
+                 least 1"
+                    .to_string(),
+            ));
         }
         let server = &self.server;
         for (name, ms) in [

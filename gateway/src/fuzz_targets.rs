@@ -25,6 +25,44 @@ pub fn sse(input: &[u8], cuts: &[usize]) -> (Vec<Bytes>, Option<Bytes>) {
     (frames, parser.finish().map(|f| f.raw))
 }
 
+/// Like [`sse`] with a parser bounded to `max` bytes per event: the frames read, what is
+/// left at the end, and whether the bound was passed.
+pub fn sse_bounded(input: &[u8], cuts: &[usize], max: usize) -> (Vec<Bytes>, Option<Bytes>, bool) {
+    let mut parser = SseParser::with_max_event_bytes(max);
+    let mut frames = Vec::new();
+    let mut from = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+        parser.push(&input[from..cut]);
+        from = cut;
+        while let Some(f) = parser.next_frame() {
+            frames.push(f.raw);
+        }
+    }
+    let rest = parser.finish().map(|f| f.raw);
+    (frames, rest, parser.overflowed())
+}
+
+/// `input` read as an OpenAI and as an Anthropic usage object: the usage that would be
+/// billed from each (`None` when it is not believed, or does not parse).
+pub fn usage(input: &[u8], max: u64) -> [Option<tollgate_schemas::TokenUsage>; 2] {
+    use crate::translate::usage;
+    let openai = serde_json::from_slice::<crate::api::openai::Usage>(input)
+        .ok()
+        .and_then(|u| {
+            usage::from_openai(&u)
+                .and_then(|u| usage::within(u, max))
+                .ok()
+        });
+    let anthropic = serde_json::from_slice::<crate::api::anthropic::Usage>(input)
+        .ok()
+        .and_then(|u| {
+            usage::from_anthropic(&u)
+                .and_then(|u| usage::within(u, max))
+                .ok()
+        });
+    [openai, anthropic]
+}
+
 /// One RESP reply read from the start of `input`: its length if complete.
 pub fn resp(input: &[u8]) -> Result<Option<usize>, String> {
     crate::limits::resp::parse_reply(input)

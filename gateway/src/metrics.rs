@@ -23,6 +23,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Least time between two warnings about rejected upstream usage reports.
+pub const USAGE_REJECTED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// All gateway metrics, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +36,9 @@ pub struct Metrics {
     overhead: HistogramVec,
     tokens: IntCounterVec,
     in_flight: IntGaugeVec,
+    usage_rejected: IntCounterVec,
+    /// When a rejected usage report was last logged, and how many were not logged since.
+    usage_rejected_log: Mutex<(Option<std::time::Instant>, u64)>,
     /// Set once the price book is known ([`Metrics::track_cost`]).
     cost: OnceLock<std::sync::Arc<CostMeter>>,
 }
@@ -88,6 +94,14 @@ impl Metrics {
             Opts::new("tollgate_in_flight_requests", "Requests being served"),
             &["route"],
         )?;
+        let usage_rejected = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_usage_rejected_total",
+                "Upstream usage reports not billed (over server.max_reported_tokens or not adding up); the gateway's own count was billed instead",
+            ),
+            &["provider", "reason"],
+        )?;
+        registry.register(Box::new(usage_rejected.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -104,6 +118,8 @@ impl Metrics {
             overhead,
             tokens,
             in_flight,
+            usage_rejected,
+            usage_rejected_log: Mutex::new((None, 0)),
             cost: OnceLock::new(),
         })
     }
@@ -156,6 +172,34 @@ impl Metrics {
                     .with_label_values(&[r.model_label.as_str(), r.provider, kind])
                     .inc_by(n);
             }
+        }
+    }
+
+    /// An upstream usage report that is not billed (`reason`: a bounded label): counted, and
+    /// logged at warn at most once per [`USAGE_REJECTED_LOG_EVERY`] with the number of
+    /// others since (a misbehaving upstream must not flood the log).
+    pub fn usage_rejected(&self, provider: &str, reason: &str, deployment: &str, request_id: &str) {
+        self.usage_rejected
+            .with_label_values(&[provider, reason])
+            .inc();
+        let now = std::time::Instant::now();
+        let mut log = self.usage_rejected_log.lock();
+        let due = log
+            .0
+            .is_none_or(|last| now.duration_since(last) >= USAGE_REJECTED_LOG_EVERY);
+        if due {
+            let others = std::mem::take(&mut log.1);
+            log.0 = Some(now);
+            drop(log);
+            tracing::warn!(
+                deployment,
+                request_id,
+                reason,
+                others_since_last_warning = others,
+                "upstream usage report rejected; billed by the gateway's own count"
+            );
+        } else {
+            log.1 += 1;
         }
     }
 

@@ -1,4 +1,5 @@
-//! Fuzz tests of every hand-written reader of untrusted bytes: the SSE parser, the HTTP/1.1
+//! Fuzz tests of every hand-written reader of untrusted bytes: the SSE parser (unbounded and
+//! with a small bound on one event), upstream usage reports (billed only in range), the HTTP/1.1
 //! response head parser and chunked decoder (provider responses), the RESP reader (Redis),
 //! the request body parsers of each API, the stream adapters (same dialect and translated),
 //! the model renamer, and the billing pipeline's event decoder.
@@ -151,6 +152,41 @@ fn sse_parser_reads_the_same_frames_however_the_bytes_are_cut() {
             rebuilt.extend_from_slice(rest);
         }
         assert!(input.starts_with(&rebuilt) || rebuilt.len() <= input.len());
+    });
+}
+
+#[test]
+fn a_bounded_sse_parser_reads_what_the_unbounded_one_does_until_it_gives_up() {
+    fuzz("sse", |input, rng| {
+        let max = 1 + rng.below(256);
+        let whole = t::sse(input, &[]);
+        let (frames, rest, overflowed) = t::sse_bounded(input, &cuts(rng, input.len()), max);
+        // Nothing invented or reordered: what it read is what the unbounded parser read.
+        assert!(frames.len() <= whole.0.len());
+        assert_eq!(frames[..], whole.0[..frames.len()]);
+        if overflowed {
+            assert!(rest.is_none(), "nothing is returned after an overflow");
+        } else {
+            assert_eq!((frames, rest), whole, "{max}");
+        }
+    });
+}
+
+#[test]
+fn usage_reports_are_billed_only_when_in_range_and_consistent() {
+    fuzz("usage", |input, rng| {
+        let max = [u64::MAX, 10_000_000, rng.next() % 1_000][rng.below(3)];
+        for u in t::usage(input, max).into_iter().flatten() {
+            let figures = [
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_input_tokens,
+                u.output_tokens,
+            ];
+            assert!(figures.iter().all(|n| *n <= max), "{u:?} over {max}");
+            assert!(u.input_tokens.checked_add(u.output_tokens).is_some());
+            assert!(u.cached_input_tokens <= u.input_tokens, "{u:?}");
+        }
     });
 }
 

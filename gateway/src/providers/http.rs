@@ -346,7 +346,7 @@ where
                 Poll::Ready(()) => {
                     self.expired = true;
                     Poll::Ready(Some(Err(GatewayError::UpstreamTimeout(format!(
-                        "no data for {} ms mid-response",
+                        "no data for {} ms mid-response (idle_timeout_ms)",
                         self.idle.as_millis()
                     )))))
                 }

@@ -119,7 +119,7 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt.saturating_add(completion),
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
             "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
@@ -146,20 +146,21 @@ impl Provider for MockProvider {
         body: Bytes,
         _forwarded: &Forwarded,
     ) -> Result<UpstreamResponse, GatewayError> {
-        let value: Value = serde_json::from_slice(&body)
-            .map_err(|e| GatewayError::bad_request(format!("invalid JSON: {e}")))?;
-        if endpoint == Endpoint::Embeddings {
-            return embeddings(&value);
-        }
-        let req: openai::ChatRequest = typed_from_value(&value)?;
-        let prompt_tokens = tokens::count_openai_prompt(&req);
-        let reply = self.reply(&req);
-        let text: String = reply.pieces.concat();
-        let mut completion_tokens = tokens::count_text(&req.model, &text);
-        if let Some((name, args)) = &reply.tool_call {
-            completion_tokens +=
-                tokens::count_text(&req.model, name) + tokens::count_text(&req.model, args);
-        }
+        // Parsing and counting a large body takes the blocking pool, not a serving thread.
+        let this = self.clone();
+        let prepared = tokens::off_thread(body.len(), move || this.prepare(endpoint, &body))
+            .await
+            .ok_or_else(|| GatewayError::Internal("the mock reply was not prepared".into()))??;
+        let Prepared {
+            req,
+            prompt_tokens,
+            reply,
+            text,
+            completion_tokens,
+        } = match prepared {
+            Ready::Embeddings(response) => return Ok(response),
+            Ready::Chat(p) => *p,
+        };
         let id = format!("chatcmpl-mock{}", uuid::Uuid::new_v4().simple());
         let call_id = format!("call_mock{}", uuid::Uuid::new_v4().simple());
         let created = unix_now();
@@ -258,6 +259,48 @@ impl Provider for MockProvider {
     }
 }
 
+/// A chat request parsed, counted and answered (before pacing).
+struct Prepared {
+    req: openai::ChatRequest,
+    prompt_tokens: u64,
+    reply: Reply,
+    text: String,
+    completion_tokens: u64,
+}
+
+enum Ready {
+    Chat(Box<Prepared>),
+    Embeddings(UpstreamResponse),
+}
+
+impl MockProvider {
+    /// Parses `body` and counts what the reply will report (the costly part).
+    fn prepare(&self, endpoint: Endpoint, body: &[u8]) -> Result<Ready, GatewayError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| GatewayError::bad_request(format!("invalid JSON: {e}")))?;
+        if endpoint == Endpoint::Embeddings {
+            return embeddings(&value).map(Ready::Embeddings);
+        }
+        let req: openai::ChatRequest = typed_from_value(&value)?;
+        let prompt_tokens = tokens::count_openai_prompt(&req);
+        let reply = self.reply(&req);
+        let text: String = reply.pieces.concat();
+        let mut completion_tokens = tokens::count_text(&req.model, &text);
+        if let Some((name, args)) = &reply.tool_call {
+            completion_tokens = completion_tokens
+                .saturating_add(tokens::count_text(&req.model, name))
+                .saturating_add(tokens::count_text(&req.model, args));
+        }
+        Ok(Ready::Chat(Box::new(Prepared {
+            req,
+            prompt_tokens,
+            reply,
+            text,
+            completion_tokens,
+        })))
+    }
+}
+
 /// Deterministic 8-dimensional embeddings, one per input.
 fn embeddings(value: &Value) -> Result<UpstreamResponse, GatewayError> {
     let req: openai::EmbeddingsRequest = typed_from_value(value)?;
@@ -272,7 +315,7 @@ fn embeddings(value: &Value) -> Result<UpstreamResponse, GatewayError> {
         .iter()
         .enumerate()
         .map(|(i, text)| {
-            prompt_tokens += tokens::count_text(&req.model, text);
+            prompt_tokens = tokens::count_text(&req.model, text).saturating_add(prompt_tokens);
             let h = crc32fast::hash(text.as_bytes());
             let v: Vec<f64> = (0..8)
                 .map(|k| f64::from((h.rotate_left(k * 4) & 0xff) as u8) / 255.0 - 0.5)

@@ -16,6 +16,7 @@ use crate::events::EventSink;
 use crate::metrics::Metrics;
 use crate::routing::{Lease, RouteLog};
 use crate::tokens;
+use crate::translate::usage::{self, Implausible};
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +75,8 @@ pub struct Exchange {
     pub access_log: AccessLog,
     /// Answered from the response cache.
     pub cache_hit: Option<CacheHit>,
+    /// `server.max_reported_tokens`: an upstream report above it is not billed.
+    pub max_reported_tokens: u64,
 }
 
 /// A request answered from the response cache.
@@ -248,6 +251,7 @@ impl Exchange {
             route_log: routed.route_log.map(Arc::new),
             lease: routed.lease.map(Arc::new),
             access_log: state.config.server.access_log,
+            max_reported_tokens: state.config.server.max_reported_tokens,
             cache_hit: None,
         }
     }
@@ -282,6 +286,7 @@ impl Exchange {
             route_log: None,
             lease: None,
             access_log: state.config.server.access_log,
+            max_reported_tokens: state.config.server.max_reported_tokens,
             cache_hit: Some(CacheHit { saved: hit.saved }),
         }
     }
@@ -345,29 +350,76 @@ impl Exchange {
     }
 
     /// Usage to bill: the provider's final figures when it sent them, otherwise what it sent
-    /// completed by counting (prompt estimate, tokens of the text relayed so far).
+    /// completed by counting (prompt estimate, tokens of the text relayed so far). A report
+    /// that does not add up or is over `max_reported_tokens` is not used at all: the
+    /// gateway's own count is billed (see [`Exchange::vet_usage`]).
     pub fn settle_usage(
         &self,
         state: &StreamState,
         output_text: impl FnOnce() -> String,
     ) -> TokenUsage {
-        match (&state.usage, state.usage_final) {
-            (Some(u), true) => *u,
-            (partial, _) => {
-                let counted_output = tokens::count_text(&self.upstream_model, &output_text());
-                let base = partial.unwrap_or_default();
-                TokenUsage {
-                    input_tokens: if base.input_tokens > 0 {
-                        base.input_tokens
-                    } else {
-                        self.prompt_estimate
-                    },
-                    output_tokens: base.output_tokens.max(counted_output),
-                    source: UsageSource::Counted,
-                    ..base
-                }
+        let checked = match state.usage_rejected {
+            Some(why) => Err(why),
+            None => state.usage.map_or(Ok(None), |u| {
+                usage::within(u, self.max_reported_tokens).map(Some)
+            }),
+        };
+        match (checked, state.usage_final) {
+            (Err(why), _) => {
+                self.reject_usage(why);
+                self.counted_usage(None, output_text)
+            }
+            (Ok(Some(u)), true) => u,
+            (Ok(partial), _) => self.counted_usage(partial, output_text),
+        }
+    }
+
+    /// Usage to bill from a whole response's report (`reported`): believed when it adds up
+    /// and is within `max_reported_tokens`, else the gateway's count (prompt estimate,
+    /// tokens of `output_text`), marked counted.
+    pub fn vet_usage(
+        &self,
+        reported: Result<TokenUsage, Implausible>,
+        output_text: impl FnOnce() -> String,
+    ) -> TokenUsage {
+        match reported.and_then(|u| usage::within(u, self.max_reported_tokens)) {
+            Ok(u) => u,
+            Err(why) => {
+                self.reject_usage(why);
+                self.counted_usage(None, output_text)
             }
         }
+    }
+
+    /// What the upstream reported (`partial`), completed by counting: the prompt estimate
+    /// for a missing input count, tokens of the output text for the output.
+    fn counted_usage(
+        &self,
+        partial: Option<TokenUsage>,
+        output_text: impl FnOnce() -> String,
+    ) -> TokenUsage {
+        let counted_output = tokens::count_text(&self.upstream_model, &output_text());
+        let base = partial.unwrap_or_default();
+        TokenUsage {
+            input_tokens: if base.input_tokens > 0 {
+                base.input_tokens
+            } else {
+                self.prompt_estimate
+            },
+            output_tokens: base.output_tokens.max(counted_output),
+            source: UsageSource::Counted,
+            ..base
+        }
+    }
+
+    /// Counts (and, rate-limited, logs) an upstream usage report that is not billed.
+    fn reject_usage(&self, why: Implausible) {
+        self.metrics.usage_rejected(
+            self.provider,
+            why.label(),
+            &self.deployment,
+            &self.request_id,
+        );
     }
 
     /// Records the completion: metrics and the event sink. Called exactly once per request.

@@ -34,6 +34,8 @@ pub struct StreamState {
     pub usage: Option<TokenUsage>,
     /// Whether `usage` is the final figure (a usage chunk, or Anthropic's `message_delta`).
     pub usage_final: bool,
+    /// The upstream reported usage that does not add up (then `usage` is not billed).
+    pub usage_rejected: Option<crate::translate::usage::Implausible>,
     /// The finish/stop reason, in the client's dialect.
     pub finish_reason: Option<String>,
     /// Content-bearing events relayed to the client.
@@ -88,6 +90,23 @@ pub fn event_output_text(format: crate::api::WireFormat, event: &[u8]) -> String
         }
     }
     text
+}
+
+impl StreamState {
+    /// Takes an upstream's usage report, read from its dialect: believed if it adds up,
+    /// otherwise remembered as rejected.
+    pub fn report_usage(
+        &mut self,
+        reported: Result<TokenUsage, crate::translate::usage::Implausible>,
+    ) {
+        match reported {
+            Ok(u) => self.usage = Some(u),
+            Err(why) => {
+                self.usage = None;
+                self.usage_rejected = Some(why);
+            }
+        }
+    }
 }
 
 /// Writes one `data:` frame.

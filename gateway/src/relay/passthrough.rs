@@ -115,7 +115,7 @@ impl StreamAdapter for OpenAiPassthrough {
                     .usage
                     .and_then(|u| serde_json::from_str::<openai::Usage>(u.get()).ok())
                 {
-                    self.state.usage = Some(usage::from_openai(&u));
+                    self.state.report_usage(usage::from_openai(&u));
                     self.state.usage_final = true;
                     self.relayed.clear();
                 }
@@ -252,7 +252,7 @@ impl AnthropicPassthrough {
 
     fn merge_usage(&mut self, u: &anthropic::Usage, is_final: bool) {
         usage::merge_anthropic(&mut self.merged, u);
-        self.state.usage = Some(usage::from_anthropic(&self.merged));
+        self.state.report_usage(usage::from_anthropic(&self.merged));
         self.state.usage_final = is_final;
     }
 }

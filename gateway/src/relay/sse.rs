@@ -28,10 +28,30 @@ impl SseFrame {
     }
 }
 
-/// Splits a byte stream into frames.
-#[derive(Debug, Default)]
+/// The default bound on one upstream event (`server.max_upstream_event_bytes`): all its
+/// lines up to the blank line that ends it. The largest legitimate events are base64
+/// payloads (a 1536×1024 PNG is about 4 MB in base64); ordinary chunks are under 1 KB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Splits a byte stream into frames, in time linear in its length: the scan for a frame's
+/// end resumes where the previous one stopped, and an unfinished frame is bounded (past the
+/// bound the parser stops buffering and reports [`SseParser::overflowed`]).
+#[derive(Debug)]
 pub struct SseParser {
     buf: BytesMut,
+    /// Where the scan for the end of the first frame resumes (bytes before it are lines
+    /// already seen).
+    scan: usize,
+    /// Where the line being scanned starts.
+    line_start: usize,
+    max_event_bytes: usize,
+    overflowed: bool,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        SseParser::with_max_event_bytes(DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 impl SseParser {
@@ -39,14 +59,51 @@ impl SseParser {
         SseParser::default()
     }
 
+    /// A parser that gives up on an event longer than `max` bytes.
+    pub fn with_max_event_bytes(max: usize) -> Self {
+        SseParser {
+            buf: BytesMut::new(),
+            scan: 0,
+            line_start: 0,
+            max_event_bytes: max.max(1),
+            overflowed: false,
+        }
+    }
+
+    /// The bound on one event, in bytes.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
+    /// Whether an event grew past the bound: the parser has dropped what it held and
+    /// ignores what follows (the stream cannot be resynchronized safely).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     /// Appends bytes read from upstream.
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        if !self.overflowed {
+            self.buf.extend_from_slice(bytes);
+        }
     }
 
     /// The next complete frame, if the buffer holds one.
     pub fn next_frame(&mut self) -> Option<SseFrame> {
-        let end = frame_end(&self.buf)?;
+        if self.overflowed {
+            return None;
+        }
+        let Some(end) = self.frame_end() else {
+            if self.buf.len() > self.max_event_bytes {
+                self.overflowed = true;
+                self.buf = BytesMut::new();
+                self.scan = 0;
+                self.line_start = 0;
+            }
+            return None;
+        };
+        self.scan = 0;
+        self.line_start = 0;
         let raw = self.buf.split_to(end).freeze();
         Some(parse_frame(raw))
     }
@@ -54,7 +111,9 @@ impl SseParser {
     /// What is left when the upstream closed: a final frame without its blank line, if any
     /// data is in it.
     pub fn finish(&mut self) -> Option<SseFrame> {
-        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+        self.scan = 0;
+        self.line_start = 0;
+        if self.overflowed || self.buf.iter().all(|b| b.is_ascii_whitespace()) {
             self.buf.clear();
             return None;
         }
@@ -63,32 +122,46 @@ impl SseParser {
         frame.data.as_ref()?;
         Some(frame)
     }
-}
 
-/// The index just past the blank line that ends the first frame in `buf`.
-fn frame_end(buf: &[u8]) -> Option<usize> {
-    let mut line_start = 0;
-    let mut i = 0;
-    while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
-        let pos = i + off;
-        let mut next = pos + 1;
-        if buf[pos] == b'\r' {
-            // A CR at the end of the buffer may be the first half of a CRLF: wait.
-            let following = *buf.get(next)?;
-            if following == b'\n' {
-                next += 1;
+    /// The index just past the blank line that ends the first frame in the buffer, scanning
+    /// from where the last call stopped.
+    fn frame_end(&mut self) -> Option<usize> {
+        let buf = &self.buf[..];
+        let mut i = self.scan;
+        while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+            let pos = i + off;
+            let mut next = pos + 1;
+            if buf[pos] == b'\r' {
+                match buf.get(next) {
+                    // A CR at the end of the buffer may be the first half of a CRLF: look
+                    // at it again when more has arrived.
+                    None => {
+                        self.scan = pos;
+                        return None;
+                    }
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                }
             }
+            if pos == self.line_start {
+                return Some(next);
+            }
+            self.line_start = next;
+            i = next;
         }
-        if pos == line_start {
-            return Some(next);
-        }
-        line_start = next;
-        i = next;
+        self.scan = buf.len();
+        None
     }
-    None
 }
 
 fn parse_frame(raw: Bytes) -> SseFrame {
+    // SSE is UTF-8 text: invalid bytes from an upstream become U+FFFD here, once, so that a
+    // relayed frame is valid for every client and a translated one is not dropped by its
+    // JSON parser. Valid frames (all of them, in practice) are checked and kept as they are.
+    let raw = match std::str::from_utf8(&raw) {
+        Ok(_) => raw,
+        Err(_) => Bytes::from(String::from_utf8_lossy(&raw).into_owned()),
+    };
     let mut event = None;
     let mut data: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
@@ -158,6 +231,19 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_becomes_replacement_characters() {
+        let mut p = SseParser::new();
+        p.push(b"data: {\"content\":\"caf\xc3\"}\n\ndata: ok\n\n");
+        let f = p.next_frame().unwrap();
+        let raw = std::str::from_utf8(&f.raw).unwrap();
+        assert_eq!(raw, "data: {\"content\":\"caf\u{fffd}\"}\n\n");
+        assert_eq!(
+            std::str::from_utf8(f.data.as_ref().unwrap()).unwrap(),
+            "{\"content\":\"caf\u{fffd}\"}"
+        );
+        assert_eq!(p.next_frame().unwrap().data.as_deref(), Some(&b"ok"[..]));
+    }
+    #[test]
     fn frames_split_anywhere_reassemble() {
         let whole = b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\r\n\r\ndata: [DONE]\r\n\r\n";
         let expected = all_frames(&[whole]);
@@ -182,6 +268,59 @@ mod tests {
         assert_eq!(multi[0].data.as_deref(), Some(&b"a\nb"[..]));
         let nospace = all_frames(&[b"data:x\r\r"]);
         assert_eq!(nospace[0].data.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn an_event_over_the_bound_stops_the_parser() {
+        let mut p = SseParser::with_max_event_bytes(64);
+        p.push(b"data: ok\n\n");
+        assert_eq!(
+            p.next_frame().map(|f| f.data),
+            Some(Some(Bytes::from("ok")))
+        );
+        // A line without its end, fed a byte at a time: never more than the bound held.
+        for _ in 0..64 {
+            p.push(b"x");
+            assert!(p.next_frame().is_none());
+            assert!(!p.overflowed());
+        }
+        p.push(b"x");
+        assert!(p.next_frame().is_none());
+        assert!(p.overflowed());
+        p.push(b"\n\ndata: late\n\n");
+        assert!(p.next_frame().is_none(), "nothing after an overflow");
+        assert!(p.finish().is_none());
+        // Many short lines without the blank line count too.
+        let mut p = SseParser::with_max_event_bytes(64);
+        for _ in 0..20 {
+            p.push(b"data: 1234\n");
+            let _ = p.next_frame();
+        }
+        assert!(p.overflowed());
+        // Frames that fit, however many, do not.
+        let mut p = SseParser::with_max_event_bytes(64);
+        for _ in 0..1000 {
+            p.push(b"data: 1234\n\n");
+            assert!(p.next_frame().is_some());
+        }
+        assert!(!p.overflowed());
+    }
+
+    #[test]
+    fn a_long_line_is_scanned_once() {
+        // Fed in 1-byte reads, a 2 MB line costs a linear scan (this took minutes when every
+        // read rescanned the buffer from its start).
+        let mut p = SseParser::new();
+        p.push(b"data: ");
+        for _ in 0..(2 << 20) {
+            p.push(b"y");
+            assert!(p.next_frame().is_none());
+        }
+        p.push(b"\r");
+        assert!(p.next_frame().is_none());
+        p.push(b"\n\r\n");
+        let f = p.next_frame().unwrap();
+        assert_eq!(f.data.map(|d| d.len()), Some(2 << 20));
     }
 
     #[test]

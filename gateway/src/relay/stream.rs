@@ -99,6 +99,14 @@ pub struct RelayStream {
     drain_upstream: bool,
     /// Where the finished stream leaves its tokens (the trailer of `usage_trailer.rs`).
     usage_slot: Option<UsageSlot>,
+    /// The bound on the time between upstream data events, if any.
+    idle: Option<IdleTimer>,
+}
+
+/// Fires when no upstream data event has arrived for `after`.
+struct IdleTimer {
+    after: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// Counts a request's prompt tokens (the pre-flight estimate, taken late).
@@ -138,6 +146,7 @@ impl RelayStream {
             cache_ready: None,
             drain_upstream: false,
             usage_slot: None,
+            idle: None,
         }
     }
 
@@ -152,6 +161,41 @@ impl RelayStream {
     pub fn with_cache_fill(mut self, fill: Option<CacheFill>) -> Self {
         self.cache_fill = fill;
         self
+    }
+
+    /// Bounds one upstream event (`server.max_upstream_event_bytes`): a longer one ends the
+    /// stream with an error event, recorded as an upstream error.
+    pub fn with_max_event_bytes(mut self, max: usize) -> Self {
+        self.parser = SseParser::with_max_event_bytes(max);
+        self
+    }
+
+    /// Bounds the time between two upstream data events (the deployment's
+    /// `idle_timeout_ms`; keep-alive comments are not data): when it passes, the stream ends
+    /// with an error event, recorded as an upstream error. `None`: no bound.
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle = idle.map(|after| IdleTimer {
+            after,
+            timer: Box::pin(tokio::time::sleep(after)),
+        });
+        self
+    }
+
+    /// Ends the stream on an upstream fault the relay found itself (an event too long, no
+    /// data for too long): the client gets an error event in its dialect, the completion
+    /// records an upstream error (billed for what was delivered), and the upstream
+    /// connection is closed rather than read on.
+    fn fail_upstream(&mut self, message: String) {
+        tracing::warn!(
+            request_id = %self.exchange.request_id,
+            deployment = %self.exchange.deployment,
+            "{message}"
+        );
+        self.adapter.on_error(&message, &mut self.out);
+        self.finish(Outcome::UpstreamError(message));
+        self.frames_held = false;
+        self.drain_upstream = false;
+        self.upstream = Box::pin(futures_util::stream::empty());
     }
 
     /// Holds `allowance` against the request's limits while the stream runs.
@@ -298,7 +342,9 @@ impl RelayStream {
         let first_alone = self.first_sent == FirstOutput::Pending
             && OPEN_STREAMS.load(Ordering::Relaxed) <= light_load_streams();
         let mut stopped = false;
+        let mut data_seen = false;
         while let Some(frame) = self.parser.next_frame() {
+            data_seen |= frame.data.is_some();
             self.adapter.on_frame(frame, &mut self.out);
             if first_alone && self.adapter.state().first_output_at.is_some() {
                 stopped = !self.out.is_empty();
@@ -314,7 +360,32 @@ impl RelayStream {
             };
         }
         self.frames_held = stopped;
+        if data_seen {
+            if let Some(idle) = self.idle.as_mut() {
+                let deadline = tokio::time::Instant::now() + idle.after;
+                idle.timer.as_mut().reset(deadline);
+            }
+        }
         stopped
+    }
+
+    /// The upstream fault found while relaying, if any: an event past the bound, or no data
+    /// event for the idle timeout (its timer is polled here, so `cx` is woken when it fires).
+    fn upstream_fault(&mut self, cx: &mut Context<'_>) -> Option<String> {
+        if self.parser.overflowed() {
+            return Some(format!(
+                "the upstream sent an event over {} bytes (server.max_upstream_event_bytes); \
+                 the stream was cut",
+                self.parser.max_event_bytes()
+            ));
+        }
+        let idle = self.idle.as_mut()?;
+        idle.timer.as_mut().poll(cx).is_ready().then(|| {
+            format!(
+                "no data from the upstream for {} ms (idle_timeout_ms); the stream was cut",
+                idle.after.as_millis()
+            )
+        })
     }
 
     fn take_out(&mut self) -> Option<Bytes> {
@@ -395,10 +466,14 @@ impl Stream for RelayStream {
             match this.upstream.as_mut().poll_next(cx) {
                 // Nothing more is ready upstream: send what this poll gathered.
                 Poll::Pending => {
+                    if let Some(fault) = this.upstream_fault(cx) {
+                        this.fail_upstream(fault);
+                        continue;
+                    }
                     return match this.take_out() {
                         Some(b) => Poll::Ready(Some(Ok(b))),
                         None => Poll::Pending,
-                    }
+                    };
                 }
                 Poll::Ready(Some(Ok(bytes))) => {
                     if this.first_upstream_at.is_none() && this.post_processing.is_zero() {
@@ -407,6 +482,12 @@ impl Stream for RelayStream {
                     this.parser.push(&bytes);
                     if this.relay_frames() && !this.adapter.state().terminated {
                         return Poll::Ready(this.take_out().map(Ok));
+                    }
+                    if this.parser.overflowed() && !this.adapter.state().terminated {
+                        if let Some(fault) = this.upstream_fault(cx) {
+                            this.fail_upstream(fault);
+                            continue;
+                        }
                     }
                     if this.adapter.state().terminated {
                         continue;
@@ -674,6 +755,7 @@ mod relay_tests {
             lease: None,
             access_log: crate::access_log::AccessLog::Off,
             cache_hit: None,
+            max_reported_tokens: 10_000_000,
         };
         let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
             BURST.as_bytes(),

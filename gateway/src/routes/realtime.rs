@@ -310,6 +310,10 @@ async fn run_one(
                 return;
             }
         }
+        if parser.overflowed() {
+            // An event past the bound: the rest cannot be read safely.
+            break;
+        }
     }
     if !ended {
         let _ = events

@@ -75,6 +75,9 @@ pub struct Deployment {
     /// vLLM's Prometheus endpoint and how often to poll it.
     pub metrics_url: Option<(String, Duration)>,
     pub health: Arc<Health>,
+    /// Longest time between two upstream data events of a stream (`idle_timeout_ms`);
+    /// `None`: unbounded (the in-process mock).
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl Deployment {
@@ -477,7 +480,7 @@ fn build_deployment(
                 }),
             ),
         };
-    let (limits, price, monthly_commit, metrics_url) = match d {
+    let (limits, price, monthly_commit, metrics_url, stream_idle_timeout) = match d {
         DeploymentConfig::Openai(c)
         | DeploymentConfig::OpenaiCompatible(c)
         | DeploymentConfig::Vllm(c)
@@ -488,8 +491,15 @@ fn build_deployment(
             c.metrics_url
                 .clone()
                 .map(|u| (u, Duration::from_millis(c.metrics_poll_ms.max(100)))),
+            (c.idle_timeout_ms > 0).then(|| Duration::from_millis(c.idle_timeout_ms)),
         ),
-        DeploymentConfig::Mock(c) => (c.limits.clone(), c.price.clone(), c.monthly_commit, None),
+        DeploymentConfig::Mock(c) => (
+            c.limits.clone(),
+            c.price.clone(),
+            c.monthly_commit,
+            None,
+            None,
+        ),
     };
     Ok(Deployment {
         name: name.to_string(),
@@ -502,6 +512,7 @@ fn build_deployment(
         monthly_commit,
         metrics_url,
         health: Arc::new(Health::new(&routing.breaker)),
+        stream_idle_timeout,
     })
 }
 

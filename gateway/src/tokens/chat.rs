@@ -65,11 +65,7 @@ impl Format {
     }
 
     fn count(&self, text: &str) -> u64 {
-        if text.is_empty() {
-            0
-        } else {
-            self.enc.encode_ordinary(text).len() as u64
-        }
+        super::count_with(self.enc, text)
     }
 }
 

@@ -35,7 +35,8 @@ pub fn anthropic_to_openai(resp: &anthropic::MessagesResponse) -> Value {
         "created": unix_now(),
         "model": resp.model,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-        "usage": usage::to_openai(&usage::from_anthropic(&resp.usage)),
+        // A report that does not add up is shown as zeros (and billed by the gateway's count).
+        "usage": usage::to_openai(&usage::from_anthropic(&resp.usage).unwrap_or_default()),
     })
 }
 
@@ -67,7 +68,7 @@ pub fn openai_to_anthropic(resp: &openai::ChatResponse) -> Value {
     let u = resp
         .usage
         .as_ref()
-        .map(usage::from_openai)
+        .and_then(|u| usage::from_openai(u).ok())
         .unwrap_or_default();
     json!({
         "id": format!("msg_{}", resp.id.trim_start_matches("chatcmpl-")),

@@ -79,7 +79,7 @@ impl StreamAdapter for AnthropicToOpenAi {
                     self.model = message.model;
                 }
                 usage::merge_anthropic(&mut self.merged, &message.usage);
-                self.state.usage = Some(usage::from_anthropic(&self.merged));
+                self.state.report_usage(usage::from_anthropic(&self.merged));
                 self.emit(out, json!({"role": "assistant", "content": ""}), None);
             }
             anthropic::StreamEvent::ContentBlockStart {
@@ -127,7 +127,7 @@ impl StreamAdapter for AnthropicToOpenAi {
             anthropic::StreamEvent::ContentBlockStop { .. } | anthropic::StreamEvent::Ping => {}
             anthropic::StreamEvent::MessageDelta { delta, usage: u } => {
                 usage::merge_anthropic(&mut self.merged, &u);
-                self.state.usage = Some(usage::from_anthropic(&self.merged));
+                self.state.report_usage(usage::from_anthropic(&self.merged));
                 self.state.usage_final = true;
                 let finish =
                     finish_reason_from_anthropic(delta.stop_reason.as_deref().unwrap_or(""));
@@ -324,7 +324,7 @@ impl StreamAdapter for OpenAiToAnthropic {
         };
         self.start(&chunk.id, &chunk.model, out);
         if let Some(u) = &chunk.usage {
-            self.state.usage = Some(usage::from_openai(u));
+            self.state.report_usage(usage::from_openai(u));
             self.state.usage_final = true;
         }
         append_chunk_text(&chunk, &mut self.text);

@@ -13,7 +13,7 @@
 //! | `server.rs` | accept loop (TCP_NODELAY), routing, recording, response helpers |
 //! | `openai.rs` | OpenAI wire format: chunks, usage, errors, embeddings, models |
 //! | `anthropic.rs` | Anthropic wire format: events, usage, errors |
-//! | `sse.rs` | SSE framing, pacing, the `split-frames` mangling |
+//! | `sse.rs` | SSE framing, pacing, the `split-frames` mangling, the hostile streams |
 //! | `body.rs` | the scripted response body and cancellation detection |
 //! | `scenario.rs` | model name → behaviour |
 //! | `faults.rs` | injected faults per server: latency, error statuses, 429s, resets, hangs, drops |
@@ -55,6 +55,19 @@ pub const SLOW_MIN_CHUNK_DELAY: Duration = Duration::from_millis(50);
 /// Number of content chunks sent before the failure in `error-midstream`, `drop-midstream`
 /// and `stall-midstream`.
 pub const CHUNKS_BEFORE_FAILURE: usize = 3;
+
+/// Bytes of the unterminated data line the `huge-line` scenario sends (past the gateway's
+/// default 8 MiB bound on one event).
+pub const HUGE_LINE_BYTES: usize = 9 * 1024 * 1024;
+
+/// Pause between the keep-alive comments of the `keepalive-only` scenario.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Bytes of output (all `x`) the `giant-no-space` scenario streams.
+pub const GIANT_REPLY_BYTES: usize = 5_000_000;
+
+/// The `prompt_tokens` the `huge-usage` scenario reports.
+pub const HUGE_PROMPT_TOKENS: u64 = u64::MAX;
 
 /// An API key containing this marker is rejected with the provider's 401
 /// (OpenAI `invalid_api_key`, Anthropic `authentication_error`).

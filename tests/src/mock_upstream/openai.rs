@@ -28,6 +28,9 @@ pub(crate) const STREAM_ERROR: &str = r#"{"error":{"message":"The server had an 
 
 const ROLE_CHOICE: &str = r#"{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}"#;
 
+/// Bytes of `x` in each content chunk of the `giant-no-space` scenario.
+const GIANT_CHUNK_BYTES: usize = 5_000;
+
 /// Characters the `obfuscation` field pads with.
 const OBFUSCATION_ALPHABET: &str = "qT7xKp2LmZ9vRb4NcW8sHd3GfJ6yA5eU";
 
@@ -233,6 +236,8 @@ struct Plan {
     completion_tokens: u64,
     /// Names of the two tool calls, in the `tools` scenario.
     tools: Option<[String; 2]>,
+    /// `huge-usage`: report u64::MAX prompt tokens.
+    huge_usage: bool,
 }
 
 impl Plan {
@@ -251,6 +256,7 @@ impl Plan {
                 cached_tokens,
                 completion_tokens: text::tool_output_tokens(false),
                 tools: Some(tool_names(body)),
+                huge_usage: false,
             };
         }
         let chunks = shared.opts.chunks;
@@ -266,7 +272,11 @@ impl Plan {
         };
         if matches!(
             scenario,
-            Scenario::ErrorMidstream | Scenario::DropMidstream | Scenario::StallMidstream
+            Scenario::ErrorMidstream
+                | Scenario::DropMidstream
+                | Scenario::StallMidstream
+                | Scenario::HugeLine
+                | Scenario::KeepaliveOnly
         ) {
             pieces = pieces.min(CHUNKS_BEFORE_FAILURE);
         }
@@ -277,10 +287,20 @@ impl Plan {
             cached_tokens,
             completion_tokens: pieces as u64,
             tools: None,
+            huge_usage: scenario == Scenario::HugeUsage,
         }
     }
 
     fn usage_json(&self) -> String {
+        if self.huge_usage {
+            // What a buggy upstream sent a tester: a wrapped total.
+            let prompt = super::HUGE_PROMPT_TOKENS;
+            return format!(
+                r#"{{"prompt_tokens":{prompt},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":0,"audio_tokens":0}}}}"#,
+                self.completion_tokens,
+                prompt.wrapping_add(self.completion_tokens)
+            );
+        }
         format!(
             r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{},"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}"#,
             self.prompt_tokens,
@@ -475,7 +495,28 @@ fn render_stream(
             frames.push(SseFrame::meta(w.data(&[STREAM_ERROR])));
             return frames;
         }
-        Scenario::DropMidstream | Scenario::StallMidstream => return frames,
+        Scenario::DropMidstream
+        | Scenario::StallMidstream
+        | Scenario::HugeLine
+        | Scenario::KeepaliveOnly => return frames,
+        Scenario::GiantNoSpace => {
+            // Megabytes of output without a space, and no usage whatever was asked.
+            let piece = format!(
+                r#"{{"index":0,"delta":{{"content":"{}"}},"logprobs":null,"finish_reason":null}}"#,
+                "x".repeat(GIANT_CHUNK_BYTES)
+            );
+            for _ in 0..super::GIANT_REPLY_BYTES / GIANT_CHUNK_BYTES {
+                frames.push(SseFrame::content(
+                    w.data(&[&head, &piece, "]", usage_null, "}"]),
+                ));
+            }
+            let finish = r#"{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}"#;
+            frames.push(SseFrame::meta(
+                w.data(&[&head, finish, "]", usage_null, "}"]),
+            ));
+            frames.push(SseFrame::meta(w.data(&["[DONE]"])));
+            return frames;
+        }
         _ => {}
     }
 
@@ -490,7 +531,7 @@ fn render_stream(
         frames.push(SseFrame::meta(
             w.data(&[&head, &finish, "]", usage_null, "}"]),
         ));
-        if include_usage {
+        if include_usage || plan.huge_usage {
             let usage = format!(r#","usage":{}"#, plan.usage_json());
             frames.push(SseFrame::meta(w.data(&[&head, "]", &usage, "}"])));
         }

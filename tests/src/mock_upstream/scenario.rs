@@ -22,6 +22,11 @@
 //! | `drop-midstream` | 3 content chunks, then the connection is aborted (no terminating chunk); non-streaming: half the body under a full `content-length`, then abort | same |
 //! | `stall-midstream` | 3 content chunks, then nothing more, the connection held open until the client leaves; non-streaming: half the body under a full `content-length`, then nothing | same |
 //!
+//! | `huge-line` | 3 content chunks, then one data line of [`HUGE_LINE_BYTES`](super::HUGE_LINE_BYTES) without a newline (in 64 KiB writes), then nothing | = normal |
+//! | `keepalive-only` | 3 content chunks, then only `: ping` comments, one every [`KEEPALIVE_INTERVAL`](super::KEEPALIVE_INTERVAL), for minutes | = normal |
+//! | `huge-usage` | as normal, but usage reports `prompt_tokens` 18446744073709551615 and a wrapped `total_tokens` (streamed: in the usage chunk whether or not it was asked for) | = normal |
+//! | `giant-no-space` | streamed: [`GIANT_REPLY_BYTES`](super::GIANT_REPLY_BYTES) of `x` without a space, in 5,000-byte content chunks, no usage chunk (even if asked), `[DONE]` | = normal |
+//!
 //! Error, `hang` and `rate-limited`-style scenarios apply to `/v1/embeddings` too; `no-usage`
 //! applies to it only: the embeddings come without a `usage` object (some OpenAI-compatible
 //! servers leave it out).
@@ -67,11 +72,20 @@ pub enum Scenario {
     ContextLengthExceeded,
     /// `no-usage` (`/v1/embeddings` only): no `usage` object.
     NoUsage,
+    /// `huge-line` (OpenAI route): an endless data line after three chunks.
+    HugeLine,
+    /// `keepalive-only` (OpenAI route): keep-alive comments and no data after three chunks.
+    KeepaliveOnly,
+    /// `huge-usage` (OpenAI route): a usage report of u64::MAX prompt tokens.
+    HugeUsage,
+    /// `giant-no-space` (OpenAI route, streamed): megabytes of output without a space and no
+    /// usage.
+    GiantNoSpace,
 }
 
 impl Scenario {
     /// Every scenario, in declaration order.
-    pub const ALL: [Scenario; 17] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::Normal,
         Scenario::Cached,
         Scenario::UsageInLastChoiceChunk,
@@ -89,6 +103,10 @@ impl Scenario {
         Scenario::StallMidstream,
         Scenario::ContextLengthExceeded,
         Scenario::NoUsage,
+        Scenario::HugeLine,
+        Scenario::KeepaliveOnly,
+        Scenario::HugeUsage,
+        Scenario::GiantNoSpace,
     ];
 
     /// The scenario a model name selects; unknown names are [`Scenario::Normal`].
@@ -110,6 +128,10 @@ impl Scenario {
             "stall-midstream" => Scenario::StallMidstream,
             "context-length-exceeded" => Scenario::ContextLengthExceeded,
             "no-usage" => Scenario::NoUsage,
+            "huge-line" => Scenario::HugeLine,
+            "keepalive-only" => Scenario::KeepaliveOnly,
+            "huge-usage" => Scenario::HugeUsage,
+            "giant-no-space" => Scenario::GiantNoSpace,
             _ => Scenario::Normal,
         }
     }
@@ -135,6 +157,10 @@ impl Scenario {
             Scenario::StallMidstream => "stall-midstream",
             Scenario::ContextLengthExceeded => "context-length-exceeded",
             Scenario::NoUsage => "no-usage",
+            Scenario::HugeLine => "huge-line",
+            Scenario::KeepaliveOnly => "keepalive-only",
+            Scenario::HugeUsage => "huge-usage",
+            Scenario::GiantNoSpace => "giant-no-space",
         }
     }
 }

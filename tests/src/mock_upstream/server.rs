@@ -372,6 +372,13 @@ pub(crate) fn stream_response(
                     steps.push(Step::Abort);
                 }
                 Scenario::StallMidstream => steps.push(Step::Hang),
+                Scenario::HugeLine => {
+                    steps.extend(sse::huge_line(super::HUGE_LINE_BYTES));
+                    steps.push(Step::Hang);
+                }
+                Scenario::KeepaliveOnly => {
+                    steps.extend(sse::keepalives(super::KEEPALIVE_INTERVAL, 10_000));
+                }
                 _ => {}
             }
             steps

@@ -95,6 +95,32 @@ pub(crate) fn paced(frames: Vec<SseFrame>, pace: Pace) -> Vec<Step> {
     steps
 }
 
+/// The `huge-line` scenario's line: a data line `bytes` long without its newline, in
+/// 64 KiB writes (one shared buffer).
+pub(crate) fn huge_line(bytes: usize) -> Vec<Step> {
+    const WRITE: usize = 64 * 1024;
+    let head = Bytes::from_static(br#"data: {"choices":[{"index":0,"delta":{"content":""#);
+    let filler = Bytes::from(vec![b'x'; WRITE]);
+    let mut steps = vec![Step::data(head)];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(WRITE);
+        steps.push(Step::data(filler.slice(..n)));
+        left -= n;
+    }
+    steps
+}
+
+/// The `keepalive-only` scenario's tail: `n` keep-alive comments, `every` apart, and no data.
+pub(crate) fn keepalives(every: Duration, n: usize) -> Vec<Step> {
+    let mut steps = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        steps.push(Step::Sleep(every));
+        steps.push(Step::data(Bytes::from_static(b": ping\n\n")));
+    }
+    steps
+}
+
 /// Pause between the pieces of a split stream, long enough that each piece reaches the
 /// client in its own read.
 pub const SPLIT_PIECE_DELAY: Duration = Duration::from_millis(1);

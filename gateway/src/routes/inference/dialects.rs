@@ -12,12 +12,16 @@ use crate::error::GatewayError;
 use crate::relay::passthrough::{AnthropicPassthrough, OpenAiPassthrough};
 use crate::relay::rename::{rename_model, Renamed};
 use crate::relay::StreamAdapter;
+use crate::translate::usage::Implausible;
 use crate::translate::{self, stream::AnthropicToOpenAi, stream::OpenAiToAnthropic, usage};
 
 /// A whole response for the client: its body, the usage to bill, and the finish reason.
 pub struct Whole {
     pub body: Bytes,
-    pub usage: TokenUsage,
+    /// The upstream's report, or why it is not believed.
+    pub usage: Result<TokenUsage, Implausible>,
+    /// The output text, for counting it: only when the report is not believed.
+    pub output_text: String,
     pub finish_reason: Option<String>,
 }
 
@@ -62,8 +66,28 @@ impl Dialects {
     }
 
     /// The client's body from a whole upstream body, naming `model`. `prompt_estimate`
-    /// stands in for an input count the upstream left out.
+    /// stands in for an input count the upstream left out; a usage report over
+    /// `max_reported_tokens` or that does not add up is returned as an error, with the
+    /// output text to count instead.
     pub fn whole_body(
+        self,
+        request: &ClientRequest,
+        raw: Bytes,
+        model: &str,
+        prompt_estimate: u64,
+        max_reported_tokens: u64,
+    ) -> Result<Whole, GatewayError> {
+        let mut whole = self.whole_body_unchecked(request, raw, model, prompt_estimate)?;
+        whole.usage = whole
+            .usage
+            .and_then(|u| usage::within(u, max_reported_tokens));
+        if whole.usage.is_err() {
+            whole.output_text = whole_output_text(self.client, &whole.body);
+        }
+        Ok(whole)
+    }
+
+    fn whole_body_unchecked(
         self,
         request: &ClientRequest,
         raw: Bytes,
@@ -83,7 +107,11 @@ impl Dialects {
             (ClientRequest::OpenAi(..), WireFormat::OpenAi) => {
                 let r: openai::ChatResponse = serde_json::from_slice(&raw).map_err(invalid)?;
                 Whole {
-                    usage: r.usage.as_ref().map(usage::from_openai).unwrap_or_default(),
+                    usage: r
+                        .usage
+                        .as_ref()
+                        .map_or(Ok(TokenUsage::default()), usage::from_openai),
+                    output_text: String::new(),
                     finish_reason: r.choices.first().and_then(|c| c.finish_reason.clone()),
                     body: renamed(raw),
                 }
@@ -93,6 +121,7 @@ impl Dialects {
                     serde_json::from_slice(&raw).map_err(invalid)?;
                 Whole {
                     usage: usage::from_anthropic(&r.usage),
+                    output_text: String::new(),
                     finish_reason: r.stop_reason.clone(),
                     body: renamed(raw),
                 }
@@ -107,6 +136,7 @@ impl Dialects {
                         .as_str()
                         .map(str::to_string),
                     usage: usage::from_anthropic(&r.usage),
+                    output_text: String::new(),
                     body: Bytes::from(out.to_string()),
                 }
             }
@@ -116,7 +146,11 @@ impl Dialects {
                 out["model"] = Value::from(model);
                 Whole {
                     finish_reason: out["stop_reason"].as_str().map(str::to_string),
-                    usage: r.usage.as_ref().map(usage::from_openai).unwrap_or_default(),
+                    usage: r
+                        .usage
+                        .as_ref()
+                        .map_or(Ok(TokenUsage::default()), usage::from_openai),
+                    output_text: String::new(),
                     body: Bytes::from(out.to_string()),
                 }
             }
@@ -136,11 +170,54 @@ impl Dialects {
                     },
                 };
                 Whole {
-                    usage,
+                    usage: Ok(usage),
+                    output_text: String::new(),
                     finish_reason: None,
                     body: renamed(raw),
                 }
             }
         })
     }
+}
+
+/// The output text of a whole response as the client receives it (content, refusals, tool
+/// names and arguments, thinking), for counting its tokens.
+fn whole_output_text(client: WireFormat, body: &[u8]) -> String {
+    let mut text = String::new();
+    match client {
+        WireFormat::OpenAi => {
+            let Ok(r) = serde_json::from_slice::<openai::ChatResponse>(body) else {
+                return text;
+            };
+            for c in &r.choices {
+                for s in [&c.message.content, &c.message.refusal]
+                    .into_iter()
+                    .flatten()
+                {
+                    text.push_str(s);
+                }
+                for call in c.message.tool_calls.iter().flatten() {
+                    text.push_str(&call.function.name);
+                    text.push_str(&call.function.arguments);
+                }
+            }
+        }
+        WireFormat::Anthropic => {
+            let Ok(r) = serde_json::from_slice::<anthropic::MessagesResponse>(body) else {
+                return text;
+            };
+            for block in &r.content {
+                match block {
+                    anthropic::ContentBlock::Text { text: t, .. } => text.push_str(t),
+                    anthropic::ContentBlock::Thinking { thinking, .. } => text.push_str(thinking),
+                    anthropic::ContentBlock::ToolUse { name, input, .. } => {
+                        text.push_str(name);
+                        text.push_str(&input.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    text
 }

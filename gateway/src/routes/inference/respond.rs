@@ -142,7 +142,9 @@ pub(super) async fn respond(
         let mut body = RelayStream::new(upstream.body, adapter, exchange)
             .with_usage_slot(usage_slot.clone())
             .with_allowance(allowance)
-            .with_cache_fill(fill);
+            .with_cache_fill(fill)
+            .with_max_event_bytes(state.config.server.max_upstream_event_bytes)
+            .with_idle_timeout(target.deployment.stream_idle_timeout);
         if defer_count {
             body = body.with_request_record(routed_at, move || outbound.prompt_tokens());
         }
@@ -174,7 +176,13 @@ pub(super) async fn respond(
         let whole = async {
             let raw = collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes)
                 .await?;
-            dialects.whole_body(&outbound.request, raw, &requested_model, prompt_estimate)
+            dialects.whole_body(
+                &outbound.request,
+                raw,
+                &requested_model,
+                prompt_estimate,
+                state.config.server.max_reported_tokens,
+            )
         }
         .instrument(relay_span.clone())
         .await;
@@ -184,6 +192,7 @@ pub(super) async fn respond(
         let Whole {
             body,
             usage,
+            output_text,
             finish_reason,
         } = match whole {
             Ok(w) => w,
@@ -192,6 +201,7 @@ pub(super) async fn respond(
                 return Err(e);
             }
         };
+        let usage = exchange.vet_usage(usage, || output_text);
         let done_at = Instant::now();
         if let Some(r) = reservation {
             r.settle(&usage);

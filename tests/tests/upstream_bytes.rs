@@ -1,6 +1,8 @@
-//! An upstream that echoes the credential it was given, in every field of its errors and in
-//! error frames in the middle of its streams (split across reads), never gets it to the
-//! client: OpenAI and Anthropic upstreams, streamed and not, with the client in either API.
+//! What an upstream's bytes cannot do to a client: an upstream that echoes the credential it
+//! was given, in every field of its errors and in error frames in the middle of its streams
+//! (split across reads), never gets it to the client; invalid UTF-8 reaches the client as
+//! U+FFFD, relayed or translated, never as bytes its parser chokes on and never dropped.
+//! OpenAI and Anthropic upstreams, streamed and not, with the client in either API.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -41,9 +43,21 @@ fn split_in_key(text: String) -> Vec<String> {
     vec![text[..at].to_string(), text[at..].to_string()]
 }
 
+/// `café` with its last byte cut off, then more text: invalid UTF-8 in a content delta.
+const BAD_UTF8: &[u8] = b"caf\xc3 au lait";
+
 async fn openai(headers: HeaderMap, body: String) -> axum::response::Response {
     let key = credential(&headers);
     let request: Value = serde_json::from_str(&body).unwrap_or_default();
+    if request["model"] == "bad-utf8" {
+        let mut text = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"".to_vec();
+        text.extend_from_slice(BAD_UTF8);
+        text.extend_from_slice(b"\"}}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+        return axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(text))
+            .unwrap();
+    }
     let error = json!({"error": {"message": format!("Incorrect API key provided: {key}"),
         "type": format!("invalid_request_error {key}"), "param": key, "code": key,
         "nested": {"echo": key}}});
@@ -102,8 +116,8 @@ async fn echo_upstream() -> String {
     format!("http://{addr}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_echoed_credential_never_reaches_the_client() {
+/// A gateway whose `echo-oa/*` and `echo-an/*` aliases reach the echoing upstream.
+async fn gateway() -> Harness {
     let echo = echo_upstream().await;
     let extra = format!(
         r#"
@@ -133,7 +147,12 @@ deployments = ["echo-an"]
     );
     let upstream = MockUpstream::start(MockOptions::default()).await.unwrap();
     let config = tollgate_tests::harness::mock_config(&upstream.base_url(), &extra);
-    let h = Harness::start_with_config(upstream, &config).await;
+    Harness::start_with_config(upstream, &config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echoed_credential_never_reaches_the_client() {
+    let h = gateway().await;
     let mut redacted = 0;
     for model in ["echo-oa/m", "echo-an/m"] {
         for stream in [false, true] {
@@ -167,4 +186,18 @@ deployments = ["echo-an"]
         redacted >= 6,
         "the echoes reached the client redacted ({redacted})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_from_an_upstream_reaches_the_client_as_replacement_characters() {
+    let h = gateway().await;
+    for path in ["/v1/chat/completions", "/v1/messages"] {
+        let body = json!({"model": "echo-oa/bad-utf8", "max_tokens": 16, "stream": true,
+            "messages": [{"role": "user", "content": "hello"}]});
+        let resp = h.post(path, &body).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        let bytes = resp.bytes().await.unwrap();
+        let text = std::str::from_utf8(&bytes).expect("the client gets valid UTF-8");
+        assert!(text.contains("caf\u{fffd} au lait"), "{path}: {text}");
+    }
 }
