@@ -38,6 +38,9 @@ fn main() -> std::process::ExitCode {
     };
     let (telemetry, traces) = telemetry.unzip();
     tollgate_pipeline::logging::init_with_traces(cli.log_format, traces);
+    for warning in tollgate_gateway::config::unknown_env_vars(std::env::vars()) {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
