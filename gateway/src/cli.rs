@@ -497,7 +497,7 @@ pub fn check_store_exists(
         return Ok(());
     }
     Err(CliError::Failed(format!(
-        "no Tollgate store in {}; create one with `tollgate serve` or pass --data-dir \
+        "no Tollgate store in {}; create one with tollgate serve or pass --data-dir \
          (or --database-url)",
         data_dir.display()
     )))
