@@ -5,10 +5,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
-use tollgate_gateway::admin::Admin;
+use tollgate_gateway::admin::{parse_time, Admin, PROVIDER_TYPES};
 use tollgate_gateway::invoices::render::{write_files, Format};
 use tollgate_gateway::secrets::{MasterKey, MASTER_KEY_ENV, OLD_MASTER_KEY_ENV};
 use tollgate_gateway::store::postgres::PostgresStore;
@@ -109,6 +110,7 @@ pub enum Command {
         /// Also compare ClickHouse's tables (HTTP URL).
         #[arg(long)]
         clickhouse_url: Option<String>,
+        /// The ClickHouse database of the tables.
         #[arg(long, default_value = "default")]
         clickhouse_database: String,
         /// Print every row, not only the differing ones.
@@ -121,6 +123,7 @@ pub enum Command {
     },
     /// The audit trail of admin actions, newest first.
     Audit {
+        /// How many entries to print.
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
@@ -130,25 +133,38 @@ pub enum Command {
 pub enum TenantCommand {
     /// Create a tenant; prints its id.
     Create {
+        /// The tenant's name (unique).
         name: String,
+        /// A plan (id or name) to put the tenant on.
         #[arg(long)]
         plan: Option<String>,
     },
     /// List tenants (JSON lines).
     List,
     /// Suspend a tenant (by id or name): its keys stop working everywhere at once.
-    Suspend { tenant: String },
+    Suspend {
+        /// The tenant, by id or name.
+        tenant: String,
+    },
     /// Reactivate a suspended tenant.
-    Activate { tenant: String },
+    Activate {
+        /// The tenant, by id or name.
+        tenant: String,
+    },
     /// Put a tenant on a plan.
-    SetPlan { tenant: String, plan: String },
+    SetPlan {
+        /// The tenant, by id or name.
+        tenant: String,
+        /// The plan, by id or name.
+        plan: String,
+    },
 }
 
 #[derive(Args, Default)]
 pub struct LimitArgs {
     /// Models the key may use (comma-separated; `prefix/*` patterns allowed).
-    #[arg(long, value_delimiter = ',')]
-    pub models: Option<Vec<String>>,
+    #[arg(long, visible_alias = "models", value_delimiter = ',')]
+    pub allowed_models: Option<Vec<String>>,
     #[command(flatten)]
     pub scope: ScopeLimitArgs,
 }
@@ -163,19 +179,22 @@ impl LimitArgs {
 #[derive(Args, Default)]
 pub struct ScopeLimitArgs {
     /// Requests per minute.
-    #[arg(long)]
-    pub rpm: Option<i64>,
+    #[arg(long, visible_alias = "rpm")]
+    pub rpm_limit: Option<i64>,
     /// Tokens (input + output) per minute.
-    #[arg(long)]
-    pub tpm: Option<i64>,
+    #[arg(long, visible_alias = "tpm")]
+    pub tpm_limit: Option<i64>,
     /// Spend limit per billing period (decimal, in the plan's currency).
-    #[arg(long)]
-    pub spend: Option<Decimal>,
+    #[arg(long, visible_alias = "spend")]
+    pub spend_limit: Option<Decimal>,
     /// Concurrent requests (streams included).
     #[arg(long)]
     pub max_concurrent: Option<i64>,
-    /// Soft limits: a stream that crosses the token or spend limit finishes, and the next
-    /// requests are refused (default: hard, the stream is cut).
+    /// `soft`: a stream that crosses the token or spend limit finishes, and the next requests
+    /// are refused; `hard` (default): the stream is cut.
+    #[arg(long, value_parser = PossibleValuesParser::new(["hard", "soft"]), conflicts_with = "soft")]
+    pub enforcement: Option<String>,
+    /// Short for `--enforcement soft`.
     #[arg(long)]
     pub soft: bool,
 }
@@ -183,11 +202,11 @@ pub struct ScopeLimitArgs {
 impl ScopeLimitArgs {
     fn limits(&self) -> KeyLimits {
         KeyLimits {
-            rpm_limit: self.rpm,
-            tpm_limit: self.tpm,
-            spend_limit: self.spend,
+            rpm_limit: self.rpm_limit,
+            tpm_limit: self.tpm_limit,
+            spend_limit: self.spend_limit,
             max_concurrent: self.max_concurrent,
-            enforcement: if self.soft {
+            enforcement: if self.soft || self.enforcement.as_deref() == Some("soft") {
                 Enforcement::Soft
             } else {
                 Enforcement::Hard
@@ -200,11 +219,13 @@ impl ScopeLimitArgs {
 pub enum KeyCommand {
     /// Create a key; prints the secret alone (shown once).
     Create {
+        /// The tenant (id or name) the key belongs to.
         #[arg(long)]
         tenant: String,
+        /// A name for the key (shown in lists and the audit trail).
         #[arg(long, default_value = "")]
         name: String,
-        /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+        /// Expiry: RFC 3339 (2027-01-01T00:00:00Z) or a date (2027-01-01, midnight UTC).
         #[arg(long, value_parser = parse_time)]
         expires_at: Option<OffsetDateTime>,
         #[command(flatten)]
@@ -212,19 +233,27 @@ pub enum KeyCommand {
     },
     /// List keys (JSON lines; never secrets).
     List {
+        /// Only this tenant's keys (id or name).
         #[arg(long)]
         tenant: Option<String>,
     },
     /// Revoke a key, given its id or the secret itself.
-    Revoke { key: String },
+    Revoke {
+        /// The key's id or its secret.
+        key: String,
+    },
     /// Replace a key (id or secret) with a new one; prints the new secret alone.
-    Rotate { key: String },
+    Rotate {
+        /// The key's id or its secret.
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum LimitCommand {
     /// Set a key's (id or secret) limits and allowed models; unset ones are cleared.
     Set {
+        /// The key's id or its secret.
         key: String,
         #[command(flatten)]
         limits: LimitArgs,
@@ -232,6 +261,7 @@ pub enum LimitCommand {
     /// Set the limits of a tenant (by id or name), or of a tenant × model alias with
     /// `--model`; unset ones are cleared. Without a tenant-wide row its plan's limits apply.
     Tenant {
+        /// The tenant, by id or name.
         tenant: String,
         /// A model alias as clients name it (default: `*`, the whole tenant).
         #[arg(long, default_value = "*")]
@@ -241,12 +271,15 @@ pub enum LimitCommand {
     },
     /// Remove a tenant's (or tenant × model's) limit row.
     Clear {
+        /// The tenant, by id or name.
         tenant: String,
+        /// The model alias of the row (default: `*`, the tenant-wide row).
         #[arg(long, default_value = "*")]
         model: String,
     },
     /// List tenant limit rows (JSON lines).
     List {
+        /// Only this tenant's rows (id or name).
         #[arg(long)]
         tenant: Option<String>,
     },
@@ -254,19 +287,27 @@ pub enum LimitCommand {
 
 #[derive(Subcommand)]
 pub enum PlanCommand {
+    /// Create a plan: a monthly fee and the limits of tenants without limits of their own.
     Create {
+        /// The plan's name (unique).
         name: String,
+        /// The fee per billing period (decimal).
         #[arg(long, default_value = "0")]
         monthly_fee: Decimal,
+        /// ISO 4217 currency code.
         #[arg(long, default_value = "USD")]
         currency: String,
-        #[arg(long)]
-        rpm: Option<i64>,
-        #[arg(long)]
-        tpm: Option<i64>,
+        /// Requests per minute of each tenant on the plan.
+        #[arg(long, visible_alias = "rpm")]
+        rpm_limit: Option<i64>,
+        /// Tokens (input + output) per minute of each tenant on the plan.
+        #[arg(long, visible_alias = "tpm")]
+        tpm_limit: Option<i64>,
+        /// Spend limit per billing period (decimal).
         #[arg(long)]
         monthly_spend_limit: Option<Decimal>,
     },
+    /// List plans (JSON lines).
     List,
 }
 
@@ -274,24 +315,31 @@ pub enum PlanCommand {
 pub enum PriceCommand {
     /// Add a price-book entry (prices per million tokens).
     Set {
+        /// The model alias the price is for.
         #[arg(long)]
         model: String,
-        #[arg(long)]
-        input: Decimal,
-        #[arg(long)]
-        cached_input: Decimal,
-        #[arg(long)]
-        output: Decimal,
-        /// A tenant-specific override.
+        /// Price per million input tokens (decimal).
+        #[arg(long, visible_alias = "input")]
+        input_per_mtok: Decimal,
+        /// Price per million cached input tokens (decimal).
+        #[arg(long, visible_alias = "cached-input")]
+        cached_input_per_mtok: Decimal,
+        /// Price per million output tokens (decimal).
+        #[arg(long, visible_alias = "output")]
+        output_per_mtok: Decimal,
+        /// A tenant-specific override (id or name).
         #[arg(long)]
         tenant: Option<String>,
-        /// When the price applies from (RFC 3339; default now).
+        /// When the price applies from: RFC 3339 or a date (midnight UTC); default now.
         #[arg(long, value_parser = parse_time)]
         effective_from: Option<OffsetDateTime>,
+        /// ISO 4217 currency code.
         #[arg(long, default_value = "USD")]
         currency: String,
     },
+    /// List price-book entries (JSON lines).
     List {
+        /// Only this model's entries.
         #[arg(long)]
         model: Option<String>,
     },
@@ -299,19 +347,27 @@ pub enum PriceCommand {
 
 #[derive(Subcommand)]
 pub enum DiscountCommand {
+    /// Give a tenant a percentage off its usage, for one model or all, for a time range.
     Add {
+        /// The tenant, by id or name.
         #[arg(long)]
         tenant: String,
+        /// The discount in percent (decimal, 0 to 100).
         #[arg(long)]
         percent: Decimal,
+        /// Only this model alias (default: every model).
         #[arg(long)]
         model: Option<String>,
-        #[arg(long, value_parser = parse_time)]
-        from: Option<OffsetDateTime>,
-        #[arg(long, value_parser = parse_time)]
-        to: Option<OffsetDateTime>,
+        /// Start: RFC 3339 or a date (midnight UTC); default now.
+        #[arg(long, visible_alias = "from", value_parser = parse_time)]
+        effective_from: Option<OffsetDateTime>,
+        /// End (exclusive): RFC 3339 or a date (midnight UTC); default open-ended.
+        #[arg(long, visible_alias = "to", value_parser = parse_time)]
+        effective_to: Option<OffsetDateTime>,
     },
+    /// List discounts (JSON lines).
     List {
+        /// Only this tenant's discounts (id or name).
         #[arg(long)]
         tenant: Option<String>,
     },
@@ -328,8 +384,8 @@ pub enum InvoiceCommand {
         /// One tenant (id or name); default all.
         #[arg(long)]
         tenant: Option<String>,
-        /// csv, json or html.
-        #[arg(long)]
+        /// The file format.
+        #[arg(long, value_enum)]
         format: Format,
         /// Output directory (created if needed).
         #[arg(long)]
@@ -337,6 +393,7 @@ pub enum InvoiceCommand {
     },
     /// Close a period that has ended: its invoices become final.
     Close {
+        /// The billing period, YYYY-MM.
         #[arg(long)]
         period: String,
     },
@@ -345,24 +402,28 @@ pub enum InvoiceCommand {
 #[derive(Subcommand)]
 pub enum CredentialCommand {
     /// Store a provider credential; the secret is read from stdin (never from arguments).
+    /// An existing name is refused unless `--replace` is given.
     Add {
+        /// The credential's name, as deployments refer to it (`api_key_credential`).
         name: String,
-        #[arg(long)]
+        /// The provider type the credential is for.
+        #[arg(long, value_parser = PossibleValuesParser::new(PROVIDER_TYPES))]
         provider: String,
+        /// Overwrite a credential of the same name (without it, an existing name is an error).
+        #[arg(long)]
+        replace: bool,
     },
+    /// List credentials: names, providers and master-key fingerprints, never secrets.
     List,
+    /// Delete a credential.
     Remove {
+        /// The credential's name.
         name: String,
     },
     /// Print a new random master key (base64) for TOLLGATE_MASTER_KEY.
     GenerateMasterKey,
     /// Re-encrypt every credential from TOLLGATE_MASTER_KEY_OLD to TOLLGATE_MASTER_KEY.
     RotateMaster,
-}
-
-fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("expected an RFC 3339 time such as 2027-01-01T00:00:00Z: {e}"))
 }
 
 /// CLI failures: printed as `error: ...` with exit status 1.
@@ -388,6 +449,58 @@ pub enum CliError {
     Reconcile(#[from] tollgate_gateway::reconcile::ReconcileError),
     #[error("{0}")]
     Failed(String),
+}
+
+impl Command {
+    /// Whether the command may create an embedded store that does not exist yet: `serve` and
+    /// the commands that create something from nothing. The others (lists, exports, changes to
+    /// existing rows) refuse a data directory without a store, so that a mistyped
+    /// `--data-dir`, or a run from another directory, is an error instead of an empty answer.
+    pub fn may_create_store(&self) -> bool {
+        matches!(
+            self,
+            Command::Serve { .. }
+                | Command::Tenants {
+                    command: TenantCommand::Create { .. }
+                }
+                | Command::Plans {
+                    command: PlanCommand::Create { .. }
+                }
+                | Command::Prices {
+                    command: PriceCommand::Set { .. }
+                }
+                | Command::Credentials {
+                    command: CredentialCommand::Add { .. }
+                }
+        )
+    }
+
+    /// Whether the command reads or writes the metadata store at all.
+    pub fn uses_store(&self) -> bool {
+        !matches!(
+            self,
+            Command::Credentials {
+                command: CredentialCommand::GenerateMasterKey
+            }
+        )
+    }
+}
+
+/// Fails when `command` would read an embedded store that is not there (see
+/// [`Command::may_create_store`]); with a PostgreSQL URL there is nothing to check.
+pub fn check_store_exists(
+    command: &Command,
+    database_url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<(), CliError> {
+    if database_url.is_some() || command.may_create_store() || SqliteStore::exists_in(data_dir) {
+        return Ok(());
+    }
+    Err(CliError::Failed(format!(
+        "no Tollgate store in {}; create one with tollgate serve or pass --data-dir \
+         (or --database-url)",
+        data_dir.display()
+    )))
 }
 
 /// Opens the metadata store the flags select.
@@ -483,6 +596,16 @@ fn actor() -> String {
     )
 }
 
+/// Runs a command that needs no store (see [`Command::uses_store`]).
+pub fn run_without_store(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Credentials {
+            command: CredentialCommand::GenerateMasterKey,
+        } => print_line(&MasterKey::generate_encoded()),
+        _ => Err(CliError::Failed("this command needs the store".into())),
+    }
+}
+
 /// Runs an admin command.
 pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<(), CliError> {
     let master = MasterKey::from_env(MASTER_KEY_ENV)?.map(Arc::new);
@@ -520,7 +643,7 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                         &tenant,
                         &name,
                         expires_at,
-                        limits.models.clone(),
+                        limits.allowed_models.clone(),
                         limits.limits(),
                         serde_json::Value::Null,
                     )
@@ -533,7 +656,7 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
         },
         Command::Limits { command } => match command {
             LimitCommand::Set { key, limits } => print_json(&[admin
-                .set_key_limits(&key, limits.models.clone(), limits.limits())
+                .set_key_limits(&key, limits.allowed_models.clone(), limits.limits())
                 .await?]),
             LimitCommand::Tenant {
                 tenant,
@@ -555,8 +678,8 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                 name,
                 monthly_fee,
                 currency,
-                rpm,
-                tpm,
+                rpm_limit,
+                tpm_limit,
                 monthly_spend_limit,
             } => {
                 let plan = Plan {
@@ -564,8 +687,8 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                     name,
                     monthly_fee,
                     currency,
-                    rpm_limit: rpm,
-                    tpm_limit: tpm,
+                    rpm_limit,
+                    tpm_limit,
                     monthly_spend_limit,
                 };
                 print_json(&[admin.create_plan(plan).await?])
@@ -575,9 +698,9 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
         Command::Prices { command } => match command {
             PriceCommand::Set {
                 model,
-                input,
-                cached_input,
-                output,
+                input_per_mtok,
+                cached_input_per_mtok,
+                output_per_mtok,
                 tenant,
                 effective_from,
                 currency,
@@ -586,9 +709,9 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                     model,
                     tenant_id: tenant,
                     effective_from: effective_from.unwrap_or_else(OffsetDateTime::now_utc),
-                    input_per_mtok: input,
-                    cached_input_per_mtok: cached_input,
-                    output_per_mtok: output,
+                    input_per_mtok,
+                    cached_input_per_mtok,
+                    output_per_mtok,
                     currency,
                 };
                 print_json(&[admin.add_price(price).await?])
@@ -600,15 +723,15 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
                 tenant,
                 percent,
                 model,
-                from,
-                to,
+                effective_from,
+                effective_to,
             } => {
                 let d = Discount {
                     tenant_id: tenant,
                     model,
                     percent,
-                    effective_from: from.unwrap_or_else(OffsetDateTime::now_utc),
-                    effective_to: to,
+                    effective_from: effective_from.unwrap_or_else(OffsetDateTime::now_utc),
+                    effective_to,
                 };
                 print_json(&[admin.add_discount(d).await?])
             }
@@ -617,11 +740,15 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
             }
         },
         Command::Credentials { command } => match command {
-            CredentialCommand::Add { name, provider } => {
+            CredentialCommand::Add {
+                name,
+                provider,
+                replace,
+            } => {
                 let mut secret = String::new();
                 std::io::stdin().read_to_string(&mut secret)?;
                 print_json(&[admin
-                    .put_credential(&name, &provider, secret.trim())
+                    .put_credential(&name, &provider, secret.trim(), replace)
                     .await?])
             }
             CredentialCommand::List => print_json(&admin.list_credentials().await?),
@@ -660,5 +787,211 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
         Command::Reconcile { .. } => Err(CliError::Failed(
             "reconcile needs the data directory; run it through `tollgate reconcile`".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: failing loudly is the point
+
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument the CLI has, without a help line.
+    fn missing_help(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        if cmd.get_about().is_none() && cmd.get_long_about().is_none() {
+            missing.push(format!("{path}: subcommand without help"));
+        }
+        for arg in cmd.get_arguments() {
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path}: argument `{}` without help", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            missing_help(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        missing_help(&cmd, "tollgate", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+        // The walk sees what it must: a nested argument of a flattened group.
+        let prices = cmd.find_subcommand("limits").unwrap();
+        let set = prices.find_subcommand("set").unwrap();
+        assert!(set.get_arguments().any(|a| a.get_id() == "rpm_limit"));
+    }
+
+    #[test]
+    fn a_command_without_help_is_found() {
+        let cmd = clap::Command::new("t")
+            .about("top")
+            .subcommand(clap::Command::new("bare").arg(clap::Arg::new("x").long("x")));
+        let mut missing = Vec::new();
+        missing_help(&cmd, "t", &mut missing);
+        assert_eq!(missing.len(), 2, "{missing:?}");
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_api_field_names_are_the_flags_and_the_old_spellings_still_work() {
+        for (new, old) in [
+            ("--rpm-limit", "--rpm"),
+            ("--tpm-limit", "--tpm"),
+            ("--spend-limit", "--spend"),
+            ("--allowed-models", "--models"),
+        ] {
+            for flag in [new, old] {
+                let value = if flag.ends_with("models") { "a,b" } else { "5" };
+                let cli = Cli::try_parse_from(["tollgate", "limits", "set", "k", flag, value])
+                    .unwrap_or_else(|e| panic!("{flag}: {e}"));
+                let Command::Limits {
+                    command: LimitCommand::Set { limits, .. },
+                } = cli.command
+                else {
+                    panic!("not limits set");
+                };
+                let set = limits.limits();
+                match new {
+                    "--rpm-limit" => assert_eq!(set.rpm_limit, Some(5)),
+                    "--tpm-limit" => assert_eq!(set.tpm_limit, Some(5)),
+                    "--spend-limit" => assert_eq!(set.spend_limit, Some(Decimal::from(5))),
+                    _ => assert_eq!(limits.allowed_models, Some(vec!["a".into(), "b".into()])),
+                }
+            }
+        }
+        for args in [
+            [
+                "--input-per-mtok",
+                "--cached-input-per-mtok",
+                "--output-per-mtok",
+            ],
+            ["--input", "--cached-input", "--output"],
+        ] {
+            let cli = Cli::try_parse_from([
+                "tollgate", "prices", "set", "--model", "m", args[0], "1", args[1], "2", args[2],
+                "3",
+            ])
+            .unwrap();
+            let Command::Prices {
+                command:
+                    PriceCommand::Set {
+                        input_per_mtok,
+                        cached_input_per_mtok,
+                        output_per_mtok,
+                        ..
+                    },
+            } = cli.command
+            else {
+                panic!("not prices set");
+            };
+            assert_eq!(
+                (input_per_mtok, cached_input_per_mtok, output_per_mtok),
+                (Decimal::from(1), Decimal::from(2), Decimal::from(3))
+            );
+        }
+        let soft = |args: &[&str]| {
+            let mut all = vec!["tollgate", "limits", "tenant", "t"];
+            all.extend_from_slice(args);
+            let Command::Limits {
+                command: LimitCommand::Tenant { limits, .. },
+            } = Cli::try_parse_from(all).unwrap().command
+            else {
+                panic!("not limits tenant");
+            };
+            limits.limits().enforcement
+        };
+        assert_eq!(soft(&[]), Enforcement::Hard);
+        assert_eq!(soft(&["--soft"]), Enforcement::Soft);
+        assert_eq!(soft(&["--enforcement", "soft"]), Enforcement::Soft);
+        assert_eq!(soft(&["--enforcement", "hard"]), Enforcement::Hard);
+    }
+
+    #[test]
+    fn closed_sets_are_checked_by_the_parser() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["tollgate"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).map(|_| ())
+        };
+        let e = parse(&["credentials", "add", "x", "--provider", "opnai"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(e.to_string().contains("openai_compatible"), "{e}");
+        for p in PROVIDER_TYPES {
+            parse(&["credentials", "add", "x", "--provider", p]).unwrap();
+        }
+        let export = |f: &str| {
+            parse(&[
+                "invoices", "export", "--period", "2026-11", "--format", f, "--out", "o",
+            ])
+        };
+        assert_eq!(
+            export("pdf").unwrap_err().kind(),
+            clap::error::ErrorKind::InvalidValue
+        );
+        for f in ["csv", "json", "html"] {
+            export(f).unwrap();
+        }
+        let e = parse(&["limits", "tenant", "t", "--enforcement", "medium"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn date_flags_take_a_date_or_rfc_3339() {
+        let from = |v: &str| {
+            let cli = Cli::try_parse_from([
+                "tollgate",
+                "discounts",
+                "add",
+                "--tenant",
+                "t",
+                "--percent",
+                "10",
+                "--from",
+                v,
+            ])?;
+            let Command::Discounts {
+                command: DiscountCommand::Add { effective_from, .. },
+            } = cli.command
+            else {
+                panic!("not discounts add");
+            };
+            Ok::<_, clap::Error>(effective_from.unwrap())
+        };
+        let midnight = time::macros::datetime!(2026-12-01 00:00 UTC);
+        assert_eq!(from("2026-12-01").unwrap(), midnight);
+        assert_eq!(from("2026-12-01T00:00:00Z").unwrap(), midnight);
+        assert_eq!(from("2026-12-01T01:00:00+01:00").unwrap(), midnight);
+        for bad in ["2026-13-01", "2026-12", "yesterday", "2026-12-01T25:00:00Z"] {
+            assert!(from(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_creating_commands_may_create_a_store() {
+        let command = |args: &[&str]| {
+            let mut all = vec!["tollgate"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().command
+        };
+        let dir = std::env::temp_dir().join(format!("tollgate-no-store-{}", std::process::id()));
+        let list = command(&["tenants", "list"]);
+        let e = check_store_exists(&list, None, &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no Tollgate store in") && e.contains("--data-dir"),
+            "{e}"
+        );
+        assert!(check_store_exists(&list, Some("postgres://x"), &dir).is_ok());
+        assert!(check_store_exists(&command(&["tenants", "create", "a"]), None, &dir).is_ok());
+        assert!(!dir.exists());
     }
 }

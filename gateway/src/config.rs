@@ -438,7 +438,7 @@ fn default_metrics_poll_ms() -> u64 {
 impl Config {
     /// Loads the file (if any), overlays `TOLLGATE__` environment variables and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut table = match path {
+        let table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.display().to_string(),
@@ -449,7 +449,24 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        overlay_env(&mut table, std::env::vars())?;
+        Config::from_table_and_env(table, std::env::vars())
+    }
+
+    /// The file's table with the `TOLLGATE__` overrides among `vars` laid over it. When an
+    /// override makes an otherwise valid configuration invalid, the error names it.
+    fn from_table_and_env(
+        file: toml::Table,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let overrides: Vec<(String, String)> = vars
+            .filter(|(key, _)| key.starts_with(OVERRIDE_PREFIX))
+            .collect();
+        let mut table = file.clone();
+        overlay_env(&mut table, overrides.iter().cloned())?;
+        Config::from_table(table).map_err(|e| blame_override(&file, &overrides).unwrap_or(e))
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
@@ -608,6 +625,158 @@ impl Config {
     }
 }
 
+/// The prefix of configuration overrides: `TOLLGATE__SECTION__KEY`.
+const OVERRIDE_PREFIX: &str = "TOLLGATE__";
+
+/// The first override that, alone over the file, makes the configuration invalid, as an error
+/// that names the variable; `None` when the file alone is invalid too (its error stands).
+fn blame_override(file: &toml::Table, overrides: &[(String, String)]) -> Option<ConfigError> {
+    Config::from_table(file.clone()).ok()?;
+    overrides.iter().find_map(|(key, value)| {
+        let mut table = file.clone();
+        let single = std::iter::once((key.clone(), value.clone()));
+        match overlay_env(&mut table, single).and_then(|()| Config::from_table(table)) {
+            Ok(_) => None,
+            Err(ConfigError::Invalid(e)) => Some(ConfigError::Invalid(format!(
+                "{key}={value}: {}",
+                e.trim_end().replace('\n', " ")
+            ))),
+            Err(e) => Some(e),
+        }
+    })
+}
+
+/// The top-level tables of the configuration, which `TOLLGATE__SECTION__...` can override.
+const CONFIG_SECTIONS: [&str; 13] = [
+    "server",
+    "store",
+    "events",
+    "billing",
+    "limits",
+    "deployments",
+    "models",
+    "routing",
+    "metrics",
+    "cache",
+    "realtime",
+    "tracing",
+    "edge",
+];
+
+/// The `TOLLGATE_` variables that are not configuration overrides: those the gateway and the
+/// pipeline read, then those of the project's scripts, tests and benchmarks (so that running
+/// them warns about nothing). [`unknown_env_vars`] warns about any other.
+pub const KNOWN_ENV_VARS: &[&str] = &[
+    // tollgate and tollgate-pipeline
+    "TOLLGATE_ADMIN_TOKEN",
+    "TOLLGATE_MASTER_KEY",
+    "TOLLGATE_MASTER_KEY_OLD",
+    "TOLLGATE_EDGE_SECRET",
+    "TOLLGATE_CONFIG",
+    "TOLLGATE_DATA_DIR",
+    "TOLLGATE_LOG_FORMAT",
+    "TOLLGATE_PIPELINE_METRICS_LISTEN",
+    "TOLLGATE_PIPELINE_ABORT_AFTER_COMMIT",
+    // scripts, tests, benchmarks
+    "TOLLGATE_BIN",
+    "TOLLGATE_BIN_DIR",
+    "TOLLGATE_DATABASE_URL",
+    "TOLLGATE_REDIS_URL",
+    "TOLLGATE_KAFKA_BOOTSTRAP",
+    "TOLLGATE_KAFKA_TOPICS",
+    "TOLLGATE_KAFKA_PARTITIONS",
+    "TOLLGATE_KAFKA_HEAP",
+    "TOLLGATE_CLICKHOUSE_URL",
+    "TOLLGATE_ENVOY_BIN",
+    "TOLLGATE_PG_DIR",
+    "TOLLGATE_SERVICES_DIR",
+    "TOLLGATE_SERVICES_TIMEOUT",
+    "TOLLGATE_BLESS_SCHEMAS",
+    "TOLLGATE_EDGE_TTFT_OUT",
+    "TOLLGATE_CHAOS_SEED",
+    "TOLLGATE_FUZZ_SEED",
+    "TOLLGATE_FUZZ_CASES",
+    "TOLLGATE_FLINK_SEED",
+    "TOLLGATE_PATH_SEED",
+    "TOLLGATE_LOAD_API_KEY",
+    "TOLLGATE_CI_RELEASE_BUILD",
+];
+
+/// Names under this prefix are the tests' own fixtures (upstream keys and the like).
+const TEST_ENV_PREFIX: &str = "TOLLGATE_TEST_";
+
+/// A warning for each `TOLLGATE_`-prefixed variable in `vars` that nothing reads: an override
+/// with one underscore after `TOLLGATE` (`TOLLGATE_SERVER__THREADS`), an override of a section
+/// that does not exist, or a misspelt name; each names the variable and, when one is close,
+/// what was probably meant. (Keys inside a section are checked when `serve` loads the
+/// configuration: an unknown one is an error naming the variable.)
+pub fn unknown_env_vars(vars: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (key, _) in vars {
+        if let Some(rest) = key.strip_prefix(OVERRIDE_PREFIX) {
+            let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
+            if !CONFIG_SECTIONS.contains(&section.as_str()) {
+                let hint = closest(&section, CONFIG_SECTIONS.iter().copied())
+                    .map(|s| format!(" (did you mean [{s}]?)"))
+                    .unwrap_or_default();
+                warnings.push(format!(
+                    "{key} is ignored: the configuration has no [{section}] section{hint}"
+                ));
+            }
+            continue;
+        }
+        let Some(rest) = key.strip_prefix("TOLLGATE_") else {
+            continue;
+        };
+        if KNOWN_ENV_VARS.contains(&key.as_str()) || key.starts_with(TEST_ENV_PREFIX) {
+            continue;
+        }
+        let hint = if rest.contains("__") {
+            format!(" (a configuration override takes two underscores: {OVERRIDE_PREFIX}{rest})")
+        } else {
+            closest(&key, KNOWN_ENV_VARS.iter().copied())
+                .map(|k| format!(" (did you mean {k}?)"))
+                .unwrap_or_default()
+        };
+        warnings.push(format!(
+            "{key} is ignored: Tollgate reads no such variable{hint}"
+        ));
+    }
+    warnings
+}
+
+/// The candidate within a small edit distance of `word`, if any.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| {
+            (
+                edit_distance(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()),
+                c,
+            )
+        })
+        .filter(|&(d, c)| d > 0 && d <= (c.len() / 4).max(1))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over bytes (names here are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// Sets `a.b.c` in `table` for each `TOLLGATE__A__B__C=value`; values parse as TOML scalars
 /// when they can (numbers, booleans), else as strings.
 fn overlay_env(
@@ -615,7 +784,7 @@ fn overlay_env(
     vars: impl Iterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     for (key, value) in vars {
-        let Some(rest) = key.strip_prefix("TOLLGATE__") else {
+        let Some(rest) = key.strip_prefix(OVERRIDE_PREFIX) else {
             continue;
         };
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -707,6 +876,65 @@ deployments = ["oa", "an"]
         let bad = SAMPLE.replace(r#"["oa", "an"]"#, r#"["oa", "nope"]"#);
         let err = Config::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn an_override_that_does_not_parse_is_named() {
+        let file: toml::Table = SAMPLE.parse().unwrap();
+        for (key, value) in [
+            ("TOLLGATE__SERVER__THREADS", "abc"),
+            ("TOLLGATE__SERVER__THREADZ", "4"),
+            ("TOLLGATE__SERVER__THREADS", "100000"),
+        ] {
+            let err = Config::from_table_and_env(
+                file.clone(),
+                env(&[("TOLLGATE__SERVER__LISTEN", "127.0.0.1:1"), (key, value)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(&format!("{key}={value}: ")), "{err}");
+        }
+        // An invalid file is still blamed on the file, not on a harmless override.
+        let bad_file: toml::Table = "[server]\nthreadz = 1".parse().unwrap();
+        let err = Config::from_table_and_env(bad_file, env(&[("TOLLGATE__SERVER__THREADS", "2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("threadz") && !err.contains("TOLLGATE__"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_tollgate_variables_are_named_with_a_hint() {
+        let warnings = unknown_env_vars(env(&[
+            ("TOLLGATE_SERVER__THREADS", "4"),
+            ("TOLLGATE_ADMIN_TOKN", "x"),
+            ("TOLLGATE_WHATEVER", "x"),
+            ("TOLLGATE__SERVR__THREADS", "4"),
+            ("TOLLGATE__SERVER__THREADS", "4"),
+            ("TOLLGATE_ADMIN_TOKEN", "x"),
+            ("TOLLGATE_TEST_UPSTREAM_KEY", "x"),
+            ("PATH", "/bin"),
+        ]));
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        assert!(warnings[0].starts_with("TOLLGATE_SERVER__THREADS is ignored"));
+        assert!(warnings[0].contains("TOLLGATE__SERVER__THREADS"));
+        assert!(warnings[1].contains("did you mean TOLLGATE_ADMIN_TOKEN?"));
+        assert!(warnings[2].starts_with("TOLLGATE_WHATEVER") && !warnings[2].contains("mean"));
+        assert!(
+            warnings[3].contains("did you mean [server]?"),
+            "{}",
+            warnings[3]
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ fn main() -> std::process::ExitCode {
     };
     let (telemetry, traces) = telemetry.unzip();
     tollgate_pipeline::logging::init_with_traces(cli.log_format, traces);
+    for warning in tollgate_gateway::config::unknown_env_vars(std::env::vars()) {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,13 +75,16 @@ async fn run(cli: Cli, config: Option<Config>) -> Result<(), CliError> {
             let config = config.unwrap_or_default();
             serve(&cli.data_dir, cli.database_url.as_deref(), config, listen).await
         }
-        command @ Command::Reconcile { .. } => {
-            let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
-            cli::reconcile(store, &cli.data_dir, command).await
-        }
+        command if !command.uses_store() => cli::run_without_store(command),
         command => {
+            cli::check_store_exists(&command, cli.database_url.as_deref(), &cli.data_dir)?;
             let store = cli::open_store(cli.database_url.as_deref(), None, &cli.data_dir).await?;
-            cli::run_admin(store, command).await
+            match command {
+                command @ Command::Reconcile { .. } => {
+                    cli::reconcile(store, &cli.data_dir, command).await
+                }
+                command => cli::run_admin(store, command).await,
+            }
         }
     }
 }

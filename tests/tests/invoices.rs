@@ -469,7 +469,7 @@ async fn invoices_export_the_exact_rounded_ledger_deterministically() {
         &[
             "invoices", "export", "--period", &period, "--format", "pdf", "--out", bad_out,
         ],
-        "unknown format",
+        "[possible values: csv, json, html]",
     );
     assert!(!bad.exists());
     let blocker = dir.path().join("blocker");

@@ -785,6 +785,329 @@ fn cli_manages_tenants_and_keys_and_rejects_bad_input() {
     assert!(audit.contains("key.revoke") && audit.contains("tenant.suspend"));
 }
 
+/// Runs `tollgate --data-dir DATA ARGS` with `stdin` as its standard input.
+fn tollgate_with_stdin(
+    data: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(tollgate_tests::process::tollgate_bin())
+        .args(["--data-dir", data])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_takes_the_api_words_plain_dates_and_closed_sets_and_reads_only_existing_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let missing = missing.to_str().unwrap();
+    // A read command on a directory without a store fails, and creates nothing.
+    for args in [
+        &["tenants", "list"][..],
+        &["keys", "list"],
+        &["audit"],
+        &[
+            "invoices", "export", "--period", "2026-11", "--format", "csv", "--out", "o",
+        ],
+        &["reconcile", "--period", "2026-11"],
+    ] {
+        let mut all = vec!["--data-dir", missing];
+        all.extend_from_slice(args);
+        let out = tollgate(&all, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains(&format!("no Tollgate store in {missing}")) && err.contains("--data-dir"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!std::path::Path::new(missing).exists());
+    // A creating command makes the store; reads then work.
+    let d = missing;
+    let ok = |args: &[&str]| {
+        let mut all = vec!["--data-dir", d];
+        all.extend_from_slice(args);
+        let out = tollgate(&all, &[]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let fail = |args: &[&str]| {
+        let mut all = vec!["--data-dir", d];
+        all.extend_from_slice(args);
+        let out = tollgate(&all, &[]);
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    ok(&["tenants", "create", "acme"]);
+    assert!(ok(&["tenants", "list"]).contains("acme"));
+    // The admin API's field names as flags.
+    let plan: Value = serde_json::from_str(&ok(&[
+        "plans",
+        "create",
+        "pro",
+        "--rpm-limit",
+        "10",
+        "--tpm-limit",
+        "1000",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (plan["rpm_limit"].as_i64(), plan["tpm_limit"].as_i64()),
+        (Some(10), Some(1000))
+    );
+    let price: Value = serde_json::from_str(&ok(&[
+        "prices",
+        "set",
+        "--model",
+        "m",
+        "--input-per-mtok",
+        "1.5",
+        "--cached-input-per-mtok",
+        "0.5",
+        "--output-per-mtok",
+        "3",
+        "--effective-from",
+        "2026-12-01",
+    ]))
+    .unwrap();
+    assert_eq!(price["input_per_mtok"], "1.5", "{price}");
+    assert_eq!(price["effective_from"], "2026-12-01T00:00:00Z", "{price}");
+    let key = ok(&[
+        "keys",
+        "create",
+        "--tenant",
+        "acme",
+        "--rpm-limit",
+        "7",
+        "--allowed-models",
+        "m",
+        "--expires-at",
+        "2099-01-01",
+    ]);
+    let listed = ok(&["keys", "list", "--tenant", "acme"]);
+    assert!(
+        listed.contains("\"rpm_limit\":7") && !listed.contains(&key),
+        "{listed}"
+    );
+    assert!(listed.contains("2099-01-01T00:00:00Z"), "{listed}");
+    // Plain dates: midnight UTC.
+    let discount: Value = serde_json::from_str(&ok(&[
+        "discounts",
+        "add",
+        "--tenant",
+        "acme",
+        "--percent",
+        "10",
+        "--from",
+        "2026-12-01",
+        "--effective-to",
+        "2027-01-01",
+    ]))
+    .unwrap();
+    assert_eq!(
+        discount["effective_from"], "2026-12-01T00:00:00Z",
+        "{discount}"
+    );
+    assert_eq!(
+        discount["effective_to"], "2027-01-01T00:00:00Z",
+        "{discount}"
+    );
+    assert!(fail(&[
+        "discounts",
+        "add",
+        "--tenant",
+        "acme",
+        "--percent",
+        "1",
+        "--from",
+        "2026-12"
+    ])
+    .contains("2027-01-01T00:00:00Z"));
+    // Closed sets are the parser's: the allowed values are listed.
+    let err = fail(&["credentials", "add", "x", "--provider", "opnai"]);
+    assert!(
+        err.contains("opnai") && err.contains("openai_compatible"),
+        "{err}"
+    );
+    let out = dir.path().join("out");
+    let err = fail(&[
+        "invoices",
+        "export",
+        "--period",
+        "2026-11",
+        "--format",
+        "pdf",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("pdf") && err.contains("html"), "{err}");
+    assert!(!out.exists());
+}
+
+#[tokio::test]
+async fn a_credential_is_replaced_only_when_asked_in_the_cli_and_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let env = [
+        ("TOLLGATE_MASTER_KEY", MASTER_KEY),
+        ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let add = |args: &[&str]| {
+        let mut all = vec!["credentials", "add", "up"];
+        all.extend_from_slice(args);
+        tollgate_with_stdin(data, &all, &env, "sk-first")
+    };
+    assert!(add(&["--provider", "openai"]).status.success());
+    let again = add(&["--provider", "anthropic"]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        err.contains("exists already") && err.contains("--replace"),
+        "{err}"
+    );
+    let listed = tollgate(&["--data-dir", data, "credentials", "list"], &env);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("\"provider\":\"openai\""));
+    let replaced = add(&["--provider", "anthropic", "--replace"]);
+    assert!(
+        replaced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replaced.stderr)
+    );
+    let listed = tollgate(&["--data-dir", data, "credentials", "list"], &env);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("\"provider\":\"anthropic\""));
+
+    let gw = GatewayProcess::start(&["--data-dir", data], &env, dir.path().join("gw.log")).await;
+    let body = |provider: &str, replace: Option<bool>| {
+        let mut b = json!({"name": "up", "provider": provider, "secret": "sk-second"});
+        if let Some(r) = replace {
+            b["replace"] = json!(r);
+        }
+        b
+    };
+    for replace in [None, Some(false)] {
+        let (status, v) = admin_call(
+            &gw.base_url,
+            reqwest::Method::POST,
+            "/credentials",
+            Some(body("vllm", replace)),
+        )
+        .await;
+        assert_eq!(status, 409, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("\"replace\": true"),
+            "{v}"
+        );
+    }
+    let (status, v) = admin_call(
+        &gw.base_url,
+        reqwest::Method::POST,
+        "/credentials",
+        Some(body("opnai", Some(true))),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("provider")),
+        "{v}"
+    );
+    let (status, v) = admin_call(
+        &gw.base_url,
+        reqwest::Method::POST,
+        "/credentials",
+        Some(body("vllm", Some(true))),
+    )
+    .await;
+    assert_eq!((status, v["provider"].as_str()), (201, Some("vllm")), "{v}");
+    // The API's date fields read plain dates like the CLI's flags.
+    let (status, v) = admin_call(
+        &gw.base_url,
+        reqwest::Method::POST,
+        "/discounts",
+        Some(json!({"tenant": "default", "percent": "5", "effective_from": "2026-12-01"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["effective_from"], "2026-12-01T00:00:00Z", "{v}");
+}
+
+#[test]
+fn environment_overrides_that_fail_or_do_nothing_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // A value that does not parse stops start-up with the variable's name.
+    let out = tollgate(
+        &["--data-dir", data, "serve", "--listen", "127.0.0.1:1"],
+        &[("TOLLGATE__SERVER__THREADS", "abc")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("TOLLGATE__SERVER__THREADS=abc: "), "{err}");
+    // So does a key the section does not have.
+    let out = tollgate(
+        &["--data-dir", data, "serve", "--listen", "127.0.0.1:1"],
+        &[("TOLLGATE__SERVER__THREADZ", "2")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("TOLLGATE__SERVER__THREADZ=2: ") && err.contains("threadz"),
+        "{err}"
+    );
+    // One underscore, or a misspelt name: a warning naming it, and what was meant.
+    let out = tollgate(
+        &["--data-dir", data, "tenants", "create", "acme"],
+        &[
+            ("TOLLGATE_SERVER__THREADS", "2"),
+            ("TOLLGATE_ADMIN_TOKN", "t"),
+            ("TOLLGATE__SERVR__THREADS", "2"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for needle in [
+        "TOLLGATE_SERVER__THREADS is ignored",
+        "two underscores: TOLLGATE__SERVER__THREADS",
+        "TOLLGATE_ADMIN_TOKN is ignored",
+        "did you mean TOLLGATE_ADMIN_TOKEN?",
+        "TOLLGATE__SERVR__THREADS is ignored",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // Known names are not warned about.
+    let out = tollgate(
+        &["--data-dir", data, "tenants", "list"],
+        &[
+            ("TOLLGATE_ADMIN_TOKEN", "t"),
+            ("TOLLGATE__SERVER__THREADS", "2"),
+        ],
+    );
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ignored"));
+}
+
 #[tokio::test]
 async fn usage_reports_the_ledger_by_model_and_day_with_exact_decimals() {
     let h = Harness::start().await;
@@ -936,18 +1259,29 @@ async fn the_admin_api_refuses_bad_input_in_openai_shape_and_checks_the_token_fi
     assert_eq!(r.status(), 413);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].is_string(), "{v}");
-    let r = client
-        .post(url("/tenants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/plain")
-        .body(r#"{"name": "x"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_client_error() || r.status().is_success());
-    if r.status().is_client_error() {
+    // The content type is not looked at: a JSON body is read as JSON whatever it says (or
+    // without one), and anything else is a 400 in the JSON error shape, never plain text.
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let send = |body: String| {
+            let mut req = client.post(url("/tenants")).bearer_auth(ADMIN_TOKEN);
+            if let Some(ct) = content_type {
+                req = req.header("content-type", ct);
+            }
+            req.body(body).send()
+        };
+        let r = send("name=x".to_string()).await.unwrap();
+        assert_eq!(r.status(), 400, "{content_type:?}");
         let v: Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(shape(&v), "{content_type:?}: {v}");
+        let name = format!("ct-{}", content_type.unwrap_or("none").len());
+        let r = send(json!({ "name": name }).to_string()).await.unwrap();
+        assert_eq!(r.status(), 201, "{content_type:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["name"], name.as_str(), "{content_type:?}");
     }
     // The tenant API: the key first, then the query, both in OpenAI's shape.
     let usage = |q: &str| format!("{}/v1/usage{q}", h.base_url);

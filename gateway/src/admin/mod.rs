@@ -40,6 +40,30 @@ impl From<InvoiceError> for GatewayError {
     }
 }
 
+/// The provider types a stored credential can be for: the `type`s of HTTP deployments in
+/// the configuration (`[[deployments]]`); the built-in `mock` needs none.
+pub const PROVIDER_TYPES: [&str; 4] = ["openai", "openai_compatible", "vllm", "anthropic"];
+
+/// A point in time as the CLI's date flags and the admin API's date fields accept it: RFC 3339
+/// (`2027-01-01T00:00:00Z`, any offset) or a calendar date (`2027-01-01`, meaning 00:00:00 UTC
+/// that day).
+pub fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    let s = s.trim();
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &date_format)
+        .map(|d| d.midnight().assume_utc())
+        .map_err(|_| {
+            format!(
+                "`{s}` is not a time: expected RFC 3339 (2027-01-01T00:00:00Z) or a date \
+                 (2027-01-01, meaning 00:00:00 UTC)"
+            )
+        })
+}
+
 /// A closed billing period.
 #[derive(Debug, Serialize)]
 pub struct ClosedPeriod {
@@ -422,25 +446,52 @@ impl Admin {
         })
     }
 
-    /// Stores (or replaces) a provider credential, encrypted. The secret is not audited.
+    /// Stores a provider credential, encrypted. A name that exists already is a conflict
+    /// unless `replace` is set (then the credential is overwritten). The secret is not audited.
     pub async fn put_credential(
         &self,
         name: &str,
         provider: &str,
         secret: &str,
+        replace: bool,
     ) -> Result<CredentialInfo, GatewayError> {
         if name.trim().is_empty() || secret.is_empty() {
             return Err(GatewayError::bad_request(
                 "credential name and secret must not be empty",
             ));
         }
-        let stored = self
-            .master()?
+        if !PROVIDER_TYPES.contains(&provider) {
+            return Err(GatewayError::bad_param(
+                format!(
+                    "unknown provider `{provider}`; one of: {}",
+                    PROVIDER_TYPES.join(", ")
+                ),
+                "provider",
+            ));
+        }
+        let master = self.master()?;
+        let exists = self
+            .store
+            .list_credentials()
+            .await?
+            .iter()
+            .any(|c| c.name == name);
+        if exists && !replace {
+            return Err(GatewayError::Conflict(format!(
+                "a credential named `{name}` exists already; to overwrite it, add it again \
+                 with replace (CLI: --replace, admin API: \"replace\": true)"
+            )));
+        }
+        let stored = master
             .encrypt(name, provider, secret)
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         self.store.put_credential(&stored).await?;
-        self.record("credential.put", name, json!({"provider": provider}))
-            .await?;
+        self.record(
+            "credential.put",
+            name,
+            json!({"provider": provider, "replaced": exists}),
+        )
+        .await?;
         Ok(CredentialInfo {
             name: stored.name,
             provider: stored.provider,

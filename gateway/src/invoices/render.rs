@@ -11,8 +11,8 @@ use rust_decimal::Decimal;
 
 use super::{Invoice, InvoiceError, InvoiceLine};
 
-/// An export format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An export format (`csv`, `json`, `html`; the CLI's `--format` lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Csv,
     Json,

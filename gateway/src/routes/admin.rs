@@ -175,6 +175,20 @@ pub mod decimal {
     }
 }
 
+/// Times from a JSON string: RFC 3339 or a date (midnight UTC), as [`parse_time`] reads them.
+///
+/// [`parse_time`]: crate::admin::parse_time
+pub mod time_input {
+    use serde::{Deserialize, Deserializer};
+    use time::OffsetDateTime;
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| crate::admin::parse_time(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantBody {
@@ -362,7 +376,7 @@ struct KeyBody {
     tenant: String,
     #[serde(default)]
     name: String,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, deserialize_with = "time_input::optional")]
     expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     metadata: serde_json::Value,
@@ -524,7 +538,7 @@ pub struct PriceBody {
     pub model: String,
     #[serde(default)]
     pub tenant: Option<String>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, deserialize_with = "time_input::optional")]
     pub effective_from: Option<OffsetDateTime>,
     #[serde(deserialize_with = "decimal::required")]
     pub input_per_mtok: Decimal,
@@ -584,9 +598,9 @@ struct DiscountBody {
     model: Option<String>,
     #[serde(deserialize_with = "decimal::required")]
     percent: Decimal,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, deserialize_with = "time_input::optional")]
     effective_from: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, deserialize_with = "time_input::optional")]
     effective_to: Option<OffsetDateTime>,
 }
 
@@ -622,13 +636,16 @@ struct CredentialBody {
     name: String,
     provider: String,
     secret: String,
+    /// Overwrite a credential of the same name; without it an existing name is a 409.
+    #[serde(default)]
+    replace: bool,
 }
 
 async fn put_credential(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> AdminResult {
     let b: CredentialBody = body(v)?;
     ok(
         StatusCode::CREATED,
-        a.put_credential(&b.name, &b.provider, &b.secret)
+        a.put_credential(&b.name, &b.provider, &b.secret, b.replace)
             .await
             .in_format(WireFormat::OpenAi)?,
     )

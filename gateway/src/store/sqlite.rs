@@ -78,6 +78,15 @@ fn get_json(r: &SqliteRow, col: &str) -> serde_json::Value {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir` and applies migrations.
+    /// The database file's name in the data directory.
+    pub const FILE_NAME: &'static str = "tollgate.db";
+
+    /// Whether `data_dir` holds a store (that [`SqliteStore::open`] would open, not create).
+    pub fn exists_in(data_dir: &Path) -> bool {
+        data_dir.join(Self::FILE_NAME).is_file()
+    }
+
+    /// Opens the store in `data_dir`, creating the directory and the database if needed.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Invalid(format!(
@@ -86,7 +95,7 @@ impl SqliteStore {
             ))
         })?;
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("tollgate.db"))
+            .filename(data_dir.join(Self::FILE_NAME))
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(5))
