@@ -721,28 +721,34 @@ fn a_master_key_of_the_wrong_length_stops_start_up() {
     assert!(!err.contains("c2hvcnQ"), "the key itself is not echoed");
 }
 
+/// `tollgate --data-dir <dir> <args>`, which must succeed: its standard output, trimmed.
+fn cli_ok(dir: &str, args: &[&str]) -> String {
+    let mut all = vec!["--data-dir", dir];
+    all.extend_from_slice(args);
+    let out = tollgate(&all, &[]);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `tollgate --data-dir <dir> <args>`, which must fail: its standard error.
+fn cli_fail(dir: &str, args: &[&str]) -> String {
+    let mut all = vec!["--data-dir", dir];
+    all.extend_from_slice(args);
+    let out = tollgate(&all, &[]);
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[test]
 fn cli_manages_tenants_and_keys_and_rejects_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let ok = |args: &[&str]| {
-        let mut all = vec!["--data-dir", d];
-        all.extend_from_slice(args);
-        let out = tollgate(&all, &[]);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let fail = |args: &[&str]| {
-        let mut all = vec!["--data-dir", d];
-        all.extend_from_slice(args);
-        let out = tollgate(&all, &[]);
-        assert!(!out.status.success(), "{args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
+    let ok = |args: &[&str]| cli_ok(d, args);
+    let fail = |args: &[&str]| cli_fail(d, args);
     let id = ok(&["tenants", "create", "acme"]);
     assert!(id.starts_with("ten_"));
     assert!(fail(&["tenants", "create", "acme"]).contains("already exists"));
@@ -840,24 +846,8 @@ fn cli_takes_the_api_words_plain_dates_and_closed_sets_and_reads_only_existing_s
     assert!(!std::path::Path::new(missing).exists());
     // A creating command makes the store; reads then work.
     let d = missing;
-    let ok = |args: &[&str]| {
-        let mut all = vec!["--data-dir", d];
-        all.extend_from_slice(args);
-        let out = tollgate(&all, &[]);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let fail = |args: &[&str]| {
-        let mut all = vec!["--data-dir", d];
-        all.extend_from_slice(args);
-        let out = tollgate(&all, &[]);
-        assert!(!out.status.success(), "{args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
+    let ok = |args: &[&str]| cli_ok(d, args);
+    let fail = |args: &[&str]| cli_fail(d, args);
     ok(&["tenants", "create", "acme"]);
     assert!(ok(&["tenants", "list"]).contains("acme"));
     // The admin API's field names as flags.

@@ -731,15 +731,29 @@ mod tests {
 
     /// A server whose `/thread` answers with the serving thread that ran it and whose
     /// `/slow` answers after 300 ms.
-    async fn start(
-        threads: usize,
-        busy_poll: Duration,
-    ) -> (
+    /// A server of the test routes with `threads` and `busy_poll`, a 1 s header read timeout
+    /// and shutdown grace.
+    async fn start(threads: usize, busy_poll: Duration) -> Started {
+        start_with(ServeOptions {
+            threads,
+            busy_poll,
+            header_read_timeout: Some(Duration::from_secs(1)),
+            shutdown_grace: Some(Duration::from_secs(1)),
+            ..ServeOptions::default()
+        })
+        .await
+    }
+
+    /// The address, the stop switch, the server's task and its metrics.
+    type Started = (
         std::net::SocketAddr,
         oneshot::Sender<()>,
         tokio::task::JoinHandle<io::Result<Stopped>>,
         ServerMetrics,
-    ) {
+    );
+
+    /// A server of the test routes with `options` (and metrics).
+    async fn start_with(options: ServeOptions) -> Started {
         let app = Router::new()
             .route("/thread", get(|| async { serving_thread().to_string() }))
             .route(
@@ -768,12 +782,8 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
         let options = ServeOptions {
-            threads,
-            busy_poll,
             metrics: Some(metrics.clone()),
-            header_read_timeout: Some(Duration::from_secs(1)),
-            shutdown_grace: Some(Duration::from_secs(1)),
-            ..ServeOptions::default()
+            ..options
         };
         let server = tokio::spawn(serve(listener, app, options, async {
             let _ = stopped.await;
@@ -884,22 +894,14 @@ mod tests {
 
     #[tokio::test]
     async fn silent_connections_and_a_bare_http2_preface_are_closed() {
-        let app = Router::new().route("/thread", get(|| async { serving_thread().to_string() }));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
-        let options = ServeOptions {
+        let (addr, stop, server, metrics) = start_with(ServeOptions {
             threads: 1,
-            metrics: Some(metrics.clone()),
             header_read_timeout: Some(Duration::from_secs(1)),
             first_byte_timeout: Some(Duration::from_millis(500)),
             idle_timeout: Some(Duration::from_secs(60)),
             ..ServeOptions::default()
-        };
-        let server = tokio::spawn(serve(listener, app, options, async {
-            let _ = stopped.await;
-        }));
+        })
+        .await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut preface = TcpStream::connect(addr).await.unwrap();
         // The client preface and an empty SETTINGS frame, then nothing.
@@ -930,23 +932,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_over_its_address_cap_gets_a_503_and_others_are_served() {
-        let app = Router::new().route("/thread", get(|| async { serving_thread().to_string() }));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let metrics = crate::metrics::Metrics::new().unwrap().server().unwrap();
-        let options = ServeOptions {
+        let (addr, stop, server, metrics) = start_with(ServeOptions {
             threads: 1,
-            metrics: Some(metrics.clone()),
             connection_limits: ConnectionLimits {
                 max: 100,
                 per_address: 2,
             },
             ..ServeOptions::default()
-        };
-        let server = tokio::spawn(serve(listener, app, options, async {
-            let _ = stopped.await;
-        }));
+        })
+        .await;
         let mut first = TcpStream::connect(addr).await.unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();
         assert_eq!(get_on(&mut first, "/thread").await, "1");
