@@ -190,6 +190,9 @@ pub enum LineKind {
     Adjustment,
     Discount,
     PlanFee,
+    /// Requests without billable usage (failed before any token, or served free from the
+    /// cache), summed on one line with no charge.
+    NoCharge,
 }
 
 impl LineKind {
@@ -199,6 +202,7 @@ impl LineKind {
             LineKind::Adjustment => "adjustment",
             LineKind::Discount => "discount",
             LineKind::PlanFee => "plan_fee",
+            LineKind::NoCharge => "no_charge",
         }
     }
 }
@@ -289,6 +293,9 @@ pub struct Invoice {
     pub issue_date: Option<String>,
     pub currency: String,
     pub lines: Vec<InvoiceLine>,
+    /// What the reader should know that no line says (a discount that starts within the
+    /// period, and so applies from the next one).
+    pub notes: Vec<String>,
     /// Usage and adjustment lines.
     #[serde(with = "rust_decimal::serde::str")]
     pub subtotal: Decimal,
@@ -452,6 +459,55 @@ fn discount_line(usage: &InvoiceLine, percent: Decimal) -> InvoiceLine {
     }
 }
 
+/// One line for the requests of an invoice that carry no usage at all.
+fn no_charge_line(requests: i64) -> InvoiceLine {
+    InvoiceLine {
+        kind: LineKind::NoCharge,
+        description: format!(
+            "{requests} requests without billable usage (failed before any token, or served \
+             free from the cache): not charged"
+        ),
+        model: None,
+        event_period: None,
+        price_from: None,
+        price_from_ms: 0,
+        price_basis: None,
+        input_per_mtok: None,
+        cached_input_per_mtok: None,
+        output_per_mtok: None,
+        quantities: Some(Quantities {
+            uncached_input_tokens: 0,
+            cached_input_tokens: 0,
+            cache_write_input_tokens: 0,
+            output_tokens: 0,
+            requests,
+        }),
+        discount_percent: None,
+        amount: round_money(Decimal::ZERO),
+    }
+}
+
+/// Notes on `tenant_id`'s discounts that start after the period began: the rule applies the
+/// discount in force at a period's start, so such a discount counts from the next period.
+fn discount_notes(inputs: &InvoiceInputs<'_>, tenant_id: &str) -> Vec<String> {
+    let (start, end) = (inputs.period.start(), inputs.period.end());
+    inputs
+        .discounts
+        .iter()
+        .filter(|d| d.tenant_id == tenant_id && d.effective_from > start && d.effective_from < end)
+        .map(|d| {
+            format!(
+                "A {}% discount on {} starts on {}, after this period began: discounts apply \
+                 per whole period (the one in force at its start), so it applies from the next \
+                 period.",
+                d.percent.normalize(),
+                d.model.as_deref().unwrap_or("every model"),
+                date(d.effective_from.to_offset(time::UtcOffset::UTC).date())
+            )
+        })
+        .collect()
+}
+
 /// Builds the invoices of `inputs.period`, ordered by tenant id then currency.
 pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
     let period = inputs.period.to_string();
@@ -459,18 +515,38 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
     let mut groups: BTreeMap<(String, String), Vec<InvoiceLine>> = BTreeMap::new();
     // Every ledger line is invoiced, also of a tenant missing from the store (its invoice then
     // has no name): revenue never disappears silently. `load` already filtered by tenant.
+    // (tenant, currency) → requests without billable usage.
+    let mut no_charge: BTreeMap<(String, String), i64> = BTreeMap::new();
     for l in inputs.lines {
+        let key = (l.tenant_id.clone(), l.currency.clone());
+        if l.cost.is_zero()
+            && l.input_tokens == 0
+            && l.output_tokens == 0
+            && l.cached_input_tokens == 0
+            && l.cache_write_input_tokens == 0
+        {
+            *no_charge.entry(key).or_default() += l.requests;
+            continue;
+        }
         let usage = usage_line(l, &period);
         let event_start = Period::parse(&l.event_period).map(|p| p.start()).ok();
         let discount = event_start
             .and_then(|at| discount_in_force(inputs.discounts, &l.tenant_id, &l.model, at));
-        let lines = groups
-            .entry((l.tenant_id.clone(), l.currency.clone()))
-            .or_default();
+        let lines = groups.entry(key).or_default();
         if let Some(d) = discount {
-            lines.push(discount_line(&usage, d.percent));
+            // Nothing to discount (unpriced, or less than a cent): no line.
+            let line = discount_line(&usage, d.percent);
+            if usage.price_basis != Some(PriceBasis::Unpriced) && !line.amount.is_zero() {
+                lines.push(line);
+            }
         }
         lines.push(usage);
+    }
+    for ((tenant_id, currency), requests) in no_charge {
+        groups
+            .entry((tenant_id, currency))
+            .or_default()
+            .push(no_charge_line(requests));
     }
     for t in inputs.tenants {
         let plan = t
@@ -537,6 +613,7 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
                 number = format!("{number}-{currency}");
             }
             Invoice {
+                notes: discount_notes(inputs, tenant_id),
                 number,
                 tenant_id: tenant_id.clone(),
                 tenant_name: inputs
@@ -739,7 +816,7 @@ mod tests {
             (LineKind::Adjustment, "a-model", 1000, "10.01".to_string()),
             // 12.5 % of the rounded amounts: 0, 0.01625, 0.15375, 1.25125.
             (LineKind::Discount, "a-model", 1000, "-1.25".to_string()),
-            (LineKind::Discount, "a-model", -1, "0.00".to_string()),
+            // No discount line on the unpriced usage: nothing to discount.
             (LineKind::Discount, "b-model", 1000, "-0.02".to_string()),
             (LineKind::Discount, "b-model", 2000, "-0.15".to_string()),
             (LineKind::PlanFee, "-", 0, "50.00".to_string()),
@@ -756,6 +833,59 @@ mod tests {
         assert_eq!(j.number, "TG-202603-t2");
         assert_eq!(j.total.to_string(), "3.33");
         assert_eq!(j.lines.len(), 1);
+    }
+
+    #[test]
+    fn requests_without_usage_are_one_line_and_a_discount_starting_mid_period_is_noted() {
+        let tenants = vec![tenant("t1", None)];
+        let mut failed_a = line("t1", "2026-03", "a-model", 1000, "0");
+        let mut failed_b = line("t1", "2026-03", "b-model", -1, "0");
+        for l in [&mut failed_a, &mut failed_b] {
+            (l.input_tokens, l.cached_input_tokens) = (0, 0);
+            (l.cache_write_input_tokens, l.output_tokens) = (0, 0);
+        }
+        failed_b.requests = 4;
+        // A discount before the period (applies) and one from its 10th (noted, not applied).
+        let ds = vec![
+            discount(Some("a-model"), "10", datetime!(2026-01-01 0:00 UTC)),
+            discount(None, "50", datetime!(2026-03-10 12:00 UTC)),
+        ];
+        let lines = vec![
+            line("t1", "2026-03", "a-model", 1000, "2.004"),
+            failed_a,
+            failed_b,
+        ];
+        let invoice = build(&InvoiceInputs {
+            period: Period::parse("2026-03").unwrap(),
+            tenants: &tenants,
+            plans: &[],
+            discounts: &ds,
+            lines: &lines,
+            closed_at: None,
+        })
+        .remove(0);
+        let kinds: Vec<(LineKind, String)> = invoice
+            .lines
+            .iter()
+            .map(|l| (l.kind, l.amount.to_string()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (LineKind::Usage, "2.00".to_string()),
+                (LineKind::Discount, "-0.20".to_string()),
+                (LineKind::NoCharge, "0.00".to_string()),
+            ]
+        );
+        let no_charge = invoice.lines.last().unwrap();
+        assert_eq!(no_charge.quantities.unwrap().requests, 7);
+        assert!(no_charge.description.starts_with("7 requests"));
+        assert_eq!(invoice.total.to_string(), "1.80");
+        assert_eq!(invoice.notes.len(), 1, "{:?}", invoice.notes);
+        assert!(invoice.notes[0].contains("50% discount on every model starts on 2026-03-10"));
+        let csv = render::csv(&invoice);
+        assert!(csv.lines().any(|l| l.contains(",note,")), "{csv}");
+        assert!(render::html(&invoice).contains("starts on 2026-03-10"));
     }
 
     /// One draft invoice of one usage line.

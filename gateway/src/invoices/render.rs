@@ -89,7 +89,8 @@ output_per_mtok,uncached_input_tokens,cached_input_tokens,cache_write_input_toke
 requests,discount_percent,amount";
 
 /// CSV: a header, one row per line, then `subtotal`, `discounts`, `plan_fee` and `total`
-/// rows (kind column) carrying only the amount.
+/// rows (kind column) carrying only the amount, then one `note` row per note (description
+/// column).
 pub fn csv(invoice: &Invoice) -> String {
     let mut out = String::new();
     out.push_str(CSV_HEADER);
@@ -135,6 +136,9 @@ pub fn csv(invoice: &Invoice) -> String {
         ("total", invoice.total),
     ] {
         let _ = writeln!(out, "{head},{kind}{}{amount}", ",".repeat(15));
+    }
+    for note in &invoice.notes {
+        let _ = writeln!(out, "{head},note,{}{}", csv_field(note), ",".repeat(14));
     }
     out
 }
@@ -232,7 +236,15 @@ pub fn html(invoice: &Invoice) -> String {
     for l in &i.lines {
         html_line(&mut out, l, &i.currency);
     }
-    out.push_str("</table>\n<table class=\"totals\">\n");
+    out.push_str("</table>\n");
+    if !i.notes.is_empty() {
+        out.push_str("<ul class=\"notes\">\n");
+        for note in &i.notes {
+            let _ = writeln!(out, "<li>{}</li>", esc(note));
+        }
+        out.push_str("</ul>\n");
+    }
+    out.push_str("<table class=\"totals\">\n");
     for (label, amount, class) in [
         ("Subtotal", i.subtotal, ""),
         ("Discounts", i.discounts, ""),
