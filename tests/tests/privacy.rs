@@ -205,7 +205,8 @@ async fn echo_upstream() -> (String, Received) {
 
 /// A gateway in front of the echo upstream: `ext-oa` (openai), `ext-an` (anthropic) and
 /// `self-vl` (vllm) deployments; aliases `masked-oa`, `masked-an`, `masked-vl` (mask),
-/// `blocked` (block) and `plain` (no policy of its own); `privacy` is the `[privacy]` body.
+/// `blocked` (block), `plain` (no policy of its own) and `fallback` (mask; an unreachable vLLM
+/// deployment, then `ext-oa`); `privacy` is the `[privacy]` body.
 async fn gateway(privacy: &str) -> (Harness, Received) {
     let (echo, received) = echo_upstream().await;
     let env = tollgate_tests::harness::UPSTREAM_KEY_ENV;
@@ -255,6 +256,19 @@ pii = "block"
 [[models]]
 name = "plain"
 deployments = ["ext-oa"]
+
+[[deployments]]
+type = "vllm"
+name = "self-vl-down"
+model = "llama"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "{env}"
+
+[[models]]
+name = "fallback"
+deployments = ["self-vl-down", "ext-oa"]
+strategy = "ordered"
+pii = "mask"
 
 [privacy]
 placeholder_key = "test-placeholder-key-0123456789"
@@ -445,4 +459,24 @@ async fn a_tenant_policy_applies_to_every_alias() {
         metrics.contains("tollgate_pii_entities_total{action=\"mask\",entity=\"EMAIL\"}"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_from_an_exempt_deployment_to_an_external_one_is_masked() {
+    let (h, received) = gateway("").await;
+    for stream in [false, true] {
+        let resp = h
+            .post("/v1/chat/completions", &request("fallback", stream, true))
+            .await;
+        assert_eq!(
+            resp.headers()["x-tollgate-deployment"],
+            "ext-oa",
+            "the vLLM deployment is down"
+        );
+        let (content, args) = client_view(resp, stream).await;
+        assert_masked(&received.lock().last().cloned().unwrap());
+        assert_eq!(content, prompt(), "stream={stream}");
+        let args: Value = serde_json::from_str(&args).unwrap();
+        assert_eq!(args["to"], prompt());
+    }
 }
