@@ -57,6 +57,8 @@ pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     /// The exact response cache, when `[cache] enabled`.
     pub cache: Option<Arc<crate::cache::ResponseCache>>,
+    /// PII masking, when some policy can apply (`[privacy]`, aliases' `pii`).
+    pub privacy: Option<Arc<crate::privacy::Privacy>>,
     /// The admin API's bearer token (`TOLLGATE_ADMIN_TOKEN`); `None` disables the admin API.
     pub admin_token: Option<String>,
     /// Encrypts provider credentials (`TOLLGATE_MASTER_KEY`).
@@ -155,8 +157,14 @@ impl AppState {
                 .cache()
                 .map_err(|e| GatewayError::Internal(e.to_string()))?,
         )?;
+        let privacy = crate::privacy::Privacy::new(
+            &config.privacy,
+            config.models.iter().filter_map(|m| m.pii),
+            &metrics,
+        )?;
         Ok(Arc::new(AppState {
             cache,
+            privacy,
             auth,
             config,
             store,

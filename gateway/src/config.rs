@@ -85,6 +85,9 @@ pub struct Config {
     /// Envoy in front: ext_authz and rate-limit gRPC services, trusted identity headers.
     #[serde(default)]
     pub edge: crate::edge::EdgeConfig,
+    /// PII masking before external providers (off by default).
+    #[serde(default)]
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 /// Prometheus metrics settings.
@@ -355,6 +358,9 @@ pub struct HttpDeploymentConfig {
     /// How often `metrics_url` is polled.
     #[serde(default = "default_metrics_poll_ms")]
     pub metrics_poll_ms: u64,
+    /// Never mask personal data for this deployment (self-hosted), whatever its type.
+    #[serde(default)]
+    pub pii_exempt: bool,
 }
 
 /// The simulated provider.
@@ -408,6 +414,10 @@ pub struct ModelAliasConfig {
     /// Hedge every request of this alias, not only high-priority ones.
     #[serde(default)]
     pub hedge: bool,
+    /// PII policy of this alias (`off`, `mask`, `block`); the strictest of it, the tenant's
+    /// and `[privacy] default` applies.
+    #[serde(default)]
+    pub pii: Option<crate::privacy::PiiAction>,
 }
 
 fn one() -> u32 {
@@ -531,6 +541,21 @@ impl Config {
                      server.listen"
                 )));
             }
+        }
+        if self
+            .privacy
+            .can_apply(self.models.iter().filter_map(|m| m.pii))
+            && self
+                .privacy
+                .placeholder_key
+                .as_deref()
+                .is_none_or(|k| k.len() < 16)
+        {
+            return Err(ConfigError::Invalid(
+                "a PII policy other than \"off\" needs privacy.placeholder_key (a secret of at \
+                 least 16 characters; TOLLGATE__PRIVACY__PLACEHOLDER_KEY)"
+                    .to_string(),
+            ));
         }
         self.billing.validate(&self.events)?;
         self.limits.validate()?;

@@ -44,6 +44,7 @@ pub mod fuzz_targets;
 pub mod invoices;
 pub mod limits;
 pub mod metrics;
+pub mod privacy;
 pub mod providers;
 pub mod reconcile;
 pub mod relay;

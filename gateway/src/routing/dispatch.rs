@@ -58,7 +58,6 @@ use super::plan::{Action, Budget, Failed, Plan};
 use super::retry::{self, Deadline, Disposition};
 use super::strategy::{self, Pick, RankInput, Unavailable};
 use super::{Alias, Deployment, ModelRouter, Strategy, Target};
-use crate::api::WireFormat;
 use crate::error::GatewayError;
 use crate::providers::{Endpoint, Forwarded, UpstreamResponse};
 use crate::telemetry;
@@ -67,7 +66,8 @@ use tracing::Instrument;
 /// Builds the upstream body for each attempt, in the attempt's dialect and model (a request
 /// may be sent several times, to providers of either dialect).
 pub trait UpstreamBody: Send {
-    fn body_for(&mut self, format: WireFormat, model: &str) -> Result<Bytes, GatewayError>;
+    /// The body for deployment `to` (its dialect; masked for PII where the policy says so).
+    fn body_for(&mut self, to: &Deployment, model: &str) -> Result<Bytes, GatewayError>;
     /// The pre-flight prompt estimate. Counting costs time before the upstream call, so the
     /// router asks only when a decision depends on it (cost ranking, token limits, token
     /// headroom an upstream reported, a hedge's cancelled cost); implementations count once.
@@ -535,7 +535,7 @@ impl ModelRouter {
                 continue;
             }
             let probe = admission == Admission::Probe;
-            let bytes = match body.body_for(d.provider.format(), &model) {
+            let bytes = match body.body_for(&d, &model) {
                 Ok(b) => b,
                 Err(e) => {
                     if probe {
@@ -783,7 +783,7 @@ impl ModelRouter {
         let second = || {
             let (i, d2, admission) = self.hedge_candidate(alias, not_to_pick, req, &mut *body)?;
             let model2 = d2.upstream_model(req.model, suffix);
-            let Ok(bytes2) = body.body_for(d2.provider.format(), &model2) else {
+            let Ok(bytes2) = body.body_for(&d2, &model2) else {
                 if admission == Admission::Probe {
                     d2.health.breaker.abandon_probe();
                 }

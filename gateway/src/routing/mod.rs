@@ -78,6 +78,8 @@ pub struct Deployment {
     /// Longest time between two upstream data events of a stream (`idle_timeout_ms`);
     /// `None`: unbounded (the in-process mock).
     pub stream_idle_timeout: Option<Duration>,
+    /// Never masked for PII (`pii_exempt = true`); its type may also be exempt.
+    pub pii_exempt: bool,
 }
 
 impl Deployment {
@@ -111,6 +113,8 @@ pub struct Alias {
     pub content_policy_fallback: Option<String>,
     /// Hedge every request, not only high-priority ones.
     pub hedge: bool,
+    /// The alias's PII policy, if it sets one.
+    pub pii: Option<crate::privacy::PiiAction>,
 }
 
 /// One deployment's run-time state, as `GET /admin/v1/deployments` shows it.
@@ -195,6 +199,7 @@ impl ModelRouter {
                 context_window_fallback: a.context_window_fallback.clone(),
                 content_policy_fallback: a.content_policy_fallback.clone(),
                 hedge: a.hedge,
+                pii: a.pii,
             };
             match a.name.strip_suffix('*') {
                 Some(prefix) => wildcards.push((prefix.to_string(), alias)),
@@ -257,6 +262,11 @@ impl ModelRouter {
                 .filter(|rest| !rest.is_empty())
                 .map(|rest| (alias, Some(rest)))
         })
+    }
+
+    /// The PII policy of the alias `model` names, if it sets one.
+    pub fn pii_policy(&self, model: &str) -> Option<crate::privacy::PiiAction> {
+        self.resolve(model).and_then(|(a, _)| a.pii)
     }
 
     /// Whether `model` names an alias (exact or wildcard).
@@ -480,6 +490,13 @@ fn build_deployment(
                 }),
             ),
         };
+    let pii_exempt = match d {
+        DeploymentConfig::Openai(c)
+        | DeploymentConfig::OpenaiCompatible(c)
+        | DeploymentConfig::Vllm(c)
+        | DeploymentConfig::Anthropic(c) => c.pii_exempt,
+        DeploymentConfig::Mock(_) => false,
+    };
     let (limits, price, monthly_commit, metrics_url, stream_idle_timeout) = match d {
         DeploymentConfig::Openai(c)
         | DeploymentConfig::OpenaiCompatible(c)
@@ -513,6 +530,7 @@ fn build_deployment(
         metrics_url,
         health: Arc::new(Health::new(&routing.breaker)),
         stream_idle_timeout,
+        pii_exempt,
     })
 }
 
@@ -535,6 +553,7 @@ fn add_builtins(
             context_window_fallback: None,
             content_policy_fallback: None,
             hedge: false,
+            pii: None,
         });
         deployments.push(deployment);
     };
@@ -595,6 +614,7 @@ fn add_builtins(
             monthly_commit: None,
             metrics_url: None,
             metrics_poll_ms: 1_000,
+            pii_exempt: false,
         };
         if std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty()) {
             add(

@@ -130,6 +130,10 @@ async fn run(
     let admission = admit(state, &caller, &mut outbound)
         .instrument(telemetry::span!("admit"))
         .await?;
+    if let Some(privacy) = &state.privacy {
+        let alias = state.router.pii_policy(outbound.request.model());
+        outbound.privacy = privacy.for_request(&caller.tenant_id, &caller.tenant_name, alias);
+    }
     let cache = cache_step(state, progress, &caller, &headers, &outbound);
     if let Some((cache, plan)) = &cache {
         if let Some(entry) = cache.lookup(plan).await {
@@ -214,6 +218,7 @@ async fn parse(api: Api, bytes: Bytes) -> Result<Outbound, GatewayError> {
         return Ok(Outbound {
             request: ClientRequest::parse(api, bytes)?,
             prompt_tokens: None,
+            privacy: None,
         });
     }
     // Parsed and counted on the blocking pool: the serving thread's other streams go on.
@@ -223,6 +228,7 @@ async fn parse(api: Api, bytes: Bytes) -> Result<Outbound, GatewayError> {
         Ok::<_, GatewayError>(Outbound {
             request,
             prompt_tokens: Some(prompt_tokens),
+            privacy: None,
         })
     })
     .await

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::api::{anthropic, openai, RequestBody, WireFormat};
 use crate::error::GatewayError;
 use crate::providers::Endpoint;
-use crate::routing::UpstreamBody;
+use crate::routing::{Deployment, UpstreamBody};
 use crate::{tokens, translate};
 
 /// The inference APIs, as the client calls them.
@@ -218,6 +218,9 @@ fn stream_options_with_usage(sent: Option<&[u8]>) -> Vec<u8> {
 pub struct Outbound {
     pub request: ClientRequest,
     pub prompt_tokens: Option<u64>,
+    /// The request's PII policy, when it is not `off`: applied to the body of every
+    /// deployment that is not exempt.
+    pub privacy: Option<crate::privacy::RequestPrivacy>,
 }
 
 impl Outbound {
@@ -230,8 +233,12 @@ impl Outbound {
 }
 
 impl UpstreamBody for Outbound {
-    fn body_for(&mut self, upstream: WireFormat, model: &str) -> Result<Bytes, GatewayError> {
-        self.request.body_for(upstream, model)
+    fn body_for(&mut self, to: &Deployment, model: &str) -> Result<Bytes, GatewayError> {
+        let body = self.request.body_for(to.provider.format(), model)?;
+        match &mut self.privacy {
+            Some(privacy) if !privacy.exempt(to) => privacy.apply(body),
+            _ => Ok(body),
+        }
     }
 
     fn prompt_tokens(&mut self) -> u64 {

@@ -57,6 +57,13 @@ pub(super) async fn respond(
         upstream: target.deployment.provider.format(),
     };
     let stream = outbound.request.is_stream();
+    // Placeholders to restore: what masking replaced, when the deployment that answers was
+    // masked for.
+    let restorer = outbound
+        .privacy
+        .as_ref()
+        .filter(|p| !p.exempt(&target.deployment))
+        .and_then(|p| p.restorer());
     let requested_model = outbound.request.model().to_string();
     // A same-dialect stream counts its prompt (for the request record) once its first
     // output has gone to the client: nothing before that needs it.
@@ -125,6 +132,10 @@ pub(super) async fn respond(
             &requested_model,
             exchange.prompt_estimate,
         );
+        let adapter = match restorer {
+            Some(r) => crate::privacy::Restoring::wrap(adapter, r, dialects.client),
+            None => adapter,
+        };
         // OpenAI-style streams carry about one token per content event, Anthropic's a few.
         let tokens_per_event = match dialects.upstream {
             WireFormat::OpenAi => 1,
@@ -176,13 +187,22 @@ pub(super) async fn respond(
         let whole = async {
             let raw = collect_upstream(upstream.body, state.config.server.max_upstream_body_bytes)
                 .await?;
-            dialects.whole_body(
-                &outbound.request,
-                raw,
-                &requested_model,
-                prompt_estimate,
-                state.config.server.max_reported_tokens,
-            )
+            dialects
+                .whole_body(
+                    &outbound.request,
+                    raw,
+                    &requested_model,
+                    prompt_estimate,
+                    state.config.server.max_reported_tokens,
+                )
+                .and_then(|mut whole| {
+                    if let Some(r) = &restorer {
+                        if let Some(body) = r.restore_body(&whole.body)? {
+                            whole.body = body;
+                        }
+                    }
+                    Ok(whole)
+                })
         }
         .instrument(relay_span.clone())
         .await;
