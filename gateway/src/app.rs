@@ -55,6 +55,8 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
+    /// Which requests go to the audit trail (`[audit]`).
+    pub audit: crate::audit::Auditor,
     /// The exact response cache, when `[cache] enabled`.
     pub cache: Option<Arc<crate::cache::ResponseCache>>,
     /// The admin API's bearer token (`TOLLGATE_ADMIN_TOKEN`); `None` disables the admin API.
@@ -65,6 +67,8 @@ pub struct AppState {
     balances: MemoryBalances,
     /// The embedded billing pipeline, until [`AppState::shutdown`] stops it.
     billing: Mutex<Option<EmbeddedPipeline>>,
+    /// The embedded audit consumer, until [`AppState::shutdown`] stops it.
+    audit_consumer: Mutex<Option<crate::audit::EmbeddedAudit>>,
 }
 
 impl AppState {
@@ -93,6 +97,10 @@ impl AppState {
             Default::default()
         };
         let router = ModelRouter::from_config(&config, &credentials)?;
+        let audit = crate::audit::Auditor::new(
+            &config.audit,
+            crate::audit::deployment_secrets(&config, &credentials),
+        );
         let metrics = Metrics::new().map_err(|e| GatewayError::Internal(e.to_string()))?;
         metrics
             .register(sink.collectors())
@@ -149,6 +157,15 @@ impl AppState {
             }
             None => None,
         };
+        let audit_topic = match &config.events {
+            crate::events::EventsConfig::Local(l) => l.audit_topic.clone(),
+            _ => tollgate_schemas::events::topics::AUDIT.to_string(),
+        };
+        let audit_consumer =
+            crate::audit::EmbeddedAudit::start(&config.audit, sink.local_log_path(), &audit_topic)
+                .map_err(|e| {
+                    GatewayError::Internal(format!("cannot start the audit consumer: {e}"))
+                })?;
         let cache = crate::cache::ResponseCache::from_config(
             &config.cache,
             metrics
@@ -156,6 +173,7 @@ impl AppState {
                 .map_err(|e| GatewayError::Internal(e.to_string()))?,
         )?;
         Ok(Arc::new(AppState {
+            audit,
             cache,
             auth,
             config,
@@ -168,6 +186,7 @@ impl AppState {
             master_key,
             balances,
             billing: Mutex::new(billing),
+            audit_consumer: Mutex::new(audit_consumer),
         }))
     }
 
@@ -186,6 +205,10 @@ impl AppState {
         let billing = self.billing.lock().take();
         if let Some(pipeline) = billing {
             pipeline.stop().await;
+        }
+        let audit = self.audit_consumer.lock().take();
+        if let Some(consumer) = audit {
+            consumer.stop().await;
         }
     }
 

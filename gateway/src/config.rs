@@ -85,6 +85,9 @@ pub struct Config {
     /// Envoy in front: ext_authz and rate-limit gRPC services, trusted identity headers.
     #[serde(default)]
     pub edge: crate::edge::EdgeConfig,
+    /// The audit trail of requests (off by default).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Prometheus metrics settings.
@@ -533,6 +536,7 @@ impl Config {
             }
         }
         self.billing.validate(&self.events)?;
+        self.audit.validate()?;
         self.limits.validate()?;
         self.tracing.validate()?;
         self.edge.validate(&self.server)?;
@@ -647,7 +651,7 @@ fn blame_override(file: &toml::Table, overrides: &[(String, String)]) -> Option<
 }
 
 /// The top-level tables of the configuration, which `TOLLGATE__SECTION__...` can override.
-const CONFIG_SECTIONS: [&str; 13] = [
+const CONFIG_SECTIONS: [&str; 14] = [
     "server",
     "store",
     "events",
@@ -661,6 +665,7 @@ const CONFIG_SECTIONS: [&str; 13] = [
     "realtime",
     "tracing",
     "edge",
+    "audit",
 ];
 
 /// The `TOLLGATE_` variables that are not configuration overrides: those the gateway and the
