@@ -9,6 +9,10 @@
 //! its own, over the same Kafka cluster (or local log): requests a gateway lost get a recovered
 //! completion after `--orphan-timeout-ms`. `--no-recovery` turns it off.
 //!
+//! With `--audit` (and `--clickhouse-url`), process 0 also runs the audit consumer
+//! ([`tollgate_pipeline::audit`]) on a thread of its own: the `llm.audit` topic into
+//! ClickHouse's `audit_log`, exactly once.
+//!
 //! `--metrics-listen ADDR` serves Prometheus metrics at `GET /metrics` (see
 //! [`tollgate_pipeline::metrics`]).
 
