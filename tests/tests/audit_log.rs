@@ -403,3 +403,61 @@ async fn the_audit_consumer_killed_between_insert_and_commit_leaves_each_row_onc
     drop(gw);
     clickhouse(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_past_the_retention_are_dropped_and_a_replayed_batch_is_not_inserted_twice() {
+    use tollgate_pipeline::audit::AuditStore;
+    use tollgate_schemas::events::{
+        format_event_time, new_event_id, AuditEvent, AuditResponseKind, CompletionStatus,
+        SCHEMA_VERSION,
+    };
+
+    let test = "rows_past_the_retention_are_dropped_and_a_replayed_batch_is_not_inserted_twice";
+    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
+        tollgate_tests::service_missing(
+            test,
+            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
+        );
+        return;
+    };
+    let db = format!("tollgate_audit_{}", tollgate_tests::kafka::unique_suffix());
+    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
+    let store = AuditStore::new(&ch, &db, 7);
+    store.prepare().await.unwrap();
+    let event = |request_id: &str, days_ago: u64| AuditEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id: new_event_id(),
+        event_time: format_event_time(
+            std::time::SystemTime::now() - Duration::from_secs(days_ago * 86_400),
+        ),
+        request_id: request_id.into(),
+        tenant_id: "ten_1".into(),
+        key_id: "key_1".into(),
+        route: "chat".into(),
+        requested_model: "mock/fast".into(),
+        model_alias: "mock/fast".into(),
+        deployment: "mock".into(),
+        provider: "mock".into(),
+        upstream_model: "mock/fast".into(),
+        stream: false,
+        status: CompletionStatus::Completed,
+        error: None,
+        usage: Default::default(),
+        received_at: format_event_time(std::time::SystemTime::now()),
+        request_body: "{}".into(),
+        request_bytes: 2,
+        request_truncated: false,
+        response_kind: AuditResponseKind::None,
+        response_body: String::new(),
+        response_bytes: 0,
+        response_truncated: false,
+    };
+    let batch = [event("req_old", 10), event("req_new", 0)];
+    assert_eq!(store.write(&batch).await.unwrap(), 2);
+    // The same batch again (a replay after a crash before the commit): nothing inserted.
+    assert_eq!(store.write(&batch).await.unwrap(), 0);
+    assert_eq!(store.expire().await.unwrap(), 1);
+    let left = rows(&ch, &format!("SELECT request_id FROM {db}.audit_log")).await;
+    assert_eq!(left, vec![json!({"request_id": "req_new"})]);
+    clickhouse(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
