@@ -27,7 +27,7 @@
 #
 # Other settings (environment):
 #   TOLLGATE_KAFKA_TOPICS      topics to create (comma-separated; default
-#                              llm.requests,llm.chunks,llm.completions)
+#                              llm.requests,llm.chunks,llm.completions,llm.audit)
 #   TOLLGATE_KAFKA_PARTITIONS  partitions of each created topic (default 6)
 #   TOLLGATE_KAFKA_HEAP        broker heap options (default "-Xms256m -Xmx512m")
 #   TOLLGATE_SERVICES_TIMEOUT  seconds to wait for each service to answer (default 120)
@@ -43,7 +43,7 @@ TEMPLATES=$SCRIPT_DIR/services
 STATE=${TOLLGATE_SERVICES_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tollgate/services}
 RUN=$STATE/run
 TIMEOUT=${TOLLGATE_SERVICES_TIMEOUT:-120}
-KAFKA_TOPICS=${TOLLGATE_KAFKA_TOPICS:-llm.requests,llm.chunks,llm.completions}
+KAFKA_TOPICS=${TOLLGATE_KAFKA_TOPICS:-llm.requests,llm.chunks,llm.completions,llm.audit}
 KAFKA_PARTITIONS=${TOLLGATE_KAFKA_PARTITIONS:-6}
 KAFKA_HEAP=${TOLLGATE_KAFKA_HEAP:--Xms256m -Xmx512m}
 

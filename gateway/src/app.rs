@@ -55,6 +55,8 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     pub metrics: Arc<Metrics>,
     pub sink: Arc<dyn EventSink>,
+    /// Which requests go to the audit trail (`[audit]`).
+    pub audit: crate::audit::Auditor,
     /// The exact response cache, when `[cache] enabled`.
     pub cache: Option<Arc<crate::cache::ResponseCache>>,
     /// PII masking, when some policy can apply (`[privacy]`, aliases' `pii`).
@@ -67,6 +69,8 @@ pub struct AppState {
     balances: MemoryBalances,
     /// The embedded billing pipeline, until [`AppState::shutdown`] stops it.
     billing: Mutex<Option<EmbeddedPipeline>>,
+    /// The embedded audit consumer, until [`AppState::shutdown`] stops it.
+    audit_consumer: Mutex<Option<crate::audit::EmbeddedAudit>>,
 }
 
 impl AppState {
@@ -95,6 +99,10 @@ impl AppState {
             Default::default()
         };
         let router = ModelRouter::from_config(&config, &credentials)?;
+        let audit = crate::audit::Auditor::new(
+            &config.audit,
+            crate::audit::deployment_secrets(&config, &credentials),
+        );
         let metrics = Metrics::new().map_err(|e| GatewayError::Internal(e.to_string()))?;
         metrics
             .register(sink.collectors())
@@ -151,6 +159,15 @@ impl AppState {
             }
             None => None,
         };
+        let audit_topic = match &config.events {
+            crate::events::EventsConfig::Local(l) => l.audit_topic.clone(),
+            _ => tollgate_schemas::events::topics::AUDIT.to_string(),
+        };
+        let audit_consumer =
+            crate::audit::EmbeddedAudit::start(&config.audit, sink.local_log_path(), &audit_topic)
+                .map_err(|e| {
+                    GatewayError::Internal(format!("cannot start the audit consumer: {e}"))
+                })?;
         let cache = crate::cache::ResponseCache::from_config(
             &config.cache,
             metrics
@@ -163,6 +180,7 @@ impl AppState {
             &metrics,
         )?;
         Ok(Arc::new(AppState {
+            audit,
             cache,
             privacy,
             auth,
@@ -176,6 +194,7 @@ impl AppState {
             master_key,
             balances,
             billing: Mutex::new(billing),
+            audit_consumer: Mutex::new(audit_consumer),
         }))
     }
 
@@ -194,6 +213,10 @@ impl AppState {
         let billing = self.billing.lock().take();
         if let Some(pipeline) = billing {
             pipeline.stop().await;
+        }
+        let audit = self.audit_consumer.lock().take();
+        if let Some(consumer) = audit {
+            consumer.stop().await;
         }
     }
 

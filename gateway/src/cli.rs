@@ -121,11 +121,35 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["kafka_bootstrap", "clickhouse_url"])]
         flink: bool,
     },
-    /// The audit trail of admin actions, newest first.
+    /// The audit trail of admin actions, newest first (`audit requests`: audited requests).
     Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
         /// How many entries to print.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Audited requests of a tenant (`[audit]`), newest first, read from ClickHouse.
+    Requests {
+        /// The tenant (name or id).
+        #[arg(long)]
+        tenant: String,
+        /// Only this request.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// How many requests to print (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// ClickHouse's HTTP URL, where the audit log is.
+        #[arg(long, env = "CLICKHOUSE_URL")]
+        clickhouse_url: Option<String>,
+        /// The ClickHouse database of `audit_log`.
+        #[arg(long, default_value = "default")]
+        clickhouse_database: String,
     },
 }
 
@@ -783,7 +807,32 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
             }
             InvoiceCommand::Close { period } => print_json(&[admin.close_period(&period).await?]),
         },
-        Command::Audit { limit } => print_json(&admin.audit_log(limit).await?),
+        Command::Audit {
+            command: None,
+            limit,
+        } => print_json(&admin.audit_log(limit).await?),
+        Command::Audit {
+            command:
+                Some(AuditCommand::Requests {
+                    tenant,
+                    request_id,
+                    limit,
+                    clickhouse_url,
+                    clickhouse_database,
+                }),
+            ..
+        } => print_json(
+            &admin
+                .audited_requests(
+                    clickhouse_url
+                        .as_deref()
+                        .map(|u| (u, clickhouse_database.as_str())),
+                    &tenant,
+                    request_id.as_deref(),
+                    limit,
+                )
+                .await?,
+        ),
         Command::Reconcile { .. } => Err(CliError::Failed(
             "reconcile needs the data directory; run it through `tollgate reconcile`".into(),
         )),

@@ -88,6 +88,9 @@ pub struct Config {
     /// PII masking before external providers (off by default).
     #[serde(default)]
     pub privacy: crate::privacy::PrivacyConfig,
+    /// The audit trail of requests (off by default).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Prometheus metrics settings.
@@ -558,6 +561,7 @@ impl Config {
             ));
         }
         self.billing.validate(&self.events)?;
+        self.audit.validate()?;
         self.limits.validate()?;
         self.tracing.validate()?;
         self.edge.validate(&self.server)?;
@@ -672,7 +676,7 @@ fn blame_override(file: &toml::Table, overrides: &[(String, String)]) -> Option<
 }
 
 /// The top-level tables of the configuration, which `TOLLGATE__SECTION__...` can override.
-const CONFIG_SECTIONS: [&str; 13] = [
+const CONFIG_SECTIONS: [&str; 14] = [
     "server",
     "store",
     "events",
@@ -686,6 +690,7 @@ const CONFIG_SECTIONS: [&str; 13] = [
     "realtime",
     "tracing",
     "edge",
+    "audit",
 ];
 
 /// The `TOLLGATE_` variables that are not configuration overrides: those the gateway and the

@@ -32,6 +32,7 @@ pub mod access_log;
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod cache;

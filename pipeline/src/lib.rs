@@ -9,10 +9,12 @@
 //! | [`sink`] | ledger (PostgreSQL, SQLite), balances (Redis, memory), analytics (ClickHouse) |
 //! | [`metrics`] | Prometheus metrics and the `/metrics` listener of `tollgate-pipeline` |
 //! | [`recovery`] | the scanner that publishes recovered completions for requests a gateway lost |
+//! | [`audit`] | the audit consumer: `llm.audit` events into ClickHouse's `audit_log`, exactly once |
 //! | [`config`] | what to read and where to write, from flags or the gateway's config |
 //! | [`logging`] | log lines (text or JSON) of both binaries |
 //! | [`testkit`] | synthetic completion events for tests and benchmarks |
 
+pub mod audit;
 pub mod config;
 pub mod dataflow;
 pub mod fact;

@@ -9,6 +9,10 @@
 //! its own, over the same Kafka cluster (or local log): requests a gateway lost get a recovered
 //! completion after `--orphan-timeout-ms`. `--no-recovery` turns it off.
 //!
+//! With `--audit` (and `--clickhouse-url`), process 0 also runs the audit consumer
+//! ([`tollgate_pipeline::audit`]) on a thread of its own: the `llm.audit` topic into
+//! ClickHouse's `audit_log`, exactly once.
+//!
 //! `--metrics-listen ADDR` serves Prometheus metrics at `GET /metrics` (see
 //! [`tollgate_pipeline::metrics`]).
 
@@ -81,6 +85,20 @@ struct Args {
     clickhouse_url: Option<String>,
     #[arg(long, default_value = "default")]
     clickhouse_database: String,
+    /// Run the audit consumer (process 0): the audit topic into ClickHouse's `audit_log`
+    /// (needs --clickhouse-url).
+    #[arg(long, requires = "clickhouse_url")]
+    audit: bool,
+    /// The audit topic.
+    #[arg(long, default_value = topics::AUDIT)]
+    audit_topic: String,
+    /// Audit rows older than this many days are removed.
+    #[arg(long, default_value_t = 30)]
+    audit_retention_days: u32,
+    /// Fault injection for crash tests: abort right after the n-th audit insert, before its
+    /// read position is committed.
+    #[arg(long, env = "TOLLGATE_PIPELINE_ABORT_AFTER_AUDIT_INSERT", hide = true)]
+    abort_after_audit_insert: Option<u64>,
     /// Worker threads in this process.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -174,6 +192,44 @@ fn supervise_recovery(
     }
 }
 
+/// Runs the audit consumer until `stop` is set, restarting it after a failure (from its
+/// committed position) with a backoff of 1 s doubling up to 30 s.
+fn supervise_audit(
+    spec: &RecoverySpec,
+    topic: &str,
+    options: &tollgate_pipeline::audit::AuditOptions,
+    stop: &AtomicBool,
+) {
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let result = match spec {
+            RecoverySpec::Kafka { bootstrap, group } => {
+                tollgate_pipeline::audit::kafka::run(bootstrap, group, topic, options, stop)
+            }
+            RecoverySpec::LocalLog { path } => {
+                tollgate_pipeline::audit::local_log::run(path, topic, options, stop)
+            }
+        };
+        if started.elapsed() >= Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        let Err(e) = result else {
+            break;
+        };
+        tracing::error!(
+            error = %e,
+            retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+            "audit consumer failed"
+        );
+        let until = Instant::now() + backoff;
+        while !stop.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Registers the pipeline's and the recovery scanner's metrics and serves them on `addr`.
 fn serve_metrics(addr: &str, recovery: &Arc<RecoveryCounters>) -> Result<PipelineMetrics, String> {
     let metrics = PipelineMetrics::new().map_err(|e| e.to_string())?;
@@ -202,6 +258,20 @@ fn run(args: Args) -> Result<(), String> {
             group: format!("{}-recovery", args.group),
         }),
         (None, Some(path)) => Some(RecoverySpec::LocalLog { path: path.clone() }),
+        _ => None,
+    };
+    let audit = match (&args.kafka_bootstrap, &args.local_log, &args.clickhouse_url) {
+        _ if !args.audit || args.process != 0 => None,
+        (Some(bootstrap), None, Some(url)) => Some((
+            RecoverySpec::Kafka {
+                bootstrap: bootstrap.clone(),
+                group: format!("{}-audit", args.group),
+            },
+            url.clone(),
+        )),
+        (None, Some(path), Some(url)) => {
+            Some((RecoverySpec::LocalLog { path: path.clone() }, url.clone()))
+        }
         _ => None,
     };
     let recovery_options = RecoveryOptions {
@@ -237,7 +307,7 @@ fn run(args: Args) -> Result<(), String> {
     let analytics = match args.clickhouse_url {
         Some(url) => AnalyticsSpec::ClickHouse {
             url,
-            database: args.clickhouse_database,
+            database: args.clickhouse_database.clone(),
         },
         None => AnalyticsSpec::None,
     };
@@ -280,8 +350,33 @@ fn run(args: Args) -> Result<(), String> {
         }
         None => None,
     };
+    let audit_thread = match audit {
+        Some((spec, url)) => {
+            let flag = stop.clone();
+            let mut options = tollgate_pipeline::audit::AuditOptions::new(
+                &url,
+                &args.clickhouse_database,
+                args.audit_retention_days,
+            );
+            options.abort_after_insert = args.abort_after_audit_insert;
+            let topic = args.audit_topic.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("audit".to_string())
+                    .spawn(move || supervise_audit(&spec, &topic, &options, &flag))
+                    .map_err(|e| format!("cannot start the audit consumer: {e}"))?,
+            )
+        }
+        None => None,
+    };
     let result = tollgate_pipeline::execute(config, &cluster).map_err(|e| e.to_string());
     stop.store(true, Ordering::Release);
+    if let Some(t) = audit_thread {
+        t.thread().unpark();
+        if t.join().is_err() {
+            tracing::error!("the audit consumer thread ended abnormally");
+        }
+    }
     if let Some(t) = scanner {
         t.thread().unpark();
         if t.join().is_err() {

@@ -5,6 +5,7 @@
 //! | [`RequestEvent`] | `llm.requests` | request accepted and routed to a deployment |
 //! | [`ChunkEvent`] | `llm.chunks` | SSE data event relayed to the client |
 //! | [`CompletionEvent`] | `llm.completions` | request, however it ended |
+//! | [`AuditEvent`] | `llm.audit` | request of an audited tenant (`[audit]`), with its bodies |
 //!
 //! Wire rules shared by all three:
 //! - JSON, one event per message; the message key is the tenant id, so one tenant's events
@@ -43,6 +44,8 @@ pub mod topics {
     pub const CHUNKS: &str = "llm.chunks";
     /// [`super::CompletionEvent`]s.
     pub const COMPLETIONS: &str = "llm.completions";
+    /// [`super::AuditEvent`]s (only for tenants under `[audit]`).
+    pub const AUDIT: &str = "llm.audit";
 }
 
 const EVENT_TIME_FORMAT: &[FormatItem<'static>] =
@@ -367,9 +370,87 @@ pub struct PublishedCompletion {
     pub routing: CompletionRouting,
 }
 
+/// What [`AuditEvent::response_body`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditResponseKind {
+    /// The JSON body the client received (a non-streamed response, or a cached one).
+    Body,
+    /// A stream's output text as relayed to the client (content, tool names and arguments),
+    /// assembled from its SSE events.
+    Text,
+    /// No response reached the client (an error before any output, a client gone).
+    None,
+}
+
+/// `llm.audit`: one request of an audited tenant, with what the client sent and what it
+/// received, redacted (credentials and API-key-shaped secrets replaced by `[REDACTED]`) and
+/// each body capped at `[audit] max_body_bytes` (on a UTF-8 boundary; `*_truncated` says so).
+/// Published after the request ended, never on its critical path; written to ClickHouse's
+/// `audit_log` by the pipeline. Headers are never recorded (the tenant's API key is not).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "llm.audit event")]
+pub struct AuditEvent {
+    /// Version of this event's schema: 1.
+    #[schemars(extend("const" = 1))]
+    pub schema_version: u32,
+    /// Unique id of this event (UUIDv7); duplicates carry the same id.
+    pub event_id: String,
+    /// When the request ended (RFC 3339, UTC, milliseconds).
+    #[schemars(extend("format" = "date-time"))]
+    pub event_time: String,
+    /// The gateway's request id (the `x-request-id` of the response).
+    pub request_id: String,
+    /// The tenant that owns the key (also the message key).
+    pub tenant_id: String,
+    /// The API key used (its id, never the secret).
+    pub key_id: String,
+    /// The API surface: `chat` or `messages`.
+    pub route: String,
+    /// The model name the client sent.
+    pub requested_model: String,
+    /// The alias pattern that matched it.
+    pub model_alias: String,
+    /// The deployment that served the request.
+    pub deployment: String,
+    /// The provider kind of that deployment.
+    pub provider: String,
+    /// The model name sent upstream.
+    pub upstream_model: String,
+    /// Whether the response was streamed.
+    pub stream: bool,
+    /// How the request ended.
+    pub status: CompletionStatus,
+    /// The error message when `status` is `upstream_error` or `limit_exceeded` (redacted).
+    pub error: Option<String>,
+    /// Tokens billed for the request (as in its completion event).
+    pub usage: TokenUsage,
+    /// When the gateway received the request (RFC 3339, UTC, milliseconds).
+    #[schemars(extend("format" = "date-time"))]
+    pub received_at: String,
+    /// The client's request body, redacted and capped (invalid UTF-8 replaced).
+    pub request_body: String,
+    /// Size of the client's request body before redaction and capping, in bytes.
+    pub request_bytes: u64,
+    /// Whether `request_body` was cut at the cap.
+    pub request_truncated: bool,
+    /// What `response_body` holds.
+    pub response_kind: AuditResponseKind,
+    /// The response as the client received it, redacted and capped.
+    pub response_body: String,
+    /// Size of that response before redaction and capping, in bytes.
+    pub response_bytes: u64,
+    /// Whether `response_body` was cut at the cap.
+    pub response_truncated: bool,
+}
+
 /// The JSON Schema (draft 2020-12) of each topic's events: `(default topic name, schema)`.
-pub fn json_schemas() -> [(&'static str, serde_json::Value); 3] {
+pub fn json_schemas() -> [(&'static str, serde_json::Value); 4] {
     [
+        (
+            topics::AUDIT,
+            header_first(schemars::schema_for!(AuditEvent)),
+        ),
         (
             topics::REQUESTS,
             header_first(schemars::schema_for!(RequestEvent)),
@@ -526,7 +607,34 @@ mod tests {
             },
             ..completion.clone()
         };
+        let audit = AuditEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: new_event_id(),
+            event_time: format_event_time(t),
+            request_id: "req_1".into(),
+            tenant_id: "ten_1".into(),
+            key_id: "key_1".into(),
+            route: "chat".into(),
+            requested_model: "oa/normal".into(),
+            model_alias: "oa/*".into(),
+            deployment: "oa".into(),
+            provider: "openai".into(),
+            upstream_model: "normal".into(),
+            stream: true,
+            status: CompletionStatus::Completed,
+            error: None,
+            usage: completion.usage,
+            received_at: format_event_time(t),
+            request_body: r#"{"model":"oa/normal","messages":[]}"#.into(),
+            request_bytes: 35,
+            request_truncated: false,
+            response_kind: AuditResponseKind::Text,
+            response_body: "Hello".into(),
+            response_bytes: 5,
+            response_truncated: false,
+        };
         vec![
+            (topics::AUDIT, serde_json::to_value(audit).unwrap()),
             (topics::REQUESTS, serde_json::to_value(request).unwrap()),
             (
                 topics::COMPLETIONS,
@@ -588,6 +696,9 @@ mod tests {
                 ),
                 topics::CHUNKS => serde_json::to_value(
                     serde_json::from_value::<ChunkEvent>(event.clone()).unwrap(),
+                ),
+                topics::AUDIT => serde_json::to_value(
+                    serde_json::from_value::<AuditEvent>(event.clone()).unwrap(),
                 ),
                 _ => serde_json::to_value(
                     serde_json::from_value::<CompletionEvent>(event.clone()).unwrap(),

@@ -600,6 +600,29 @@ impl Admin {
     pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, GatewayError> {
         Ok(self.store.list_audit(limit.clamp(1, 10_000)).await?)
     }
+
+    /// Audited requests of `tenant` (id or name) from ClickHouse's `audit_log`, newest first:
+    /// the one with `request_id`, or the latest `limit` (1 to 1000). `clickhouse` is
+    /// (HTTP URL, database); without it the audit log cannot be read (404 saying so).
+    pub async fn audited_requests(
+        &self,
+        clickhouse: Option<(&str, &str)>,
+        tenant: &str,
+        request_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<tollgate_pipeline::audit::AuditRow>, GatewayError> {
+        let Some((url, database)) = clickhouse else {
+            return Err(GatewayError::NotFound(
+                "The audit log is not available: it lives in ClickHouse, and no ClickHouse is                  configured ([audit] clickhouse_url, or --clickhouse-url)."
+                    .to_string(),
+            ));
+        };
+        let tenant_id = self.tenant(tenant).await?.id;
+        tollgate_pipeline::audit::AuditStore::new(url, database, 1)
+            .find(&tenant_id, request_id, limit.clamp(1, 1000))
+            .await
+            .map_err(|e| GatewayError::UpstreamUnavailable(format!("reading the audit log: {e}")))
+    }
 }
 
 fn check_money(name: &str, v: Decimal) -> Result<(), GatewayError> {

@@ -92,12 +92,17 @@ impl RequestBody {
         }
     }
 
-    /// The raw JSON of the last member named `key` (JSON objects keep the last duplicate).
+    /// The body's bytes, shared (no copy).
+    pub fn bytes(&self) -> Bytes {
+        self.bytes.clone()
+    }
+
     /// The body as the client sent it.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
 
+    /// The raw JSON of the last member named `key` (JSON objects keep the last duplicate).
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.members
             .iter()

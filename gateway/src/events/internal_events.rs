@@ -62,8 +62,8 @@ pub struct EventMetrics {
     pub lost_tokens: IntCounter,
     /// The durability barrier's wait and misses.
     pub durability: DurabilityMetrics,
-    published_by_topic: [IntCounter; 3],
-    latency_by_topic: [Histogram; 3],
+    published_by_topic: [IntCounter; 4],
+    latency_by_topic: [Histogram; 4],
 }
 
 impl EventMetrics {

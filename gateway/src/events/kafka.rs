@@ -186,6 +186,10 @@ impl EventSink for KafkaSink {
         self.handoff.send(Record::Chunk(record));
     }
 
+    fn record_audit(&self, record: crate::audit::AuditRecord) {
+        self.handoff.send(Record::Audit(Box::new(record)));
+    }
+
     fn record_completion(&self, record: CompletionRecord) -> Durable {
         self.handoff.send_completion(record)
     }

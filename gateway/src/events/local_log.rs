@@ -297,6 +297,10 @@ impl EventSink for LocalSink {
         self.handoff.send(Record::Chunk(record));
     }
 
+    fn record_audit(&self, record: crate::audit::AuditRecord) {
+        self.handoff.send(Record::Audit(Box::new(record)));
+    }
+
     /// With the completion journal, the request path serializes the completion and appends
     /// it to the journal file (one `write`, no disk sync: durable against a process crash,
     /// like a commit in `synchronous = normal`), then hands it over; the response may end at

@@ -41,6 +41,7 @@ pub use durable::{DurabilityPolicy, Durable, DurableOutcome};
 pub use kafka::KafkaSink;
 pub use local_log::{LocalEventLog, LocalSink, LogRecord};
 
+use crate::audit::AuditRecord;
 use crate::relay::{ChunkRecord, CompletionRecord, RequestRecord};
 use internal_events::EventMetrics;
 
@@ -70,6 +71,7 @@ pub struct Topics {
     pub requests: String,
     pub chunks: String,
     pub completions: String,
+    pub audit: String,
 }
 
 impl Default for Topics {
@@ -79,6 +81,7 @@ impl Default for Topics {
             requests: topics::REQUESTS.to_string(),
             chunks: topics::CHUNKS.to_string(),
             completions: topics::COMPLETIONS.to_string(),
+            audit: topics::AUDIT.to_string(),
         }
     }
 }
@@ -112,6 +115,8 @@ pub struct LocalConfig {
     pub requests_topic: String,
     pub chunks_topic: String,
     pub completions_topic: String,
+    /// Audit events of `[audit]` tenants.
+    pub audit_topic: String,
 }
 
 /// How the local event log syncs its commits (SQLite's `synchronous`).
@@ -140,6 +145,7 @@ impl Default for LocalConfig {
             requests_topic: t.requests,
             chunks_topic: t.chunks,
             completions_topic: t.completions,
+            audit_topic: t.audit,
         }
     }
 }
@@ -150,6 +156,7 @@ impl LocalConfig {
             requests: self.requests_topic.clone(),
             chunks: self.chunks_topic.clone(),
             completions: self.completions_topic.clone(),
+            audit: self.audit_topic.clone(),
         }
     }
 }
@@ -183,6 +190,8 @@ pub struct KafkaConfig {
     pub requests_topic: String,
     pub chunks_topic: String,
     pub completions_topic: String,
+    /// Audit events of `[audit]` tenants.
+    pub audit_topic: String,
     /// How long the producer waits to fill a batch.
     pub linger_ms: u64,
     pub compression: Compression,
@@ -232,6 +241,7 @@ impl Default for KafkaConfig {
             requests_topic: t.requests,
             chunks_topic: t.chunks,
             completions_topic: t.completions,
+            audit_topic: t.audit,
             linger_ms: 5,
             compression: Compression::Lz4,
             max_queue_events: 100_000,
@@ -259,6 +269,7 @@ impl KafkaConfig {
             requests: self.requests_topic.clone(),
             chunks: self.chunks_topic.clone(),
             completions: self.completions_topic.clone(),
+            audit: self.audit_topic.clone(),
         }
     }
 }
@@ -356,6 +367,9 @@ pub trait EventSink: Send + Sync {
     /// The request ended (exactly once per request, after its chunks). The ticket resolves
     /// once the record is durable (at once for sinks that keep nothing durable).
     fn record_completion(&self, record: CompletionRecord) -> Durable;
+    /// An audited request ended (`[audit]`): its bodies, redacted and capped by the writer.
+    /// Never waited for: no durability barrier. Sinks that keep nothing drop it.
+    fn record_audit(&self, _record: AuditRecord) {}
     /// Writes out what is still queued (Kafka: delivers it, or spools it if Kafka does not
     /// answer in time). Call once when the server has stopped; records after it are dropped.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -426,6 +440,7 @@ pub struct MemorySink {
     requests: Mutex<Vec<RequestRecord>>,
     chunks: Mutex<Vec<ChunkRecord>>,
     records: Mutex<Vec<CompletionRecord>>,
+    audits: Mutex<Vec<AuditRecord>>,
 }
 
 impl MemorySink {
@@ -443,6 +458,15 @@ impl MemorySink {
     pub fn chunks(&self) -> Vec<ChunkRecord> {
         self.chunks.lock().clone()
     }
+
+    /// Audit events so far (as their writer would serialize them).
+    pub fn audits(&self) -> Vec<tollgate_schemas::events::AuditEvent> {
+        self.audits
+            .lock()
+            .iter()
+            .map(|a| a.to_event(tollgate_schemas::events::new_event_id()))
+            .collect()
+    }
 }
 
 impl EventSink for MemorySink {
@@ -457,6 +481,10 @@ impl EventSink for MemorySink {
     fn record_completion(&self, record: CompletionRecord) -> Durable {
         self.records.lock().push(record);
         Durable::not_required()
+    }
+
+    fn record_audit(&self, record: AuditRecord) {
+        self.audits.lock().push(record);
     }
 }
 

@@ -20,6 +20,7 @@ use super::durable::{Barrier, Durable, DurableTx};
 use super::internal_events::{DropReason, EventMetrics, EventsDropped, LogLimiter};
 use super::overflow::Overflow;
 use super::Topics;
+use crate::audit::AuditRecord;
 use crate::relay::{ChunkRecord, CompletionRecord, Outcome, RequestRecord};
 
 /// The three topics, as a compact index (stored in spool records).
@@ -28,10 +29,16 @@ pub enum Topic {
     Requests = 0,
     Chunks = 1,
     Completions = 2,
+    Audit = 3,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 3] = [Topic::Requests, Topic::Chunks, Topic::Completions];
+    pub const ALL: [Topic; 4] = [
+        Topic::Requests,
+        Topic::Chunks,
+        Topic::Completions,
+        Topic::Audit,
+    ];
 
     pub fn from_index(i: u8) -> Option<Topic> {
         Topic::ALL.get(usize::from(i)).copied()
@@ -43,6 +50,7 @@ impl Topic {
             Topic::Requests => "requests",
             Topic::Chunks => "chunks",
             Topic::Completions => "completions",
+            Topic::Audit => "audit",
         }
     }
 
@@ -51,6 +59,7 @@ impl Topic {
             Topic::Requests => &topics.requests,
             Topic::Chunks => &topics.chunks,
             Topic::Completions => &topics.completions,
+            Topic::Audit => &topics.audit,
         }
     }
 }
@@ -61,6 +70,8 @@ pub enum Record {
     Request(Box<RequestRecord>),
     Chunk(ChunkRecord),
     Completion(Box<CompletionRecord>),
+    /// An audited request's bodies (redacted and capped when serialized).
+    Audit(Box<AuditRecord>),
 }
 
 /// A record and when it was handed over (for the end-to-end produce latency).
@@ -95,6 +106,7 @@ impl Record {
             Record::Request(_) => Topic::Requests,
             Record::Chunk(_) => Topic::Chunks,
             Record::Completion(_) => Topic::Completions,
+            Record::Audit(_) => Topic::Audit,
         }
     }
 
@@ -128,6 +140,11 @@ impl Record {
                 };
                 (&r.tenant_id, r.ended_at, payload)
             }
+            Record::Audit(a) => (
+                &a.completion.tenant_id,
+                a.completion.ended_at,
+                serde_json::to_vec(&a.to_event(event_id.clone()))?,
+            ),
         };
         Ok(WireMessage {
             topic: self.topic(),
@@ -282,7 +299,7 @@ impl ChunkTokens {
             Record::Completion(c) => {
                 self.running.remove(&c.request_id);
             }
-            Record::Request(_) => {}
+            Record::Request(_) | Record::Audit(_) => {}
         }
     }
 

@@ -10,6 +10,7 @@ use tollgate_schemas::{TokenUsage, UsageSource};
 use super::StreamState;
 use crate::access_log::{AccessLine, AccessLog};
 use crate::api::WireFormat;
+use crate::audit::{AuditCapture, AuditRecord, AuditResponse};
 use crate::auth::Caller;
 use crate::events::durable::Durable;
 use crate::events::EventSink;
@@ -77,6 +78,8 @@ pub struct Exchange {
     pub cache_hit: Option<CacheHit>,
     /// `server.max_reported_tokens`: an upstream report above it is not billed.
     pub max_reported_tokens: u64,
+    /// The request body of an audited tenant's request (`[audit]`); `None`: not audited.
+    pub audit: Option<Arc<AuditCapture>>,
 }
 
 /// A request answered from the response cache.
@@ -253,7 +256,19 @@ impl Exchange {
             access_log: state.config.server.access_log,
             max_reported_tokens: state.config.server.max_reported_tokens,
             cache_hit: None,
+            audit: None,
         }
+    }
+
+    /// Keeps the client's request body (`raw`, shared, not copied) for the audit trail when
+    /// the caller's tenant is audited.
+    pub fn audited(
+        mut self,
+        state: &crate::app::AppState,
+        raw: &crate::api::body::RequestBody,
+    ) -> Exchange {
+        self.audit = state.audit.capture(&self.caller, raw.bytes());
+        self
     }
 
     /// The exchange of a request answered from the cache with `entry` (no deployment was
@@ -288,6 +303,7 @@ impl Exchange {
             access_log: state.config.server.access_log,
             max_reported_tokens: state.config.server.max_reported_tokens,
             cache_hit: Some(CacheHit { saved: hit.saved }),
+            audit: None,
         }
     }
 
@@ -302,6 +318,7 @@ impl Exchange {
             None,
             Duration::ZERO,
             error.status().as_u16(),
+            || AuditResponse::None,
         )
     }
 
@@ -424,8 +441,10 @@ impl Exchange {
 
     /// Records the completion: metrics and the event sink. Called exactly once per request.
     /// The returned ticket resolves once the record is durable: the response's terminal
-    /// bytes wait for it (see `crate::events::durable`).
+    /// bytes wait for it (see `crate::events::durable`). `response` (what the client
+    /// received) is called only for an audited request.
     #[must_use = "the response's terminal event must wait for the completion to be durable"]
+    #[allow(clippy::too_many_arguments)]
     pub fn finish(
         &self,
         outcome: Outcome,
@@ -434,6 +453,7 @@ impl Exchange {
         chunks: u64,
         first_output_at: Option<Instant>,
         post_processing: Duration,
+        response: impl FnOnce() -> AuditResponse,
     ) -> Durable {
         let status = match outcome {
             // Nobody received an answer.
@@ -448,6 +468,7 @@ impl Exchange {
             first_output_at,
             post_processing,
             status,
+            response,
         )
     }
 
@@ -461,6 +482,7 @@ impl Exchange {
         first_output_at: Option<Instant>,
         post_processing: Duration,
         status: u16,
+        response: impl FnOnce() -> AuditResponse,
     ) -> Durable {
         let trace = self.route_log.as_ref().map(|r| r.trace());
         AccessLine {
@@ -513,6 +535,14 @@ impl Exchange {
             cache_hit: self.cache_hit,
         };
         self.metrics.observe_completion(&record);
+        if let Some(capture) = &self.audit {
+            // Handed over, not waited for: redacted, capped and serialized by the writer.
+            self.sink.record_audit(AuditRecord {
+                completion: record.clone(),
+                capture: capture.clone(),
+                response: response(),
+            });
+        }
         self.sink.record_completion(record)
     }
 }

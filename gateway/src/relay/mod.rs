@@ -58,8 +58,13 @@ pub trait StreamAdapter: Send {
     fn on_error(&mut self, message: &str, out: &mut BytesMut);
     /// What was learned so far.
     fn state(&self) -> &StreamState;
-    /// The output text relayed so far, for counting tokens when the upstream reported none.
+    /// The output text relayed so far, for counting tokens when the upstream reported none
+    /// (and for the audit trail).
     fn output_text(&self) -> String;
+    /// Keep the whole output text for [`StreamAdapter::output_text`] even once the upstream's
+    /// usage report makes counting moot (an audited request). Adapters that always keep it
+    /// need do nothing.
+    fn keep_output_text(&mut self) {}
 }
 
 /// The output text one SSE event carries, as the client received it in `format` (content,

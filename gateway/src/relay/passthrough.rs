@@ -61,8 +61,10 @@ pub struct OpenAiPassthrough {
     client_wants_usage: bool,
     state: StreamState,
     /// Data of relayed chunks, kept (as cheap `Bytes` handles) only for counting tokens if the
-    /// upstream never reports usage.
+    /// upstream never reports usage, or for the audit trail (`keep_all`).
     relayed: Vec<Bytes>,
+    /// Keep every chunk's data even once the upstream's final usage makes counting moot.
+    keep_all: bool,
 }
 
 impl OpenAiPassthrough {
@@ -71,6 +73,7 @@ impl OpenAiPassthrough {
             client_wants_usage,
             state: StreamState::default(),
             relayed: Vec::new(),
+            keep_all: false,
         }
     }
 
@@ -117,7 +120,9 @@ impl StreamAdapter for OpenAiPassthrough {
                 {
                     self.state.report_usage(usage::from_openai(&u));
                     self.state.usage_final = true;
-                    self.relayed.clear();
+                    if !self.keep_all {
+                        self.relayed.clear();
+                    }
                 }
                 let has_choices = chunk.choices.is_some_and(|c| is_non_empty_array(c.get()));
                 if has_choices {
@@ -147,7 +152,7 @@ impl StreamAdapter for OpenAiPassthrough {
         self.note_finish(trimmed);
         self.state.chunks += 1;
         self.mark_output();
-        if !self.state.usage_final {
+        if !self.state.usage_final || self.keep_all {
             self.relayed.push(data);
         }
         out.extend_from_slice(&frame.raw);
@@ -165,6 +170,10 @@ impl StreamAdapter for OpenAiPassthrough {
 
     fn state(&self) -> &StreamState {
         &self.state
+    }
+
+    fn keep_output_text(&mut self) {
+        self.keep_all = true;
     }
 
     fn output_text(&self) -> String {

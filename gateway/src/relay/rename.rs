@@ -115,6 +115,10 @@ impl StreamAdapter for Renamed {
     fn output_text(&self) -> String {
         self.inner.output_text()
     }
+
+    fn keep_output_text(&mut self) {
+        self.inner.keep_output_text();
+    }
 }
 
 #[cfg(test)]

@@ -123,7 +123,14 @@ enum FirstOutput {
 }
 
 impl RelayStream {
-    pub fn new(upstream: BodyStream, adapter: Box<dyn StreamAdapter>, exchange: Exchange) -> Self {
+    pub fn new(
+        upstream: BodyStream,
+        mut adapter: Box<dyn StreamAdapter>,
+        exchange: Exchange,
+    ) -> Self {
+        if exchange.audit.is_some() {
+            adapter.keep_output_text();
+        }
         OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
         RelayStream {
             stream_info: exchange.stream_info(),
@@ -288,6 +295,7 @@ impl RelayStream {
             chunks,
             state.first_output_at,
             self.post_processing,
+            || crate::audit::AuditResponse::Text(adapter.output_text()),
         );
         // Nobody is left to receive the terminal event when the client went away.
         if !client_gone && !durable.is_ready() {
@@ -756,6 +764,7 @@ mod relay_tests {
             access_log: crate::access_log::AccessLog::Off,
             cache_hit: None,
             max_reported_tokens: 10_000_000,
+            audit: None,
         };
         let upstream: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
             BURST.as_bytes(),

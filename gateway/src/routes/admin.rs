@@ -46,6 +46,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/credentials", post(put_credential).get(list_credentials))
         .route("/credentials/{name}", delete(delete_credential))
         .route("/audit", get(audit))
+        .route("/audit/requests", get(audited_requests))
         .route("/deployments", get(deployments))
         .route("/invoices", get(list_invoices))
         .route("/billing-periods/{period}/close", post(close_period))
@@ -678,6 +679,38 @@ async fn audit(AdminCaller(a): AdminCaller, AdminQuery(q): AdminQuery<AuditQuery
         a.audit_log(q.limit.unwrap_or(100))
             .await
             .in_format(WireFormat::OpenAi)?,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditedRequestsQuery {
+    tenant: String,
+    request_id: Option<String>,
+    limit: Option<u64>,
+}
+
+/// `GET /admin/v1/audit/requests?tenant=&request_id=&limit=`: audited requests (`[audit]`)
+/// from ClickHouse's `audit_log`, newest first; 404 when this gateway has no ClickHouse.
+async fn audited_requests(
+    State(state): State<Arc<AppState>>,
+    AdminCaller(a): AdminCaller,
+    AdminQuery(q): AdminQuery<AuditedRequestsQuery>,
+) -> AdminResult {
+    let audit = &state.config.audit;
+    let clickhouse = audit
+        .clickhouse_url
+        .as_deref()
+        .map(|url| (url, audit.clickhouse_database.as_str()));
+    list(
+        a.audited_requests(
+            clickhouse,
+            &q.tenant,
+            q.request_id.as_deref(),
+            q.limit.unwrap_or(20),
+        )
+        .await
+        .in_format(WireFormat::OpenAi)?,
     )
 }
 

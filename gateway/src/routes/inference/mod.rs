@@ -307,7 +307,8 @@ async fn route<'s>(
                     caller.clone(),
                     routed,
                     progress.received_at,
-                );
+                )
+                .audited(state, outbound.request.raw());
                 exchange.record_request();
                 // Nothing was sent: no need to wait for the record to be durable.
                 drop(exchange.fail(&failure.error));

@@ -21,6 +21,7 @@ use super::request::Outbound;
 use super::{collect_upstream, Progress, ROUTE_HEADER};
 use crate::api::WireFormat;
 use crate::app::AppState;
+use crate::audit::AuditResponse;
 use crate::auth::Caller;
 use crate::cache::{BillHits, CacheFill, CachePlan, Entry, ResponseCache, CACHE_HEADER};
 use crate::edge::USAGE_TOKENS_HEADER;
@@ -90,7 +91,8 @@ pub(super) async fn respond(
         caller,
         routed,
         progress.received_at,
-    );
+    )
+    .audited(state, outbound.request.raw());
     let routed_at = SystemTime::now();
     if !defer_count {
         exchange.record_request_at(routed_at);
@@ -222,6 +224,7 @@ pub(super) async fn respond(
             }
         };
         let usage = exchange.vet_usage(usage, || output_text);
+        let audited_body = body.clone();
         let done_at = Instant::now();
         if let Some(r) = reservation {
             r.settle(&usage);
@@ -235,6 +238,7 @@ pub(super) async fn respond(
                 0,
                 Some(done_at),
                 done_at.elapsed(),
+                || AuditResponse::Body(audited_body),
             )
             .await;
         if let Some((cache, plan)) = cache {
@@ -281,6 +285,7 @@ impl Drop for Unfinished {
                 0,
                 None,
                 Duration::ZERO,
+                || AuditResponse::None,
             ));
         }
     }
@@ -320,7 +325,8 @@ pub(super) async fn cached(
             saved: free.then_some(entry.usage),
         },
         progress.received_at,
-    );
+    )
+    .audited(state, outbound.request.raw());
     exchange.record_request();
     if let Some(r) = reservation {
         r.settle(&billed);
@@ -337,6 +343,7 @@ pub(super) async fn cached(
             entry.chunks,
             Some(Instant::now()),
             Duration::ZERO,
+            || AuditResponse::Body(entry.body.clone()),
         )
         .await;
     let mut r = Response::new(Body::from(entry.body));
