@@ -54,7 +54,12 @@ pub async fn stream_one(
     if resp.status() != 200 {
         return None;
     }
-    let request_id = resp.headers()["x-request-id"].to_str().ok()?.to_string();
+    let request_id = resp
+        .headers()
+        .get("x-request-id")?
+        .to_str()
+        .ok()?
+        .to_string();
     let mut raw = String::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         raw.push_str(&String::from_utf8_lossy(&chunk));
@@ -122,7 +127,12 @@ where
         .map(|c| {
             let (base, stop, key) = (base.clone(), stop.clone(), key.to_string());
             tokio::spawn(async move {
-                let client = reqwest::Client::new();
+                // A bound on each request (streams take about two seconds): a request that
+                // hangs ends as a cut stream instead of holding the test forever.
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap();
                 let mut got = Vec::new();
                 let mut i = c * 10_000;
                 while !stop.load(Ordering::Relaxed) {
