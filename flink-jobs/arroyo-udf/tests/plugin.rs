@@ -26,10 +26,10 @@ const CASES: &[Case] = &[
     (1, 0, 0, 1, "0.000000000001", "0", "0.000000000001"),
     (128_000, 64_000, 32_000, 4096, "2.5", "1.25", "10"),
     (
-        4_000_000_000,
+        1_000_000_000, // the most a count may hold (MAX_TOKENS_PER_COUNT)
         1,
         2,
-        3_000_000_000,
+        999_999_999,
         "999999.999999999999",
         "0.000001",
         "75",
@@ -149,6 +149,16 @@ fn bad_prices_and_missing_tokens_give_null() {
     assert_eq!(out.len(), 2);
     assert!(out.is_null(0), "a price that is not a number");
     assert!(out.is_null(1), "a NULL token count");
+    // Beyond the pricing rule's bounds (a count over 10^9, a price over 10^6): NULL, never
+    // a rounded cost.
+    assert_eq!(
+        tollgate_arroyo_udf::tollgate_cost(4_000_000_000, 0, 0, 0, "1", "1", "1"),
+        None
+    );
+    assert_eq!(
+        tollgate_arroyo_udf::tollgate_cost(1, 0, 0, 0, "1000001", "1", "1"),
+        None
+    );
 }
 
 #[test]
