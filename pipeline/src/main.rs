@@ -151,66 +151,57 @@ enum RecoverySpec {
 }
 
 /// Runs the recovery scanner until `stop` is set, restarting it after a failure (it rebuilds
-/// its state from its look-back window) with a backoff of 1 s doubling up to 30 s.
+/// its state from its look-back window): [`supervise`].
 fn supervise_recovery(
     spec: &RecoverySpec,
     options: &RecoveryOptions,
     counters: &Arc<RecoveryCounters>,
     stop: &AtomicBool,
 ) {
-    let mut backoff = Duration::from_secs(1);
-    while !stop.load(Ordering::Acquire) {
-        let started = Instant::now();
-        let result = match spec {
-            RecoverySpec::Kafka { bootstrap, group } => tollgate_pipeline::recovery::kafka::run(
-                bootstrap,
-                group,
-                options,
-                counters.clone(),
-                stop,
-            ),
-            RecoverySpec::LocalLog { path } => {
-                tollgate_pipeline::recovery::local_log::run(path, options, counters.clone(), stop)
-            }
-        };
-        if started.elapsed() >= Duration::from_secs(60) {
-            backoff = Duration::from_secs(1);
+    supervise("recovery scanner", stop, || match spec {
+        RecoverySpec::Kafka { bootstrap, group } => tollgate_pipeline::recovery::kafka::run(
+            bootstrap,
+            group,
+            options,
+            counters.clone(),
+            stop,
+        ),
+        RecoverySpec::LocalLog { path } => {
+            tollgate_pipeline::recovery::local_log::run(path, options, counters.clone(), stop)
         }
-        let Err(e) = result else {
-            break;
-        };
-        tracing::error!(
-            error = %e,
-            retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
-            "recovery scanner failed"
-        );
-        let until = Instant::now() + backoff;
-        while !stop.load(Ordering::Acquire) && Instant::now() < until {
-            std::thread::park_timeout(Duration::from_millis(200));
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
+    });
 }
 
 /// Runs the audit consumer until `stop` is set, restarting it after a failure (from its
-/// committed position) with a backoff of 1 s doubling up to 30 s.
+/// committed position): [`supervise`].
 fn supervise_audit(
     spec: &RecoverySpec,
     topic: &str,
     options: &tollgate_pipeline::audit::AuditOptions,
     stop: &AtomicBool,
 ) {
+    supervise("audit consumer", stop, || match spec {
+        RecoverySpec::Kafka { bootstrap, group } => {
+            tollgate_pipeline::audit::kafka::run(bootstrap, group, topic, options, stop)
+        }
+        RecoverySpec::LocalLog { path } => {
+            tollgate_pipeline::audit::local_log::run(path, topic, options, stop)
+        }
+    });
+}
+
+/// Calls `run` until it returns `Ok` or `stop` is set, logging each failure of `what` and
+/// waiting before the next try: 1 s, doubling up to 30 s, back to 1 s after a run that
+/// lasted a minute.
+fn supervise<E: std::fmt::Display>(
+    what: &str,
+    stop: &AtomicBool,
+    mut run: impl FnMut() -> Result<(), E>,
+) {
     let mut backoff = Duration::from_secs(1);
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        let result = match spec {
-            RecoverySpec::Kafka { bootstrap, group } => {
-                tollgate_pipeline::audit::kafka::run(bootstrap, group, topic, options, stop)
-            }
-            RecoverySpec::LocalLog { path } => {
-                tollgate_pipeline::audit::local_log::run(path, topic, options, stop)
-            }
-        };
+        let result = run();
         if started.elapsed() >= Duration::from_secs(60) {
             backoff = Duration::from_secs(1);
         }
@@ -220,7 +211,7 @@ fn supervise_audit(
         tracing::error!(
             error = %e,
             retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
-            "audit consumer failed"
+            "{what} failed"
         );
         let until = Instant::now() + backoff;
         while !stop.load(Ordering::Acquire) && Instant::now() < until {
