@@ -26,8 +26,10 @@
 //! at the first unacknowledged one, so an event may be published twice (same `event_id`) but
 //! never lost. Per partition, first occurrences keep publish order.
 //!
-//! `shutdown` delivers what it can within `shutdown_timeout_ms` (at once if the brokers are
-//! known to be down), purges the rest from the producer into the spool, and syncs it.
+//! `shutdown` delivers what it can within `shutdown_timeout_ms`, the spool included (while
+//! spooling, it first probes with one event, and gives up as soon as Kafka looks down again
+//! or `delivery_stall_ms` passes without an answer), purges the rest from the producer into
+//! the spool, and syncs it.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -136,6 +138,7 @@ impl KafkaSink {
             replay: ReplayWindow::default(),
             replay_max: config.replay_max_in_flight_events.max(1),
             replay_trusted: true,
+            down_signals: 0,
             replay_resume_at: Instant::now(),
             rewind_pending: false,
             spool_max_bytes: config.spool_max_bytes,
@@ -516,6 +519,8 @@ struct Dispatcher {
     replay_max: usize,
     /// Whether a broker has acknowledged something since Kafka last looked down.
     replay_trusted: bool,
+    /// Times Kafka looked down (a shutdown stops probing once it looks down again).
+    down_signals: u64,
     replay_resume_at: Instant,
     rewind_pending: bool,
     spool_max_bytes: u64,
@@ -825,6 +830,7 @@ impl Dispatcher {
     /// queued or in flight, so that it is on disk in send order (an in-flight message the
     /// broker did write is published twice, with the same event id).
     fn on_brokers_down(&mut self, why: &str) {
+        self.down_signals += 1;
         self.replay_trusted = false;
         self.replay_resume_at = Instant::now() + REPLAY_BACKOFF;
         self.start_spooling(SpoolReason::BrokersDown, why.to_string());
@@ -1060,9 +1066,17 @@ impl Dispatcher {
             self.dispatch(h);
         }
         self.drain_overflow();
-        // Deliver what can be delivered, unless the brokers are known to be down.
+        // Deliver what can be delivered, unless the brokers are known to be down. Spooling
+        // with no broker heard from since the outage: replay probes with one event; stop
+        // once Kafka looks down again (a lost connection, or no answer for
+        // `delivery_stall_ms`), since the rest would only wait for the deadline.
+        let down_signals = self.down_signals;
+        let probe_until = started + self.stall_after;
         while !self.delivered_everything() && Instant::now() < deadline {
-            if self.mode == Mode::Spooling && !self.replay_trusted {
+            if self.mode == Mode::Spooling
+                && !self.replay_trusted
+                && (self.down_signals != down_signals || Instant::now() >= probe_until)
+            {
                 break;
             }
             self.serve(Duration::from_millis(10));
@@ -1289,6 +1303,29 @@ mod tests {
         send_requests(&sink, 30, 40, 5);
         rt.block_on(sink.shutdown());
         let got = consume_chunks(&c.bootstrap_servers(), 200);
+        assert_complete_and_ordered(&got, 5);
+    }
+
+    #[test]
+    fn a_shutdown_just_after_kafka_returns_delivers_the_spool() {
+        let c = cluster();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        c.broker_down(1).unwrap();
+        let mut cfg = config(&c.bootstrap_servers(), dir.path());
+        cfg.shutdown_timeout_ms = 30_000;
+        let sink = KafkaSink::start(&cfg, dir.path()).unwrap();
+        let m = sink.metrics().clone();
+        send_requests(&sink, 0, 30, 5);
+        wait_for("spooling", Duration::from_secs(30), || {
+            m.spool_events.get() > 0
+        });
+        // Back, but nothing has told the sink yet: the shutdown must find out by itself.
+        c.broker_up(1).unwrap();
+        rt.block_on(sink.shutdown());
+        drop(sink);
+        assert_eq!(m.spool_events.get(), 0, "nothing left in the spool");
+        let got = consume_chunks(&c.bootstrap_servers(), 150);
         assert_complete_and_ordered(&got, 5);
     }
 
