@@ -313,7 +313,7 @@ impl AuditRedactor {
         }
         // The PII masking's detectors: each value becomes its kind, e.g. `[EMAIL]` (nothing
         // is restored from an audit row, so no placeholder key is needed).
-        let found = crate::privacy::detect::detect(&out);
+        let found = crate::privacy::detect::detect(&out, true);
         if !found.is_empty() {
             let mut masked = String::with_capacity(out.len());
             let mut at = 0;

@@ -4,7 +4,7 @@
 //! addresses). Where two detections overlap, the one of the kind listed first in
 //! [`Entity::ALL`] wins (a secret before an e-mail, an IBAN before a card...).
 //!
-//! Person names are not detected (see the README's "Privacy: PII masking").
+//! Person names come from a gazetteer (`names.rs`), after every other kind.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
@@ -22,11 +22,12 @@ pub enum Entity {
     Nhs,
     Ip,
     Phone,
+    Name,
 }
 
 impl Entity {
     /// Every kind, in the order that settles overlaps.
-    pub const ALL: [Entity; 8] = [
+    pub const ALL: [Entity; 9] = [
         Entity::Secret,
         Entity::Email,
         Entity::Iban,
@@ -35,6 +36,7 @@ impl Entity {
         Entity::Nhs,
         Entity::Ip,
         Entity::Phone,
+        Entity::Name,
     ];
 
     /// The label of placeholders, errors and metrics (bounded, upper case ASCII).
@@ -48,6 +50,7 @@ impl Entity {
             Entity::Nhs => "NHS",
             Entity::Ip => "IP",
             Entity::Phone => "PHONE",
+            Entity::Name => "NAME",
         }
     }
 
@@ -55,7 +58,11 @@ impl Entity {
         static PATTERNS: LazyLock<Vec<Option<Regex>>> = LazyLock::new(|| {
             Entity::ALL
                 .iter()
-                .map(|e| Regex::new(e.source()).ok())
+                .map(|e| {
+                    (*e != Entity::Name)
+                        .then(|| Regex::new(e.source()).ok())
+                        .flatten()
+                })
                 .collect()
         });
         PATTERNS.get(self as usize).and_then(Option::as_ref)
@@ -85,25 +92,34 @@ impl Entity {
                 r"|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b",
                 r"|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?:\b|::)",
             ),
+            Entity::Name => "",
             Entity::Phone => concat!(
-                r"\+[1-9][0-9]{0,3}(?:[ .\-]?\(?[0-9]{1,5}\)?){1,6}\b",
-                r"|\(?\b[2-9][0-9]{2}\)?[ .\-][2-9][0-9]{2}[ .\-][0-9]{4}\b",
-                r"|\b0[1-9][0-9]{0,4}[ .\-][0-9]{2,4}(?:[ .\-]?[0-9]{2,4}){1,3}\b",
+                // International: `+` or `00`, then groups, an optional `(0)` or area code
+                // in parentheses, and an extension.
+                r"(?:\+|\b00)[1-9][0-9]{0,3}(?:[ .\-]?(?:\(0\)|\([0-9]{1,5}\)|[0-9]{1,5})){1,7}",
+                r"(?:\s?(?:x|ext\.?)\s?[0-9]{1,6})?\b",
+                // An area code in parentheses.
+                r"|\([0-9]{2,5}\)[ \-]?[0-9]{2,8}(?:[ .\-][0-9]{2,8}){0,3}(?:\s?(?:x|ext\.?)\s?[0-9]{1,6})?\b",
+                // Digit groups (checked in `valid_phone`), or one run of digits.
+                r"|\b[0-9]{2,5}(?:[ .\-][0-9]{2,8}){1,4}(?:\s?(?:x|ext\.?)\s?[0-9]{1,6})?\b",
+                r"|\b[0-9]{9,12}\b",
             ),
         }
     }
 
-    /// Whether a candidate the pattern found is one.
-    fn valid(self, s: &str) -> bool {
+    /// Whether a candidate the pattern found at `start..end` of `text` is one.
+    fn valid(self, text: &str, start: usize, end: usize) -> bool {
+        let s = &text[start..end];
         match self {
             Entity::Secret => true,
             Entity::Email => valid_email(s),
             Entity::Iban => valid_iban(s),
             Entity::Card => valid_card(s),
             Entity::Ssn => valid_ssn(s),
-            Entity::Nhs => valid_nhs(s),
+            Entity::Nhs => valid_nhs(s) && cued(text, start, NHS_CUES),
             Entity::Ip => valid_ip(s),
-            Entity::Phone => valid_phone(s),
+            Entity::Phone => valid_phone(text, start, end),
+            Entity::Name => true,
         }
     }
 }
@@ -116,24 +132,30 @@ pub struct Found {
     pub entity: Entity,
 }
 
-/// Every entity in `text`, sorted by position, without overlaps.
-pub fn detect(text: &str) -> Vec<Found> {
+/// Every entity in `text` (person names only with `names`), sorted by position, without
+/// overlaps.
+pub fn detect(text: &str, names: bool) -> Vec<Found> {
     let mut found: Vec<Found> = Vec::new();
+    let mut keep = |start: usize, end: usize, entity: Entity| {
+        if !found.iter().any(|f| f.start < end && start < f.end) {
+            found.push(Found { start, end, entity });
+        }
+    };
     for entity in Entity::ALL {
+        if entity == Entity::Name {
+            if names {
+                for (start, end) in super::names::find(text) {
+                    keep(start, end, entity);
+                }
+            }
+            continue;
+        }
         let Some(pattern) = entity.pattern() else {
             continue;
         };
         for m in pattern.find_iter(text) {
-            if !entity.valid(m.as_str()) {
-                continue;
-            }
-            let overlaps = found.iter().any(|f| f.start < m.end() && m.start() < f.end);
-            if !overlaps {
-                found.push(Found {
-                    start: m.start(),
-                    end: m.end(),
-                    entity,
-                });
+            if entity.valid(text, m.start(), m.end()) {
+                keep(m.start(), m.end(), entity);
             }
         }
     }
@@ -179,9 +201,9 @@ pub fn luhn(digits: &[u8]) -> bool {
 fn valid_card(s: &str) -> bool {
     let d = digits(s);
     // 13 to 19 digits, a known scheme's first digit (2-6: Mastercard, Visa, Amex, Discover,
-    // JCB, UnionPay...), not one digit repeated, and the Luhn check.
+    // JCB, UnionPay...; JCB's 15-digit `1800`), not one digit repeated, and the Luhn check.
     (13..=19).contains(&d.len())
-        && (2..=6).contains(&d[0])
+        && ((2..=6).contains(&d[0]) || (d.len() == 15 && d.starts_with(&[1, 8, 0, 0])))
         && d.iter().any(|x| *x != d[0])
         && luhn(&d)
 }
@@ -249,14 +271,88 @@ fn valid_ip(s: &str) -> bool {
     s.parse::<Ipv6Addr>().is_ok()
 }
 
-/// A phone number has 8 to 15 digits (E.164's maximum), national ones at least 9.
-fn valid_phone(s: &str) -> bool {
-    let n = digits(s).len();
-    if s.starts_with('+') {
-        (8..=15).contains(&n)
-    } else {
-        (9..=15).contains(&n)
+/// Words that announce a phone number (lower case; matched as prefixes of the text's words).
+const PHONE_CUES: &[&str] = &[
+    "tel",
+    "tél",
+    "phone",
+    "call",
+    "mobile",
+    "cell",
+    "fax",
+    "reach",
+    "whatsapp",
+    "sms",
+    "handy",
+    "rückruf",
+    "anruf",
+    "erreichbar",
+    "appel",
+    "rappel",
+    "portable",
+    "llam",
+    "teléfono",
+    "telefono",
+    "móvil",
+    "movil",
+    "chiam",
+    "cellulare",
+    "bel",
+    "telefoon",
+    "mobiel",
+];
+
+/// Words that announce an NHS number.
+const NHS_CUES: &[&str] = &["nhs"];
+
+/// How far before a value its cue may be (bytes).
+const CUE_WINDOW: usize = 64;
+
+/// Whether a word of the `CUE_WINDOW` bytes before `start` begins with one of `cues`.
+fn cued(text: &str, start: usize, cues: &[&str]) -> bool {
+    let mut from = start.saturating_sub(CUE_WINDOW);
+    while !text.is_char_boundary(from) {
+        from += 1;
     }
+    text[from..start]
+        .split(|c: char| !c.is_alphanumeric())
+        .map(str::to_lowercase)
+        .any(|w| cues.iter().any(|c| w.starts_with(c)))
+}
+
+/// A phone number: 8 to 15 digits (E.164's maximum; an extension not counted). Written with
+/// `+` or `00`, or an area code in parentheses, it is one. Otherwise its shape must be a
+/// national one — a trunk `0` (then an area code) and 9 to 12 digits, or the North American `NXX-NXX-XXXX` with
+/// dashes or dots — or a word such as "phone", "call", "Tel." must come shortly before it
+/// (a bare run of digits, or groups like an NHS number's `943 476 5919`, say nothing alone).
+fn valid_phone(text: &str, start: usize, end: usize) -> bool {
+    let s = &text[start..end];
+    let number = s.split(['x', 'e']).next().unwrap_or(s).trim_end();
+    let d = digits(number);
+    let n = d.len();
+    let international = s.starts_with('+') || (s.starts_with("00") && n > 2 && d[2] != 0);
+    if international {
+        return (8..=15).contains(&n);
+    }
+    if !(9..=15).contains(&n) {
+        return false;
+    }
+    if s.starts_with('(') {
+        return true;
+    }
+    let groups: Vec<&str> = number.split([' ', '.', '-']).collect();
+    let nanp = groups.len() == 3
+        && !number.contains(' ')
+        && [3, 3, 4] == [groups[0].len(), groups[1].len(), groups[2].len()]
+        && d[0] >= 2
+        && d[3] >= 2;
+    let trunk = groups.len() > 1 && d[0] == 0 && d[1] != 0 && n <= 12 && !nhs_shaped(&groups);
+    nanp || trunk || cued(text, start, PHONE_CUES)
+}
+
+/// `NNN NNN NNNN`: how NHS numbers are written.
+fn nhs_shaped(groups: &[&str]) -> bool {
+    groups.len() == 3 && [3, 3, 4] == [groups[0].len(), groups[1].len(), groups[2].len()]
 }
 
 #[cfg(test)]
@@ -265,7 +361,7 @@ mod tests {
     use super::*;
 
     fn kinds(text: &str) -> Vec<(Entity, String)> {
-        detect(text)
+        detect(text, true)
             .into_iter()
             .map(|f| (f.entity, text[f.start..f.end].to_string()))
             .collect()

@@ -17,6 +17,7 @@
 //! everything the model can repeat.
 
 pub mod detect;
+mod names;
 pub mod restore;
 
 use std::collections::{BTreeSet, HashMap};
@@ -66,6 +67,9 @@ pub struct PrivacyConfig {
     pub default: PiiAction,
     /// Per tenant, by name or id: `[privacy.tenants] acme = "block"`.
     pub tenants: HashMap<String, PiiAction>,
+    /// Whether person names are masked too (found with a gazetteer: less precise than the
+    /// structured kinds; see `tests/pii/`).
+    pub names: bool,
     /// Deployment types (`vllm`, `openai_compatible`, `mock`...) never masked: self-hosted.
     pub exempt_deployment_types: Vec<String>,
     /// The secret placeholders are derived from (required once any policy can mask). Keep it
@@ -79,6 +83,7 @@ impl Default for PrivacyConfig {
         PrivacyConfig {
             default: PiiAction::Off,
             tenants: HashMap::new(),
+            names: true,
             exempt_deployment_types: vec!["vllm".to_string()],
             placeholder_key: None,
         }
@@ -155,7 +160,7 @@ impl Privacy {
             .unwrap_or_default();
         (action != PiiAction::Off).then(|| RequestPrivacy {
             action,
-            masker: Masker::new(&self.key, tenant_id),
+            masker: Masker::new(&self.key, tenant_id).with_names(self.config.names),
             privacy: self.clone(),
             counted: false,
         })
@@ -191,6 +196,8 @@ pub struct Masker {
     found: HashMap<Entity, u64>,
     /// Two values met the same placeholder (a 32-bit collision): restoring is ambiguous.
     collision: bool,
+    /// Person names are masked too.
+    names: bool,
 }
 
 impl Masker {
@@ -201,7 +208,14 @@ impl Masker {
             map: HashMap::new(),
             found: HashMap::new(),
             collision: false,
+            names: true,
         }
+    }
+
+    /// Whether person names are masked (they are by default).
+    pub fn with_names(mut self, names: bool) -> Masker {
+        self.names = names;
+        self
     }
 
     /// The placeholder of `value` (stable for the tenant).
@@ -215,7 +229,7 @@ impl Masker {
 
     /// `text` with every entity replaced; `None` when it has none.
     pub fn mask_text(&mut self, text: &str) -> Option<String> {
-        let found = detect::detect(text);
+        let found = detect::detect(text, self.names);
         if found.is_empty() {
             return None;
         }
