@@ -430,8 +430,12 @@ mod tests {
     /// A same-dialect OpenAI stream of `deltas` through the restoring adapter: the text
     /// the client reads.
     fn openai_stream(deltas: &[&str]) -> String {
+        openai_stream_with(restorer(), deltas)
+    }
+
+    fn openai_stream_with(restorer: Arc<Restorer>, deltas: &[&str]) -> String {
         let inner = Box::new(crate::relay::passthrough::OpenAiPassthrough::new(false));
-        let mut a = Restoring::wrap(inner, restorer(), WireFormat::OpenAi);
+        let mut a = Restoring::wrap(inner, restorer, WireFormat::OpenAi);
         let mut out = BytesMut::new();
         let mut parser = SseParser::new();
         for d in deltas {
@@ -475,6 +479,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// restore(mask(x)) == x for the sentences of the PII test set, the masked text cut into
+    /// three deltas at random places (seeded; every cut of one sentence is the test above).
+    #[test]
+    fn masked_test_set_sentences_come_back_whole_however_the_stream_is_cut() {
+        let set = include_str!("../../../tests/pii/holdout.jsonl");
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n.max(1) as u64) as usize
+        };
+        let mut masked_rows = 0;
+        for line in set.lines().step_by(3) {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let text = row["text"].as_str().unwrap();
+            let mut masker = super::super::Masker::new(b"test-key", "tenant");
+            let Some(masked) = masker.mask_text(text) else {
+                continue;
+            };
+            masked_rows += 1;
+            let restorer = masker.restorer().unwrap();
+            let bounds: Vec<usize> = (0..=masked.len())
+                .filter(|i| masked.is_char_boundary(*i))
+                .collect();
+            for _ in 0..20 {
+                let mut cut = [bounds[next(bounds.len())], bounds[next(bounds.len())]];
+                cut.sort_unstable();
+                let pieces = [
+                    &masked[..cut[0]],
+                    &masked[cut[0]..cut[1]],
+                    &masked[cut[1]..],
+                ];
+                assert_eq!(
+                    openai_stream_with(restorer.clone(), &pieces),
+                    text,
+                    "{pieces:?}"
+                );
+            }
+        }
+        assert!(masked_rows > 400, "{masked_rows}");
     }
 
     #[test]
