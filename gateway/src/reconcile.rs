@@ -126,10 +126,25 @@ pub async fn reconcile(
         report.entry(k).or_default().recovered = v;
     }
     for (at, e) in billed {
+        // A hit's fields the pipeline could not bill were rejected there: not counted here.
+        let Ok(hit) = tollgate_schemas::pricing::cache_hit_terms(
+            e.cache_hit,
+            e.cache_saved_usage.as_ref(),
+            e.cache_price_fraction.as_deref(),
+        ) else {
+            continue;
+        };
         let cost = schedules
             .get(&e.upstream_model)
             .and_then(|s| s.lookup(&e.tenant_id, at))
-            .and_then(|row| row.cost(&e.usage))
+            .and_then(|row| {
+                tollgate_schemas::pricing::completion_cost(
+                    row,
+                    &e.usage,
+                    hit.as_ref().map(|(u, f)| (u, *f)),
+                )
+            })
+            .map(|(cost, _)| cost)
             .unwrap_or_default();
         let r = report.entry((e.tenant_id, e.upstream_model)).or_default();
         r.events.0 += 1;
@@ -726,6 +741,7 @@ mod tests {
             fallbacks: 0,
             cache_hit: false,
             cache_saved_usage: None,
+            cache_price_fraction: None,
             price_book_version: None,
             received_at: t.into(),
         };

@@ -99,6 +99,9 @@ pub struct Fact {
     pub fallbacks: u32,
     pub partition: u32,
     pub offset: i64,
+    /// Answered from a response cache.
+    #[serde(default)]
+    pub cache_hit: bool,
 }
 
 impl Fact {
@@ -156,7 +159,49 @@ pub struct Completion {
     pub output_tokens: u64,
     pub usage_counted: bool,
     pub ttft_ms: Option<u64>,
+    /// Answered from a response cache: what the answer would have cost, and the part billed.
+    pub cache: Option<Box<CacheHit>>,
     pub details: Option<Box<Details>>,
+}
+
+/// A cache hit's billing: the original answer's tokens (input, cached input, cache-write
+/// input, output), priced like a completion's, and the fraction of that price billed; the
+/// rest is what the hit saved the tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHit {
+    pub saved: [u64; 4],
+    #[serde(with = "rust_decimal::serde::str")]
+    pub fraction: Decimal,
+}
+
+impl CacheHit {
+    pub fn saved_usage(&self) -> TokenUsage {
+        usage(self.saved, false)
+    }
+
+    /// From a completion event's fields ([`tollgate_schemas::pricing::cache_hit_terms`]);
+    /// `Err` says why they cannot be billed.
+    fn parse(
+        hit: bool,
+        saved: Option<&TokenUsage>,
+        fraction: Option<&str>,
+    ) -> Result<Option<Box<CacheHit>>, String> {
+        Ok(
+            tollgate_schemas::pricing::cache_hit_terms(hit, saved, fraction)?.map(
+                |(u, fraction)| {
+                    Box::new(CacheHit {
+                        saved: [
+                            u.input_tokens,
+                            u.cached_input_tokens,
+                            u.cache_write_input_tokens,
+                            u.output_tokens,
+                        ],
+                        fraction,
+                    })
+                },
+            ),
+        )
+    }
 }
 
 /// The dimensions of a completion that only analytics reads (see [`Fact`]).
@@ -219,6 +264,11 @@ impl Completion {
                 ));
             }
         }
+        let cache = CacheHit::parse(
+            event.cache_hit,
+            event.cache_saved_usage.as_ref(),
+            event.cache_price_fraction.as_deref(),
+        )?;
         let request_key = request_key(&event.request_id);
         let details = with_details.then(|| {
             Box::new(Details {
@@ -252,6 +302,7 @@ impl Completion {
             output_tokens: u.output_tokens,
             usage_counted: u.source != tollgate_schemas::UsageSource::Provider,
             ttft_ms: event.ttft_ms.map(|ms| ms.min(MAX_DURATION_MS)),
+            cache,
             details,
         })
     }
@@ -297,6 +348,7 @@ impl Completion {
             fallbacks: d.fallbacks,
             partition: d.partition,
             offset: d.offset,
+            cache_hit: self.cache.is_some(),
         })
     }
 }
@@ -354,6 +406,12 @@ struct CompletionWire<'a> {
     latency_ms: u64,
     retries: u32,
     fallbacks: u32,
+    #[serde(default)]
+    cache_hit: bool,
+    #[serde(default)]
+    cache_saved_usage: Option<TokenUsage>,
+    #[serde(default, borrow)]
+    cache_price_fraction: Option<Cow<'a, str>>,
 }
 
 /// Parses the gateway's own `event_time` shape (`YYYY-MM-DDTHH:MM:SS.mmmZ`) without a general
@@ -410,6 +468,10 @@ pub struct PricedFact {
     /// The unit prices applied (per million tokens; zero when unpriced).
     #[serde(default)]
     pub unit: UnitPrices,
+    /// A cache hit: what it saved the tenant (the part of the original answer's price not
+    /// billed; zero when unpriced). `None` for any other completion.
+    #[serde(default)]
+    pub cache_savings: Option<Decimal>,
 }
 
 /// Prices per million tokens, as applied to one completion.
@@ -440,8 +502,14 @@ impl UnitPrices {
 pub const DEFAULT_CURRENCY: &str = "USD";
 
 impl PricedFact {
-    /// A fact with `price`'s cost of its usage (computed by the caller).
-    pub fn with_cost(fact: Fact, price: Option<&PriceRow>, cost: Decimal) -> PricedFact {
+    /// A fact with `price`'s cost of its usage and, for a cache hit, what it saved (computed
+    /// by the caller).
+    pub fn with_cost(
+        fact: Fact,
+        price: Option<&PriceRow>,
+        cost: Decimal,
+        cache_savings: Option<Decimal>,
+    ) -> PricedFact {
         match price {
             Some(p) => PricedFact {
                 cost,
@@ -450,6 +518,7 @@ impl PricedFact {
                 price_override: p.tenant_id.is_some(),
                 unit: UnitPrices::of(p),
                 fact,
+                cache_savings,
             },
             None => PricedFact {
                 fact,
@@ -458,6 +527,7 @@ impl PricedFact {
                 price_from_ms: None,
                 price_override: false,
                 unit: UnitPrices::default(),
+                cache_savings,
             },
         }
     }
@@ -487,6 +557,7 @@ impl PricedFact {
             f.ttft_ms,
             &self.cost,
             self.price_from_ms.is_some(),
+            self.cache_savings.as_ref(),
         );
         t
     }
@@ -571,6 +642,12 @@ pub struct Totals {
     pub ttft_sum_ms: i64,
     /// Completions per [`TTFT_BUCKETS_MS`] bucket (last: above the largest bound).
     pub ttft_buckets: [i64; 8],
+    /// Completions answered from a response cache (also in `requests`).
+    #[serde(default)]
+    pub cache_hits: i64,
+    /// What those hits saved: the part of their original answers' price not billed.
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub cache_savings: Decimal,
 }
 
 impl Totals {
@@ -590,10 +667,13 @@ impl Totals {
         for (a, b) in self.ttft_buckets.iter_mut().zip(other.ttft_buckets.iter()) {
             *a += b;
         }
+        self.cache_hits += other.cache_hits;
+        self.cache_savings += other.cache_savings;
     }
 
     /// Adds one completion: its tokens (input, cached input, cache-write input, output), how
-    /// it ended, its time to first token, its cost and whether a price applied.
+    /// it ended, its time to first token, its cost, whether a price applied and, for a cache
+    /// hit, what it saved.
     pub fn count(
         &mut self,
         tokens: [u64; 4],
@@ -601,7 +681,12 @@ impl Totals {
         ttft_ms: Option<u64>,
         cost: &Decimal,
         priced: bool,
+        cache_savings: Option<&Decimal>,
     ) {
+        if let Some(saved) = cache_savings {
+            self.cache_hits += 1;
+            self.cache_savings += saved;
+        }
         self.requests += 1;
         self.input_tokens += to_i64(tokens[0]);
         self.cached_input_tokens += to_i64(tokens[1]);
@@ -633,6 +718,8 @@ impl Totals {
         for a in self.ttft_buckets.iter_mut() {
             *a *= k;
         }
+        self.cache_hits *= k;
+        self.cache_savings *= Decimal::from(k);
     }
 }
 

@@ -127,6 +127,7 @@ impl Synthetic {
             fallbacks: 0,
             cache_hit: false,
             cache_saved_usage: None,
+            cache_price_fraction: None,
             price_book_version: None,
             received_at: format_event_time(t),
         }

@@ -300,11 +300,17 @@ pub struct CompletionEvent {
     pub fallbacks: u32,
     /// Whether the answer came from a response cache.
     pub cache_hit: bool,
-    /// A cache hit billed free (`[cache] bill_hits = "free"`): the usage of the original
-    /// answer, which the hit saved; `usage` is then what was billed (nothing). Absent
-    /// otherwise.
+    /// A cache hit: the usage of the original answer, what the hit would have cost at the
+    /// list price; `usage` is then zero (no provider processed anything). Absent otherwise.
+    /// (Written before `cache_price_fraction` existed, by hits billed in full, `usage` held
+    /// the original answer's usage and this was absent.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_saved_usage: Option<TokenUsage>,
+    /// A cache hit: the fraction of the price of `cache_saved_usage` the tenant is billed, a
+    /// decimal between `"0"` (free) and `"1"` (the full price), from `[cache] bill_hits`.
+    /// Absent means `"0"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_price_fraction: Option<String>,
     /// Version of the price book used for the pre-flight cost estimate; `null` when none was.
     pub price_book_version: Option<String>,
     /// When the gateway received the request (RFC 3339, UTC, milliseconds).
@@ -591,6 +597,7 @@ mod tests {
             fallbacks: 0,
             cache_hit: false,
             cache_saved_usage: None,
+            cache_price_fraction: None,
             price_book_version: None,
             received_at: format_event_time(t),
         };

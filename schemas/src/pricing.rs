@@ -143,6 +143,101 @@ pub fn cost(
     per_mtok.checked_div(Decimal::from(1_000_000u32))
 }
 
+/// Most decimal places of the fraction of its price a cache hit is billed at.
+pub const MAX_FRACTION_SCALE: u32 = 6;
+
+/// Decimal places of the ledger's money columns (`NUMERIC(38, 18)`): a cost needing more is
+/// never stored (it would be rounded).
+pub const LEDGER_SCALE: u32 = 18;
+
+/// A cache hit's charge: `fraction` (0 to 1, at most [`MAX_FRACTION_SCALE`] decimal places)
+/// of `list`, what the original answer's usage costs ([`cost`]); returns (billed, saved), both
+/// exact, or `None` when the fraction is out of bounds or the product does not fit a decimal
+/// of at most [`LEDGER_SCALE`] places exactly (never a rounded charge).
+pub fn hit_charge(list: Decimal, fraction: Decimal) -> Option<(Decimal, Decimal)> {
+    if fraction.is_sign_negative()
+        || fraction > Decimal::ONE
+        || fraction.normalize().scale() > MAX_FRACTION_SCALE
+    {
+        return None;
+    }
+    let mantissa = list.mantissa().checked_mul(fraction.mantissa())?;
+    let billed =
+        Decimal::try_from_i128_with_scale(mantissa, list.scale() + fraction.scale()).ok()?;
+    let saved = list.checked_sub(billed)?;
+    (billed.normalize().scale() <= LEDGER_SCALE && billed + saved == list)
+        .then_some((billed, saved))
+}
+
+/// How a completion event's cache fields bill it, the one reading of them (the pipeline and
+/// reconciliation use it): `None` when it is not a cache hit; else the original answer's
+/// usage and the fraction of its price billed. A hit written before hits carried their
+/// original usage billed it in full in `usage`: it reads as nothing more to bill (zero
+/// usage, fraction 1). `Err` says why the fields cannot be billed.
+pub fn cache_hit_terms(
+    cache_hit: bool,
+    saved: Option<&TokenUsage>,
+    fraction: Option<&str>,
+) -> Result<Option<(TokenUsage, Decimal)>, String> {
+    if !cache_hit {
+        return Ok(None);
+    }
+    let Some(saved) = saved else {
+        return Ok(Some((TokenUsage::default(), Decimal::ONE)));
+    };
+    let counts = [
+        saved.input_tokens,
+        saved.cached_input_tokens,
+        saved.cache_write_input_tokens,
+        saved.output_tokens,
+    ];
+    if let Some(n) = counts
+        .iter()
+        .find(|n| **n > crate::usage::MAX_TOKENS_PER_COUNT)
+    {
+        return Err(format!(
+            "cache_saved_usage counts {n} tokens, above the most a completion may count ({})",
+            crate::usage::MAX_TOKENS_PER_COUNT
+        ));
+    }
+    let fraction = match fraction {
+        None => Decimal::ZERO,
+        Some(f) => f
+            .parse::<Decimal>()
+            .ok()
+            .filter(|d| {
+                !d.is_sign_negative()
+                    && *d <= Decimal::ONE
+                    && d.normalize().scale() <= MAX_FRACTION_SCALE
+            })
+            .ok_or_else(|| {
+                format!(
+                    "cache_price_fraction must be a decimal between 0 and 1 with at most {MAX_FRACTION_SCALE} decimal places, got {f:?}"
+                )
+            })?,
+    };
+    Ok(Some((*saved, fraction)))
+}
+
+/// What a completion costs at `row`: its usage's [`cost`] plus, for a cache hit (`hit`: the
+/// original answer's usage and the fraction billed), the billed part of the original
+/// answer's cost ([`hit_charge`]); with what the hit saved. `None` when a figure is out of
+/// the exact range.
+pub fn completion_cost(
+    row: &PriceRow,
+    usage: &TokenUsage,
+    hit: Option<(&TokenUsage, Decimal)>,
+) -> Option<(Decimal, Option<Decimal>)> {
+    let cost = row.cost(usage)?;
+    match hit {
+        None => Some((cost, None)),
+        Some((saved, fraction)) => {
+            let (billed, savings) = hit_charge(row.cost(saved)?, fraction)?;
+            Some((cost.checked_add(billed)?, Some(savings)))
+        }
+    }
+}
+
 /// Every price-book row of one model, ordered for lookups.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct PriceSchedule {
@@ -277,5 +372,29 @@ mod tests {
         );
         assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000u64));
         assert_eq!(MAX_PRICE_PER_MTOK, Decimal::from(1_000_000u32));
+    }
+
+    #[test]
+    fn cache_hits_are_charged_an_exact_fraction() {
+        let list = Decimal::new(123_456_789, 9); // 0.123456789
+        assert_eq!(
+            hit_charge(list, Decimal::new(25, 2)),
+            Some((
+                Decimal::new(3_086_419_725, 11),
+                Decimal::new(9_259_259_175, 11)
+            ))
+        );
+        assert_eq!(hit_charge(list, Decimal::ZERO), Some((Decimal::ZERO, list)));
+        assert_eq!(hit_charge(list, Decimal::ONE), Some((list, Decimal::ZERO)));
+        assert_eq!(hit_charge(list, Decimal::new(11, 1)), None, "above 1");
+        assert_eq!(hit_charge(list, Decimal::new(-1, 1)), None, "negative");
+        assert_eq!(hit_charge(list, Decimal::new(1, 7)), None, "too precise");
+        // 18 decimal places times 6: beyond the ledger's 18.
+        let fine = Decimal::new(1, 18);
+        assert_eq!(
+            hit_charge(fine, Decimal::new(5, 1)),
+            None,
+            "not storable exactly"
+        );
     }
 }

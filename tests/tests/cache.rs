@@ -159,7 +159,9 @@ async fn what_hits_and_what_never_does() {
         assert_eq!(r.outcome, Outcome::Completed);
         assert_eq!(r.provider, "cache");
         assert_eq!(r.usage.input_tokens + r.usage.output_tokens, 0);
-        let saved = r.cache_hit.unwrap().saved.expect("saved usage");
+        let hit = r.cache_hit.unwrap();
+        assert!(hit.fraction.is_zero(), "free by default");
+        let saved = hit.saved;
         assert!(
             saved.input_tokens > 0 && saved.output_tokens > 0,
             "{saved:?}"

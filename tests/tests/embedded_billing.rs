@@ -541,3 +541,82 @@ async fn a_stream_still_running_at_shutdown_is_cut_after_the_grace_period_and_re
         "{output} tokens for {delivered} events"
     );
 }
+
+/// Response cache hits billed at a quarter of the original answer's price: the ledger, the
+/// usage API and the invoice count them and what they saved apart, to the last decimal.
+#[tokio::test]
+async fn cache_hits_are_billed_at_their_fraction_and_their_savings_shown_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = provision(dir.path());
+    let gw = GatewayProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[
+            ("TOLLGATE__CACHE__ENABLED", "true"),
+            ("TOLLGATE__CACHE__BILL_HITS", "0.25"),
+        ],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let fraction = dec("0.25");
+    let (mut want, mut hit_list) = (Expected::default(), Decimal::ZERO);
+    let mut hits = 0;
+    for i in 0..6 {
+        // The first answer is a miss; the same request again is a hit (non-streamed and
+        // streamed ones alike), whose replayed answer reports the original usage.
+        want.add(complete(&client, &gw.base_url, &key, i).await);
+        for _ in 0..2 {
+            let u = complete(&client, &gw.base_url, &key, i).await;
+            hit_list += u.cost();
+            hits += 1;
+        }
+    }
+    want.requests += hits;
+    want.cost += hit_list * fraction;
+    let v = wait_for_usage(&gw.base_url, &key, &want).await;
+    assert_totals(&v, &want);
+    let total = &v["total"];
+    assert_eq!(total["cache_hits"].as_i64(), Some(hits), "{v}");
+    assert_eq!(
+        dec(total["cache_savings"].as_str().unwrap()),
+        hit_list - hit_list * fraction,
+        "{v}"
+    );
+
+    // The draft invoice of this month: one usage line, its hits and savings on it.
+    let out = dir.path().join("invoices");
+    let period = v["period"].as_str().unwrap().to_string();
+    tollgate_ok(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "invoices",
+        "export",
+        "--period",
+        &period,
+        "--format",
+        "json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let file = std::fs::read_dir(&out).unwrap().next().unwrap().unwrap();
+    let invoice: Value = serde_json::from_slice(&std::fs::read(file.path()).unwrap()).unwrap();
+    let line = &invoice["lines"][0];
+    assert_eq!(
+        line["quantities"]["cache_hits"].as_i64(),
+        Some(hits),
+        "{invoice}"
+    );
+    let cents = |d: Decimal| {
+        d.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+    };
+    assert_eq!(
+        dec(line["amount"].as_str().unwrap()),
+        cents(want.cost),
+        "{invoice}"
+    );
+    assert_eq!(
+        dec(invoice["cache_savings"].as_str().unwrap()),
+        cents(hit_list - hit_list * fraction),
+        "{invoice}"
+    );
+}

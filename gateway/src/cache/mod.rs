@@ -17,9 +17,10 @@
 //! stores; `Cache-Control: no-cache` or `x-tollgate-cache: refresh` skips the read and stores
 //! the fresh answer. Responses say `x-tollgate-cache: hit | miss | refresh | bypass`.
 //!
-//! Billing (`bill_hits`): `free` (default) records a hit with no tokens billed and the tokens
-//! it saved in the completion event (`cache_saved_usage`); `full` bills the tokens of the
-//! original answer. Either way the event says `cache_hit: true`.
+//! Billing (`bill_hits`): a hit's completion event bills no provider tokens (`usage` is zero);
+//! it carries the original answer's usage (`cache_saved_usage`) and the fraction of its price
+//! the tenant pays (`cache_price_fraction`: `free` 0, the default; `full` 1; or e.g. `0.25`).
+//! The pipeline prices both and books the hit and what it saved apart.
 
 mod key;
 mod memory;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use axum::http::HeaderMap;
 use bytes::{Bytes, BytesMut};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tollgate_schemas::TokenUsage;
 
@@ -71,15 +73,57 @@ pub enum Backend {
     Redis,
 }
 
-/// What a cache hit costs the tenant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BillHits {
-    /// Nothing; the saved tokens are recorded beside.
-    #[default]
-    Free,
-    /// The tokens of the original answer.
-    Full,
+/// What a cache hit costs the tenant: a fraction of what the original answer's usage costs
+/// at the tenant's price. `"free"` (0, the default), `"full"` (1), or a decimal between them
+/// such as `"0.25"` (at most six decimal places).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BillHits(Decimal);
+
+impl BillHits {
+    /// The fraction of the price billed.
+    pub fn fraction(self) -> Decimal {
+        self.0
+    }
+
+    /// Parses `free`, `full` or a fraction.
+    pub fn parse(s: &str) -> Result<BillHits, String> {
+        let fraction = match s {
+            "free" => Decimal::ZERO,
+            "full" => Decimal::ONE,
+            _ => s.parse::<Decimal>().map_err(|_| {
+                format!("bill_hits must be \"free\", \"full\" or a fraction such as \"0.25\", got {s:?}")
+            })?,
+        };
+        if fraction.is_sign_negative()
+            || fraction > Decimal::ONE
+            || fraction.normalize().scale() > tollgate_schemas::pricing::MAX_FRACTION_SCALE
+        {
+            return Err(format!(
+                "bill_hits must be a fraction between 0 and 1 with at most 6 decimal places, got {s:?}"
+            ));
+        }
+        Ok(BillHits(fraction.normalize()))
+    }
+}
+
+impl<'de> Deserialize<'de> for BillHits {
+    /// A string, or a number (`bill_hits = 0.25`, or an environment override): read through
+    /// its shortest decimal spelling, so `0.1` is exactly one tenth.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Int(u64),
+            Float(f64),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(s) => s,
+            Raw::Int(n) => n.to_string(),
+            Raw::Float(f) => f.to_string(),
+        };
+        BillHits::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for CacheConfig {
@@ -93,7 +137,7 @@ impl Default for CacheConfig {
             tenant_max_bytes: 16 * 1024 * 1024,
             max_entry_bytes: 1024 * 1024,
             exclude_models: Vec::new(),
-            bill_hits: BillHits::Free,
+            bill_hits: BillHits::default(),
         }
     }
 }
@@ -105,7 +149,7 @@ pub struct Entry {
     #[serde(skip)]
     pub body: Bytes,
     pub stream: bool,
-    /// What the original answer used (what a hit saves, or bills with `bill_hits = "full"`).
+    /// What the original answer used (what a hit would have cost; billed at `bill_hits`).
     pub usage: TokenUsage,
     pub finish_reason: Option<String>,
     /// Where the original answer came from.
@@ -377,5 +421,33 @@ impl CacheFill {
             ..self.origin
         };
         self.cache.store(&self.plan, entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bill(toml_value: &str) -> Result<Decimal, String> {
+        #[derive(Deserialize)]
+        struct C {
+            bill_hits: BillHits,
+        }
+        toml::from_str::<C>(&format!("bill_hits = {toml_value}"))
+            .map(|c| c.bill_hits.fraction())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hits_are_billed_free_in_full_or_at_an_exact_fraction() {
+        assert_eq!(bill("\"free\""), Ok(Decimal::ZERO));
+        assert_eq!(bill("\"full\""), Ok(Decimal::ONE));
+        assert_eq!(bill("\"0.25\""), Ok(Decimal::new(25, 2)));
+        assert_eq!(bill("0.1"), Ok(Decimal::new(1, 1)), "a TOML float, exactly");
+        assert_eq!(bill("1"), Ok(Decimal::ONE));
+        for bad in ["\"1.5\"", "\"-0.1\"", "\"0.0000001\"", "\"half\"", "2"] {
+            assert!(bill(bad).is_err(), "{bad}");
+        }
+        assert_eq!(BillHits::default().fraction(), Decimal::ZERO);
     }
 }

@@ -222,7 +222,8 @@ fn completion_event(r: &CompletionRecord, event_id: String) -> CompletionEvent {
         retries: r.route_log.as_ref().map_or(0, |route| route.retries()),
         fallbacks: r.route_log.as_ref().map_or(0, |route| route.fallbacks()),
         cache_hit: r.cache_hit.is_some(),
-        cache_saved_usage: r.cache_hit.and_then(|hit| hit.saved),
+        cache_saved_usage: r.cache_hit.map(|hit| hit.saved),
+        cache_price_fraction: r.cache_hit.map(|hit| hit.fraction.to_string()),
         // TODO(issue 6): the price-book version used for the pre-flight estimate.
         price_book_version: None,
         received_at: format_event_time(r.received_at()),

@@ -236,6 +236,10 @@ pub struct Quantities {
     pub cache_write_input_tokens: i64,
     pub output_tokens: i64,
     pub requests: i64,
+    /// Of `requests`, answered from the response cache (their tokens are not in the counts
+    /// above, which are what providers processed; they cost a fraction of their original
+    /// answers' price, in the amount).
+    pub cache_hits: i64,
 }
 
 /// One invoice line. Unit prices are per million tokens.
@@ -263,6 +267,10 @@ pub struct InvoiceLine {
     /// Rounded by [`round_money`].
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    /// What the line's cache hits saved (the part of their original answers' price not
+    /// billed), rounded like amounts; information, not part of any total. `None` without hits.
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub cache_savings: Option<Decimal>,
 }
 
 impl InvoiceLine {
@@ -307,6 +315,11 @@ pub struct Invoice {
     /// The sum of every line.
     #[serde(with = "rust_decimal::serde::str")]
     pub total: Decimal,
+    /// What response cache hits saved the tenant this period: the sum of the lines'
+    /// `cache_savings` (not deducted from anything: the amounts already bill hits at their
+    /// fraction).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cache_savings: Decimal,
 }
 
 /// Everything an invoice run reads, already loaded.
@@ -393,7 +406,7 @@ fn usage_line(l: &PriceLine, period: &str) -> InvoiceLine {
         Some(from) => format!("{} price from {from}", basis.as_str()),
         None => "unpriced".to_string(),
     };
-    let (kind, description) = if late {
+    let (kind, mut description) = if late {
         (
             LineKind::Adjustment,
             format!(
@@ -407,6 +420,13 @@ fn usage_line(l: &PriceLine, period: &str) -> InvoiceLine {
             format!("{}: usage ({price_text})", l.model),
         )
     };
+    let cache_savings = (l.cache_hits != 0).then(|| round_money(l.cache_savings));
+    if let Some(saved) = cache_savings {
+        description.push_str(&format!(
+            "; {} answered from the response cache, saving {saved} {}",
+            l.cache_hits, l.currency
+        ));
+    }
     let priced = basis != PriceBasis::Unpriced;
     InvoiceLine {
         kind,
@@ -428,9 +448,11 @@ fn usage_line(l: &PriceLine, period: &str) -> InvoiceLine {
             cache_write_input_tokens: l.cache_write_input_tokens,
             output_tokens: l.output_tokens,
             requests: l.requests,
+            cache_hits: l.cache_hits,
         }),
         discount_percent: None,
         amount: round_money(l.cost),
+        cache_savings,
     }
 }
 
@@ -456,6 +478,7 @@ fn discount_line(usage: &InvoiceLine, percent: Decimal) -> InvoiceLine {
         discount_percent: Some(percent.normalize()),
         // Rounding is symmetric, so −round(x) = round(−x).
         amount: round_money(-(usage.amount * percent / Decimal::ONE_HUNDRED)),
+        cache_savings: None,
     }
 }
 
@@ -464,8 +487,8 @@ fn no_charge_line(requests: i64) -> InvoiceLine {
     InvoiceLine {
         kind: LineKind::NoCharge,
         description: format!(
-            "{requests} requests without billable usage (failed before any token, or served \
-             free from the cache): not charged"
+            "{requests} requests without billable usage (failed before any token): not \
+             charged"
         ),
         model: None,
         event_period: None,
@@ -481,9 +504,11 @@ fn no_charge_line(requests: i64) -> InvoiceLine {
             cache_write_input_tokens: 0,
             output_tokens: 0,
             requests,
+            cache_hits: 0,
         }),
         discount_percent: None,
         amount: round_money(Decimal::ZERO),
+        cache_savings: None,
     }
 }
 
@@ -520,6 +545,7 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
     for l in inputs.lines {
         let key = (l.tenant_id.clone(), l.currency.clone());
         if l.cost.is_zero()
+            && l.cache_hits == 0
             && l.input_tokens == 0
             && l.output_tokens == 0
             && l.cached_input_tokens == 0
@@ -575,6 +601,7 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
                 quantities: None,
                 discount_percent: None,
                 amount: round_money(plan.monthly_fee),
+                cache_savings: None,
             });
     }
     let mut currencies: BTreeMap<&str, usize> = BTreeMap::new();
@@ -608,6 +635,10 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
             let subtotal = sum(&[LineKind::Usage, LineKind::Adjustment]);
             let discounts = sum(&[LineKind::Discount]);
             let plan_fee = sum(&[LineKind::PlanFee]);
+            let mut cache_savings = round_money(Decimal::ZERO);
+            for saved in lines.iter().filter_map(|l| l.cache_savings) {
+                cache_savings += saved;
+            }
             let mut number = format!("TG-{compact}-{tenant_id}");
             if currencies.get(tenant_id.as_str()).copied().unwrap_or(0) > 1 {
                 number = format!("{number}-{currency}");
@@ -633,6 +664,7 @@ pub fn build(inputs: &InvoiceInputs<'_>) -> Vec<Invoice> {
                 discounts,
                 plan_fee,
                 total: subtotal + discounts + plan_fee,
+                cache_savings,
             }
         })
         .collect()
@@ -677,6 +709,8 @@ mod tests {
             cache_write_input_tokens: 100,
             output_tokens: 50,
             cost: d(cost),
+            cache_hits: 0,
+            cache_savings: Decimal::ZERO,
         }
     }
 
@@ -833,6 +867,56 @@ mod tests {
         assert_eq!(j.number, "TG-202603-t2");
         assert_eq!(j.total.to_string(), "3.33");
         assert_eq!(j.lines.len(), 1);
+    }
+
+    #[test]
+    fn cache_hits_are_counted_on_their_line_and_their_savings_summed_apart() {
+        let mut paid = line("t1", "2026-03", "gpt", 1_000, "1.004");
+        paid.cache_hits = 2;
+        paid.cache_savings = d("3.0149");
+        // Only free hits: no token, no cost, but not a "no charge" line.
+        let mut free = line("t1", "2026-03", "claude", 1_000, "0");
+        (free.input_tokens, free.cached_input_tokens) = (0, 0);
+        (free.cache_write_input_tokens, free.output_tokens) = (0, 0);
+        (free.cache_hits, free.requests, free.cache_savings) = (3, 3, d("0.5"));
+        let tenants = [tenant("t1", None)];
+        let lines = [paid, free];
+        let inputs = InvoiceInputs {
+            period: Period::parse("2026-03").unwrap(),
+            tenants: &tenants,
+            plans: &[],
+            discounts: &[],
+            lines: &lines,
+            closed_at: None,
+        };
+        let inv = &build(&inputs)[0];
+        assert_eq!(inv.lines.len(), 2, "{:?}", inv.lines);
+        let gpt = inv
+            .lines
+            .iter()
+            .find(|l| l.model.as_deref() == Some("gpt"))
+            .unwrap();
+        assert_eq!(gpt.amount, d("1.00"));
+        assert_eq!(gpt.cache_savings, Some(d("3.01")));
+        assert_eq!(gpt.quantities.unwrap().cache_hits, 2);
+        assert!(gpt
+            .description
+            .contains("2 answered from the response cache, saving 3.01 USD"));
+        let claude = inv
+            .lines
+            .iter()
+            .find(|l| l.model.as_deref() == Some("claude"))
+            .unwrap();
+        assert_eq!(claude.kind, LineKind::Usage);
+        assert_eq!(claude.amount, d("0.00"));
+        assert_eq!(inv.cache_savings, d("3.51"));
+        assert_eq!(inv.total, d("1.00"), "savings are not deducted again");
+        let csv = render::csv(inv);
+        assert!(
+            csv.lines()
+                .any(|l| l.ends_with(&format!(",cache_savings{}3.51,", ",".repeat(16)))),
+            "{csv}"
+        );
     }
 
     #[test]

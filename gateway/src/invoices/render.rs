@@ -86,7 +86,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 const CSV_HEADER: &str = "invoice_number,tenant_id,tenant_name,period,status,issue_date,currency,\
 kind,description,model,event_period,price_from,price_basis,input_per_mtok,cached_input_per_mtok,\
 output_per_mtok,uncached_input_tokens,cached_input_tokens,cache_write_input_tokens,output_tokens,\
-requests,discount_percent,amount";
+requests,cache_hits,discount_percent,cache_savings,amount";
 
 /// CSV: a header, one row per line, then `subtotal`, `discounts`, `plan_fee` and `total`
 /// rows (kind column) carrying only the amount, then one `note` row per note (description
@@ -123,7 +123,9 @@ pub fn csv(invoice: &Invoice) -> String {
             opt(q.map(|q| q.cache_write_input_tokens)),
             opt(q.map(|q| q.output_tokens)),
             opt(q.map(|q| q.requests)),
+            opt(q.map(|q| q.cache_hits)),
             opt(l.discount_percent),
+            opt(l.cache_savings),
             l.amount.to_string(),
         ];
         let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
@@ -135,10 +137,15 @@ pub fn csv(invoice: &Invoice) -> String {
         ("plan_fee", invoice.plan_fee),
         ("total", invoice.total),
     ] {
-        let _ = writeln!(out, "{head},{kind}{}{amount}", ",".repeat(15));
+        let _ = writeln!(out, "{head},{kind}{}{amount}", ",".repeat(17));
+    }
+    if !invoice.cache_savings.is_zero() {
+        // Information in the cache_savings column, not an amount.
+        let saved = invoice.cache_savings;
+        let _ = writeln!(out, "{head},cache_savings{}{saved},", ",".repeat(16));
     }
     for note in &invoice.notes {
-        let _ = writeln!(out, "{head},note,{}{}", csv_field(note), ",".repeat(14));
+        let _ = writeln!(out, "{head},note,{}{}", csv_field(note), ",".repeat(16));
     }
     out
 }
@@ -162,12 +169,17 @@ fn html_line(out: &mut String, l: &InvoiceLine, currency: &str) {
     let q = l.quantities;
     let units = match q {
         Some(q) => format!(
-            "{} uncached input, {} cached input, {} cache-write input, {} output tokens; {} requests",
+            "{} uncached input, {} cached input, {} cache-write input, {} output tokens; {} requests{}",
             q.uncached_input_tokens,
             q.cached_input_tokens,
             q.cache_write_input_tokens,
             q.output_tokens,
-            q.requests
+            q.requests,
+            if q.cache_hits > 0 {
+                format!(" ({} from the response cache)", q.cache_hits)
+            } else {
+                String::new()
+            }
         ),
         None => String::new(),
     };

@@ -85,9 +85,10 @@ pub struct Exchange {
 /// A request answered from the response cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheHit {
-    /// The original answer's usage when the hit is billed free (`usage` then bills nothing);
-    /// `None` when it is billed in full.
-    pub saved: Option<TokenUsage>,
+    /// The original answer's usage: what the hit would have cost.
+    pub saved: TokenUsage,
+    /// The fraction of that cost the tenant is billed (`[cache] bill_hits`).
+    pub fraction: rust_decimal::Decimal,
 }
 
 /// A request accepted and routed (before the upstream call).
@@ -200,8 +201,8 @@ pub struct CachedAnswer<'a> {
     pub client_format: WireFormat,
     pub requested_model: &'a str,
     pub entry: &'a crate::cache::Entry,
-    /// What the hit saves the tenant (billed free), or `None` (billed in full).
-    pub saved: Option<TokenUsage>,
+    /// The fraction of the original answer's price the tenant is billed.
+    pub fraction: rust_decimal::Decimal,
 }
 
 /// What a request was routed to, for [`Exchange::begin`].
@@ -302,7 +303,10 @@ impl Exchange {
             lease: None,
             access_log: state.config.server.access_log,
             max_reported_tokens: state.config.server.max_reported_tokens,
-            cache_hit: Some(CacheHit { saved: hit.saved }),
+            cache_hit: Some(CacheHit {
+                saved: hit.entry.usage,
+                fraction: hit.fraction,
+            }),
             audit: None,
         }
     }

@@ -1,6 +1,7 @@
 //! `GET /v1/usage`: the caller's tenant's tokens and cost for a billing period (a calendar
 //! month, UTC; `?period=YYYY-MM`, default the current one), in total, by model and by day,
-//! read from the ledger the billing pipeline writes.
+//! read from the ledger the billing pipeline writes. Cache hits are counted in `requests`
+//! and `cost` (at the fraction billed) and apart in `cache_hits` and `cache_savings`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ struct Totals {
     cached_input_tokens: i64,
     output_tokens: i64,
     cost: Decimal,
+    cache_hits: i64,
+    cache_savings: Decimal,
 }
 
 impl Totals {
@@ -63,12 +66,15 @@ impl Totals {
         self.cached_input_tokens += r.cached_input_tokens;
         self.output_tokens += r.output_tokens;
         self.cost += r.cost;
+        self.cache_hits += r.cache_hits;
+        self.cache_savings += r.cache_savings;
     }
 
     fn json(&self) -> serde_json::Value {
         json!({"requests": self.requests, "input_tokens": self.input_tokens,
             "cached_input_tokens": self.cached_input_tokens, "output_tokens": self.output_tokens,
-            "cost": self.cost.normalize().to_string()})
+            "cost": self.cost.normalize().to_string(), "cache_hits": self.cache_hits,
+            "cache_savings": self.cache_savings.normalize().to_string()})
     }
 }
 

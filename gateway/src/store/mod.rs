@@ -285,8 +285,13 @@ pub struct UsageRow {
     pub input_tokens: i64,
     pub cached_input_tokens: i64,
     pub output_tokens: i64,
+    /// Billed, cache hits included.
     pub cost: Decimal,
     pub currency: String,
+    /// Requests answered from the response cache (included in `requests`).
+    pub cache_hits: i64,
+    /// What those hits saved: the part of their original answers' price not billed.
+    pub cache_savings: Decimal,
 }
 
 /// One invoice line of the ledger (`usage_price_lines`): a tenant's usage in a booking
@@ -312,8 +317,13 @@ pub struct PriceLine {
     pub cached_input_tokens: i64,
     pub cache_write_input_tokens: i64,
     pub output_tokens: i64,
-    /// Exact cost, never rounded.
+    /// Exact cost, never rounded (cache hits included, at the fraction billed).
     pub cost: Decimal,
+    /// Requests answered from the response cache (included in `requests`; their tokens are
+    /// not in the token counts, which are what providers processed).
+    pub cache_hits: i64,
+    /// What those hits saved the tenant.
+    pub cache_savings: Decimal,
 }
 
 /// Where a store's usage ledger lives: the billing pipeline writes it into the store's own

@@ -666,7 +666,8 @@ impl MetaStore for PostgresStore {
         to: OffsetDateTime,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT model, minute, requests, input_tokens, cached_input_tokens, output_tokens, cost, currency \
+            "SELECT model, minute, requests, input_tokens, cached_input_tokens, output_tokens, cost, currency, \
+               cache_hits, cache_savings \
              FROM usage_minutes WHERE tenant_id = $1 AND minute >= $2 AND minute < $3 ORDER BY minute, model",
         )
         .bind(tenant_id)
@@ -684,6 +685,8 @@ impl MetaStore for PostgresStore {
                 cached_input_tokens: r.get("cached_input_tokens"),
                 output_tokens: r.get("output_tokens"),
                 cost: r.get("cost"),
+                cache_hits: r.get("cache_hits"),
+                cache_savings: r.get("cache_savings"),
                 currency: r.get("currency"),
             })
             .collect())
@@ -697,7 +700,8 @@ impl MetaStore for PostgresStore {
         let rows = sqlx::query(
             "SELECT tenant_id, period, event_period, model, currency, price_from_ms, price_override, \
                input_per_mtok, cached_input_per_mtok, output_per_mtok, requests, input_tokens, \
-               cached_input_tokens, cache_write_input_tokens, output_tokens, cost \
+               cached_input_tokens, cache_write_input_tokens, output_tokens, cost, cache_hits, \
+               cache_savings \
              FROM usage_price_lines WHERE period = $1 AND ($2::TEXT IS NULL OR tenant_id = $2) \
              ORDER BY tenant_id, currency, model, event_period, price_from_ms, price_override",
         )
@@ -724,6 +728,8 @@ impl MetaStore for PostgresStore {
                 cache_write_input_tokens: r.get("cache_write_input_tokens"),
                 output_tokens: r.get("output_tokens"),
                 cost: r.get("cost"),
+                cache_hits: r.get("cache_hits"),
+                cache_savings: r.get("cache_savings"),
             })
             .collect())
     }

@@ -792,7 +792,8 @@ impl MetaStore for SqliteStore {
         to: OffsetDateTime,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT model, minute, requests, input_tokens, cached_input_tokens, output_tokens, cost, currency \
+            "SELECT model, minute, requests, input_tokens, cached_input_tokens, output_tokens, cost, currency, \
+               cache_hits, cache_savings \
              FROM usage_minutes WHERE tenant_id = ? AND minute >= ? AND minute < ? ORDER BY minute, model",
         )
         .bind(tenant_id)
@@ -810,6 +811,8 @@ impl MetaStore for SqliteStore {
                 cached_input_tokens: r.get("cached_input_tokens"),
                 output_tokens: r.get("output_tokens"),
                 cost: get_dec(r, "cost"),
+                cache_hits: r.get("cache_hits"),
+                cache_savings: get_dec(r, "cache_savings"),
                 currency: r.get("currency"),
             })
             .collect())
@@ -823,7 +826,8 @@ impl MetaStore for SqliteStore {
         let rows = sqlx::query(
             "SELECT tenant_id, period, event_period, model, currency, price_from_ms, price_override, \
                input_per_mtok, cached_input_per_mtok, output_per_mtok, requests, input_tokens, \
-               cached_input_tokens, cache_write_input_tokens, output_tokens, cost \
+               cached_input_tokens, cache_write_input_tokens, output_tokens, cost, cache_hits, \
+               cache_savings \
              FROM usage_price_lines WHERE period = ? AND (? IS NULL OR tenant_id = ?) \
              ORDER BY tenant_id, currency, model, event_period, price_from_ms, price_override",
         )
@@ -851,6 +855,8 @@ impl MetaStore for SqliteStore {
                 cache_write_input_tokens: r.get("cache_write_input_tokens"),
                 output_tokens: r.get("output_tokens"),
                 cost: get_dec(r, "cost"),
+                cache_hits: r.get("cache_hits"),
+                cache_savings: get_dec(r, "cache_savings"),
             })
             .collect())
     }

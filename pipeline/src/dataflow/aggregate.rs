@@ -288,10 +288,10 @@ mod tests {
                 minute_ms: minute_of(event_ms),
                 row: r,
             })
-            .count(tokens, outcome, ttft, &cost, price.is_some());
+            .count(tokens, outcome, ttft, &cost, price.is_some(), None);
 
             let mut one = Totals::default();
-            one.count(tokens, outcome, ttft, &cost, price.is_some());
+            one.count(tokens, outcome, ttft, &cost, price.is_some(), None);
             let currency = price.map_or("USD", |p| p.currency.as_str()).to_string();
             let period = billing_period(event_ms);
             let minute = MinuteKey {

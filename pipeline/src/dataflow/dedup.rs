@@ -246,6 +246,7 @@ mod tests {
             output_tokens: if recovered { 3 } else { 7 },
             usage_counted: recovered,
             ttft_ms: None,
+            cache: None,
             details: None,
         }
     }

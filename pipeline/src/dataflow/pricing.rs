@@ -109,27 +109,36 @@ impl PriceBook {
     }
 }
 
-/// The row in force for `c` with its id, and what `c` costs at it; unpriced (no row, cost 0)
-/// when there is none. A cost out of the exact range cannot happen (the source refuses
-/// counts, the price-book reader prices, beyond the bounds of `tollgate_schemas::pricing`);
-/// should it all the same, the completion is counted as unpriced and said so in the log,
-/// never rounded and never a panic.
+/// The row in force for `c` with its id, what `c` costs at it and, for a cache hit, what it
+/// saved (the hit costs its billed fraction of its original answer's price); unpriced (no
+/// row, cost 0, nothing saved) when there is none. A cost out of the exact range cannot
+/// happen (the source refuses counts, the price-book reader prices, beyond the bounds of
+/// `tollgate_schemas::pricing`); should it all the same, the completion is counted as
+/// unpriced and said so in the log, never rounded and never a panic.
 fn priced<'b>(
     schedules: Option<&'b Schedules>,
     c: &Completion,
-) -> (Option<(u32, &'b PriceRow)>, Decimal) {
+) -> (Option<(u32, &'b PriceRow)>, Decimal, Option<Decimal>) {
+    let hit = c.cache.as_deref();
+    let unpriced = (None, Decimal::ZERO, hit.map(|_| Decimal::ZERO));
     let Some((id, row)) = lookup(schedules, c) else {
-        return (None, Decimal::ZERO);
+        return unpriced;
     };
-    match row.cost(&c.usage()) {
-        Some(cost) => (Some((id, row)), cost),
+    let saved = hit.map(|h| (h.saved_usage(), h.fraction));
+    let charged = tollgate_schemas::pricing::completion_cost(
+        row,
+        &c.usage(),
+        saved.as_ref().map(|(u, f)| (u, *f)),
+    );
+    match charged {
+        Some((cost, saved)) => (Some((id, row)), cost, saved),
         None => {
             tracing::error!(
                 tenant_id = %c.tenant_id,
                 model = %c.model,
                 "a completion's cost is out of the exact range: counted as unpriced"
             );
-            (None, Decimal::ZERO)
+            unpriced
         }
     }
 }
@@ -183,7 +192,7 @@ pub fn price_and_sum<'s>(
                         .or_insert_with(|| (cap, EpochSums::default()));
                     let mut facts = Vec::new();
                     for c in batch {
-                        let (price, cost) = priced(schedules, &c);
+                        let (price, cost, saved) = priced(schedules, &c);
                         let tokens = [
                             c.input_tokens,
                             c.cached_input_tokens,
@@ -206,16 +215,32 @@ pub fn price_and_sum<'s>(
                         if retract {
                             // Exactly the contribution it made when it was billed, subtracted.
                             let mut taken_back = crate::fact::Totals::default();
-                            taken_back.count(tokens, outcome, ttft_ms, &cost, price.is_some());
+                            taken_back.count(
+                                tokens,
+                                outcome,
+                                ttft_ms,
+                                &cost,
+                                price.is_some(),
+                                saved.as_ref(),
+                            );
                             taken_back.negate();
                             totals.add(&taken_back);
                             // Analytics keeps its fact row (TODO(#14): retract it there too).
                             continue;
                         }
-                        totals.count(tokens, outcome, ttft_ms, &cost, price.is_some());
+                        totals.count(
+                            tokens,
+                            outcome,
+                            ttft_ms,
+                            &cost,
+                            price.is_some(),
+                            saved.as_ref(),
+                        );
                         if let Some(fact) = fact {
                             let row = price.map(|(_, p)| p);
-                            facts.push(SinkItem::Fact(PricedFact::with_cost(fact, row, cost)));
+                            facts.push(SinkItem::Fact(PricedFact::with_cost(
+                                fact, row, cost, saved,
+                            )));
                         }
                     }
                     if !facts.is_empty() {
@@ -302,6 +327,7 @@ mod tests {
             output_tokens: 0,
             usage_counted: false,
             ttft_ms: None,
+            cache: None,
             details: None,
         }
     }

@@ -448,6 +448,7 @@ fn recovered_completion(r: &RequestEvent, open: &Open) -> CompletionEvent {
         fallbacks: 0,
         cache_hit: false,
         cache_saved_usage: None,
+        cache_price_fraction: None,
         price_book_version: None,
         received_at: r.received_at.clone(),
     }

@@ -47,6 +47,23 @@ use crate::fact::{MinuteKey, PricedFact, Totals};
 /// The analytics DDL, statements separated by `;`.
 const DDL: &str = include_str!("../../../schemas/clickhouse/0001_analytics.sql");
 
+/// Columns added after the tables were first created, as (table, column, type): `prepare`
+/// adds each one a table lacks (ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("request_facts", "cache_hit", "UInt8 DEFAULT 0"),
+    (
+        "request_facts",
+        "cache_savings",
+        "Decimal(38, 18) DEFAULT 0",
+    ),
+    ("usage_minutes", "cache_hits", "Int64 DEFAULT 0"),
+    (
+        "usage_minutes",
+        "cache_savings",
+        "Decimal(38, 18) DEFAULT 0",
+    ),
+];
+
 /// Scale of every `Decimal(38, 18)` column.
 const SCALE: u32 = 18;
 
@@ -252,6 +269,24 @@ impl Analytics for ClickHouseAnalytics {
         for statement in ddl_statements(DDL) {
             self.client.query_raw(&statement).execute().await?;
         }
+        for (table, column, kind) in ADDED_COLUMNS {
+            let present: u64 = self
+                .client
+                .query(
+                    "SELECT count() FROM system.columns
+                     WHERE database = currentDatabase() AND table = ? AND name = ?",
+                )
+                .bind(*table)
+                .bind(*column)
+                .fetch_one()
+                .await?;
+            if present == 0 {
+                self.client
+                    .query_raw(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                    .execute()
+                    .await?;
+            }
+        }
         Ok(())
     }
 
@@ -373,6 +408,8 @@ struct FactRow<'a> {
     kafka_partition: u32,
     kafka_offset: i64,
     batch_seq: u64,
+    cache_hit: u8,
+    cache_savings: i128,
 }
 
 impl<'a> FactRow<'a> {
@@ -409,6 +446,8 @@ impl<'a> FactRow<'a> {
             kafka_partition: f.partition,
             kafka_offset: f.offset,
             batch_seq,
+            cache_hit: u8::from(f.cache_hit),
+            cache_savings: decimal_mantissa(p.cache_savings.unwrap_or_default())?,
         })
     }
 }
@@ -434,6 +473,8 @@ struct MinuteRow<'a> {
     /// A `Vec`, not an array: serde writes arrays as tuples, ClickHouse wants a length prefix.
     ttft_buckets: Vec<i64>,
     batch_seq: u64,
+    cache_hits: i64,
+    cache_savings: i128,
 }
 
 impl<'a> MinuteRow<'a> {
@@ -456,6 +497,8 @@ impl<'a> MinuteRow<'a> {
             ttft_sum_ms: t.ttft_sum_ms,
             ttft_buckets: t.ttft_buckets.to_vec(),
             batch_seq,
+            cache_hits: t.cache_hits,
+            cache_savings: decimal_mantissa(t.cache_savings)?,
         })
     }
 }
@@ -583,12 +626,14 @@ mod tests {
                 fallbacks: 0,
                 partition: 2,
                 offset: i64::try_from(id % 1_000_000).unwrap(),
+                cache_hit: false,
             },
             cost: dec(cost),
             currency: "USD".into(),
             price_from_ms: if cost == "0" { None } else { Some(1_000) },
             price_override: false,
             unit: crate::fact::UnitPrices::default(),
+            cache_savings: None,
         }
     }
 

@@ -118,7 +118,7 @@ impl Ledger for PostgresLedger {
                 "INSERT INTO usage_minutes (tenant_id, model, minute, currency, requests,
                  input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens, cost,
                  errors, client_disconnects, unpriced, ttft_count, ttft_sum_ms, ttft_buckets,
-                 updated_seq) ",
+                 cache_hits, cache_savings, updated_seq) ",
             );
             q.push_values(rows, |mut b, (k, t)| {
                 b.push_bind(&k.tenant_id)
@@ -137,6 +137,8 @@ impl Ledger for PostgresLedger {
                     .push_bind(t.ttft_count)
                     .push_bind(t.ttft_sum_ms)
                     .push_bind(t.ttft_buckets.to_vec())
+                    .push_bind(t.cache_hits)
+                    .push_bind(t.cache_savings)
                     .push_bind(seq);
             });
             q.push(
@@ -154,6 +156,8 @@ impl Ledger for PostgresLedger {
                   ttft_count = usage_minutes.ttft_count + EXCLUDED.ttft_count,
                   ttft_sum_ms = usage_minutes.ttft_sum_ms + EXCLUDED.ttft_sum_ms,
                   ttft_buckets = ARRAY(SELECT a + b FROM unnest(usage_minutes.ttft_buckets, EXCLUDED.ttft_buckets) AS u(a, b)),
+                  cache_hits = usage_minutes.cache_hits + EXCLUDED.cache_hits,
+                  cache_savings = usage_minutes.cache_savings + EXCLUDED.cache_savings,
                   updated_seq = EXCLUDED.updated_seq",
             );
             q.build().execute(&mut *tx).await?;
@@ -215,7 +219,7 @@ impl Ledger for PostgresLedger {
                      currency, price_from_ms, price_override, input_per_mtok,
                      cached_input_per_mtok, output_per_mtok, requests, input_tokens,
                      cached_input_tokens, cache_write_input_tokens, output_tokens, cost,
-                     updated_seq) ",
+                     cache_hits, cache_savings, updated_seq) ",
                 );
                 q.push_values(rows, |mut b, (k, t)| {
                     b.push_bind(&k.tenant_id)
@@ -234,6 +238,8 @@ impl Ledger for PostgresLedger {
                         .push_bind(t.cache_write_input_tokens)
                         .push_bind(t.output_tokens)
                         .push_bind(t.cost)
+                        .push_bind(t.cache_hits)
+                        .push_bind(t.cache_savings)
                         .push_bind(seq);
                 });
                 q.push(
@@ -245,6 +251,8 @@ impl Ledger for PostgresLedger {
                       cache_write_input_tokens = usage_price_lines.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
                       output_tokens = usage_price_lines.output_tokens + EXCLUDED.output_tokens,
                       cost = usage_price_lines.cost + EXCLUDED.cost,
+                      cache_hits = usage_price_lines.cache_hits + EXCLUDED.cache_hits,
+                      cache_savings = usage_price_lines.cache_savings + EXCLUDED.cache_savings,
                       updated_seq = EXCLUDED.updated_seq",
                 );
                 q.build().execute(&mut *tx).await?;

@@ -67,19 +67,21 @@ async fn add_minute(
 ) -> Result<(), SinkError> {
     let minute = rfc3339_from_unix_ms(k.minute_ms);
     let old = sqlx::query(
-        "SELECT cost, ttft_buckets FROM usage_minutes WHERE tenant_id = ? AND model = ? AND minute = ?",
+        "SELECT cost, ttft_buckets, cache_savings FROM usage_minutes WHERE tenant_id = ? AND model = ? AND minute = ?",
     )
     .bind(&k.tenant_id)
     .bind(&k.model)
     .bind(&minute)
     .fetch_optional(&mut **tx)
     .await?;
-    let (mut cost, mut buckets) = (Decimal::ZERO, [0i64; 8]);
+    let (mut cost, mut buckets, mut savings) = (Decimal::ZERO, [0i64; 8], Decimal::ZERO);
     if let Some(r) = old {
         cost = dec(&r.try_get::<String, _>(0)?)?;
         buckets = serde_json::from_str(&r.try_get::<String, _>(1)?).unwrap_or([0; 8]);
+        savings = dec(&r.try_get::<String, _>(2)?)?;
     }
     cost += t.cost;
+    savings += t.cache_savings;
     for (a, b) in buckets.iter_mut().zip(t.ttft_buckets.iter()) {
         *a += b;
     }
@@ -87,8 +89,9 @@ async fn add_minute(
     sqlx::query(
         "INSERT INTO usage_minutes (tenant_id, model, minute, currency, requests, input_tokens,
            cached_input_tokens, cache_write_input_tokens, output_tokens, cost, errors,
-           client_disconnects, unpriced, ttft_count, ttft_sum_ms, ttft_buckets, updated_seq)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           client_disconnects, unpriced, ttft_count, ttft_sum_ms, ttft_buckets, cache_hits,
+           cache_savings, updated_seq)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (tenant_id, model, minute) DO UPDATE SET
            currency = excluded.currency,
            requests = requests + excluded.requests,
@@ -103,6 +106,8 @@ async fn add_minute(
            ttft_count = ttft_count + excluded.ttft_count,
            ttft_sum_ms = ttft_sum_ms + excluded.ttft_sum_ms,
            ttft_buckets = excluded.ttft_buckets,
+           cache_hits = cache_hits + excluded.cache_hits,
+           cache_savings = excluded.cache_savings,
            updated_seq = excluded.updated_seq",
     )
     .bind(&k.tenant_id)
@@ -121,6 +126,8 @@ async fn add_minute(
     .bind(t.ttft_count)
     .bind(t.ttft_sum_ms)
     .bind(buckets)
+    .bind(t.cache_hits)
+    .bind(savings.to_string())
     .bind(seq)
     .execute(&mut **tx)
     .await?;
@@ -134,9 +141,10 @@ async fn add_line(
     booked: &str,
     seq: i64,
 ) -> Result<(), SinkError> {
-    let old: Option<String> = sqlx::query_scalar(
-        "SELECT cost FROM usage_price_lines WHERE tenant_id = ? AND period = ? AND event_period = ?
-           AND model = ? AND currency = ? AND price_from_ms = ? AND price_override = ?",
+    let old = sqlx::query(
+        "SELECT cost, cache_savings FROM usage_price_lines WHERE tenant_id = ? AND period = ?
+           AND event_period = ? AND model = ? AND currency = ? AND price_from_ms = ?
+           AND price_override = ?",
     )
     .bind(&k.tenant_id)
     .bind(booked)
@@ -147,13 +155,19 @@ async fn add_line(
     .bind(k.price_override)
     .fetch_optional(&mut **tx)
     .await?;
-    let cost = old.as_deref().map(dec).transpose()?.unwrap_or_default() + t.cost;
+    let (mut cost, mut savings) = (Decimal::ZERO, Decimal::ZERO);
+    if let Some(r) = old {
+        cost = dec(&r.try_get::<String, _>(0)?)?;
+        savings = dec(&r.try_get::<String, _>(1)?)?;
+    }
+    cost += t.cost;
+    savings += t.cache_savings;
     sqlx::query(
         "INSERT INTO usage_price_lines (tenant_id, period, event_period, model, currency,
            price_from_ms, price_override, input_per_mtok, cached_input_per_mtok, output_per_mtok,
            requests, input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
-           cost, updated_seq)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           cost, cache_hits, cache_savings, updated_seq)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (tenant_id, period, event_period, model, currency, price_from_ms,
            price_override) DO UPDATE SET
            requests = requests + excluded.requests,
@@ -162,6 +176,8 @@ async fn add_line(
            cache_write_input_tokens = cache_write_input_tokens + excluded.cache_write_input_tokens,
            output_tokens = output_tokens + excluded.output_tokens,
            cost = excluded.cost,
+           cache_hits = cache_hits + excluded.cache_hits,
+           cache_savings = excluded.cache_savings,
            updated_seq = excluded.updated_seq",
     )
     .bind(&k.tenant_id)
@@ -180,6 +196,8 @@ async fn add_line(
     .bind(t.cache_write_input_tokens)
     .bind(t.output_tokens)
     .bind(cost.to_string())
+    .bind(t.cache_hits)
+    .bind(savings.to_string())
     .bind(seq)
     .execute(&mut **tx)
     .await?;

@@ -23,7 +23,7 @@ use crate::api::WireFormat;
 use crate::app::AppState;
 use crate::audit::AuditResponse;
 use crate::auth::Caller;
-use crate::cache::{BillHits, CacheFill, CachePlan, Entry, ResponseCache, CACHE_HEADER};
+use crate::cache::{CacheFill, CachePlan, Entry, ResponseCache, CACHE_HEADER};
 use crate::edge::USAGE_TOKENS_HEADER;
 use crate::error::GatewayError;
 use crate::limits::{Admission, StreamAllowance};
@@ -303,11 +303,15 @@ pub(super) async fn cached(
     admission: Option<Admission>,
 ) -> Result<Response, GatewayError> {
     let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
-    let free = state
+    let fraction = state
         .cache
         .as_ref()
-        .is_none_or(|c| c.config.bill_hits == BillHits::Free);
-    let billed = if free {
+        .map_or(rust_decimal::Decimal::ZERO, |c| {
+            c.config.bill_hits.fraction()
+        });
+    // Token quotas count a hit the tenant pays for (at any fraction) like the answer it
+    // replays; a free hit counts nothing. The ledger bills it from the completion event.
+    let quota_usage = if fraction.is_zero() {
         TokenUsage::default()
     } else {
         entry.usage
@@ -322,23 +326,23 @@ pub(super) async fn cached(
             client_format: progress.api.format(),
             requested_model,
             entry: &entry,
-            saved: free.then_some(entry.usage),
+            fraction,
         },
         progress.received_at,
     )
     .audited(state, outbound.request.raw());
     exchange.record_request();
     if let Some(r) = reservation {
-        r.settle(&billed);
+        r.settle(&quota_usage);
     }
-    if let (Some(cache), true) = (&state.cache, free) {
+    if let Some(cache) = &state.cache {
         cache.saved(&entry.model_label, &entry.usage);
     }
     // The answer leaves once its completion record is durable, as any other.
     exchange
         .finish(
             Outcome::Completed,
-            billed,
+            TokenUsage::default(),
             entry.finish_reason.clone(),
             entry.chunks,
             Some(Instant::now()),
@@ -360,7 +364,7 @@ pub(super) async fn cached(
     h.insert("x-tollgate-attempts", HeaderValue::from(0));
     h.insert(
         USAGE_TOKENS_HEADER,
-        HeaderValue::from(billed.input_tokens + billed.output_tokens),
+        HeaderValue::from(quota_usage.input_tokens + quota_usage.output_tokens),
     );
     if let Ok(v) = HeaderValue::from_str(&entry.upstream_model) {
         h.insert(UPSTREAM_MODEL_HEADER, v);
