@@ -9,7 +9,9 @@
 //!    the provider ([`crate::providers`]) and relays the answer
 //!    ([`crate::relay`], [`crate::translate`]); every request ends in one completion record
 //!    given to the event sink ([`crate::events`]) and to the metrics ([`crate::metrics`]).
-//!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token.
+//!    `/admin/v1/...` is the admin API (`routes/admin.rs`), authenticated with the admin token;
+//!    `/v1/usage` and `/v1/audit/requests` read the caller's own tenant
+//!    (`routes/caller.rs`: the tenant comes from the API key, never from a parameter).
 //! 3. Unknown paths get a 404 and wrong methods a 405, in OpenAI's error shape. `/metrics`
 //!    is one of them in production, or when `server.metrics_listen` gives the metrics a
 //!    listener of their own ([`metrics_app`], [`serve_metrics`]).
@@ -57,6 +59,8 @@ pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     /// Which requests go to the audit trail (`[audit]`).
     pub audit: crate::audit::Auditor,
+    /// Where audited requests are read back (`[audit] clickhouse_url`; `None` without it).
+    pub audit_log: Option<tollgate_pipeline::audit::AuditStore>,
     /// The exact response cache, when `[cache] enabled`.
     pub cache: Option<Arc<crate::cache::ResponseCache>>,
     /// PII masking, when some policy can apply (`[privacy]`, aliases' `pii`).
@@ -179,8 +183,10 @@ impl AppState {
             config.models.iter().filter_map(|m| m.pii),
             &metrics,
         )?;
+        let audit_log = config.audit.reader();
         Ok(Arc::new(AppState {
             audit,
+            audit_log,
             cache,
             privacy,
             auth,
@@ -243,6 +249,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(routes::models::list))
         .route("/models", get(routes::models::list))
         .route("/v1/usage", get(routes::usage::usage))
+        .route("/v1/audit/requests", get(routes::audit::requests))
         .nest("/admin/v1", routes::admin::routes())
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz));

@@ -8,7 +8,8 @@
 //! request path only clones reference-counted bytes and the completion's fields: redaction,
 //! capping and serialization run on the sink's writer thread ([`AuditRecord::to_event`]).
 //! The pipeline's audit consumer (`tollgate_pipeline::audit`) writes the events to
-//! ClickHouse's `audit_log`; the admin API reads them back.
+//! ClickHouse's `audit_log`; [`find_requests`] reads them back, for the tenant itself
+//! (`GET /v1/audit/requests`) and for the operator (admin API, CLI).
 //!
 //! What is recorded: the client's request body as it sent it; for a non-streamed (or cached)
 //! response its JSON body; for a stream the output text relayed (the text the relay already
@@ -18,15 +19,18 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use tollgate_pipeline::audit::{AuditRow, AuditStore};
 use tollgate_schemas::events::{
     format_event_time, AuditEvent, AuditResponseKind, CompletionStatus, SCHEMA_VERSION,
 };
 
 use crate::auth::Caller;
 use crate::config::ConfigError;
+use crate::error::GatewayError;
 use crate::relay::{CompletionRecord, Outcome};
 
 /// What replaces a secret in an audited body.
@@ -51,8 +55,8 @@ pub struct AuditConfig {
     /// Rows older than this are removed from ClickHouse's `audit_log`.
     pub retention_days: u32,
     /// ClickHouse's HTTP interface (e.g. `http://127.0.0.1:8123`): where the embedded
-    /// pipeline writes `audit_log` and where the admin API reads it. Unset: the embedded
-    /// pipeline writes no audit rows and the admin API answers 501.
+    /// pipeline writes `audit_log` and where `GET /v1/audit/requests` and the admin API read
+    /// it. Unset: the embedded pipeline writes no audit rows and both routes answer 404.
     pub clickhouse_url: Option<String>,
     pub clickhouse_database: String,
 }
@@ -72,6 +76,14 @@ impl Default for AuditConfig {
 }
 
 impl AuditConfig {
+    /// Where audited requests are read back (`audit_log` in `clickhouse_database` at
+    /// `clickhouse_url`); `None` without a URL.
+    pub fn reader(&self) -> Option<AuditStore> {
+        self.clickhouse_url
+            .as_deref()
+            .map(|url| AuditStore::new(url, &self.clickhouse_database, self.retention_days))
+    }
+
     /// Refuses settings that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_CAP {
@@ -91,6 +103,62 @@ impl AuditConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// What reading audited requests answers when no ClickHouse is configured (a 404).
+pub const NO_CLICKHOUSE: &str = "The audit log is not available: it lives in ClickHouse, and no \
+    ClickHouse is configured ([audit] clickhouse_url, or --clickhouse-url).";
+
+/// Rows [`find_requests`] returns when no `limit` is given.
+pub const DEFAULT_FIND_LIMIT: u64 = 20;
+/// The most rows one [`find_requests`] returns.
+pub const MAX_FIND_LIMIT: u64 = 1000;
+/// Longest wait for ClickHouse's answer to one read: a hung ClickHouse must not hold the
+/// caller's connection forever.
+const FIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The audited requests of `tenant_id`, newest first: the rows of `request_id` (none when it
+/// is unknown or another tenant's: the query matches tenant and request id together, so
+/// another tenant's request is indistinguishable from one that never existed), or the latest
+/// `limit` rows (default [`DEFAULT_FIND_LIMIT`], 1 to [`MAX_FIND_LIMIT`], else a 400).
+///
+/// The one read behind `GET /v1/audit/requests` (the tenant from the caller's key), the admin
+/// API and the CLI (a tenant the operator names). `store` is `None` when no ClickHouse is
+/// configured: a 404 saying so ([`NO_CLICKHOUSE`]). ClickHouse's own error is logged, not
+/// returned: its text (the query, the database) is not for tenants.
+pub async fn find_requests(
+    store: Option<&AuditStore>,
+    tenant_id: &str,
+    request_id: Option<&str>,
+    limit: Option<u64>,
+) -> Result<Vec<AuditRow>, GatewayError> {
+    let limit = limit.unwrap_or(DEFAULT_FIND_LIMIT);
+    if !(1..=MAX_FIND_LIMIT).contains(&limit) {
+        return Err(GatewayError::bad_param(
+            format!("limit must be between 1 and {MAX_FIND_LIMIT}, got {limit}"),
+            "limit",
+        ));
+    }
+    let store = store.ok_or_else(|| GatewayError::NotFound(NO_CLICKHOUSE.to_string()))?;
+    match tokio::time::timeout(FIND_TIMEOUT, store.find(tenant_id, request_id, limit)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the audit log from ClickHouse failed");
+            Err(GatewayError::Internal(
+                "the audit log could not be read (ClickHouse failed; see the gateway's log)"
+                    .to_string(),
+            ))
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_s = FIND_TIMEOUT.as_secs(),
+                "reading the audit log from ClickHouse timed out"
+            );
+            Err(GatewayError::Internal(
+                "the audit log could not be read (ClickHouse did not answer in time)".to_string(),
+            ))
+        }
     }
 }
 
@@ -386,7 +454,7 @@ impl EmbeddedAudit {
             .name("audit-consumer".to_string())
             .spawn(move || {
                 use std::sync::atomic::Ordering;
-                use std::time::{Duration, Instant};
+                use std::time::Instant;
                 let mut backoff = Duration::from_secs(1);
                 while !flag.load(Ordering::Acquire) {
                     let started = Instant::now();
@@ -425,6 +493,26 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_limit_out_of_bounds_is_a_400_and_no_clickhouse_a_404() {
+        for limit in [0, MAX_FIND_LIMIT + 1, u64::MAX] {
+            let e = find_requests(None, "ten_1", None, Some(limit))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, GatewayError::BadRequest { param: Some(p), .. } if p == "limit"),
+                "{limit}: {e:?}"
+            );
+        }
+        for limit in [None, Some(1), Some(MAX_FIND_LIMIT)] {
+            let e = find_requests(None, "ten_1", Some("req_1"), limit)
+                .await
+                .unwrap_err();
+            assert_eq!(e, GatewayError::NotFound(NO_CLICKHOUSE.to_string()));
+        }
+        assert!(!NO_CLICKHOUSE.contains("  "), "{NO_CLICKHOUSE}");
+    }
 
     #[test]
     fn personal_data_in_audited_text_becomes_its_kind() {

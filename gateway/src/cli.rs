@@ -825,11 +825,13 @@ pub async fn run_admin(store: Arc<dyn MetaStore>, command: Command) -> Result<()
             &admin
                 .audited_requests(
                     clickhouse_url
-                        .as_deref()
-                        .map(|u| (u, clickhouse_database.as_str())),
+                        .map(|u| {
+                            tollgate_pipeline::audit::AuditStore::new(&u, &clickhouse_database, 1)
+                        })
+                        .as_ref(),
                     &tenant,
                     request_id.as_deref(),
-                    limit,
+                    Some(limit),
                 )
                 .await?,
         ),

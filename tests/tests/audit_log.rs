@@ -1,8 +1,9 @@
 //! The audit trail of requests (`[audit]`), end to end against the real binaries and a real
 //! ClickHouse (and Kafka for the restart test): audited tenants' requests land in
 //! `audit_log` with capped, redacted bodies; other tenants' do not; the admin API and the CLI
-//! find a request by id; the audit consumer killed between its insert and its commit leaves
-//! every row exactly once.
+//! find a request by id; a tenant's own key reads its tenant's rows and never another's
+//! (`GET /v1/audit/requests`); the audit consumer killed between its insert and its commit
+//! leaves every row exactly once.
 //!
 //! Needs `TOLLGATE_CLICKHOUSE_URL` (and `TOLLGATE_KAFKA_BOOTSTRAP`, `TOLLGATE_DATABASE_URL`
 //! for the restart test), as `scripts/services.sh up` provides; under `CI=true` a missing
@@ -104,6 +105,34 @@ fn provision(data: &str, name: &str) -> (String, String) {
     let tenant = tollgate_ok(&["--data-dir", data, "tenants", "create", name]);
     let key = tollgate_ok(&["--data-dir", data, "keys", "create", "--tenant", &tenant]);
     (tenant, key)
+}
+
+/// `GET /v1/audit/requests{query}` with `key` (none: no `Authorization`); status and body.
+async fn tenant_audit(base: &str, key: Option<&str>, query: &str) -> (u16, Value) {
+    let mut r = reqwest::Client::new().get(format!("{base}/v1/audit/requests{query}"));
+    if let Some(key) = key {
+        r = r.bearer_auth(key);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text)
+        .map_err(|e| format!("{e}: {text}"))
+        .unwrap();
+    (status, v)
+}
+
+/// The request ids of a 200 list answer.
+fn listed_ids(status: u16, v: &Value) -> Vec<String> {
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list", "{v}");
+    assert!(v["data"].is_array(), "{v}");
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn row_of<'a>(all: &'a [Value], request_id: &str) -> Vec<&'a Value> {
@@ -247,10 +276,168 @@ async fn audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_api_without_clickhouse_says_the_audit_log_is_unavailable() {
+async fn a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants() {
+    let test = "a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants";
+    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
+        tollgate_tests::service_missing(
+            test,
+            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
+        );
+        return;
+    };
+    let id = tollgate_tests::kafka::unique_suffix();
+    let db = format!("tollgate_audit_{id}");
+    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
+
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    provision(data, "acme");
+    let (acme, acme_key) = provision(data, "acme");
+    let (globex, globex_key) = provision(data, "globex");
+    let acme_spare = tollgate_ok(&["--data-dir", data, "keys", "create", "--tenant", &acme]);
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nenabled = true\nall = true\nclickhouse_url = \"{ch}\"\n\
+             clickhouse_database = \"{db}\"\n"
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::start(
+        &["--data-dir", data],
+        &[
+            ("TOLLGATE_CONFIG", config.to_str().unwrap()),
+            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+        dir.path().join("gw.log"),
+    )
+    .await;
+    let base = gw.base_url.as_str();
+
+    let email = "jane.doe@example.com";
+    let (a1, _) = chat(base, &acme_key, &format!("mail {email} the answer"), false).await;
+    let (a2, _) = chat(base, &acme_key, "a streamed one", true).await;
+    let (b1, _) = chat(
+        base,
+        &globex_key,
+        &format!("globex: write to {email}"),
+        false,
+    )
+    .await;
+    let all = wait_for_rows(&ch, &db, 3).await;
+    assert_eq!(all.len(), 3, "{all:#?}");
+
+    // Each key lists its own tenant's requests, newest first, and nothing else.
+    let (status, v) = tenant_audit(base, Some(&acme_key), "?limit=1000").await;
+    assert_eq!(listed_ids(status, &v), [a2.as_str(), a1.as_str()], "{v}");
+    assert!(v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["tenant_id"] == acme.as_str()));
+    let (status, v) = tenant_audit(base, Some(&globex_key), "").await;
+    assert_eq!(listed_ids(status, &v), [b1.as_str()], "{v}");
+    assert_eq!(v["data"][0]["tenant_id"], globex.as_str());
+    let (status, v) = tenant_audit(base, Some(&acme_key), "?limit=1").await;
+    assert_eq!(listed_ids(status, &v), [a2.as_str()], "{v}");
+
+    // By request id: one's own is found, redacted, in the admin route's shape; another
+    // tenant's is an empty list, exactly like an id that does not exist.
+    let (status, own) = tenant_audit(base, Some(&acme_key), &format!("?request_id={a1}")).await;
+    assert_eq!(listed_ids(status, &own), [a1.as_str()], "{own}");
+    let body = own["data"][0]["request_body"].as_str().unwrap();
+    assert!(!body.contains(email), "{body}");
+    assert!(body.contains("mail [EMAIL] the answer"), "{body}");
+    let admin: Value = reqwest::Client::new()
+        .get(format!(
+            "{base}/admin/v1/audit/requests?tenant=acme&request_id={a1}"
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        own, admin,
+        "the tenant's row and the operator's are the same"
+    );
+    for (key, other) in [(&acme_key, &b1), (&globex_key, &a1), (&globex_key, &a2)] {
+        let (status, v) = tenant_audit(base, Some(key), &format!("?request_id={other}")).await;
+        assert!(listed_ids(status, &v).is_empty(), "{other}: {v}");
+    }
+    let (status, v) = tenant_audit(base, Some(&globex_key), "?request_id=req_does_not_exist").await;
+    assert!(listed_ids(status, &v).is_empty(), "{v}");
+    // An id crafted to escape its string literal finds nothing either.
+    for crafted in [
+        format!("{b1}' OR tenant_id != '"),
+        "x' OR 1 = 1 OR request_id = '".to_string(),
+        format!("{b1}\\' OR 1 = 1 --"),
+    ] {
+        let q = query(&[("request_id", &crafted)]);
+        let (status, v) = tenant_audit(base, Some(&acme_key), &q).await;
+        assert!(listed_ids(status, &v).is_empty(), "{crafted}: {v}");
+    }
+
+    // The tenant is the key's, never a parameter; limits are bounded.
+    for q in [
+        format!("?tenant={globex}"),
+        "?tenant=globex".to_string(),
+        format!("?request_id={b1}&tenant={globex}"),
+    ] {
+        let (status, v) = tenant_audit(base, Some(&acme_key), &q).await;
+        assert_eq!(status, 400, "{q}: {v}");
+        assert_eq!(v["error"]["param"], "tenant", "{q}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    for (q, needle) in [
+        ("?limit=0", "between 1 and 1000"),
+        ("?limit=1001", "between 1 and 1000"),
+        ("?limit=ten", "limit"),
+        ("?tenant_id=x", "tenant_id"),
+    ] {
+        let (status, v) = tenant_audit(base, Some(&acme_key), q).await;
+        assert_eq!(status, 400, "{q}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{q}: {v}");
+    }
+
+    // Without a valid key: 401, whatever is asked.
+    let (status, v) = tenant_audit(base, None, "").await;
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = tenant_audit(base, Some("tg_not_a_key"), &format!("?request_id={a1}")).await;
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let (status, v) = tenant_audit(base, Some(&acme_spare), "").await;
+    assert_eq!(listed_ids(status, &v).len(), 2, "{v}");
+    let r = reqwest::Client::new()
+        .post(format!("{base}/admin/v1/keys/revoke"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"key": acme_spare}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, v) = tenant_audit(base, Some(&acme_spare), &format!("?request_id={a1}")).await;
+    assert_eq!(status, 401, "a revoked key: {v}");
+    assert!(v["data"].is_null(), "{v}");
+
+    drop(gw);
+    clickhouse(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
+
+/// `?name=value&...`, percent-encoded.
+fn query(pairs: &[(&str, &str)]) -> String {
+    let url = reqwest::Url::parse_with_params("http://localhost/", pairs).unwrap();
+    format!("?{}", url.query().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_and_the_tenant_route_without_clickhouse_say_the_audit_log_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (_, key) = provision(data, "acme");
     let gw = GatewayProcess::start(
         &["--data-dir", data],
         &[("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)],
@@ -270,6 +457,12 @@ async fn the_admin_api_without_clickhouse_says_the_audit_log_is_unavailable() {
     let v: Value = r.json().await.unwrap();
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("ClickHouse"), "{v}");
+    // The tenant's own route says the same, once its key is checked.
+    let (status, mine) = tenant_audit(&gw.base_url, Some(&key), "").await;
+    assert_eq!(status, 404, "{mine}");
+    assert_eq!(mine, v);
+    let (status, _) = tenant_audit(&gw.base_url, None, "").await;
+    assert_eq!(status, 401);
 }
 
 fn pipeline(args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {

@@ -601,27 +601,19 @@ impl Admin {
         Ok(self.store.list_audit(limit.clamp(1, 10_000)).await?)
     }
 
-    /// Audited requests of `tenant` (id or name) from ClickHouse's `audit_log`, newest first:
-    /// the one with `request_id`, or the latest `limit` (1 to 1000). `clickhouse` is
-    /// (HTTP URL, database); without it the audit log cannot be read (404 saying so).
+    /// Audited requests of `tenant` (id or name), newest first: the rows of `request_id`, or
+    /// the latest `limit` (see [`crate::audit::find_requests`], which this shares with the
+    /// tenant's own `GET /v1/audit/requests`). `store` is `None` when no ClickHouse is
+    /// configured (a 404 saying so).
     pub async fn audited_requests(
         &self,
-        clickhouse: Option<(&str, &str)>,
+        store: Option<&tollgate_pipeline::audit::AuditStore>,
         tenant: &str,
         request_id: Option<&str>,
-        limit: u64,
+        limit: Option<u64>,
     ) -> Result<Vec<tollgate_pipeline::audit::AuditRow>, GatewayError> {
-        let Some((url, database)) = clickhouse else {
-            return Err(GatewayError::NotFound(
-                "The audit log is not available: it lives in ClickHouse, and no ClickHouse is                  configured ([audit] clickhouse_url, or --clickhouse-url)."
-                    .to_string(),
-            ));
-        };
         let tenant_id = self.tenant(tenant).await?.id;
-        tollgate_pipeline::audit::AuditStore::new(url, database, 1)
-            .find(&tenant_id, request_id, limit.clamp(1, 1000))
-            .await
-            .map_err(|e| GatewayError::UpstreamUnavailable(format!("reading the audit log: {e}")))
+        crate::audit::find_requests(store, &tenant_id, request_id, limit).await
     }
 }
 

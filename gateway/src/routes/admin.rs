@@ -16,6 +16,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
+use super::query::OpenAiQuery;
 use crate::admin::Admin;
 use crate::api::{typed_from_value, WireFormat};
 use crate::app::AppState;
@@ -109,22 +110,6 @@ impl axum::extract::FromRequest<Arc<AppState>> for AdminJson {
         serde_json::from_slice(&bytes)
             .map(AdminJson)
             .map_err(|e| GatewayError::bad_request(format!("The body is not valid JSON: {e}")))
-            .in_format(WireFormat::OpenAi)
-    }
-}
-
-/// A query string; a malformed one is a 400 in OpenAI's error shape.
-pub struct AdminQuery<T>(T);
-
-impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for AdminQuery<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _: &S,
-    ) -> Result<Self, ApiError> {
-        super::query::parse(&parts.uri)
-            .map(AdminQuery)
             .in_format(WireFormat::OpenAi)
     }
 }
@@ -350,7 +335,7 @@ async fn delete_tenant_limit(
     State(s): State<Arc<AppState>>,
     AdminCaller(a): AdminCaller,
     Path(t): Path<String>,
-    AdminQuery(q): AdminQuery<LimitModelQuery>,
+    OpenAiQuery(q): OpenAiQuery<LimitModelQuery>,
 ) -> AdminResult {
     a.delete_tenant_limit(&t, &q.model)
         .await
@@ -425,7 +410,7 @@ struct TenantQuery {
 
 async fn list_keys(
     AdminCaller(a): AdminCaller,
-    AdminQuery(q): AdminQuery<TenantQuery>,
+    OpenAiQuery(q): OpenAiQuery<TenantQuery>,
 ) -> AdminResult {
     list(
         a.list_keys(q.tenant.as_deref())
@@ -582,7 +567,7 @@ struct ModelQuery {
 
 async fn list_prices(
     AdminCaller(a): AdminCaller,
-    AdminQuery(q): AdminQuery<ModelQuery>,
+    OpenAiQuery(q): OpenAiQuery<ModelQuery>,
 ) -> AdminResult {
     list(
         a.list_prices(q.model.as_deref())
@@ -622,7 +607,7 @@ async fn add_discount(AdminCaller(a): AdminCaller, AdminJson(v): AdminJson) -> A
 
 async fn list_discounts(
     AdminCaller(a): AdminCaller,
-    AdminQuery(q): AdminQuery<TenantQuery>,
+    OpenAiQuery(q): OpenAiQuery<TenantQuery>,
 ) -> AdminResult {
     list(
         a.list_discounts(q.tenant.as_deref())
@@ -674,7 +659,10 @@ async fn deployments(State(s): State<Arc<AppState>>, _: AdminCaller) -> AdminRes
     list(s.router.status())
 }
 
-async fn audit(AdminCaller(a): AdminCaller, AdminQuery(q): AdminQuery<AuditQuery>) -> AdminResult {
+async fn audit(
+    AdminCaller(a): AdminCaller,
+    OpenAiQuery(q): OpenAiQuery<AuditQuery>,
+) -> AdminResult {
     list(
         a.audit_log(q.limit.unwrap_or(100))
             .await
@@ -691,23 +679,19 @@ struct AuditedRequestsQuery {
 }
 
 /// `GET /admin/v1/audit/requests?tenant=&request_id=&limit=`: audited requests (`[audit]`)
-/// from ClickHouse's `audit_log`, newest first; 404 when this gateway has no ClickHouse.
+/// of any tenant, from ClickHouse's `audit_log`, newest first; 404 when this gateway has no
+/// ClickHouse. The same read as the tenant's own `GET /v1/audit/requests`.
 async fn audited_requests(
     State(state): State<Arc<AppState>>,
     AdminCaller(a): AdminCaller,
-    AdminQuery(q): AdminQuery<AuditedRequestsQuery>,
+    OpenAiQuery(q): OpenAiQuery<AuditedRequestsQuery>,
 ) -> AdminResult {
-    let audit = &state.config.audit;
-    let clickhouse = audit
-        .clickhouse_url
-        .as_deref()
-        .map(|url| (url, audit.clickhouse_database.as_str()));
     list(
         a.audited_requests(
-            clickhouse,
+            state.audit_log.as_ref(),
             &q.tenant,
             q.request_id.as_deref(),
-            q.limit.unwrap_or(20),
+            q.limit,
         )
         .await
         .in_format(WireFormat::OpenAi)?,
@@ -724,7 +708,7 @@ struct InvoiceQuery {
 /// The invoices of a period: a JSON array of the objects `tollgate invoices export` writes.
 async fn list_invoices(
     AdminCaller(a): AdminCaller,
-    AdminQuery(q): AdminQuery<InvoiceQuery>,
+    OpenAiQuery(q): OpenAiQuery<InvoiceQuery>,
 ) -> AdminResult {
     ok(
         StatusCode::OK,

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rust_decimal::Decimal;
@@ -15,6 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 use time::{Date, Month, OffsetDateTime, Time};
 
+use super::caller::TenantCaller;
+use super::query::OpenAiQuery;
 use crate::api::WireFormat;
 use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
@@ -80,15 +81,9 @@ impl Totals {
 
 pub async fn usage(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: Uri,
+    TenantCaller(caller): TenantCaller,
+    OpenAiQuery(q): OpenAiQuery<UsageQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = state
-        .auth
-        .authenticate(&headers)
-        .await
-        .in_format(WireFormat::OpenAi)?;
-    let q: UsageQuery = super::query::parse(&uri).in_format(WireFormat::OpenAi)?;
     let now = OffsetDateTime::now_utc();
     let period = q
         .period

@@ -257,12 +257,28 @@ impl AuditStore {
     }
 
     /// Rows of `tenant_id`, newest first: one request's (`request_id`) or the latest `limit`.
+    /// A request id of another tenant finds nothing: both columns are matched together.
     pub async fn find(
         &self,
         tenant_id: &str,
         request_id: Option<&str>,
         limit: u64,
     ) -> Result<Vec<AuditRow>, AuditError> {
+        Ok(self
+            .find_query(tenant_id, request_id, limit)
+            .fetch_all::<AuditRow>()
+            .await?)
+    }
+
+    /// The query of [`AuditStore::find`]. The tenant and request ids (caller input) are bound
+    /// as escaped string literals by the client (`bind`), never formatted into the SQL: the
+    /// supported servers include 18.x, which predates server-side query parameters.
+    fn find_query(
+        &self,
+        tenant_id: &str,
+        request_id: Option<&str>,
+        limit: u64,
+    ) -> clickhouse::query::Query {
         let sql = match request_id {
             Some(_) => format!(
                 "SELECT {COLUMNS} FROM audit_log WHERE tenant_id = ? AND request_id = ? \
@@ -277,7 +293,7 @@ impl AuditStore {
         if let Some(id) = request_id {
             q = q.bind(id);
         }
-        Ok(q.bind(limit).fetch_all::<AuditRow>().await?)
+        q.bind(limit)
     }
 }
 
@@ -380,6 +396,28 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_binds_the_ids_as_escaped_literals() {
+        let store = AuditStore::new("http://127.0.0.1:1", "default", 1);
+        let hostile = "ten_1' OR tenant_id != '";
+        let sql = store
+            .find_query(hostile, Some("req_1' OR 1 = 1 --\\"), 20)
+            .sql_display()
+            .to_string();
+        assert!(
+            sql.ends_with(
+                "WHERE tenant_id = 'ten_1\\' OR tenant_id != \\'' \
+                 AND request_id = 'req_1\\' OR 1 = 1 --\\\\' ORDER BY ts DESC, event_id DESC LIMIT 20"
+            ),
+            "{sql}"
+        );
+        let sql = store.find_query("ten_2", None, 5).sql_display().to_string();
+        assert!(
+            sql.ends_with("WHERE tenant_id = 'ten_2' ORDER BY ts DESC, event_id DESC LIMIT 5"),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn ttl_is_used_from_19_6_on() {
