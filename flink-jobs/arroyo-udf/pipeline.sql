@@ -9,7 +9,10 @@
 -- - prices are written inline, one CASE per unit price, as list prices in force now; Arroyo
 --   has no effective-dated lookup into PostgreSQL, so tenant overrides and price changes need
 --   a price stream joined in (or the Flink job, which has both);
--- - the result goes to a Kafka topic as JSON rows (one per tenant × model × minute).
+-- - the result goes to a Kafka topic as JSON rows (one per tenant × model × minute);
+-- - response cache hits are billed at their `usage` (zero), not at their fraction
+--   (`cache_price_fraction`) of `cache_saved_usage` as the pipeline and the Flink job bill
+--   them (`tollgate_schemas::pricing::hit_charge`).
 
 CREATE TABLE completions (
     event_id TEXT NOT NULL,

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS flink_usage_minutes (
     unpriced                 BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, model, minute)
 );
+-- Response cache hits (in `requests` and, at the fraction billed, `cost`) and what they saved.
+ALTER TABLE flink_usage_minutes ADD COLUMN IF NOT EXISTS cache_hits BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flink_usage_minutes
+    ADD COLUMN IF NOT EXISTS cache_savings NUMERIC(38, 18) NOT NULL DEFAULT 0;
 
 -- Per tenant × billing period (calendar month of the event time, UTC: 'YYYY-MM') × currency.
 CREATE TABLE IF NOT EXISTS flink_usage_periods (
@@ -56,3 +60,6 @@ CREATE TABLE IF NOT EXISTS flink_usage_periods (
     unpriced                 BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, period, currency)
 );
+ALTER TABLE flink_usage_periods ADD COLUMN IF NOT EXISTS cache_hits BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE flink_usage_periods
+    ADD COLUMN IF NOT EXISTS cache_savings NUMERIC(38, 18) NOT NULL DEFAULT 0;

@@ -47,6 +47,9 @@ pub struct Synthetic {
     pub usage: TokenUsage,
     pub status: CompletionStatus,
     pub ttft_ms: Option<u64>,
+    /// A response cache hit: the original answer's usage and the fraction of its price billed
+    /// (`usage` is then zero).
+    pub cache: Option<(TokenUsage, String)>,
 }
 
 impl Synthetic {
@@ -75,6 +78,21 @@ impl Synthetic {
             },
             status,
             ttft_ms: (status != CompletionStatus::UpstreamError).then(|| 20 + rng.below(3000)),
+            cache: None,
+        }
+    }
+
+    /// This completion answered from the response cache instead, billed at `fraction` of its
+    /// price: its usage becomes the saved usage, and it processed nothing.
+    pub fn cache_hit(self, fraction: &str) -> Synthetic {
+        Synthetic {
+            cache: Some((self.usage, fraction.to_string())),
+            usage: TokenUsage {
+                source: self.usage.source,
+                ..TokenUsage::default()
+            },
+            status: CompletionStatus::Completed,
+            ..self
         }
     }
 
@@ -93,6 +111,7 @@ impl Synthetic {
             },
             status: CompletionStatus::GatewayLost,
             ttft_ms: None,
+            cache: None,
             ..self.clone()
         }
     }
@@ -125,9 +144,9 @@ impl Synthetic {
             gateway_overhead_us: 100,
             retries: 0,
             fallbacks: 0,
-            cache_hit: false,
-            cache_saved_usage: None,
-            cache_price_fraction: None,
+            cache_hit: self.cache.is_some(),
+            cache_saved_usage: self.cache.as_ref().map(|(u, _)| *u),
+            cache_price_fraction: self.cache.as_ref().map(|(_, f)| f.clone()),
             price_book_version: None,
             received_at: format_event_time(t),
         }

@@ -146,14 +146,15 @@ pub fn cost(
 /// Most decimal places of the fraction of its price a cache hit is billed at.
 pub const MAX_FRACTION_SCALE: u32 = 6;
 
-/// Decimal places of the ledger's money columns (`NUMERIC(38, 18)`): a cost needing more is
-/// never stored (it would be rounded).
+/// Decimal places of the ledger's money columns (`NUMERIC(38, 18)`).
 pub const LEDGER_SCALE: u32 = 18;
 
 /// A cache hit's charge: `fraction` (0 to 1, at most [`MAX_FRACTION_SCALE`] decimal places)
-/// of `list`, what the original answer's usage costs ([`cost`]); returns (billed, saved), both
-/// exact, or `None` when the fraction is out of bounds or the product does not fit a decimal
-/// of at most [`LEDGER_SCALE`] places exactly (never a rounded charge).
+/// of `list`, what the original answer's usage costs ([`cost`]); returns (billed, saved), with
+/// `billed + saved == list` exactly. The one rounding in billing: a charge with more than
+/// [`LEDGER_SCALE`] decimal places (a price with 12 places times a fraction with 6) is
+/// rounded to that many, half away from zero (as the Flink job's `CAST` does), a difference
+/// below 10^-18. `None` when the fraction is out of bounds.
 pub fn hit_charge(list: Decimal, fraction: Decimal) -> Option<(Decimal, Decimal)> {
     if fraction.is_sign_negative()
         || fraction > Decimal::ONE
@@ -162,11 +163,14 @@ pub fn hit_charge(list: Decimal, fraction: Decimal) -> Option<(Decimal, Decimal)
         return None;
     }
     let mantissa = list.mantissa().checked_mul(fraction.mantissa())?;
-    let billed =
-        Decimal::try_from_i128_with_scale(mantissa, list.scale() + fraction.scale()).ok()?;
+    let billed = Decimal::try_from_i128_with_scale(mantissa, list.scale() + fraction.scale())
+        .ok()?
+        .round_dp_with_strategy(
+            LEDGER_SCALE,
+            rust_decimal::RoundingStrategy::MidpointAwayFromZero,
+        );
     let saved = list.checked_sub(billed)?;
-    (billed.normalize().scale() <= LEDGER_SCALE && billed + saved == list)
-        .then_some((billed, saved))
+    (billed + saved == list).then_some((billed, saved))
 }
 
 /// How a completion event's cache fields bill it, the one reading of them (the pipeline and
@@ -389,12 +393,11 @@ mod tests {
         assert_eq!(hit_charge(list, Decimal::new(11, 1)), None, "above 1");
         assert_eq!(hit_charge(list, Decimal::new(-1, 1)), None, "negative");
         assert_eq!(hit_charge(list, Decimal::new(1, 7)), None, "too precise");
-        // 18 decimal places times 6: beyond the ledger's 18.
-        let fine = Decimal::new(1, 18);
+        // 18 decimal places times 6: rounded to the ledger's 18, half away from zero.
+        let fine = Decimal::new(3, 18);
         assert_eq!(
             hit_charge(fine, Decimal::new(5, 1)),
-            None,
-            "not storable exactly"
+            Some((Decimal::new(2, 18), Decimal::new(1, 18)))
         );
     }
 }

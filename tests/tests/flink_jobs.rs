@@ -111,17 +111,26 @@ impl Book {
         Some((input, input / Decimal::from(4), input * Decimal::from(4)))
     }
 
+    /// What `s` costs: its usage, and for a cache hit its fraction of the original answer's
+    /// usage.
     fn cost(&self, s: &Synthetic) -> Decimal {
         let Some((i, c, o)) = self.prices(&s.tenant_id, &s.model, s.event_ms) else {
             return Decimal::ZERO;
         };
-        let u = &s.usage;
-        let uncached = u.input_tokens - u.cached_input_tokens - u.cache_write_input_tokens;
-        (Decimal::from(uncached) * i
-            + Decimal::from(u.cached_input_tokens) * c
-            + Decimal::from(u.cache_write_input_tokens) * i
-            + Decimal::from(u.output_tokens) * o)
-            / Decimal::from(1_000_000)
+        let of = |u: &tollgate_schemas::TokenUsage| {
+            let uncached = u.input_tokens - u.cached_input_tokens - u.cache_write_input_tokens;
+            (Decimal::from(uncached) * i
+                + Decimal::from(u.cached_input_tokens) * c
+                + Decimal::from(u.cache_write_input_tokens) * i
+                + Decimal::from(u.output_tokens) * o)
+                / Decimal::from(1_000_000)
+        };
+        // A hit's charge is rounded to the ledger's 18 decimal places, half away from zero.
+        let hit = s.cache.as_ref().map_or(Decimal::ZERO, |(saved, fraction)| {
+            (of(saved) * dec(fraction))
+                .round_dp_with_strategy(18, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+        });
+        of(&s.usage) + hit
     }
 
     async fn publish(&self, pool: &sqlx::PgPool) {
@@ -272,7 +281,9 @@ struct Scenario {
 
 /// Completions over two hours of event time with the price change in the middle: 1 in 8
 /// late by up to 20 minutes (possibly across the price change), 1 in 30 sent twice (the copy
-/// a little later), cache reads everywhere and cache writes on 1 in 4.
+/// a little later), cache reads everywhere and cache writes on 1 in 4, 1 in 10 a response
+/// cache hit billed at a fraction (0, a quarter, a third to six places, or all) of its
+/// original answer's price.
 fn scenario(seed: u64) -> Scenario {
     let mut rng = Rng::new(seed);
     let now = tollgate_schemas::events::unix_ms(SystemTime::now());
@@ -292,6 +303,9 @@ fn scenario(seed: u64) -> Scenario {
         if rng.below(4) == 0 {
             let room = s.usage.input_tokens - s.usage.cached_input_tokens;
             s.usage.cache_write_input_tokens = rng.below(room + 1);
+        }
+        if rng.below(10) == 0 {
+            s = s.cache_hit(["0", "0.25", "0.333333", "1"][rng.below(4) as usize]);
         }
         expected.add(&s, book.cost(&s));
         if rng.below(30) == 0 {
