@@ -21,6 +21,10 @@
 #                            TCP relay that does no work: what one more hop alone adds here
 #   BUSY_POLL_US [100]       also run a second gateway with server.busy_poll_us set to this
 #                            (scenario gateway-busy-poll); 0: only the default gateway
+#   CACHE [0]                1: also run a gateway with the exact response cache on (scenario
+#                            gateway-cache): the load repeats one request, so every request
+#                            after the first is a cache hit and its rows are the hit path's
+#                            latency end to end (compare with direct and gateway)
 #   BUILD [1]                0: use already built release binaries
 #   RUST_LOG [warn]          log level of the mock and the gateway (logging costs CPU too)
 #   MOCK_BIN, GATEWAY_BIN, LOAD_BIN, RELAY_BIN   override the binaries' paths
@@ -53,6 +57,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 EVENTS=${EVENTS:-log}
 KAFKA_BOOTSTRAP=${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
 DURABILITY_AB=${DURABILITY_AB:-0}
+CACHE=${CACHE:-0}
 case $EVENTS in
 log | local | kafka) ;;
 *)
@@ -214,6 +219,12 @@ EOF
         { printf '[server]\nbusy_poll_us = %s\n\n' "$BUSY_POLL_US"; cat "$CONFIG"; } >"$TMP/gateway-busy-poll.toml"
         start_gateway gateway-busy-poll "$TMP/gateway-busy-poll.toml"
     fi
+    if [[ $CACHE == 1 ]]; then
+        # The same configuration with the response cache on (its table goes first, like the
+        # busy-poll one's).
+        { printf '[cache]\nenabled = true\n\n'; cat "$CONFIG"; } >"$TMP/gateway-cache.toml"
+        start_gateway gateway-cache "$TMP/gateway-cache.toml"
+    fi
     if [[ $DURABILITY_AB == 1 ]]; then
         # The same configuration without the barrier (the file ends in its [events] table),
         # writing its own event log.
@@ -264,6 +275,7 @@ if [[ $FLOOR == 1 ]]; then SCENARIOS+=(relay); fi
 if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
 if [[ $GATEWAY == 1 ]] && ((BUSY_POLL_US > 0)); then SCENARIOS+=(gateway-busy-poll); fi
 if [[ $GATEWAY == 1 && $DURABILITY_AB == 1 ]]; then SCENARIOS+=(gateway-no-barrier); fi
+if [[ $GATEWAY == 1 && $CACHE == 1 ]]; then SCENARIOS+=(gateway-cache); fi
 LEVELS=("1:$REQUESTS_C1" "$CONCURRENCY_HIGH:$REQUESTS_C128")
 for level in "${LEVELS[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do

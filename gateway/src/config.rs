@@ -421,6 +421,13 @@ pub struct ModelAliasConfig {
     /// and `[privacy] default` applies.
     #[serde(default)]
     pub pii: Option<crate::privacy::PiiAction>,
+    /// `false`: this alias's answers are never cached (with `[cache]` on); default: cached.
+    #[serde(default)]
+    pub cache: Option<bool>,
+    /// What a cache hit of this alias costs (`free`, `full` or a fraction such as `"0.25"`);
+    /// default: `[cache] bill_hits`.
+    #[serde(default)]
+    pub cache_bill_hits: Option<crate::cache::BillHits>,
 }
 
 fn one() -> u32 {

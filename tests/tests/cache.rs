@@ -260,3 +260,48 @@ async fn entries_live_in_redis_under_the_tenants_hash_tag() {
     let (c, _, _) = ask(&h, &key, "/v1/chat/completions", &body, &[]).await;
     assert_eq!(c, "miss", "the hit came from Redis");
 }
+
+/// Per alias: `cache = false` keeps an alias out of the cache, `cache_bill_hits` sets what
+/// its hits cost; other aliases keep `[cache] bill_hits`.
+#[tokio::test]
+async fn aliases_can_stay_out_of_the_cache_or_price_their_hits() {
+    let config = r#"
+[cache]
+enabled = true
+bill_hits = "0.25"
+
+[[models]]
+name = "never-cached"
+deployments = ["oa"]
+cache = false
+
+[[models]]
+name = "half-price"
+deployments = ["oa"]
+cache_bill_hits = "0.5"
+"#;
+    let h = Harness::start_with(MockOptions::default(), config).await;
+    let key = h.key.clone();
+    let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "Same question."}]});
+    for _ in 0..3 {
+        let (c, s, _) = ask(&h, &key, "/v1/chat/completions", &body("never-cached"), &[]).await;
+        assert_eq!((c.as_str(), s), ("bypass", 200));
+    }
+    for (model, fraction) in [("half-price", "0.5"), ("oa/normal", "0.25")] {
+        let (c, _, first) = ask(&h, &key, "/v1/chat/completions", &body(model), &[]).await;
+        assert_eq!(c, "miss", "{model}");
+        until_hit(&h, &key, "/v1/chat/completions", &body(model), first).await;
+        let records = h.sink.records();
+        let hit = records
+            .iter()
+            .filter(|r| r.requested_model == model)
+            .find_map(|r| r.cache_hit)
+            .unwrap_or_else(|| panic!("{model}: no hit recorded"));
+        assert_eq!(hit.fraction.to_string(), fraction, "{model}");
+    }
+    let m = h.state.metrics.render();
+    assert!(
+        m.contains("tollgate_cache_bypasses_total{reason=\"excluded\"} 3"),
+        "{m}"
+    );
+}

@@ -212,6 +212,16 @@ pub struct CachePlan {
     pub read: bool,
     /// Store the answer once it completed normally.
     pub write: bool,
+    /// What a hit costs: the alias's `cache_bill_hits`, else `[cache] bill_hits`.
+    pub bill_hits: BillHits,
+}
+
+/// An alias's own response cache settings (`[[models]] cache`, `cache_bill_hits`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AliasCache {
+    /// `Some(false)`: never cached.
+    pub enabled: Option<bool>,
+    pub bill_hits: Option<BillHits>,
 }
 
 /// The cache, as the request path uses it.
@@ -280,6 +290,7 @@ impl ResponseCache {
         tenant: &str,
         api: &str,
         model: &str,
+        alias: AliasCache,
         body: &[u8],
     ) -> Result<CachePlan, Outcome> {
         let control = |name: &str| {
@@ -294,11 +305,12 @@ impl ResponseCache {
         let cache_control = control("cache-control");
         let ours = control(CACHE_HEADER);
         let has = |list: &[String], d: &str| list.iter().any(|x| x == d);
-        let bypass = has(&cache_control, "no-store")
-            || has(&ours, "bypass")
-            || self.config.exclude_models.iter().any(|m| m == model);
-        if bypass {
-            self.metrics.bypass("requested");
+        let bypass = has(&cache_control, "no-store") || has(&ours, "bypass");
+        let excluded =
+            alias.enabled == Some(false) || self.config.exclude_models.iter().any(|m| m == model);
+        if bypass || excluded {
+            self.metrics
+                .bypass(if bypass { "requested" } else { "excluded" });
             return Err(Outcome::Bypass);
         }
         let refresh = has(&cache_control, "no-cache") || has(&ours, "refresh");
@@ -311,6 +323,7 @@ impl ResponseCache {
             tenant: tenant.to_string(),
             read: !refresh,
             write: true,
+            bill_hits: alias.bill_hits.unwrap_or(self.config.bill_hits),
         })
     }
 

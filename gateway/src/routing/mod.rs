@@ -115,6 +115,8 @@ pub struct Alias {
     pub hedge: bool,
     /// The alias's PII policy, if it sets one.
     pub pii: Option<crate::privacy::PiiAction>,
+    /// The alias's response cache settings.
+    pub cache: crate::cache::AliasCache,
 }
 
 /// One deployment's run-time state, as `GET /admin/v1/deployments` shows it.
@@ -200,6 +202,10 @@ impl ModelRouter {
                 content_policy_fallback: a.content_policy_fallback.clone(),
                 hedge: a.hedge,
                 pii: a.pii,
+                cache: crate::cache::AliasCache {
+                    enabled: a.cache,
+                    bill_hits: a.cache_bill_hits,
+                },
             };
             match a.name.strip_suffix('*') {
                 Some(prefix) => wildcards.push((prefix.to_string(), alias)),
@@ -267,6 +273,13 @@ impl ModelRouter {
     /// The PII policy of the alias `model` names, if it sets one.
     pub fn pii_policy(&self, model: &str) -> Option<crate::privacy::PiiAction> {
         self.resolve(model).and_then(|(a, _)| a.pii)
+    }
+
+    /// The response cache settings of the alias `model` names (none set if it names none).
+    pub fn cache_settings(&self, model: &str) -> crate::cache::AliasCache {
+        self.resolve(model)
+            .map(|(a, _)| a.cache)
+            .unwrap_or_default()
     }
 
     /// Whether `model` names an alias (exact or wildcard).
@@ -554,6 +567,8 @@ fn add_builtins(
             content_policy_fallback: None,
             hedge: false,
             pii: None,
+            cache: None,
+            cache_bill_hits: None,
         });
         deployments.push(deployment);
     };

@@ -140,7 +140,11 @@ async fn run(
             progress.cache = Some(crate::cache::Outcome::Hit);
             progress.route_trace = Some("cache:hit".to_string());
             progress.recorded = true;
-            return respond::cached(state, progress, caller, &outbound, entry, admission).await;
+            let bill_hits = plan.bill_hits;
+            return respond::cached(
+                state, progress, caller, &outbound, entry, bill_hits, admission,
+            )
+            .await;
         }
     }
     let dispatched = route(state, progress, &caller, &headers, &mut outbound)
@@ -170,6 +174,7 @@ fn cache_step(
         &caller.tenant_id,
         progress.api.route(),
         request.model(),
+        state.router.cache_settings(request.model()),
         request.raw().as_bytes(),
     );
     match planned {

@@ -293,22 +293,18 @@ impl Drop for Unfinished {
 
 /// A request answered from the cache: replayed as the original client received it (a
 /// stream's events sent at once), recorded like any request with `cache_hit` and billed as
-/// `[cache] bill_hits` says.
+/// `bill_hits` (the alias's, else `[cache] bill_hits`) says.
 pub(super) async fn cached(
     state: &Arc<AppState>,
     progress: &Progress,
     caller: Caller,
     outbound: &Outbound,
     entry: Entry,
+    bill_hits: crate::cache::BillHits,
     admission: Option<Admission>,
 ) -> Result<Response, GatewayError> {
     let (reservation, rate_headers) = admission.map(|a| (a.reservation, a.headers)).unzip();
-    let fraction = state
-        .cache
-        .as_ref()
-        .map_or(rust_decimal::Decimal::ZERO, |c| {
-            c.config.bill_hits.fraction()
-        });
+    let fraction = bill_hits.fraction();
     // Token quotas count a hit the tenant pays for (at any fraction) like the answer it
     // replays; a free hit counts nothing. The ledger bills it from the completion event.
     let quota_usage = if fraction.is_zero() {
