@@ -163,6 +163,10 @@ pub struct ServerConfig {
     /// How long (µs) a serving thread keeps polling its sockets after it handled something
     /// before it sleeps; 0 turns busy polling off. See `server::busy_poll`.
     pub busy_poll_us: u64,
+    /// Load the token encodings at start (about 60 MB) instead of on first need; with the
+    /// default (`false`) the first requests' pre-flight estimates count by bytes until their
+    /// encoding has loaded (see `tokens`).
+    pub preload_tokenizers: bool,
     /// How long a client may take to send a request's headers, and how long a keep-alive
     /// connection may wait for its next request, before it is closed; 0: no limit. A new
     /// connection's first request (HTTP/1.1 or HTTP/2) must be complete within this time of
@@ -212,6 +216,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             threads: 0,
             busy_poll_us: 0,
+            preload_tokenizers: false,
             header_read_timeout_ms: 30_000,
             first_byte_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,

@@ -99,7 +99,9 @@ async fn serve(
     // and the connection cap derived from them (unless the config sets one).
     let fd_limit = tollgate_gateway::server::connections::raise_fd_limit();
     let master_key = MasterKey::from_env(MASTER_KEY_ENV)?.map(Arc::new);
-    tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up);
+    if config.server.preload_tokenizers {
+        tokio::task::spawn_blocking(tollgate_gateway::tokens::warm_up);
+    }
     let store =
         cli::open_store(database_url, config.store.database_url.as_deref(), data_dir).await?;
     if !config.server.production && store.list_tenants().await?.is_empty() {

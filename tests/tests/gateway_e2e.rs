@@ -640,6 +640,11 @@ async fn large_requests_are_served_counted_and_refused_like_small_ones() {
     let mut body = chat("oa/normal", true);
     body["messages"][1]["content"] = json!(prompt);
     assert!(serde_json::to_vec(&body).unwrap().len() > 32 * 1024);
+    // Counted exactly first: this also loads the encoding, which the gateway's estimate
+    // never waits for (until it is loaded, estimates count by bytes).
+    let typed: tollgate_gateway::api::openai::ChatRequest =
+        serde_json::from_value(body.clone()).unwrap();
+    let expected = tollgate_gateway::tokens::count_openai_prompt(&typed);
     let resp = h.post("/v1/chat/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let request_id = resp
@@ -651,9 +656,6 @@ async fn large_requests_are_served_counted_and_refused_like_small_ones() {
         .to_string();
     let (text, _) = openai_stream_content(&resp.text().await.unwrap());
     assert!(!text.is_empty());
-    let typed: tollgate_gateway::api::openai::ChatRequest =
-        serde_json::from_value(body.clone()).unwrap();
-    let expected = tollgate_gateway::tokens::count_openai_prompt(&typed);
     assert!(expected > 6_000, "{expected}");
     let record = h
         .sink

@@ -11,7 +11,6 @@
 //! formula: they are counted the same way, an approximation.
 
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 
 use super::media::{self, ImageDetail};
 use super::{Family, Tally, CLAUDE_TEXT_FACTOR};
@@ -35,7 +34,7 @@ struct ToolCosts {
 
 /// Per-model constants of the chat format.
 struct Format {
-    enc: &'static CoreBPE,
+    enc: super::TextCounter,
     family: Family,
     per_message: u64,
     /// Added per `name` on top of its tokens; -1 on `gpt-3.5-turbo-0301`, where the name
@@ -45,11 +44,11 @@ struct Format {
 }
 
 impl Format {
-    fn for_model(model: &str) -> Format {
+    fn for_model(model: &str, enc: super::TextCounter) -> Format {
         let m = super::bare(model);
         let legacy_0301 = m.starts_with("gpt-3.5-turbo-0301") || m.starts_with("gpt-35-turbo-0301");
         Format {
-            enc: super::encoding_for(model),
+            enc,
             family: Family::of(model),
             per_message: if legacy_0301 { 4 } else { 3 },
             per_name: if legacy_0301 { -1 } else { 1 },
@@ -65,15 +64,25 @@ impl Format {
     }
 
     fn count(&self, text: &str) -> u64 {
-        super::count_with(self.enc, text)
+        self.enc.count(text)
     }
 }
 
 /// Estimated prompt tokens of an OpenAI chat request: messages (roles, names, text, images,
 /// files, tool calls), tool definitions and a `json_schema` response format.
 pub fn count_openai_prompt(req: &openai::ChatRequest) -> u64 {
+    openai_prompt(req, super::TextCounter::exact(&req.model))
+}
+
+/// [`count_openai_prompt`] for the pre-flight estimate: never waits for the encoding to load
+/// (see the module's "Memory").
+pub fn estimate_openai_prompt(req: &openai::ChatRequest) -> u64 {
+    openai_prompt(req, super::TextCounter::estimate(&req.model))
+}
+
+fn openai_prompt(req: &openai::ChatRequest, enc: super::TextCounter) -> u64 {
     let model = req.model.as_str();
-    let f = Format::for_model(model);
+    let f = Format::for_model(model, enc);
     let mut t = Tally::default();
     t.fixed(REPLY_PRIMING);
     for m in &req.messages {

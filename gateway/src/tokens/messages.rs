@@ -62,11 +62,21 @@ fn anthropic_tool_tokens(kind: &str) -> u64 {
 /// Estimated input tokens of an Anthropic Messages request: system prompt, messages (text,
 /// images, documents, tool use and results, current-turn thinking) and tool definitions.
 pub fn count_anthropic_prompt(req: &anthropic::MessagesRequest) -> u64 {
+    anthropic_prompt(req, super::TextCounter::exact(&req.model))
+}
+
+/// [`count_anthropic_prompt`] for the pre-flight estimate: never waits for the encoding to
+/// load (see the module's "Memory").
+pub fn estimate_anthropic_prompt(req: &anthropic::MessagesRequest) -> u64 {
+    anthropic_prompt(req, super::TextCounter::estimate(&req.model))
+}
+
+fn anthropic_prompt(req: &anthropic::MessagesRequest, c: super::TextCounter) -> u64 {
     let model = req.model.as_str();
     let mut t = Tally::default();
     t.fixed(REPLY_PRIMING);
     if let Some(system) = &req.system {
-        t.text(count(model, &system.text()));
+        t.text(c.count(&system.text()));
     }
     let thinking = req
         .thinking
@@ -82,10 +92,10 @@ pub fn count_anthropic_prompt(req: &anthropic::MessagesRequest) -> u64 {
         // Thinking from earlier assistant turns is dropped; the current turn's counts.
         let current_turn = i == last && m.role == anthropic::Role::Assistant;
         match &m.content {
-            anthropic::MessageContent::Text(s) => t.text(count(model, s)),
+            anthropic::MessageContent::Text(s) => t.text(c.count(s)),
             anthropic::MessageContent::Blocks(blocks) => {
                 for b in blocks {
-                    count_block(model, b, current_turn, &mut t);
+                    count_block(c, model, b, current_turn, &mut t);
                 }
             }
         }
@@ -99,12 +109,12 @@ pub fn count_anthropic_prompt(req: &anthropic::MessagesRequest) -> u64 {
             _ => auto,
         });
         for tool in tools {
-            t.text(count(model, &tool.name));
+            t.text(c.count(&tool.name));
             if let Some(d) = &tool.description {
-                t.text(count(model, d));
+                t.text(c.count(d));
             }
             if let Some(s) = &tool.input_schema {
-                t.text(count(model, &s.to_string()));
+                t.text(c.count(&s.to_string()));
             }
             if let Some(kind) = &tool.kind {
                 t.fixed(anthropic_tool_tokens(kind));
@@ -114,47 +124,49 @@ pub fn count_anthropic_prompt(req: &anthropic::MessagesRequest) -> u64 {
     t.total(CLAUDE_TEXT_FACTOR)
 }
 
-fn count(model: &str, text: &str) -> u64 {
-    super::count_text(model, text)
-}
-
-fn count_block(model: &str, b: &anthropic::ContentBlock, current_turn: bool, t: &mut Tally) {
+fn count_block(
+    c: super::TextCounter,
+    model: &str,
+    b: &anthropic::ContentBlock,
+    current_turn: bool,
+    t: &mut Tally,
+) {
     use anthropic::ContentBlock as B;
     match b {
-        B::Text { text, .. } => t.text(count(model, text)),
+        B::Text { text, .. } => t.text(c.count(text)),
         B::Image { source } => t.fixed(media::anthropic_image_tokens(match source {
             anthropic::ImageSource::Base64 { data, .. } => media::image_dims_base64(data),
             anthropic::ImageSource::Url { .. } => None,
         })),
-        B::Document { source } => count_document(model, source, t),
+        B::Document { source } => count_document(c, source, t),
         B::ToolUse { name, input, .. } => {
-            t.text(count(model, name) + count(model, &input.to_string()));
+            t.text(c.count(name) + c.count(&input.to_string()));
             t.fixed(TOOL_USE_OVERHEAD);
         }
         B::ToolResult { content, .. } => {
             t.fixed(TOOL_RESULT_OVERHEAD);
             match content {
-                Some(anthropic::ToolResultContent::Text(s)) => t.text(count(model, s)),
+                Some(anthropic::ToolResultContent::Text(s)) => t.text(c.count(s)),
                 Some(anthropic::ToolResultContent::Blocks(blocks)) => {
                     for b in blocks {
-                        count_block(model, b, current_turn, t);
+                        count_block(c, model, b, current_turn, t);
                     }
                 }
                 None => {}
             }
         }
-        B::Thinking { thinking, .. } if current_turn => t.text(count(model, thinking)),
+        B::Thinking { thinking, .. } if current_turn => t.text(c.count(thinking)),
         B::Thinking { .. } | B::RedactedThinking { .. } => {}
     }
 }
 
 /// A `document` block: a base64 PDF by its pages, plain text by its tokens, content blocks by
 /// their text, anything else (a URL, a file id) as one page.
-fn count_document(model: &str, source: &Value, t: &mut Tally) {
+fn count_document(c: super::TextCounter, source: &Value, t: &mut Tally) {
     let kind = source.get("type").and_then(Value::as_str).unwrap_or("");
     let data = source.get("data").and_then(Value::as_str);
     match (kind, data) {
-        ("text", Some(text)) => t.text(count(model, text)),
+        ("text", Some(text)) => t.text(c.count(text)),
         ("base64", Some(b64)) => t.fixed(media::pdf_tokens_base64(b64)),
         ("content", _) => {
             for block in source
@@ -164,13 +176,13 @@ fn count_document(model: &str, source: &Value, t: &mut Tally) {
                 .flatten()
             {
                 if let Some(text) = block.get("text").and_then(Value::as_str) {
-                    t.text(count(model, text));
+                    t.text(c.count(text));
                 } else if block.get("type").and_then(Value::as_str) == Some("image") {
                     t.fixed(media::anthropic_image_tokens(None));
                 }
             }
             if let Some(text) = source.get("content").and_then(Value::as_str) {
-                t.text(count(model, text));
+                t.text(c.count(text));
             }
         }
         _ => t.fixed(media::PDF_PAGE_TOKENS),

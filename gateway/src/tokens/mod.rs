@@ -14,6 +14,14 @@
 //! `o200k_base`, and Claude's text count is scaled by [`CLAUDE_TEXT_FACTOR`] (see the README's
 //! "Pre-flight token estimate" for the sources and the measured error).
 //!
+//! Memory: an encoding's tables take tens of MB (`o200k_base` about 50, `cl100k_base` about
+//! 12), most of an idle gateway's memory, so each is loaded on first need, not at start
+//! (`server.preload_tokenizers` loads both at start instead). Exact counts ([`count_text`],
+//! [`count_openai_prompt`], [`count_anthropic_prompt`]) wait for the load (about 0.1 s, once);
+//! pre-flight estimates ([`estimate_openai_prompt`], [`estimate_anthropic_prompt`],
+//! [`TextCounter::estimate`]) never wait: while their encoding is still loading, on a
+//! background thread that the first one starts, they count a quarter of a token per byte.
+//!
 //! Hostile input: every count goes through [`count_with`], linear in the text's length and
 //! bounded in cost (segments of [`SEGMENT_BYTES`], the first [`EXACT_BYTES`] counted exactly,
 //! the rest extrapolated) and never panicking; callers count inputs of [`OFF_THREAD_BYTES`]
@@ -23,11 +31,14 @@ mod chat;
 mod media;
 mod messages;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
 use tiktoken_rs::CoreBPE;
 
-pub use chat::count_openai_prompt;
+pub use chat::{count_openai_prompt, estimate_openai_prompt};
 pub use media::{anthropic_image_tokens, openai_image_tokens, ImageDetail};
-pub use messages::count_anthropic_prompt;
+pub use messages::{count_anthropic_prompt, estimate_anthropic_prompt};
 
 /// Claude's tokenizer yields more tokens than `o200k_base` for the same text: a published
 /// comparison of Claude 3.5 Sonnet and GPT-4o measured about 16% more on English articles (21%
@@ -64,18 +75,83 @@ pub fn encoding_name(model: &str) -> &'static str {
     }
 }
 
-fn encoding_for(model: &str) -> &'static CoreBPE {
-    if uses_cl100k(model) {
-        tiktoken_rs::cl100k_base_singleton()
-    } else {
-        tiktoken_rs::o200k_base_singleton()
-    }
+/// The two encodings, by index: `o200k_base`, `cl100k_base`.
+const ENCODINGS: usize = 2;
+
+fn index_of(model: &str) -> usize {
+    usize::from(uses_cl100k(model))
 }
 
-/// Loads both encodings now, so the first request does not pay for it (about a second).
+/// Each encoding once loaded; whether its background load was started.
+static LOADED: [OnceLock<&'static CoreBPE>; ENCODINGS] = [OnceLock::new(), OnceLock::new()];
+static LOADING: [AtomicBool; ENCODINGS] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// Encoding `i`, loaded now if it is not yet (blocking).
+fn load(i: usize) -> &'static CoreBPE {
+    LOADED[i].get_or_init(|| {
+        if i == 0 {
+            tiktoken_rs::o200k_base_singleton()
+        } else {
+            tiktoken_rs::cl100k_base_singleton()
+        }
+    })
+}
+
+/// `model`'s encoding, loaded first if needed (blocking, once).
+fn encoding_for(model: &str) -> &'static CoreBPE {
+    load(index_of(model))
+}
+
+/// `model`'s encoding if it is loaded; else `None`, with its load started on a background
+/// thread (once).
+fn encoding_if_loaded(model: &str) -> Option<&'static CoreBPE> {
+    let i = index_of(model);
+    if let Some(enc) = LOADED[i].get() {
+        return Some(enc);
+    }
+    if !LOADING[i].swap(true, Ordering::AcqRel) {
+        let started = std::thread::Builder::new()
+            .name("tollgate-tokenizer".into())
+            .spawn(move || {
+                load(i);
+            });
+        if started.is_err() {
+            // No thread: the next exact count loads it.
+            LOADING[i].store(false, Ordering::Release);
+        }
+    }
+    None
+}
+
+/// Loads both encodings now (`server.preload_tokenizers`), so the first requests count
+/// exactly without waiting.
 pub fn warm_up() {
-    let _ = count_with(tiktoken_rs::o200k_base_singleton(), "warm up");
-    let _ = count_with(tiktoken_rs::cl100k_base_singleton(), "warm up");
+    let _ = count_with(load(0), "warm up");
+    let _ = count_with(load(1), "warm up");
+}
+
+/// How text of one model is counted: with its encoding, or, for an estimate whose encoding is
+/// still loading, at a quarter of a token per byte ([`fallback_count`]).
+#[derive(Clone, Copy)]
+pub struct TextCounter(Option<&'static CoreBPE>);
+
+impl TextCounter {
+    /// Exact: waits for `model`'s encoding if it is loading.
+    pub fn exact(model: &str) -> TextCounter {
+        TextCounter(Some(encoding_for(model)))
+    }
+
+    /// Never waits: exact once `model`'s encoding is loaded, by bytes until then.
+    pub fn estimate(model: &str) -> TextCounter {
+        TextCounter(encoding_if_loaded(model))
+    }
+
+    pub fn count(&self, text: &str) -> u64 {
+        match self.0 {
+            Some(enc) => count_with(enc, text),
+            None => fallback_count(text),
+        }
+    }
 }
 
 /// Tokens in `text` under `model`'s encoding (no family scaling: this is tiktoken's count,

@@ -133,8 +133,8 @@ impl ClientRequest {
     /// The prompt's tokens (the pre-flight estimate): messages, or an embedding's input.
     pub fn prompt_estimate(&self) -> u64 {
         match self {
-            ClientRequest::OpenAi(_, r) => tokens::count_openai_prompt(r),
-            ClientRequest::Anthropic(_, r) => tokens::count_anthropic_prompt(r),
+            ClientRequest::OpenAi(_, r) => tokens::estimate_openai_prompt(r),
+            ClientRequest::Anthropic(_, r) => tokens::estimate_anthropic_prompt(r),
             ClientRequest::Embeddings(_, r) => embeddings_input_tokens(&r.input, &r.model),
         }
     }
@@ -194,8 +194,11 @@ impl ClientRequest {
 /// Tokens of an embeddings input (token arrays count as given).
 fn embeddings_input_tokens(input: &openai::EmbeddingsInput, model: &str) -> u64 {
     match input {
-        openai::EmbeddingsInput::One(s) => tokens::count_text(model, s),
-        openai::EmbeddingsInput::Many(v) => v.iter().map(|s| tokens::count_text(model, s)).sum(),
+        openai::EmbeddingsInput::One(s) => tokens::TextCounter::estimate(model).count(s),
+        openai::EmbeddingsInput::Many(v) => {
+            let c = tokens::TextCounter::estimate(model);
+            v.iter().map(|s| c.count(s)).sum()
+        }
         openai::EmbeddingsInput::Tokens(t) => t.len() as u64,
         openai::EmbeddingsInput::TokenBatches(b) => b.iter().map(|t| t.len() as u64).sum(),
     }
