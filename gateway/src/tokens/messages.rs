@@ -95,7 +95,7 @@ fn anthropic_prompt(req: &anthropic::MessagesRequest, c: super::TextCounter) -> 
             anthropic::MessageContent::Text(s) => t.text(c.count(s)),
             anthropic::MessageContent::Blocks(blocks) => {
                 for b in blocks {
-                    count_block(c, model, b, current_turn, &mut t);
+                    count_block(c, b, current_turn, &mut t);
                 }
             }
         }
@@ -126,7 +126,6 @@ fn anthropic_prompt(req: &anthropic::MessagesRequest, c: super::TextCounter) -> 
 
 fn count_block(
     c: super::TextCounter,
-    model: &str,
     b: &anthropic::ContentBlock,
     current_turn: bool,
     t: &mut Tally,
@@ -149,7 +148,7 @@ fn count_block(
                 Some(anthropic::ToolResultContent::Text(s)) => t.text(c.count(s)),
                 Some(anthropic::ToolResultContent::Blocks(blocks)) => {
                     for b in blocks {
-                        count_block(c, model, b, current_turn, t);
+                        count_block(c, b, current_turn, t);
                     }
                 }
                 None => {}
