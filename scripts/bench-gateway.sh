@@ -3,7 +3,8 @@
 # mock upstream directly and through the gateway, at concurrency 1 and at high concurrency,
 # alternating direct/gateway runs so that machine noise hits both. Prints markdown tables:
 # per-run throughput and latency, the gateway's added TTFT/total latency, the throughput ratio,
-# and the gateway's CPU time per request (from /proc/PID/stat, so Linux only).
+# the gateway's CPU time per request (from /proc/PID/stat, so Linux only) and its memory idle
+# and after the runs (/proc/PID/status).
 #
 # Usage: scripts/bench-gateway.sh            (from anywhere)
 # Environment (defaults in brackets):
@@ -270,6 +271,17 @@ run_load() {
     fi
 }
 
+# mem_kb PID FIELD: a /proc/PID/status field (VmRSS, RssAnon, VmHWM) in kB.
+mem_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+declare -A IDLE_RSS IDLE_ANON
+if [[ $GATEWAY == 1 ]]; then
+    sleep 2 # settled after start, before any request
+    for scenario in "${!GW_PID[@]}"; do
+        IDLE_RSS[$scenario]=$(mem_kb "${GW_PID[$scenario]}" VmRSS)
+        IDLE_ANON[$scenario]=$(mem_kb "${GW_PID[$scenario]}" RssAnon)
+    done
+fi
+
 SCENARIOS=(direct)
 if [[ $FLOOR == 1 ]]; then SCENARIOS+=(relay); fi
 if [[ $GATEWAY == 1 ]]; then SCENARIOS+=(gateway); fi
@@ -323,6 +335,24 @@ for level in "${LEVELS[@]}"; do
         done
     done
 done
+
+if [[ $GATEWAY == 1 ]]; then
+    echo
+    echo "Gateway memory (MB; idle: after start, before any request; after: when the runs ended):"
+    echo
+    echo "| scenario | idle RSS | idle anonymous | RSS after the runs | anonymous after | peak RSS |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for scenario in "${SCENARIOS[@]}"; do
+        [[ $scenario == gateway* ]] || continue
+        pid=${GW_PID[$scenario]}
+        printf '| %s | %s | %s | %s | %s | %s |\n' "$scenario" \
+            "$(calc "%.1f" "${IDLE_RSS[$scenario]} / 1024")" \
+            "$(calc "%.1f" "${IDLE_ANON[$scenario]} / 1024")" \
+            "$(calc "%.1f" "$(mem_kb "$pid" VmRSS) / 1024")" \
+            "$(calc "%.1f" "$(mem_kb "$pid" RssAnon) / 1024")" \
+            "$(calc "%.1f" "$(mem_kb "$pid" VmHWM) / 1024")"
+    done
+fi
 
 # diff_table HEADER BASE SCENARIO: per level and round, what SCENARIO adds to BASE's run of
 # the same round (latencies in µs) and the throughput ratio SCENARIO/BASE, under HEADER (the

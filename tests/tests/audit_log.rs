@@ -27,6 +27,21 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The ClickHouse URL and a new database of its own for `test`; `None` (a failure under CI)
+/// without `TOLLGATE_CLICKHOUSE_URL`.
+async fn fresh_database(test: &str) -> Option<(String, String)> {
+    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
+        tollgate_tests::service_missing(
+            test,
+            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
+        );
+        return None;
+    };
+    let db = format!("tollgate_audit_{}", tollgate_tests::kafka::unique_suffix());
+    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
+    Some((ch, db))
+}
+
 async fn clickhouse(url: &str, sql: &str) -> String {
     let r = reqwest::Client::new()
         .post(url)
@@ -143,17 +158,12 @@ fn row_of<'a>(all: &'a [Value], request_id: &str) -> Vec<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_id() {
-    let test = "audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_id";
-    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
-        tollgate_tests::service_missing(
-            test,
-            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
-        );
+    let Some((ch, db)) =
+        fresh_database("audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_id")
+            .await
+    else {
         return;
     };
-    let id = tollgate_tests::kafka::unique_suffix();
-    let db = format!("tollgate_audit_{id}");
-    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
@@ -277,17 +287,12 @@ async fn audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants() {
-    let test = "a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants";
-    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
-        tollgate_tests::service_missing(
-            test,
-            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
-        );
+    let Some((ch, db)) =
+        fresh_database("a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants")
+            .await
+    else {
         return;
     };
-    let id = tollgate_tests::kafka::unique_suffix();
-    let db = format!("tollgate_audit_{id}");
-    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
@@ -605,16 +610,13 @@ async fn rows_past_the_retention_are_dropped_and_a_replayed_batch_is_not_inserte
         SCHEMA_VERSION,
     };
 
-    let test = "rows_past_the_retention_are_dropped_and_a_replayed_batch_is_not_inserted_twice";
-    let Some(ch) = var("TOLLGATE_CLICKHOUSE_URL") else {
-        tollgate_tests::service_missing(
-            test,
-            "set TOLLGATE_CLICKHOUSE_URL (scripts/services.sh up)",
-        );
+    let Some((ch, db)) = fresh_database(
+        "rows_past_the_retention_are_dropped_and_a_replayed_batch_is_not_inserted_twice",
+    )
+    .await
+    else {
         return;
     };
-    let db = format!("tollgate_audit_{}", tollgate_tests::kafka::unique_suffix());
-    clickhouse(&ch, &format!("CREATE DATABASE IF NOT EXISTS {db}")).await;
     let store = AuditStore::new(&ch, &db, 7);
     store.prepare().await.unwrap();
     let event = |request_id: &str, days_ago: u64| AuditEvent {

@@ -879,17 +879,8 @@ mod tests {
         (free.input_tokens, free.cached_input_tokens) = (0, 0);
         (free.cache_write_input_tokens, free.output_tokens) = (0, 0);
         (free.cache_hits, free.requests, free.cache_savings) = (3, 3, d("0.5"));
-        let tenants = [tenant("t1", None)];
-        let lines = [paid, free];
-        let inputs = InvoiceInputs {
-            period: Period::parse("2026-03").unwrap(),
-            tenants: &tenants,
-            plans: &[],
-            discounts: &[],
-            lines: &lines,
-            closed_at: None,
-        };
-        let inv = &build(&inputs)[0];
+        let invoices = drafts(&[tenant("t1", None)], &[paid, free]);
+        let inv = &invoices[0];
         assert_eq!(inv.lines.len(), 2, "{:?}", inv.lines);
         let gpt = inv
             .lines
@@ -972,18 +963,24 @@ mod tests {
         assert!(render::html(&invoice).contains("starts on 2026-03-10"));
     }
 
-    /// One draft invoice of one usage line.
-    pub(super) fn sample_invoice() -> Invoice {
-        let tenants = vec![tenant("t1", None)];
-        let lines = vec![line("t1", "2026-03", "m", 1000, "1")];
+    /// The draft invoices of 2026-03 for `lines` (no plans, no discounts).
+    fn drafts(tenants: &[Tenant], lines: &[PriceLine]) -> Vec<Invoice> {
         build(&InvoiceInputs {
             period: Period::parse("2026-03").unwrap(),
-            tenants: &tenants,
+            tenants,
             plans: &[],
             discounts: &[],
-            lines: &lines,
+            lines,
             closed_at: None,
         })
+    }
+
+    /// One draft invoice of one usage line.
+    pub(super) fn sample_invoice() -> Invoice {
+        drafts(
+            &[tenant("t1", None)],
+            &[line("t1", "2026-03", "m", 1000, "1")],
+        )
         .remove(0)
     }
 

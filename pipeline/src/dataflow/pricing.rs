@@ -212,23 +212,8 @@ pub fn price_and_sum<'s>(
                             minute_ms,
                             row: price.map(|(id, _)| id),
                         });
-                        if retract {
-                            // Exactly the contribution it made when it was billed, subtracted.
-                            let mut taken_back = crate::fact::Totals::default();
-                            taken_back.count(
-                                tokens,
-                                outcome,
-                                ttft_ms,
-                                &cost,
-                                price.is_some(),
-                                saved.as_ref(),
-                            );
-                            taken_back.negate();
-                            totals.add(&taken_back);
-                            // Analytics keeps its fact row (TODO(#14): retract it there too).
-                            continue;
-                        }
-                        totals.count(
+                        let mut one = crate::fact::Totals::default();
+                        one.count(
                             tokens,
                             outcome,
                             ttft_ms,
@@ -236,6 +221,14 @@ pub fn price_and_sum<'s>(
                             price.is_some(),
                             saved.as_ref(),
                         );
+                        if retract {
+                            // Exactly the contribution it made when it was billed, subtracted.
+                            one.negate();
+                            totals.add(&one);
+                            // Analytics keeps its fact row (TODO(#14): retract it there too).
+                            continue;
+                        }
+                        totals.add(&one);
                         if let Some(fact) = fact {
                             let row = price.map(|(_, p)| p);
                             facts.push(SinkItem::Fact(PricedFact::with_cost(
