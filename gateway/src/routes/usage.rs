@@ -21,7 +21,10 @@ use crate::app::AppState;
 use crate::error::{ApiError, GatewayError, InFormat};
 use crate::store::UsageRow;
 
+/// `?period=YYYY-MM`; anything else is refused (a `tenant` parameter would suggest another
+/// tenant's usage could be asked for: the caller's key decides the tenant).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     period: Option<String>,
 }
@@ -124,6 +127,22 @@ pub async fn usage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_period_is_a_parameter() {
+        let parse = |q: &str| {
+            let uri: axum::http::Uri = format!("/v1/usage{q}").parse().unwrap();
+            super::super::query::parse::<UsageQuery>(&uri)
+        };
+        assert_eq!(
+            parse("?period=2026-12").unwrap().period.as_deref(),
+            Some("2026-12")
+        );
+        assert!(parse("").unwrap().period.is_none());
+        for bad in ["?tenant=other", "?period=2026-12&tenant_id=x", "?month=12"] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn periods_are_calendar_months() {
