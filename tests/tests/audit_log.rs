@@ -42,6 +42,21 @@ async fn fresh_database(test: &str) -> Option<(String, String)> {
     Some((ch, db))
 }
 
+/// The real binary over `dir` with `config` as its configuration file and the admin API on.
+async fn start_gateway(dir: &std::path::Path, config: &str) -> GatewayProcess {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    GatewayProcess::start(
+        &["--data-dir", dir.to_str().unwrap()],
+        &[
+            ("TOLLGATE_CONFIG", path.to_str().unwrap()),
+            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+        dir.join("gw.log"),
+    )
+    .await
+}
+
 async fn clickhouse(url: &str, sql: &str) -> String {
     let r = reqwest::Client::new()
         .post(url)
@@ -169,22 +184,12 @@ async fn audited_requests_reach_clickhouse_capped_and_redacted_and_are_found_by_
     let data = dir.path().to_str().unwrap();
     let (acme, acme_key) = provision(data, "acme");
     let (_other, other_key) = provision(data, "other");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let gw = start_gateway(
+        dir.path(),
+        &format!(
             "[audit]\nenabled = true\ntenants = [\"acme\"]\nmax_body_bytes = {MAX_BODY}\n\
              retention_days = 7\nclickhouse_url = \"{ch}\"\nclickhouse_database = \"{db}\"\n"
         ),
-    )
-    .unwrap();
-    let gw = GatewayProcess::start(
-        &["--data-dir", data],
-        &[
-            ("TOLLGATE_CONFIG", config.to_str().unwrap()),
-            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
-        ],
-        dir.path().join("gw.log"),
     )
     .await;
     let base = gw.base_url.as_str();
@@ -299,22 +304,12 @@ async fn a_tenant_key_reads_its_own_audited_requests_and_never_another_tenants()
     let (acme, acme_key) = provision(data, "acme");
     let (globex, globex_key) = provision(data, "globex");
     let acme_spare = tollgate_ok(&["--data-dir", data, "keys", "create", "--tenant", &acme]);
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let gw = start_gateway(
+        dir.path(),
+        &format!(
             "[audit]\nenabled = true\nall = true\nclickhouse_url = \"{ch}\"\n\
              clickhouse_database = \"{db}\"\n"
         ),
-    )
-    .unwrap();
-    let gw = GatewayProcess::start(
-        &["--data-dir", data],
-        &[
-            ("TOLLGATE_CONFIG", config.to_str().unwrap()),
-            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN),
-        ],
-        dir.path().join("gw.log"),
     )
     .await;
     let base = gw.base_url.as_str();
@@ -443,12 +438,7 @@ async fn the_admin_api_and_the_tenant_route_without_clickhouse_say_the_audit_log
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let (_, key) = provision(data, "acme");
-    let gw = GatewayProcess::start(
-        &["--data-dir", data],
-        &[("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)],
-        dir.path().join("gw.log"),
-    )
-    .await;
+    let gw = start_gateway(dir.path(), "").await;
     let r = reqwest::Client::new()
         .get(format!(
             "{}/admin/v1/audit/requests?tenant=acme",
@@ -510,21 +500,14 @@ async fn the_audit_consumer_killed_between_insert_and_commit_leaves_each_row_onc
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let (_acme, key) = provision(data, "acme");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let gw = start_gateway(
+        dir.path(),
+        &format!(
             "[events]\ntype = \"kafka\"\nbootstrap_servers = \"{kafka}\"\nrequests_topic = \"{requests}\"\n\
              chunks_topic = \"{chunks}\"\ncompletions_topic = \"{completions}\"\naudit_topic = \"{audit}\"\n\
              spool_dir = \"{}\"\n[audit]\nenabled = true\nall = true\n",
             dir.path().join("spool").display()
         ),
-    )
-    .unwrap();
-    let gw = GatewayProcess::start(
-        &["--data-dir", data],
-        &[("TOLLGATE_CONFIG", config.to_str().unwrap())],
-        dir.path().join("gw.log"),
     )
     .await;
     let group = format!("tollgate-audit-test-{id}");
