@@ -99,9 +99,6 @@ pub struct Fact {
     pub fallbacks: u32,
     pub partition: u32,
     pub offset: i64,
-    /// Answered from a response cache.
-    #[serde(default)]
-    pub cache_hit: bool,
 }
 
 impl Fact {
@@ -164,21 +161,16 @@ pub struct Completion {
     pub details: Option<Box<Details>>,
 }
 
-/// A cache hit's billing: the original answer's tokens (input, cached input, cache-write
-/// input, output), priced like a completion's, and the fraction of that price billed; the
-/// rest is what the hit saved the tenant.
+/// A cache hit's billing: the original answer's usage, priced like a completion's, and the
+/// fraction of that price billed; the rest is what the hit saved the tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheHit {
-    pub saved: [u64; 4],
+    pub saved: TokenUsage,
     #[serde(with = "rust_decimal::serde::str")]
     pub fraction: Decimal,
 }
 
 impl CacheHit {
-    pub fn saved_usage(&self) -> TokenUsage {
-        usage(self.saved, false)
-    }
-
     /// From a completion event's fields ([`tollgate_schemas::pricing::cache_hit_terms`]);
     /// `Err` says why they cannot be billed.
     fn parse(
@@ -187,19 +179,8 @@ impl CacheHit {
         fraction: Option<&str>,
     ) -> Result<Option<Box<CacheHit>>, String> {
         Ok(
-            tollgate_schemas::pricing::cache_hit_terms(hit, saved, fraction)?.map(
-                |(u, fraction)| {
-                    Box::new(CacheHit {
-                        saved: [
-                            u.input_tokens,
-                            u.cached_input_tokens,
-                            u.cache_write_input_tokens,
-                            u.output_tokens,
-                        ],
-                        fraction,
-                    })
-                },
-            ),
+            tollgate_schemas::pricing::cache_hit_terms(hit, saved, fraction)?
+                .map(|(saved, fraction)| Box::new(CacheHit { saved, fraction })),
         )
     }
 }
@@ -348,7 +329,6 @@ impl Completion {
             fallbacks: d.fallbacks,
             partition: d.partition,
             offset: d.offset,
-            cache_hit: self.cache.is_some(),
         })
     }
 }
@@ -469,7 +449,7 @@ pub struct PricedFact {
     #[serde(default)]
     pub unit: UnitPrices,
     /// A cache hit: what it saved the tenant (the part of the original answer's price not
-    /// billed; zero when unpriced). `None` for any other completion.
+    /// billed; zero when unpriced). `None` for any other completion: `Some` says it is a hit.
     #[serde(default)]
     pub cache_savings: Option<Decimal>,
 }

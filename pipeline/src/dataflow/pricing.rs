@@ -124,11 +124,10 @@ fn priced<'b>(
     let Some((id, row)) = lookup(schedules, c) else {
         return unpriced;
     };
-    let saved = hit.map(|h| (h.saved_usage(), h.fraction));
     let charged = tollgate_schemas::pricing::completion_cost(
         row,
         &c.usage(),
-        saved.as_ref().map(|(u, f)| (u, *f)),
+        hit.map(|h| (&h.saved, h.fraction)),
     );
     match charged {
         Some((cost, saved)) => (Some((id, row)), cost, saved),

@@ -446,7 +446,7 @@ impl<'a> FactRow<'a> {
             kafka_partition: f.partition,
             kafka_offset: f.offset,
             batch_seq,
-            cache_hit: u8::from(f.cache_hit),
+            cache_hit: u8::from(p.cache_savings.is_some()),
             cache_savings: decimal_mantissa(p.cache_savings.unwrap_or_default())?,
         })
     }
@@ -626,7 +626,6 @@ mod tests {
                 fallbacks: 0,
                 partition: 2,
                 offset: i64::try_from(id % 1_000_000).unwrap(),
-                cache_hit: false,
             },
             cost: dec(cost),
             currency: "USD".into(),
